@@ -1,0 +1,64 @@
+"""``hubwire`` command: run an app (``hubwire run module:attr``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Any
+
+__all__ = ["load_app", "main"]
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attribute`` (attribute may be dotted); a callable factory is called."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"expected module:attribute, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    if args.redis:
+        os.environ["HUBWIRE_REDIS_URL"] = args.redis
+    if args.channel_prefix:
+        os.environ["HUBWIRE_CHANNEL_PREFIX"] = args.channel_prefix
+    app = load_app(args.app)
+    if callable(app) and getattr(args, "factory", False):
+        app = app()
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ws_per_message_deflate=False,  # per-socket compression would undo serialize-once broadcasts
+        lifespan="on",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hubwire", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve an ASGI app or HubServer with uvicorn")
+    run.add_argument("app", help="module:attribute of a HubServer or ASGI app")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--factory", action="store_true", help="the attribute is a factory to call")
+    run.add_argument("--redis", help="Redis URL for the backplane (sets HUBWIRE_REDIS_URL)")
+    run.add_argument("--channel-prefix", help="backplane channel prefix (sets HUBWIRE_CHANNEL_PREFIX)")
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(func=_run)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

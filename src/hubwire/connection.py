@@ -1,0 +1,297 @@
+"""Connection layer: one logical client connection, independent of transport and hub protocol.
+
+A :class:`Connection` is "a byte stream in, a byte stream out". Transports
+(WebSockets, SSE, long polling) move bytes; the application on top (a hub, or a
+raw handler such as an echo endpoint) parses them. Outbound bytes go through an
+:class:`Outbox`: writing to it is a synchronous append, so a broadcast touching
+thousands of connections does no awaiting and creates no task per recipient;
+each transport drains its outbox in its own single writer loop, coalescing
+whatever piled up into one frame / event / poll response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl
+
+from .protocol.base import TransferFormat
+from .protocol.negotiate import new_id
+
+__all__ = ["Connection", "ConnectionManager", "Outbox", "Principal", "RequestInfo"]
+
+log = logging.getLogger("hubwire.connection")
+
+
+@dataclass(slots=True)
+class Principal:
+    """An authenticated user: the claims of their token and the id used by ``clients.user()``."""
+
+    identifier: str | None
+    claims: dict[str, Any] = field(default_factory=dict)
+
+    def has_role(self, role: str) -> bool:
+        """True when the ``role``/``roles`` claim (string or list) contains ``role``."""
+        for key in ("role", "roles", "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"):
+            value = self.claims.get(key)
+            if value == role or (isinstance(value, list) and role in value):
+                return True
+        return False
+
+
+class RequestInfo:
+    """The HTTP request that opened a transport: headers, query string, cookies.
+
+    Header names are stored lower-case; query keys keep their case but
+    :meth:`query_param` looks them up case-insensitively, as ASP.NET does.
+    """
+
+    __slots__ = ("client", "cookies", "headers", "path", "query", "scheme")
+
+    def __init__(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+        cookies: Mapping[str, str],
+        scheme: str = "http",
+        client: tuple[str, int] | None = None,
+    ) -> None:
+        self.path = path
+        self.headers = dict(headers)
+        self.query = dict(query)
+        self.cookies = dict(cookies)
+        self.scheme = scheme
+        self.client = client
+
+    @classmethod
+    def from_scope(cls, scope: Mapping[str, Any]) -> RequestInfo:
+        """Build from an ASGI ``http`` or ``websocket`` scope."""
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope.get("headers", ()):
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        cookies: dict[str, str] = {}
+        if "cookie" in headers:
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(headers["cookie"])
+            except Exception:  # malformed cookie header: treat as no cookies
+                jar = SimpleCookie()
+            cookies = {k: morsel.value for k, morsel in jar.items()}
+        client = scope.get("client")
+        return cls(
+            scope.get("path", ""),
+            headers,
+            query,
+            cookies,
+            scope.get("scheme", "http"),
+            tuple(client) if client else None,
+        )
+
+    def header(self, name: str) -> str | None:
+        """A request header by case-insensitive name, or None."""
+        return self.headers.get(name.lower())
+
+    def query_param(self, name: str) -> str | None:
+        """A query parameter by case-insensitive name, or None."""
+        if name in self.query:
+            return self.query[name]
+        lowered = name.lower()
+        for key, value in self.query.items():
+            if key.lower() == lowered:
+                return value
+        return None
+
+
+class Outbox:
+    """Outbound bytes of one connection, drained by the transport's single writer loop.
+
+    ``write`` never awaits: it appends and wakes the writer if it is idle.
+    ``max_buffered`` bounds memory for slow consumers: once more than that many
+    bytes are waiting, :attr:`overflowed` is set and the owner closes the
+    connection instead of growing without bound.
+    """
+
+    __slots__ = ("_chunks", "_closed", "_waiter", "buffered", "max_buffered", "on_overflow", "wrote")
+
+    def __init__(self, max_buffered: int | None = None) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self.buffered = 0
+        self.max_buffered = max_buffered
+        self.on_overflow: Any = None
+        #: set on every write; the heartbeat clears it to decide when a keep-alive ping is due
+        self.wrote = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the transport (dropped silently once the outbox is closed)."""
+        if self._closed:
+            return
+        self._chunks.append(data)
+        self.buffered += len(data)
+        self.wrote = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.max_buffered is not None and self.buffered > self.max_buffered and self.on_overflow:
+            callback, self.on_overflow = self.on_overflow, None
+            callback()
+
+    def close(self) -> None:
+        """No more writes; the writer drains what is queued, then sees the end."""
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def take_nowait(self) -> list[bytes]:
+        """Everything queued right now (possibly nothing)."""
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self.buffered = 0
+        return chunks
+
+    async def take(self) -> list[bytes] | None:
+        """Wait for queued bytes and return them all; None once closed and drained."""
+        while not self._chunks:
+            if self._closed:
+                return None
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            await self._waiter
+        return self.take_nowait()
+
+    async def wait_readable(self, timeout: float | None) -> bool:
+        """Wait until something is queued or the outbox closes; False on timeout."""
+        if self._chunks or self._closed:
+            return True
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            if self._waiter is waiter:
+                self._waiter = None
+            return False
+        return True
+
+
+class Connection:
+    """One logical connection (what negotiate creates and a transport then carries).
+
+    Holds the public ``connection_id``, the secret ``token`` that authorises
+    transport requests, the request that opened the transport, the user, and
+    the outbound :class:`Outbox`. ``items`` is free for the application.
+    """
+
+    def __init__(
+        self,
+        connection_id: str,
+        token: str,
+        negotiate_version: int,
+        principal: Principal | None = None,
+        max_buffered: int | None = None,
+    ) -> None:
+        self.connection_id = connection_id
+        self.token = token
+        self.negotiate_version = negotiate_version
+        self.principal = principal
+        self.outbox = Outbox(max_buffered)
+        self.outbox.on_overflow = self._overflow
+        self.transport_name: str | None = None
+        self.transfer_format = TransferFormat.TEXT
+        self.request: RequestInfo | None = None
+        self.items: dict[Any, Any] = {}
+        self.created = time.monotonic()
+        #: time the connection last had no transport request in flight (None = active)
+        self.inactive_since: float | None = self.created
+        self.transport_active = False
+        self.closed = asyncio.Event()
+        self.abort_reason: str | None = None
+        self.application_state: Any = None
+
+    def write(self, data: bytes) -> None:
+        """Queue framed bytes for the client; never awaits."""
+        self.outbox.write(data)
+
+    def abort(self, reason: str | None = None) -> None:
+        """End the connection from the server side (transports close once drained)."""
+        if self.abort_reason is None:
+            self.abort_reason = reason or "aborted"
+        self.outbox.close()
+
+    def _overflow(self) -> None:
+        log.warning("closing slow consumer %s: %d bytes unsent", self.connection_id, self.outbox.buffered)
+        self.abort("slow consumer")
+
+    def __repr__(self) -> str:  # never show the token
+        return f"<Connection {self.connection_id} {self.transport_name or '-'}>"
+
+
+class ConnectionManager:
+    """Registry of negotiated connections, looked up by their secret token.
+
+    Connections that were negotiated but have no transport request in flight
+    for longer than ``disconnect_timeout`` are disposed by :meth:`sweep`,
+    which the server's heartbeat calls every second.
+    """
+
+    def __init__(self, disconnect_timeout: float = 15.0) -> None:
+        self._by_token: dict[str, Connection] = {}
+        self.disconnect_timeout = disconnect_timeout
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def create(
+        self,
+        negotiate_version: int,
+        principal: Principal | None = None,
+        max_buffered: int | None = None,
+    ) -> Connection:
+        """A new connection with fresh random id and token (v0: the id doubles as the token)."""
+        connection_id = new_id()
+        token = new_id() if negotiate_version > 0 else connection_id
+        conn = Connection(connection_id, token, negotiate_version, principal, max_buffered)
+        self._by_token[token] = conn
+        return conn
+
+    def get(self, token: str) -> Connection | None:
+        return self._by_token.get(token)
+
+    def remove(self, conn: Connection) -> None:
+        if self._by_token.get(conn.token) is conn:
+            del self._by_token[conn.token]
+
+    def connections(self) -> list[Connection]:
+        return list(self._by_token.values())
+
+    def sweep(self, now: float | None = None) -> list[Connection]:
+        """Remove and return connections inactive for longer than the disconnect timeout."""
+        now = time.monotonic() if now is None else now
+        expired = [
+            c
+            for c in self._by_token.values()
+            if c.inactive_since is not None and now - c.inactive_since > self.disconnect_timeout
+        ]
+        for conn in expired:
+            self.remove(conn)
+        return expired

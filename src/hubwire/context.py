@@ -1,0 +1,144 @@
+"""Per-connection hub state and what hub methods see as ``self.context``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from .connection import Connection, Principal, RequestInfo
+from .protocol.base import HubProtocol
+from .protocol.messages import CloseMessage, HubMessage
+
+if TYPE_CHECKING:
+    from .dispatcher import UploadStream
+
+__all__ = ["HubCallerContext", "HubConnectionContext"]
+
+
+class HubConnectionContext:
+    """One connection as the hub layer sees it: protocol, user, groups, running work.
+
+    This is the single owner of a connection's hub state (groups, user,
+    pending invocations, streams), so a later step can persist or move it.
+    """
+
+    __slots__ = (
+        "active_streams",
+        "connection",
+        "connection_id",
+        "first_ping_seen",
+        "groups",
+        "handshake_version",
+        "invocation_slots",
+        "last_write",
+        "max_parallel",
+        "protocol",
+        "received",
+        "received_since_tick",
+        "upload_streams",
+        "user_identifier",
+    )
+
+    def __init__(
+        self,
+        connection: Connection,
+        protocol: HubProtocol,
+        handshake_version: int,
+        max_parallel_invocations: int,
+    ) -> None:
+        self.connection = connection
+        self.connection_id = connection.connection_id
+        self.protocol = protocol
+        self.handshake_version = handshake_version
+        principal = connection.principal
+        self.user_identifier = principal.identifier if principal else None
+        self.groups: set[str] = set()
+        self.active_streams: dict[str, asyncio.Task[None]] = {}
+        self.upload_streams: dict[str, UploadStream] = {}
+        self.max_parallel = max_parallel_invocations
+        self.invocation_slots = asyncio.Semaphore(max_parallel_invocations)
+        self.last_write = 0.0
+        self.first_ping_seen = False
+        self.received = 0.0
+        self.received_since_tick = True
+
+    def write(self, data: bytes) -> None:
+        """Queue already-framed bytes (for this connection's protocol)."""
+        self.connection.outbox.write(data)
+
+    def write_message(self, message: HubMessage) -> None:
+        """Frame one message with this connection's protocol and queue it."""
+        self.connection.outbox.write(self.protocol.write_message(message))
+
+    def close(self, error: str | None = None, allow_reconnect: bool = False) -> None:
+        """Send a Close message and end the connection once it is flushed."""
+        if not self.connection.outbox.closed:
+            self.write_message(CloseMessage(error=error, allow_reconnect=allow_reconnect))
+        self.connection.abort(error or "closed")
+
+
+class HubCallerContext:
+    """``self.context`` inside a hub: who is calling and over what request.
+
+    ``items`` persists for the connection's lifetime (per-connection state for
+    hub code); ``abort()`` ends the connection without allowing reconnect.
+    """
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: HubConnectionContext) -> None:
+        self._conn = conn
+
+    @property
+    def connection_id(self) -> str:
+        return self._conn.connection_id
+
+    @property
+    def user_identifier(self) -> str | None:
+        return self._conn.user_identifier
+
+    @property
+    def user(self) -> Principal | None:
+        return self._conn.connection.principal
+
+    @property
+    def claims(self) -> dict[str, Any]:
+        principal = self._conn.connection.principal
+        return principal.claims if principal else {}
+
+    @property
+    def items(self) -> dict[Any, Any]:
+        return self._conn.connection.items
+
+    @property
+    def request(self) -> RequestInfo | None:
+        """The transport request (WebSocket upgrade, SSE GET or first long poll)."""
+        return self._conn.connection.request
+
+    @property
+    def headers(self) -> dict[str, str]:
+        req = self._conn.connection.request
+        return req.headers if req else {}
+
+    @property
+    def query(self) -> dict[str, str]:
+        req = self._conn.connection.request
+        return req.query if req else {}
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        req = self._conn.connection.request
+        return req.cookies if req else {}
+
+    @property
+    def transport(self) -> str | None:
+        """``WebSockets``, ``ServerSentEvents`` or ``LongPolling``."""
+        return self._conn.connection.transport_name
+
+    @property
+    def protocol(self) -> str:
+        return self._conn.protocol.name
+
+    def abort(self) -> None:
+        """Close this connection now (the client is not invited to reconnect)."""
+        self._conn.close(None, allow_reconnect=False)

@@ -1,0 +1,57 @@
+"""Tiny ASGI HTTP helpers (responses and body reading) used by negotiate and the transports."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+__all__ = ["ASGIApp", "Receive", "Scope", "Send", "read_body", "respond"]
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeded the allowed size."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while we were reading its request."""
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes = b"",
+    content_type: str | None = "text/plain",
+    headers: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Send a complete response with an explicit Content-Length."""
+    raw: list[tuple[bytes, bytes]] = []
+    if content_type is not None:
+        raw.append((b"content-type", content_type.encode("latin-1")))
+    raw.append((b"content-length", str(len(body)).encode("ascii")))
+    raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive: Receive, limit: int | None = None) -> bytes:
+    """The whole request body; raises :class:`BodyTooLarge` past ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

@@ -1,0 +1,236 @@
+"""The ``Hub`` base class and how its methods are found and bound.
+
+A hub is a class whose public ``async def`` methods clients call by name. A
+new instance serves each call (as in SignalR), so keep per-connection state in
+``self.context.items`` and shared state outside the hub.
+
+Method names match case-insensitively, and a Python name in snake_case also
+answers to its PascalCase/camelCase spelling: ``send_message`` is reached by
+``SendMessage`` and ``sendMessage``. Arguments are converted and validated from
+the type hints (msgspec): ``str``, ``int``, ``list[int]``, dataclasses,
+``datetime``, ``bytes`` (base64 in JSON) and so on. A parameter hinted
+``AsyncIterator[T]`` receives a client upload stream; an ``async def`` that
+``yield``\\ s is a server-to-client stream.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+from .clients import HubCallerClients, HubClients
+
+if TYPE_CHECKING:
+    from .connection import Principal
+    from .context import HubCallerContext
+    from .lifetime import HubLifetimeManager
+
+__all__ = ["GroupManager", "Hub", "HubContext", "HubMethod", "authorize", "hub_method"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: a policy gets the caller's principal (None when anonymous) and says yes or no
+Policy = Callable[["Principal | None"], bool | Awaitable[bool]]
+
+_RESERVED = {"on_connected", "on_disconnected"}
+
+
+class GroupManager:
+    """``self.groups``: add or remove any connection (local or remote) to or from a group."""
+
+    __slots__ = ("_manager",)
+
+    def __init__(self, manager: HubLifetimeManager) -> None:
+        self._manager = manager
+
+    async def add(self, connection_id: str, group: str) -> None:
+        await self._manager.add_to_group(connection_id, group)
+
+    async def remove(self, connection_id: str, group: str) -> None:
+        await self._manager.remove_from_group(connection_id, group)
+
+
+class HubContext:
+    """Send to a hub's clients from outside hub methods (HTTP handlers, background tasks).
+
+    Get it with ``server.hub_context(ChatHub)``; it is valid for the process
+    lifetime and works the same with or without a backplane.
+    """
+
+    __slots__ = ("clients", "groups", "manager")
+
+    def __init__(self, manager: HubLifetimeManager) -> None:
+        self.manager = manager
+        self.clients = HubClients(manager)
+        self.groups = GroupManager(manager)
+
+
+class Hub:
+    """Base class for hubs. Subclass it and add ``async def`` methods.
+
+    Inside a method: ``self.context`` (caller, user, request, items),
+    ``self.clients`` (targets to send to) and ``self.groups`` (membership).
+    """
+
+    context: HubCallerContext
+    clients: HubCallerClients
+    groups: GroupManager
+
+    #: set by :func:`authorize` on the class: every connection must pass these
+    __hub_authorization__: tuple[Policy, ...] | None = None
+
+    async def on_connected(self) -> None:
+        """Called once per connection after the handshake (rejoin groups here after a reconnect)."""
+
+    async def on_disconnected(self, exception: BaseException | None) -> None:
+        """Called once when the connection ends; ``exception`` is set when it ended by an error."""
+
+
+def hub_method(name: str | None = None) -> Callable[[F], F]:
+    """Expose a method under an explicit client-visible ``name`` (still case-insensitive)."""
+
+    def decorate(func: F) -> F:
+        func.__hub_method_name__ = name  # type: ignore[attr-defined]
+        return func
+
+    return decorate
+
+
+def authorize(*policies: Policy) -> Callable[[Any], Any]:
+    """Require an authenticated user on a hub class or one method, plus optional policies.
+
+    On a hub, unauthenticated negotiate and transport requests get ``401``.
+    On a method, the caller gets ``Failed to invoke '<Target>' because user is
+    unauthorized``. Each policy is ``(principal) -> bool`` (sync or async),
+    e.g. ``lambda user: user is not None and user.has_role("admin")``.
+    """
+
+    def decorate(target: Any) -> Any:
+        target.__hub_authorization__ = tuple(policies)
+        return target
+
+    return decorate
+
+
+async def check_policies(principal: Principal | None, policies: tuple[Policy, ...]) -> bool:
+    """True when the principal is authenticated and every policy agrees."""
+    if principal is None:
+        return False
+    for policy in policies:
+        verdict = policy(principal)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if not verdict:
+            return False
+    return True
+
+
+@dataclass(slots=True)
+class Param:
+    """One hub-method parameter: how to convert what the client sent into it."""
+
+    name: str
+    convert: Callable[[Any], Any] | None
+    is_stream: bool
+    has_default: bool
+
+
+@dataclass(slots=True)
+class HubMethod:
+    """A hub method as dispatch sees it."""
+
+    name: str
+    func: Callable[..., Any]
+    params: list[Param]
+    is_streaming: bool
+    policies: tuple[Policy, ...] | None
+
+    @property
+    def arg_params(self) -> list[Param]:
+        return [p for p in self.params if not p.is_stream]
+
+    @property
+    def stream_params(self) -> list[Param]:
+        return [p for p in self.params if p.is_stream]
+
+
+def _converter(hint: Any) -> Callable[[Any], Any] | None:
+    if hint is inspect.Parameter.empty or hint is Any or hint is object:
+        return None
+
+    def convert(value: Any) -> Any:
+        return msgspec.convert(value, hint)
+
+    return convert
+
+
+_STREAM_ORIGINS = {
+    collections.abc.AsyncIterator,
+    collections.abc.AsyncIterable,
+    collections.abc.AsyncGenerator,
+}
+
+
+def _stream_item_hint(hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint) or hint
+    if origin in _STREAM_ORIGINS:
+        args = typing.get_args(hint)
+        return True, args[0] if args else Any
+    return False, None
+
+
+def discover_methods(hub_cls: type[Hub]) -> dict[str, HubMethod]:
+    """Map lower-cased client names to methods, checking for clashes."""
+    table: dict[str, HubMethod] = {}
+    seen: set[str] = set()
+    for klass in hub_cls.__mro__:
+        if klass is Hub or klass is object:
+            continue
+        for attr, func in vars(klass).items():
+            if attr.startswith("_") or attr in _RESERVED or attr in seen:
+                continue
+            if not (inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)):
+                continue
+            seen.add(attr)
+            method = _describe(getattr(hub_cls, attr), attr)
+            explicit = getattr(func, "__hub_method_name__", None)
+            keys = {explicit.lower()} if explicit else {attr.lower(), attr.replace("_", "").lower()}
+            for key in keys:
+                if key in table and table[key].func is not method.func:
+                    raise TypeError(f"{hub_cls.__name__}: hub methods {table[key].name!r} and {attr!r} clash")
+                table[key] = method
+    return table
+
+
+def _describe(func: Callable[..., Any], attr: str) -> HubMethod:
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolved forward refs: fall back to no conversion
+        hints = {}
+    sig = inspect.signature(func)
+    params: list[Param] = []
+    for p in list(sig.parameters.values())[1:]:  # skip self
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY):
+            raise TypeError(f"hub method {attr}: only positional parameters are supported ({p.name})")
+        hint = hints.get(p.name, inspect.Parameter.empty)
+        is_stream, item_hint = _stream_item_hint(hint)
+        params.append(
+            Param(
+                p.name,
+                _converter(item_hint if is_stream else hint),
+                is_stream,
+                p.default is not inspect.Parameter.empty,
+            )
+        )
+    streaming = inspect.isasyncgenfunction(func)
+    if not streaming:
+        ret = hints.get("return")
+        streaming = (typing.get_origin(ret) or ret) in _STREAM_ORIGINS
+    name = getattr(func, "__hub_method_name__", None) or attr
+    return HubMethod(name, func, params, streaming, getattr(func, "__hub_authorization__", None))

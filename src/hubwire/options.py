@@ -1,0 +1,48 @@
+"""All tunables in one place, defaulting to ASP.NET Core SignalR's values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = ["HubOptions"]
+
+
+@dataclass(slots=True)
+class HubOptions:
+    """Server options. Defaults are SignalR's, so clients tuned for .NET servers behave the same.
+
+    Times are seconds, sizes bytes; ``None`` means unlimited where allowed.
+    """
+
+    #: send a Ping when nothing else was sent for this long
+    keep_alive_interval: float = 15.0
+    #: close a connection that sent nothing for this long (armed after its first Ping)
+    client_timeout_interval: float = 30.0
+    #: the client must complete the hub handshake within this time
+    handshake_timeout: float = 15.0
+    #: largest single inbound hub message (also applies to the handshake)
+    maximum_receive_message_size: int | None = 32 * 1024
+    #: hub method calls a client may run at once; further calls wait (streams do not count)
+    maximum_parallel_invocations_per_client: int = 1
+    #: items buffered per client upload stream before reading from the connection pauses
+    stream_buffer_capacity: int = 10
+    #: add exception type and message to error texts sent to clients
+    enable_detailed_errors: bool = False
+    #: hub protocols offered, by name
+    supported_protocols: tuple[str, ...] = ("json", "messagepack")
+    #: transports offered by default (a hub may narrow this)
+    transports: tuple[str, ...] = ("WebSockets", "ServerSentEvents", "LongPolling")
+    #: a negotiated connection with no transport request in flight is dropped after this
+    disconnect_timeout: float = 15.0
+    #: long polling: answer an idle poll with an empty 200 after this long
+    long_poll_timeout: float = 90.0
+    #: unsent bytes allowed per connection before it is closed as a slow consumer
+    max_buffered_bytes: int | None = 1024 * 1024
+    #: WebSocket close handshake wait
+    websocket_close_timeout: float = 5.0
+    #: lowest negotiate version accepted
+    minimum_negotiate_version: int = 0
+
+    def copy(self, **changes: object) -> HubOptions:
+        """A copy with some options changed (per-hub overrides)."""
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,390 @@
+"""``HubServer``: the ASGI application that wires negotiate, transports, hubs and lifetime managers.
+
+Mount it in Starlette/FastAPI (``app.mount("/hubs", server)``), wrap an app
+(``HubServer(app=fastapi_app)`` serves hub paths and forwards the rest), or run
+it alone under uvicorn / hypercorn / granian.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from .connection import Connection, ConnectionManager, Principal, RequestInfo
+from .dispatcher import ConnectionApplication, HubEndpoint, RawEndpoint
+from .http import ASGIApp, Receive, Scope, Send, respond
+from .hub import Hub, HubContext, check_policies
+from .lifetime import HubLifetimeManager, InMemoryLifetimeManager
+from .options import HubOptions
+from .protocol.base import EncHook, HubProtocol, TransferFormat
+from .protocol.json_protocol import JsonHubProtocol
+from .protocol.messagepack_protocol import MessagePackHubProtocol
+from .protocol.negotiate import NegotiateError, negotiate_error, negotiate_response, select_negotiate_version
+from .transports.websocket import reject_websocket, serve_websocket
+
+__all__ = ["Authenticator", "Backplane", "HubServer", "InMemoryBackplane"]
+
+log = logging.getLogger("hubwire.server")
+
+H = TypeVar("H", bound=Hub)
+
+#: turns a transport or negotiate request into a user (None = anonymous)
+Authenticator = Callable[[RequestInfo], Awaitable[Principal | None] | Principal | None]
+
+IMPLEMENTED_TRANSPORTS = ("WebSockets",)
+
+
+class Backplane(Protocol):
+    """Creates the lifetime manager of each hub; in-memory by default, Redis for scale-out."""
+
+    def create_manager(self, hub_name: str) -> HubLifetimeManager: ...
+
+
+class InMemoryBackplane:
+    """The zero-configuration default: every hub's connections live in this process."""
+
+    def create_manager(self, hub_name: str) -> HubLifetimeManager:
+        return InMemoryLifetimeManager()
+
+
+def _normalize(path: str) -> str:
+    path = "/" + path.strip("/")
+    return path.lower()
+
+
+class HubServer:
+    """Serves SignalR hubs over ASGI.
+
+    ``options`` apply to every hub unless ``add_hub`` overrides them;
+    ``backplane`` decides how hubs reach connections on other instances;
+    ``authenticator`` maps a request to a :class:`Principal` (see
+    :mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both protocols to
+    serialize application types; ``app`` receives every request that is not
+    for a hub path.
+    """
+
+    def __init__(
+        self,
+        options: HubOptions | None = None,
+        *,
+        backplane: Backplane | None = None,
+        authenticator: Authenticator | None = None,
+        enc_hook: EncHook | None = None,
+        app: ASGIApp | None = None,
+    ) -> None:
+        self.options = options or HubOptions()
+        self.backplane: Backplane = backplane or InMemoryBackplane()
+        self.authenticator = authenticator
+        self.app = app
+        self.protocols: dict[str, HubProtocol] = {
+            "json": JsonHubProtocol(enc_hook),
+            "messagepack": MessagePackHubProtocol(enc_hook),
+        }
+        self.connections = ConnectionManager(self.options.disconnect_timeout)
+        self._routes: dict[str, ConnectionApplication] = {}
+        self._managers: dict[str, HubLifetimeManager] = {}
+        self._hub_names: dict[type[Hub], str] = {}
+        self._endpoints: list[ConnectionApplication] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+
+    # -- registration ----------------------------------------------------------------------------
+
+    def add_hub(
+        self,
+        path: str,
+        hub_cls: type[Hub],
+        *,
+        transports: Sequence[str] | None = None,
+        options: HubOptions | None = None,
+        name: str | None = None,
+    ) -> HubEndpoint:
+        """Serve ``hub_cls`` at ``path``. One hub class may be served at several paths.
+
+        ``name`` is the hub's name on the backplane (default: the class name);
+        set it to the .NET hub's full type name to share a Redis with .NET servers.
+        """
+        opts = options or self.options
+        hub_name = name or self._hub_names.get(hub_cls) or hub_cls.__name__
+        for other, other_name in self._hub_names.items():
+            if other_name == hub_name and other is not hub_cls:
+                raise ValueError(f"two hubs named {hub_name!r}; pass name= to add_hub")
+        self._hub_names[hub_cls] = hub_name
+        manager = self._managers.get(hub_name)
+        if manager is None:
+            manager = self._managers[hub_name] = self.backplane.create_manager(hub_name)
+        protocols = [self.protocols[p] for p in opts.supported_protocols]
+        allowed = tuple(t for t in (transports or opts.transports) if t in IMPLEMENTED_TRANSPORTS)
+        endpoint = HubEndpoint(hub_cls, manager, protocols, opts, allowed)
+        self._add_route(path, endpoint)
+        return endpoint
+
+    def add_connection_handler(
+        self,
+        path: str,
+        handler: Callable[[Connection, bytes], Awaitable[None] | None],
+        *,
+        transports: Sequence[str] | None = None,
+        transfer_format: TransferFormat = TransferFormat.TEXT,
+    ) -> RawEndpoint:
+        """Serve a raw connection (no hub protocol) at ``path``: ``handler(conn, data)`` per chunk."""
+        allowed = tuple(t for t in (transports or self.options.transports) if t in IMPLEMENTED_TRANSPORTS)
+        endpoint = RawEndpoint(handler, allowed, transfer_format)
+        self._add_route(path, endpoint)
+        return endpoint
+
+    def _add_route(self, path: str, endpoint: ConnectionApplication) -> None:
+        key = _normalize(path)
+        if key in self._routes:
+            raise ValueError(f"path {path!r} is already served")
+        self._routes[key] = endpoint
+        self._endpoints.append(endpoint)
+
+    def hub_context(self, hub_cls: type[Hub]) -> HubContext:
+        """Send to a hub's clients from anywhere in the process (HTTP handlers, background tasks)."""
+        name = self._hub_names.get(hub_cls)
+        if name is None:
+            raise KeyError(f"{hub_cls.__name__} is not served by this server")
+        for endpoint in self._endpoints:
+            if isinstance(endpoint, HubEndpoint) and endpoint.manager is self._managers[name]:
+                return endpoint.context
+        raise KeyError(hub_cls.__name__)  # pragma: no cover - add_hub always adds an endpoint
+
+    def manager(self, hub_cls: type[Hub]) -> HubLifetimeManager:
+        """The lifetime manager serving ``hub_cls``."""
+        return self._managers[self._hub_names[hub_cls]]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Start lifetime managers and the heartbeat (done lazily on the first request too)."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            for manager in self._managers.values():
+                await manager.start()
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+            self._started = True
+
+    async def shutdown(self) -> None:
+        """Close every connection and stop managers."""
+        if not self._started:
+            return
+        self._started = False
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        for conn in self.connections.connections():
+            conn.abort("server shutting down")
+        for endpoint in self._endpoints:
+            if isinstance(endpoint, HubEndpoint):
+                for ctx in list(endpoint.connected.values()):
+                    ctx.close(None, allow_reconnect=True)
+                await endpoint.close()
+        for manager in self._managers.values():
+            await manager.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Use as (or inside) a Starlette/FastAPI ``lifespan`` to start and stop with the app."""
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for endpoint in self._endpoints:
+                try:
+                    endpoint.tick(now)
+                except Exception:
+                    log.exception("heartbeat failed")
+            for conn in self.connections.sweep(now):
+                log.debug("disposing inactive connection %s", conn.connection_id)
+                conn.abort("inactive")
+
+    # -- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if not self._started:
+            await self.startup()
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        key = _normalize(path)
+        endpoint = self._routes.get(key)
+        if endpoint is not None:
+            if kind == "websocket":
+                await self._websocket(endpoint, scope, receive, send)
+            else:
+                await self._http(endpoint, scope, receive, send)
+            return
+        if key.endswith("/negotiate"):
+            endpoint = self._routes.get(key[: -len("/negotiate")] or "/")
+            if endpoint is not None and kind == "http":
+                await self._negotiate(endpoint, scope, receive, send)
+                return
+        if self.app is not None:
+            await self.app(scope, receive, send)
+        elif kind == "websocket":
+            await reject_websocket(scope, receive, send, 404, "Not Found")
+        else:
+            await respond(send, 404, b"Not Found")
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is not None:
+            # the wrapped app owns the lifespan protocol; start and stop around it
+            await self.startup()
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                await self.shutdown()
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def authenticate(self, request: RequestInfo) -> Principal | None:
+        """Run the configured authenticator (None when there is none)."""
+        if self.authenticator is None:
+            return None
+        result = self.authenticator(request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _authorized(self, endpoint: ConnectionApplication, principal: Principal | None) -> bool:
+        if endpoint.policies is None:
+            return True
+        return await check_policies(principal, endpoint.policies)
+
+    async def _negotiate(
+        self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if scope.get("method") != "POST":
+            await respond(send, 405, b"")
+            return
+        request = RequestInfo.from_scope(scope)
+        principal = await self.authenticate(request)
+        if not await self._authorized(endpoint, principal):
+            await respond(send, 401, b"", content_type=None)
+            return
+        try:
+            version = select_negotiate_version(
+                request.query_param("negotiateVersion"), self.options.minimum_negotiate_version
+            )
+        except NegotiateError as exc:
+            await respond(send, 200, negotiate_error(str(exc)), "application/json")
+            return
+        conn = self.connections.create(version, principal, self.options.max_buffered_bytes)
+        body = negotiate_response(version, conn.connection_id, conn.token, endpoint.transports)
+        await respond(send, 200, body, "application/json")
+
+    async def _http(
+        self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        # SSE and long polling are not served yet: every non-WebSocket request to a hub path
+        # is answered the way an endpoint with only WebSockets enabled answers.
+        method = scope.get("method")
+        request = RequestInfo.from_scope(scope)
+        if method not in ("GET", "POST", "DELETE"):
+            await respond(send, 405, b"")
+            return
+        principal = await self.authenticate(request)
+        if not await self._authorized(endpoint, principal):
+            await respond(send, 401, b"", content_type=None)
+            return
+        token = request.query_param("id")
+        if not token:
+            await respond(send, 400, b"Connection ID required")
+            return
+        conn = self.connections.get(token)
+        if conn is None:
+            await respond(send, 404, b"No Connection with that ID")
+            return
+        if method == "POST" and conn.transport_name == "WebSockets":
+            await respond(send, 405, b"POST requests are not allowed for WebSocket connections.")
+            return
+        if method == "DELETE":
+            await respond(send, 400, b"Cannot terminate this connection using the DELETE endpoint.")
+            return
+        accept = request.header("accept") or ""
+        name = "ServerSentEvents" if "text/event-stream" in accept else "LongPolling"
+        await respond(send, 404, f"{name} transport not supported by this end point type".encode())
+
+    async def _websocket(
+        self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if "WebSockets" not in endpoint.transports:
+            await reject_websocket(
+                scope, receive, send, 404, "WebSockets transport not supported by this end point type"
+            )
+            return
+        request = RequestInfo.from_scope(scope)
+        principal = await self.authenticate(request)
+        if not await self._authorized(endpoint, principal):
+            await reject_websocket(scope, receive, send, 401)
+            return
+        token = request.query_param("id")
+        if token:
+            conn = self.connections.get(token)
+            if conn is None:
+                await reject_websocket(scope, receive, send, 404, "No Connection with that ID")
+                return
+            if conn.transport_active:
+                await reject_websocket(scope, receive, send, 409)
+                return
+            if conn.transport_name not in (None, "WebSockets"):
+                await reject_websocket(scope, receive, send, 400, "Cannot change transports mid-connection")
+                return
+            if principal is not None:
+                conn.principal = principal
+        else:
+            # skipNegotiation: a connection created on the fly, version-0 style (token == id)
+            conn = self.connections.create(0, principal, self.options.max_buffered_bytes)
+        conn.transport_name = "WebSockets"
+        conn.transport_active = True
+        conn.inactive_since = None
+        conn.request = request
+        await serve_websocket(self, endpoint, conn, receive, send)
+
+    async def connection_ended(
+        self, endpoint: ConnectionApplication, conn: Connection, error: BaseException | None
+    ) -> None:
+        """A transport finished for good: dispose the connection and tell the application."""
+        conn.transport_active = False
+        self.connections.remove(conn)
+        conn.outbox.close()
+        try:
+            await endpoint.on_disconnect(conn, error)
+        finally:
+            conn.closed.set()

@@ -1,0 +1,120 @@
+"""WebSocket transport over ASGI.
+
+Inbound frames (text or binary) are a plain byte stream for the application.
+Outbound, the single writer loop drains the connection's outbox and sends
+everything that piled up as **one** frame: Text for text protocols, Binary for
+binary ones. Records are only ever appended whole, so a frame never carries
+part of a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from ..connection import Connection
+from ..dispatcher import ConnectionApplication
+from ..http import Receive, Scope, Send
+from ..protocol.base import TransferFormat
+
+if TYPE_CHECKING:
+    from ..server import HubServer
+
+__all__ = ["reject_websocket", "serve_websocket"]
+
+log = logging.getLogger("hubwire.websocket")
+
+
+async def reject_websocket(scope: Scope, receive: Receive, send: Send, status: int, body: str = "") -> None:
+    """Refuse an upgrade with an HTTP status (when the server supports it), else a plain close."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        payload = body.encode()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": payload})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
+async def serve_websocket(
+    server: HubServer,
+    endpoint: ConnectionApplication,
+    conn: Connection,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Accept the upgrade and run the connection until either side ends it."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    await endpoint.on_connect(conn)
+    client_closed = asyncio.Event()
+    error: BaseException | None = None
+
+    async def read_loop() -> None:
+        nonlocal error
+        try:
+            while True:
+                msg = await receive()
+                kind = msg["type"]
+                if kind == "websocket.receive":
+                    data = msg.get("bytes")
+                    if data is None:
+                        data = (msg.get("text") or "").encode("utf-8")
+                    if data:
+                        await endpoint.on_receive(conn, data)
+                elif kind == "websocket.disconnect":
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the application failed on this input: end the connection
+            log.exception("connection %s failed while receiving", conn.connection_id)
+            error = exc
+        finally:
+            client_closed.set()
+            conn.outbox.close()
+
+    reader = asyncio.get_running_loop().create_task(read_loop())
+    close_code = 1000
+    try:
+        while True:
+            chunks = await conn.outbox.take()
+            if chunks is None:
+                break
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if conn.transfer_format is TransferFormat.BINARY:
+                await send({"type": "websocket.send", "bytes": data})
+            else:
+                await send({"type": "websocket.send", "text": data.decode("utf-8")})
+    except asyncio.CancelledError:
+        raise
+    except UnicodeDecodeError:
+        close_code = 1011
+    except Exception as exc:  # the socket is gone (OSError, disconnect errors of the server)
+        log.debug("send to %s failed: %s", conn.connection_id, exc)
+        error = error or exc
+    finally:
+        conn.outbox.close()
+        if not client_closed.is_set():
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": close_code})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client_closed.wait(), server.options.websocket_close_timeout)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await server.connection_ended(endpoint, conn, error)
