@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from .protocol.base import TransferFormat
-from .protocol.negotiate import new_id
+from .tokens import TokenIssuer
 
 __all__ = ["Connection", "ConnectionManager", "Outbox", "Principal", "RequestInfo"]
 
@@ -254,9 +254,12 @@ class ConnectionManager:
     which the server's heartbeat calls every second.
     """
 
-    def __init__(self, disconnect_timeout: float = 15.0) -> None:
+    def __init__(self, disconnect_timeout: float = 15.0, issuer: TokenIssuer | None = None) -> None:
         self._by_token: dict[str, Connection] = {}
+        #: tokens of ended connections, kept until they could no longer verify (no replays)
+        self._retired: dict[str, float] = {}
         self.disconnect_timeout = disconnect_timeout
+        self.issuer = issuer or TokenIssuer(max_age=disconnect_timeout + 15.0)
 
     def __len__(self) -> int:
         return len(self._by_token)
@@ -267,19 +270,39 @@ class ConnectionManager:
         principal: Principal | None = None,
         max_buffered: int | None = None,
     ) -> Connection:
-        """A new connection with fresh random id and token (v0: the id doubles as the token)."""
-        connection_id = new_id()
-        token = new_id() if negotiate_version > 0 else connection_id
+        """A new connection with a fresh signed id and token (v0: the id doubles as the token)."""
+        connection_id, token = self.issuer.issue(negotiate_version)
         conn = Connection(connection_id, token, negotiate_version, principal, max_buffered)
         self._by_token[token] = conn
         return conn
 
     def get(self, token: str) -> Connection | None:
+        """A connection negotiated on this instance (or already taken over)."""
         return self._by_token.get(token)
+
+    def resolve(self, token: str, max_buffered: int | None = None) -> Connection | None:
+        """The connection for ``token``: local, or taken over from the instance that negotiated it.
+
+        A token that another instance of the same app issued recently is
+        verified by signature, and the connection is created here with the same
+        id, so no sticky sessions are needed between negotiate and transport.
+        """
+        conn = self._by_token.get(token)
+        if conn is not None:
+            return conn
+        if token in self._retired:
+            return None
+        verified = self.issuer.verify(token)
+        if verified is None:
+            return None
+        conn = Connection(verified.connection_id, token, verified.negotiate_version, None, max_buffered)
+        self._by_token[token] = conn
+        return conn
 
     def remove(self, conn: Connection) -> None:
         if self._by_token.get(conn.token) is conn:
             del self._by_token[conn.token]
+            self._retired[conn.token] = time.monotonic() + self.issuer.max_age + 5.0
 
     def connections(self) -> list[Connection]:
         return list(self._by_token.values())
@@ -287,6 +310,9 @@ class ConnectionManager:
     def sweep(self, now: float | None = None) -> list[Connection]:
         """Remove and return connections inactive for longer than the disconnect timeout."""
         now = time.monotonic() if now is None else now
+        if self._retired:
+            for token in [t for t, until in self._retired.items() if until < now]:
+                del self._retired[token]
         expired = [
             c
             for c in self._by_token.values()

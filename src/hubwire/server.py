@@ -356,7 +356,7 @@ class HubServer:
             return
         token = request.query_param("id")
         if token:
-            conn = self.connections.get(token)
+            conn = self.connections.resolve(token, self.options.max_buffered_bytes)
             if conn is None:
                 await reject_websocket(scope, receive, send, 404, "No Connection with that ID")
                 return
