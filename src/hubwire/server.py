@@ -52,6 +52,17 @@ class InMemoryBackplane:
         return InMemoryLifetimeManager()
 
 
+def _backplane_from_env() -> Backplane | None:
+    """``HUBWIRE_REDIS_URL`` (set by ``hubwire run --redis``) switches on the Redis backplane."""
+    import os
+
+    if not os.environ.get("HUBWIRE_REDIS_URL"):
+        return None
+    from .backplane.redis import RedisBackplane
+
+    return RedisBackplane.from_env()
+
+
 def _normalize(path: str) -> str:
     path = "/" + path.strip("/")
     return path.lower()
@@ -78,7 +89,7 @@ class HubServer:
         app: ASGIApp | None = None,
     ) -> None:
         self.options = options or HubOptions()
-        self.backplane: Backplane = backplane or InMemoryBackplane()
+        self.backplane: Backplane = backplane or _backplane_from_env() or InMemoryBackplane()
         self.authenticator = authenticator
         self.app = app
         self.protocols: dict[str, HubProtocol] = {
@@ -173,6 +184,11 @@ class HubServer:
                 return
             for manager in self._managers.values():
                 await manager.start()
+            token_secret = getattr(self.backplane, "token_secret", None)
+            if token_secret is not None:
+                secret = await token_secret()
+                if secret:
+                    self.connections.issuer.secret = secret
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
             self._started = True
 

@@ -1,0 +1,433 @@
+"""``RedisBackplane``: hubs on N instances behave as one, over Redis pub/sub.
+
+Channels follow ASP.NET Core SignalR's Redis backplane (``{prefix}{hub}:all``,
+``:group:{g}``, ``:user:{u}``, ``:connection:{id}`` and the internal group,
+ack and return channels), with the same MessagePack envelopes, so Python and
+.NET instances can share one Redis. Each instance subscribes only to what it
+has local members for (group and user channels are reference-counted), so no
+instance has to read the whole cluster's traffic.
+
+Routing (as in SignalR): sends to all/groups/users go through Redis and come
+back to every instance, this one included, so every client sees the same
+order and each message once. A send to one connection held locally, and group
+changes for local connections, skip Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import HubException
+from ..lifetime import ClientResults, HubLifetimeManager, LocalConnections, SerializedMessage, await_result
+from ..protocol.backplane import (
+    GROUP_ADD,
+    GROUP_REMOVE,
+    BackplaneChannels,
+    GroupCommand,
+    RedisInvocation,
+    decode_ack,
+    decode_completion,
+    decode_group_command,
+    decode_invocation,
+    encode_ack,
+    encode_completion,
+    encode_group_command,
+    encode_invocation,
+)
+from ..protocol.errors import InvalidDataError
+from ..protocol.messages import CompletionMessage, InvocationMessage
+from .bus import RedisBus
+
+if TYPE_CHECKING:
+    from ..context import HubConnectionContext
+
+__all__ = ["RedisBackplane", "RedisHubLifetimeManager"]
+
+log = logging.getLogger("hubwire.backplane")
+
+
+class RedisBackplane:
+    """Scale hubs out over Redis. One instance of this per process, shared by all hubs.
+
+    ``channel_prefix`` isolates apps sharing one Redis (it is prepended to every
+    channel, no separator, like StackExchange.Redis's ChannelPrefix).
+    ``buffer_size`` bounds the messages kept while Redis is unreachable;
+    ``ack_timeout`` bounds group changes for connections on other instances.
+    ``secret`` signs connection tokens so any instance accepts a connection
+    negotiated on another; by default the instances agree on a random key
+    stored in Redis under the prefix.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channel_prefix: str = "",
+        *,
+        buffer_size: int = 10_000,
+        ack_timeout: float = 30.0,
+        secret: bytes | str | None = None,
+        **bus_options: Any,
+    ) -> None:
+        self.url = url
+        self.channel_prefix = channel_prefix
+        self.ack_timeout = ack_timeout
+        self.server_name = f"{socket.gethostname()}_{uuid.uuid4().hex}"
+        self.bus = RedisBus(url, buffer_size=buffer_size, name="hubwire", **bus_options)
+        self._secret = secret.encode() if isinstance(secret, str) else secret
+        self._started = 0
+        self.managers: dict[str, RedisHubLifetimeManager] = {}
+
+    @classmethod
+    def from_env(cls) -> RedisBackplane | None:
+        """``HUBWIRE_REDIS_URL`` / ``HUBWIRE_CHANNEL_PREFIX`` / ``HUBWIRE_SECRET``, or None when unset."""
+        url = os.environ.get("HUBWIRE_REDIS_URL")
+        if not url:
+            return None
+        return cls(
+            url,
+            os.environ.get("HUBWIRE_CHANNEL_PREFIX", ""),
+            secret=os.environ.get("HUBWIRE_SECRET") or None,
+        )
+
+    def create_manager(self, hub_name: str) -> HubLifetimeManager:
+        manager = RedisHubLifetimeManager(self, hub_name)
+        self.managers[hub_name] = manager
+        return manager
+
+    async def start(self) -> None:
+        self._started += 1
+        if self._started == 1:
+            await self.bus.start()
+
+    async def close(self) -> None:
+        self._started -= 1
+        if self._started == 0:
+            await self.bus.close()
+
+    async def token_secret(self) -> bytes | None:
+        """The key that signs connection tokens, shared by every instance of this app."""
+        if self._secret:
+            return self._secret
+        key = f"{self.channel_prefix}hubwire:internal:token-key"
+        candidate = base64.b64encode(secrets.token_bytes(32))
+        try:
+            await self.bus.command("SET", key, candidate, "NX")
+            value = await self.bus.command("GET", key)
+        except Exception as exc:  # Redis down at startup: tokens stay per-instance until restart
+            log.warning("cannot agree on a token key through Redis (%s); using a per-process key", exc)
+            return None
+        if isinstance(value, bytes) and value:
+            self._secret = base64.b64decode(value)
+        return self._secret
+
+    def health(self) -> dict[str, Any]:
+        return self.bus.health()
+
+
+class RedisHubLifetimeManager(HubLifetimeManager):
+    """The lifetime manager of one hub over the shared :class:`RedisBus`."""
+
+    def __init__(self, backplane: RedisBackplane, hub_name: str) -> None:
+        self.backplane = backplane
+        self.bus = backplane.bus
+        self.hub_name = hub_name
+        self.server_name = backplane.server_name
+        self.channels = BackplaneChannels(backplane.channel_prefix, hub_name)
+        self.local = LocalConnections()
+        self.results = ClientResults("s")
+        self._ack_ids = itertools.count(1)
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        #: client-result requests from other instances awaiting our client's answer
+        self._remote_results: dict[str, tuple[str, str]] = {}
+        self._ack_channel = self.channels.ack(self.server_name)
+        self._return_channel = self.channels.return_results(self.server_name)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backplane.start()
+        await self.bus.subscribe(self.channels.all, self._on_all)
+        await self.bus.subscribe(self.channels.group_management, self._on_group_command)
+        await self.bus.subscribe(self._ack_channel, self._on_ack)
+        await self.bus.subscribe(self._return_channel, self._on_return)
+
+    async def close(self) -> None:
+        for channel in (
+            self.channels.all,
+            self.channels.group_management,
+            self._ack_channel,
+            self._return_channel,
+        ):
+            self.bus.unsubscribe(channel)
+        for future in self._acks.values():
+            if not future.done():
+                future.cancel()
+        await self.backplane.close()
+
+    def _serialize(self, message: InvocationMessage) -> dict[str, bytes]:
+        return SerializedMessage(message).serialize_all(self.protocols)
+
+    def _publish(self, channel: str, serializations: dict[str, bytes], exclude: Collection[str] = ()) -> None:
+        self.bus.publish(channel, encode_invocation(RedisInvocation(serializations, list(exclude))))
+
+    # -- connections -------------------------------------------------------------------------------
+
+    async def on_connected(self, connection: HubConnectionContext) -> None:
+        first_of_user = self.local.add(connection)
+        cid = connection.connection_id
+        await self.bus.subscribe(self.channels.connection(cid), self._on_connection_message)
+        if first_of_user and connection.user_identifier is not None:
+            await self.bus.subscribe(self.channels.user(connection.user_identifier), self._on_user)
+
+    async def on_disconnected(self, connection: HubConnectionContext) -> None:
+        emptied, user_gone = self.local.remove(connection)
+        cid = connection.connection_id
+        self.bus.unsubscribe(self.channels.connection(cid))
+        for group in emptied:
+            self.bus.unsubscribe(self.channels.group(group))
+        if user_gone and connection.user_identifier is not None:
+            self.bus.unsubscribe(self.channels.user(connection.user_identifier))
+        self.results.fail_connection(cid)
+        for invocation_id, (return_channel, owner) in list(self._remote_results.items()):
+            if owner == cid:
+                del self._remote_results[invocation_id]
+                self._send_completion(
+                    return_channel,
+                    connection,
+                    CompletionMessage.with_error(invocation_id, "Connection disconnected."),
+                )
+
+    # -- sends -------------------------------------------------------------------------------------
+
+    async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
+        self._publish(self.channels.all, self._serialize(InvocationMessage(method, list(args))), exclude)
+
+    async def send_connections(
+        self, connection_ids: Collection[str], method: str, args: Sequence[Any]
+    ) -> None:
+        ids = list(dict.fromkeys(connection_ids))
+        if not ids:
+            return
+        message = InvocationMessage(method, list(args))
+        if len(ids) == 1 and ids[0] in self.local.connections:
+            self.local.deliver([self.local.connections[ids[0]]], SerializedMessage(message))
+            return
+        serializations = self._serialize(message)
+        for cid in ids:
+            self._publish(self.channels.connection(cid), serializations)
+
+    async def send_groups(
+        self, groups: Collection[str], method: str, args: Sequence[Any], exclude: Collection[str] = ()
+    ) -> None:
+        names = [g for g in dict.fromkeys(groups) if g]
+        if not names:
+            return
+        serializations = self._serialize(InvocationMessage(method, list(args)))
+        for group in names:
+            self._publish(self.channels.group(group), serializations, exclude)
+
+    async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
+        users = list(dict.fromkeys(user_ids))
+        if not users:
+            return
+        serializations = self._serialize(InvocationMessage(method, list(args)))
+        for uid in users:
+            self._publish(self.channels.user(uid), serializations)
+
+    # -- receiving ---------------------------------------------------------------------------------
+
+    def _decode(self, channel: bytes, data: bytes) -> RedisInvocation | None:
+        try:
+            return decode_invocation(data)
+        except InvalidDataError as exc:
+            log.warning("ignoring a malformed backplane message on %r: %s", channel, exc)
+            return None
+
+    def _deliver(
+        self, recipients: list[HubConnectionContext], inv: RedisInvocation, honour_excluded: bool
+    ) -> None:
+        excluded = set(inv.excluded) if honour_excluded and inv.excluded else ()
+        sers = inv.serializations
+        for conn in recipients:
+            if excluded and conn.connection_id in excluded:
+                continue
+            data = sers.get(conn.protocol.name)
+            if data is None:
+                log.warning(
+                    "backplane message has no %r serialization; %s does not get it",
+                    conn.protocol.name,
+                    conn.connection_id,
+                )
+                continue
+            conn.write(data)
+
+    def _on_all(self, channel: bytes, data: bytes) -> None:
+        inv = self._decode(channel, data)
+        if inv is not None:
+            self._deliver(list(self.local.connections.values()), inv, True)
+
+    def _on_group_message(self, channel: bytes, data: bytes) -> None:
+        inv = self._decode(channel, data)
+        if inv is None:
+            return
+        group = channel.decode()[len(self.channels.prefix) + len(":group:") :]
+        members = self.local.groups.get(group)
+        if members:
+            self._deliver(list(members.values()), inv, True)
+
+    def _on_user(self, channel: bytes, data: bytes) -> None:
+        inv = self._decode(channel, data)
+        if inv is None:
+            return
+        uid = channel.decode()[len(self.channels.prefix) + len(":user:") :]
+        members = self.local.users.get(uid)
+        if members:
+            self._deliver(list(members.values()), inv, False)
+
+    def _on_connection_message(self, channel: bytes, data: bytes) -> None:
+        inv = self._decode(channel, data)
+        if inv is None:
+            return
+        cid = channel.decode()[len(self.channels.prefix) + len(":connection:") :]
+        conn = self.local.connections.get(cid)
+        if conn is None:
+            return
+        if inv.invocation_id is not None and inv.return_channel is not None:
+            self._remote_results[inv.invocation_id] = (inv.return_channel, cid)
+        self._deliver([conn], inv, False)
+
+    # -- groups ------------------------------------------------------------------------------------
+
+    async def _join_local(self, conn: HubConnectionContext, group: str) -> None:
+        if self.local.join(conn, group):
+            await self.bus.subscribe(self.channels.group(group), self._on_group_message)
+
+    def _leave_local(self, conn: HubConnectionContext, group: str) -> None:
+        if self.local.leave(conn, group):
+            self.bus.unsubscribe(self.channels.group(group))
+
+    async def add_to_group(self, connection_id: str, group: str) -> None:
+        conn = self.local.connections.get(connection_id)
+        if conn is not None:
+            await self._join_local(conn, group)
+            return
+        await self._remote_group_command(GROUP_ADD, connection_id, group)
+
+    async def remove_from_group(self, connection_id: str, group: str) -> None:
+        conn = self.local.connections.get(connection_id)
+        if conn is not None:
+            self._leave_local(conn, group)
+            return
+        await self._remote_group_command(GROUP_REMOVE, connection_id, group)
+
+    async def _remote_group_command(self, action: int, connection_id: str, group: str) -> None:
+        ack_id = next(self._ack_ids) & 0x7FFFFFFF
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[ack_id] = future
+        command = GroupCommand(ack_id, self.server_name, action, group, connection_id)
+        self.bus.publish(self.channels.group_management, encode_group_command(command))
+        try:
+            await asyncio.wait_for(future, self.backplane.ack_timeout)
+        except TimeoutError:
+            verb = "add" if action == GROUP_ADD else "remove"
+            raise HubException(
+                f"Could not {verb} connection '{connection_id}' to group '{group}': no instance "
+                f"acknowledged within {self.backplane.ack_timeout:g}s "
+                "(the connection does not exist or Redis is unreachable)."
+            ) from None
+        finally:
+            self._acks.pop(ack_id, None)
+
+    def _on_group_command(self, channel: bytes, data: bytes) -> None:
+        try:
+            command = decode_group_command(data)
+        except InvalidDataError as exc:
+            log.warning("ignoring a malformed group command: %s", exc)
+            return
+        conn = self.local.connections.get(command.connection_id)
+        if conn is None:
+            return
+        if command.action == GROUP_ADD:
+            asyncio.get_running_loop().create_task(self._ack_after_join(conn, command))
+        else:
+            self._leave_local(conn, command.group)
+            self.bus.publish(self.channels.ack(command.server_name), encode_ack(command.id))
+
+    async def _ack_after_join(self, conn: HubConnectionContext, command: GroupCommand) -> None:
+        await self._join_local(conn, command.group)
+        self.bus.publish(self.channels.ack(command.server_name), encode_ack(command.id))
+
+    def _on_ack(self, channel: bytes, data: bytes) -> None:
+        try:
+            ack_id = decode_ack(data)
+        except InvalidDataError:
+            return
+        future = self._acks.get(ack_id)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- client results ----------------------------------------------------------------------------
+
+    async def invoke_connection(
+        self, connection_id: str, method: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
+        conn = self.local.connections.get(connection_id)
+        if conn is not None:
+            invocation_id = self.results.new_id()
+            future = self.results.add(invocation_id, connection_id)
+            conn.write_message(InvocationMessage(method, list(args), invocation_id=invocation_id))
+            try:
+                return await await_result(future, timeout)
+            finally:
+                self.results.discard(invocation_id)
+        invocation_id = base64.b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        future = self.results.add(invocation_id, connection_id)
+        try:
+            serializations = self._serialize(
+                InvocationMessage(method, list(args), invocation_id=invocation_id)
+            )
+            envelope = RedisInvocation(serializations, [], invocation_id, self._return_channel)
+            receivers = self.bus.publish(
+                self.channels.connection(connection_id), encode_invocation(envelope), want_receivers=True
+            )
+            assert receivers is not None
+            if await receivers == 0:
+                raise HubException(f"Connection '{connection_id}' does not exist.")
+            return await await_result(future, timeout)
+        finally:
+            self.results.discard(invocation_id)
+
+    def set_connection_result(self, connection: HubConnectionContext, completion: CompletionMessage) -> bool:
+        remote = self._remote_results.pop(completion.invocation_id, None)
+        if remote is not None:
+            self._send_completion(remote[0], connection, completion)
+            return True
+        return self.results.complete(completion)
+
+    def _send_completion(
+        self, return_channel: str, connection: HubConnectionContext, completion: CompletionMessage
+    ) -> None:
+        protocol = connection.protocol
+        framed = protocol.write_message(completion)
+        self.bus.publish(return_channel, encode_completion(protocol.name, framed))
+
+    def _on_return(self, channel: bytes, data: bytes) -> None:
+        try:
+            protocol_name, framed = decode_completion(data)
+            protocol = next(p for p in self.protocols if p.name == protocol_name)
+            messages = protocol.parse_all(framed)
+        except (InvalidDataError, StopIteration) as exc:
+            log.warning("ignoring a malformed client-result completion: %s", exc)
+            return
+        for message in messages:
+            if isinstance(message, CompletionMessage):
+                self.results.complete(message)

@@ -1,0 +1,171 @@
+"""Redis backplane messages, byte-compatible with ASP.NET Core's StackExchangeRedis backplane.
+
+Sans-I/O: channel names and MessagePack envelopes only. Because the envelope
+carries each hub message already framed for every protocol, a receiving
+instance writes the bytes straight to its clients (no re-serialization), and
+Python and .NET instances can share one Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from .errors import InvalidDataError
+
+__all__ = [
+    "GROUP_ADD",
+    "GROUP_REMOVE",
+    "BackplaneChannels",
+    "GroupCommand",
+    "RedisInvocation",
+    "decode_ack",
+    "decode_completion",
+    "decode_group_command",
+    "decode_invocation",
+    "encode_ack",
+    "encode_completion",
+    "encode_group_command",
+    "encode_invocation",
+]
+
+GROUP_ADD = 1
+GROUP_REMOVE = 2
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+class BackplaneChannels:
+    """Channel names of one hub: ``{channel_prefix}{hub_name}:...`` (no separator after the prefix)."""
+
+    __slots__ = ("all", "group_management", "prefix")
+
+    def __init__(self, channel_prefix: str, hub_name: str) -> None:
+        self.prefix = f"{channel_prefix}{hub_name}"
+        self.all = f"{self.prefix}:all"
+        self.group_management = f"{self.prefix}:internal:groups"
+
+    def connection(self, connection_id: str) -> str:
+        return f"{self.prefix}:connection:{connection_id}"
+
+    def group(self, group: str) -> str:
+        return f"{self.prefix}:group:{group}"
+
+    def user(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{user_id}"
+
+    def ack(self, server_name: str) -> str:
+        return f"{self.prefix}:internal:ack:{server_name}"
+
+    def return_results(self, server_name: str) -> str:
+        return f"{self.prefix}:internal:return:{server_name}"
+
+
+@dataclass(slots=True)
+class RedisInvocation:
+    """A send through the backplane: framed hub message per protocol, minus excluded connections.
+
+    ``invocation_id`` and ``return_channel`` are set only for client-result requests.
+    """
+
+    serializations: dict[str, bytes]
+    excluded: list[str] = field(default_factory=list)
+    invocation_id: str | None = None
+    return_channel: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class GroupCommand:
+    """Add/remove a connection held by some other instance to/from a group; acked by ``id``."""
+
+    id: int
+    server_name: str
+    action: int
+    group: str
+    connection_id: str
+
+
+def encode_invocation(inv: RedisInvocation) -> bytes:
+    """``[excluded, {protocol: bin}]`` or, for client results, ``[..., invocationId, returnChannel]``."""
+    body: list[Any] = [inv.excluded, inv.serializations]
+    if inv.invocation_id is not None:
+        body.append(inv.invocation_id)
+        body.append(inv.return_channel)
+    return _encoder.encode(body)
+
+
+def _decode(data: bytes) -> Any:
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError, TypeError, ValueError) as exc:
+        raise InvalidDataError(f"Invalid backplane message: {exc}") from None
+
+
+def decode_invocation(data: bytes) -> RedisInvocation:
+    """Parse an invocation envelope; unknown protocols stay in the map, extra elements are ignored."""
+    arr = _decode(data)
+    if not isinstance(arr, list) or len(arr) < 2:
+        raise InvalidDataError("Invalid backplane invocation: expected an array of at least 2 elements.")
+    excluded, sers = arr[0], arr[1]
+    if excluded is None:
+        excluded = []
+    if not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded):
+        raise InvalidDataError("Invalid backplane invocation: excluded ids must be strings.")
+    if not isinstance(sers, dict):
+        raise InvalidDataError("Invalid backplane invocation: serializations must be a map.")
+    clean: dict[str, bytes] = {}
+    for name, payload in sers.items():
+        if isinstance(name, str) and isinstance(payload, bytes | bytearray):
+            clean[name] = bytes(payload)
+    inv = RedisInvocation(clean, excluded)
+    if len(arr) > 3 and isinstance(arr[2], str) and isinstance(arr[3], str):
+        inv.invocation_id, inv.return_channel = arr[2], arr[3]
+    return inv
+
+
+def encode_group_command(cmd: GroupCommand) -> bytes:
+    return _encoder.encode([cmd.id, cmd.server_name, cmd.action, cmd.group, cmd.connection_id])
+
+
+def decode_group_command(data: bytes) -> GroupCommand:
+    arr = _decode(data)
+    if (
+        not isinstance(arr, list)
+        or len(arr) < 5
+        or not isinstance(arr[0], int)
+        or not all(isinstance(x, str) for x in (arr[1], arr[3], arr[4]))
+        or arr[2] not in (GROUP_ADD, GROUP_REMOVE)
+    ):
+        raise InvalidDataError("Invalid backplane group command.")
+    return GroupCommand(arr[0], arr[1], arr[2], arr[3], arr[4])
+
+
+def encode_ack(ack_id: int) -> bytes:
+    return _encoder.encode([ack_id])
+
+
+def decode_ack(data: bytes) -> int:
+    arr = _decode(data)
+    if not isinstance(arr, list) or not arr or not isinstance(arr[0], int):
+        raise InvalidDataError("Invalid backplane ack.")
+    return int(arr[0])
+
+
+def encode_completion(protocol_name: str, framed_completion: bytes) -> bytes:
+    """A client result travelling back: ``[protocolName, bin framedCompletionMessage]``."""
+    return _encoder.encode([protocol_name, framed_completion])
+
+
+def decode_completion(data: bytes) -> tuple[str, bytes]:
+    arr = _decode(data)
+    if (
+        not isinstance(arr, list)
+        or len(arr) < 2
+        or not isinstance(arr[0], str)
+        or not isinstance(arr[1], bytes)
+    ):
+        raise InvalidDataError("Invalid backplane completion.")
+    return arr[0], arr[1]

@@ -1,0 +1,118 @@
+"""Hub app for the multi-instance (Redis backplane) tests.
+
+Run N copies: ``hubwire run tests.apps.scaleout:app --port P --redis URL --channel-prefix X``.
+Users come from the ``user`` query parameter (a test authenticator only).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from hubwire import Hub, HubException, HubServer, Principal, RequestInfo
+
+
+class ScaleHub(Hub):
+    async def whoami(self) -> dict[str, Any]:
+        return {"connectionId": self.context.connection_id, "pid": os.getpid()}
+
+    async def join_group(self, group: str) -> None:
+        await self.groups.add(self.context.connection_id, group)
+
+    async def leave_group(self, group: str) -> None:
+        await self.groups.remove(self.context.connection_id, group)
+
+    async def add_to_group(self, connection_id: str, group: str) -> str:
+        try:
+            await self.groups.add(connection_id, group)
+        except HubException as exc:
+            return f"error: {exc}"
+        return "ok"
+
+    async def send_all(self, value: str) -> None:
+        await self.clients.all.send("Message", "all", value)
+
+    async def send_others(self, value: str) -> None:
+        await self.clients.others.send("Message", "others", value)
+
+    async def send_all_except(self, excluded: list[str], value: str) -> None:
+        await self.clients.all_except(excluded).send("Message", "all_except", value)
+
+    async def send_client(self, connection_id: str, value: str) -> None:
+        await self.clients.client(connection_id).send("Message", "client", value)
+
+    async def send_clients(self, connection_ids: list[str], value: str) -> None:
+        await self.clients.clients(connection_ids).send("Message", "clients", value)
+
+    async def send_group(self, group: str, value: str) -> None:
+        await self.clients.group(group).send("Message", "group", value)
+
+    async def send_groups(self, groups: list[str], value: str) -> None:
+        await self.clients.groups(groups).send("Message", "groups", value)
+
+    async def send_group_except(self, group: str, excluded: list[str], value: str) -> None:
+        await self.clients.group_except(group, excluded).send("Message", "group_except", value)
+
+    async def send_others_in_group(self, group: str, value: str) -> None:
+        await self.clients.others_in_group(group).send("Message", "others_in_group", value)
+
+    async def send_user(self, user: str, value: str) -> None:
+        await self.clients.user(user).send("Message", "user", value)
+
+    async def send_users(self, users: list[str], value: str) -> None:
+        await self.clients.users(users).send("Message", "users", value)
+
+    async def ask_client(self, connection_id: str) -> str:
+        try:
+            return str(await self.clients.client(connection_id).invoke("Result", timeout=10))
+        except HubException as exc:
+            return f"error: {exc}"
+
+
+def authenticate(request: RequestInfo) -> Principal | None:
+    user = request.query_param("user")
+    return Principal(user, {"sub": user}) if user else None
+
+
+hubs = HubServer(authenticator=authenticate)
+hubs.add_hub("/hub", ScaleHub)
+
+
+async def publish(request: Request) -> JSONResponse:
+    """The seed's check: an HTTP handler broadcasting through the hub context."""
+    value = request.path_params["value"]
+    await hubs.hub_context(ScaleHub).clients.all.send("Message", "http", value)
+    return JSONResponse({"sent": value, "pid": os.getpid()})
+
+
+async def group_send(request: Request) -> JSONResponse:
+    group, value = request.path_params["group"], request.path_params["value"]
+    await hubs.hub_context(ScaleHub).clients.group(group).send("Message", "group", value)
+    return JSONResponse({"sent": value})
+
+
+async def health(request: Request) -> JSONResponse:
+    backplane = hubs.backplane
+    info = backplane.health() if hasattr(backplane, "health") else {"state": "in-memory"}
+    return JSONResponse(info)
+
+
+async def whoami(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(os.getpid()))
+
+
+web = Starlette(
+    routes=[
+        Route("/publish/{value}", publish, methods=["POST"]),
+        Route("/group/{group}/{value}", group_send, methods=["POST"]),
+        Route("/health", health),
+        Route("/whoami", whoami),
+    ]
+)
+hubs.app = web
+app = hubs
