@@ -44,7 +44,7 @@ def parse_handshake(
         if max_size is not None and len(buffer) > max_size:
             raise HandshakeError(HANDSHAKE_CANCELED)
         return None
-    if max_size is not None and end > max_size:
+    if max_size is not None and end + 1 > max_size:  # the record and its separator must fit
         raise HandshakeError(HANDSHAKE_CANCELED)
     try:
         obj = _decoder.decode(bytes(buffer[:end]))

@@ -39,7 +39,8 @@ class _JsonParser(MessageParser):
             end = buf.find(_RS, start)
             if end < 0:
                 break
-            self._check_size(end - start)
+            # SignalR limits the framed message: the record and its separator
+            self._check_size(end - start + 1)
             records.append(bytes(buf[start:end]))
             start = end + 1
         if start:

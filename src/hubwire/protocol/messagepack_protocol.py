@@ -67,7 +67,8 @@ class _MessagePackParser(MessageParser):
             if head is None:
                 break
             length, used = head
-            self._check_size(length)
+            # SignalR limits the framed message: length prefix and body
+            self._check_size(used + length)
             if len(buf) - pos - used < length:
                 break
             start = pos + used
