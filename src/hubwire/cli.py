@@ -44,6 +44,14 @@ def _run(args: argparse.Namespace) -> None:
     )
 
 
+def _demo(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    app = load_app(args.app)
+    print(f"hubwire demo on http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws_per_message_deflate=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hubwire", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--channel-prefix", help="backplane channel prefix (sets HUBWIRE_CHANNEL_PREFIX)")
     run.add_argument("--log-level", default="info")
     run.set_defaults(func=_run)
+    demo = sub.add_parser("demo", help="serve the demo (in-memory, run from the repository)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--app", default="examples.chat.app:app", help=argparse.SUPPRESS)
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -54,6 +54,10 @@ current_connection: contextvars.ContextVar[HubConnectionContext | None] = contex
 CONNECTION_ERROR = "Connection closed with an error."
 
 
+def _invoke_error(target: str) -> str:
+    return f"An unexpected error occurred invoking '{target}' on the server."
+
+
 def error_text(base: str, exc: BaseException, detailed: bool) -> str:
     """SignalR's rule: add ``<Type>: <message>`` for HubException or when detailed errors are on."""
     if isinstance(exc, HubException) or detailed:
@@ -123,6 +127,7 @@ class UploadStream:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1, capacity))
         self._convert = convert
         self._error: BaseException | None = None
+        self._end_pending = False
 
     async def put(self, item: Any) -> None:
         await self._queue.put(item)
@@ -132,22 +137,17 @@ class UploadStream:
             self._error = HubException(error)
         try:
             self._queue.put_nowait(self._END)
-        except asyncio.QueueFull:  # reader is behind; make room for the end marker
-            self._drop_oldest_and_end()
-
-    def _drop_oldest_and_end(self) -> None:
-        items = []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        for item in items[: self._queue.maxsize - 1]:
-            self._queue.put_nowait(item)
-        self._queue.put_nowait(self._END)
+        except asyncio.QueueFull:  # reader is behind: queue the end once it has taken an item
+            self._end_pending = True
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
     async def __anext__(self) -> Any:
         item = await self._queue.get()
+        if self._end_pending:  # the get made room for the end marker (never drop buffered items)
+            self._end_pending = False
+            self._queue.put_nowait(self._END)
         if item is self._END:
             self._queue.put_nowait(self._END)  # stay ended for further reads
             if self._error is not None:
@@ -442,7 +442,7 @@ class HubEndpoint(ConnectionApplication):
             self._complete_error(
                 ctx,
                 invocation_id,
-                error_text(f"An unexpected error occurred invoking '{target}' on the server.", mismatch, detailed),
+                error_text(_invoke_error(target), mismatch, detailed),
             )
             return
         if stream_params:
