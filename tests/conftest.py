@@ -44,9 +44,12 @@ class ServerProcess:
                  args: list[str] | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="hubwire-server-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
+            prefix="hubwire-server-", suffix=".log", delete=False
+        )
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), full_env.get("PYTHONPATH", "")])
+        paths = [str(ROOT / "src"), str(ROOT), full_env.get("PYTHONPATH", "")]
+        full_env["PYTHONPATH"] = os.pathsep.join(paths)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "hubwire.cli", "run", app, "--port", str(self.port), "--log-level", "warning",

@@ -40,8 +40,18 @@ def _run(args: argparse.Namespace) -> None:
         port=args.port,
         log_level=args.log_level,
         ws_per_message_deflate=False,  # per-socket compression would undo serialize-once broadcasts
+        ws=_ws_protocol(args.serving),
         lifespan="on",
     )
+
+
+def _ws_protocol(serving: str) -> Any:
+    """``native``: hubwire's direct-write WebSocket protocol; ``asgi``: uvicorn's own."""
+    if serving == "asgi":
+        return "websockets-sansio"
+    from .transports.direct import HubwireWebSocketProtocol
+
+    return HubwireWebSocketProtocol
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -49,7 +59,14 @@ def _demo(args: argparse.Namespace) -> None:
 
     app = load_app(args.app)
     print(f"hubwire demo on http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws_per_message_deflate=False)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        ws_per_message_deflate=False,
+        ws=_ws_protocol("native"),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--redis", help="Redis URL for the backplane (sets HUBWIRE_REDIS_URL)")
     run.add_argument("--channel-prefix", help="backplane channel prefix (sets HUBWIRE_CHANNEL_PREFIX)")
     run.add_argument("--log-level", default="info")
+    run.add_argument(
+        "--serving",
+        choices=("native", "asgi"),
+        default=os.environ.get("HUBWIRE_SERVING", "native"),
+        help="native: WebSocket frames written directly (default); asgi: plain ASGI sends",
+    )
     run.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="serve the demo (in-memory, run from the repository)")
     demo.add_argument("--host", default="127.0.0.1")

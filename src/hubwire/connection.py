@@ -121,7 +121,17 @@ class Outbox:
     connection instead of growing without bound.
     """
 
-    __slots__ = ("_chunks", "_closed", "_waiter", "buffered", "max_buffered", "on_overflow", "wrote")
+    __slots__ = (
+        "_chunks",
+        "_closed",
+        "_waiter",
+        "buffered",
+        "dirty",
+        "max_buffered",
+        "on_overflow",
+        "sink",
+        "wrote",
+    )
 
     def __init__(self, max_buffered: int | None = None) -> None:
         self._chunks: deque[bytes] = deque()
@@ -132,6 +142,9 @@ class Outbox:
         self.on_overflow: Any = None
         #: set on every write; the heartbeat clears it to decide when a keep-alive ping is due
         self.wrote = False
+        #: native mode: writes go to this sink once per loop iteration instead of the writer loop
+        self.sink: Any = None
+        self.dirty = False
 
     @property
     def closed(self) -> bool:
@@ -144,6 +157,12 @@ class Outbox:
         self._chunks.append(data)
         self.buffered += len(data)
         self.wrote = True
+        sink = self.sink
+        if sink is not None:
+            if not self.dirty:
+                self.dirty = True
+                sink.schedule(self)
+            return
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -155,6 +174,8 @@ class Outbox:
 
     def close(self) -> None:
         """No more writes; the writer drains what is queued, then sees the end."""
+        if self.sink is not None and self._chunks and not self._closed:
+            self.sink.flush(self)
         self._closed = True
         waiter = self._waiter
         if waiter is not None:

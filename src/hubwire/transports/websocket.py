@@ -18,6 +18,7 @@ from ..connection import Connection
 from ..dispatcher import ConnectionApplication
 from ..http import Receive, Scope, Send
 from ..protocol.base import TransferFormat
+from .direct import EXTENSION, DirectSink
 
 if TYPE_CHECKING:
     from ..server import HubServer
@@ -55,12 +56,20 @@ async def serve_websocket(
     conn: Connection,
     receive: Receive,
     send: Send,
+    scope: Scope | None = None,
 ) -> None:
-    """Accept the upgrade and run the connection until either side ends it."""
+    """Accept the upgrade and run the connection until either side ends it.
+
+    Under hubwire's native uvicorn protocol (``scope`` carries its extension)
+    outbound frames bypass ASGI; see :mod:`hubwire.transports.direct`.
+    """
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
+    native = scope.get("extensions", {}).get(EXTENSION) if scope is not None else None
+    if native is not None:
+        conn.outbox.sink = DirectSink(native, conn)
     await endpoint.on_connect(conn)
     client_closed = asyncio.Event()
     error: BaseException | None = None
