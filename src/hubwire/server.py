@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 from .connection import Connection, ConnectionManager, Principal, RequestInfo
@@ -24,10 +24,19 @@ from .options import HubOptions
 from .protocol.base import EncHook, HubProtocol, TransferFormat
 from .protocol.json_protocol import JsonHubProtocol
 from .protocol.messagepack_protocol import MessagePackHubProtocol
-from .protocol.negotiate import NegotiateError, negotiate_error, negotiate_response, select_negotiate_version
+from .protocol.negotiate import (
+    NegotiateError,
+    negotiate_error,
+    negotiate_response,
+    redirect_response,
+    select_negotiate_version,
+)
+from .transports.httpbase import HttpConnectionState, handle_post
+from .transports.longpolling import handle_delete, serve_poll
+from .transports.sse import serve_sse
 from .transports.websocket import reject_websocket, serve_websocket
 
-__all__ = ["Authenticator", "Backplane", "HubServer", "InMemoryBackplane"]
+__all__ = ["Authenticator", "Backplane", "HubServer", "InMemoryBackplane", "NegotiateRedirect"]
 
 log = logging.getLogger("hubwire.server")
 
@@ -36,7 +45,19 @@ H = TypeVar("H", bound=Hub)
 #: turns a transport or negotiate request into a user (None = anonymous)
 Authenticator = Callable[[RequestInfo], Awaitable[Principal | None] | Principal | None]
 
-IMPLEMENTED_TRANSPORTS = ("WebSockets",)
+#: a hook that sends a negotiating client elsewhere: ``request -> (url, access_token) | None``
+NegotiateRedirect = Callable[
+    [RequestInfo], Awaitable[tuple[str, str | None] | None] | tuple[str, str | None] | None
+]
+
+#: every transport, in the order negotiate lists them (clients try them in this order)
+IMPLEMENTED_TRANSPORTS = ("WebSockets", "ServerSentEvents", "LongPolling")
+
+#: answered to a CORS preflight on hub paths
+_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+
+#: how much larger than one hub message a POST body may be (the JS client batches queued messages)
+POST_BODY_FACTOR = 4
 
 
 class Backplane(Protocol):
@@ -68,6 +89,13 @@ def _normalize(path: str) -> str:
     return path.lower()
 
 
+def _transports(requested: Sequence[str]) -> tuple[str, ...]:
+    unknown = [t for t in requested if t not in IMPLEMENTED_TRANSPORTS]
+    if unknown:
+        raise ValueError(f"unknown transport(s) {unknown}; choose from {IMPLEMENTED_TRANSPORTS}")
+    return tuple(t for t in IMPLEMENTED_TRANSPORTS if t in requested)
+
+
 class HubServer:
     """Serves SignalR hubs over ASGI.
 
@@ -77,6 +105,11 @@ class HubServer:
     :mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both protocols to
     serialize application types; ``app`` receives every request that is not
     for a hub path.
+
+    ``cors_origins`` lets browser pages on other origins use the hubs (the
+    JS client sends credentials, so the origin is echoed rather than ``*``):
+    a list of allowed origins, or ``"*"`` for any; default off. It only
+    covers hub paths, an app passed as ``app`` keeps its own CORS handling.
     """
 
     def __init__(
@@ -87,6 +120,7 @@ class HubServer:
         authenticator: Authenticator | None = None,
         enc_hook: EncHook | None = None,
         app: ASGIApp | None = None,
+        cors_origins: Sequence[str] | str | None = None,
     ) -> None:
         self.options = options or HubOptions()
         self.backplane: Backplane = backplane or _backplane_from_env() or InMemoryBackplane()
@@ -104,6 +138,17 @@ class HubServer:
         self._heartbeat: asyncio.Task[None] | None = None
         self._started = False
         self._start_lock: asyncio.Lock | None = None
+        if isinstance(cors_origins, str) and cors_origins != "*":
+            cors_origins = [cors_origins]
+        self.cors_origins: frozenset[str] | str | None = (
+            cors_origins if cors_origins is None or isinstance(cors_origins, str) else frozenset(cors_origins)
+        )
+        self._redirects: dict[ConnectionApplication, NegotiateRedirect] = {}
+        #: SSE / long-polling state of connections (survives across their HTTP requests)
+        self._http_states: dict[Connection, HttpConnectionState] = {}
+        #: connections whose end is being processed (so on_disconnect runs once)
+        self._ending: set[Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- registration ----------------------------------------------------------------------------
 
@@ -115,11 +160,19 @@ class HubServer:
         transports: Sequence[str] | None = None,
         options: HubOptions | None = None,
         name: str | None = None,
+        negotiate_redirect: NegotiateRedirect | None = None,
     ) -> HubEndpoint:
         """Serve ``hub_cls`` at ``path``. One hub class may be served at several paths.
 
-        ``name`` is the hub's name on the backplane (default: the class name);
-        set it to the .NET hub's full type name to share a Redis with .NET servers.
+        ``transports`` narrows the transports of this path (negotiate lists only
+        those, the others are refused with 404); ``name`` is the hub's name on
+        the backplane (default: the class name); set it to the .NET hub's full
+        type name to share a Redis with .NET servers. ``negotiate_redirect``
+        may send negotiating clients elsewhere (a connection service, another
+        cluster): called with the negotiate request after authorization, it
+        returns ``(url, access_token)`` or None to negotiate here. Python
+        clients skip the second negotiate and open a WebSocket straight to
+        ``url`` with the token, so always give one.
         """
         opts = options or self.options
         hub_name = name or self._hub_names.get(hub_cls) or hub_cls.__name__
@@ -131,9 +184,11 @@ class HubServer:
         if manager is None:
             manager = self._managers[hub_name] = self.backplane.create_manager(hub_name)
         protocols = [self.protocols[p] for p in opts.supported_protocols]
-        allowed = tuple(t for t in (transports or opts.transports) if t in IMPLEMENTED_TRANSPORTS)
+        allowed = _transports(transports or opts.transports)
         endpoint = HubEndpoint(hub_cls, manager, protocols, opts, allowed)
         self._add_route(path, endpoint)
+        if negotiate_redirect is not None:
+            self._redirects[endpoint] = negotiate_redirect
         return endpoint
 
     def add_connection_handler(
@@ -145,7 +200,7 @@ class HubServer:
         transfer_format: TransferFormat = TransferFormat.TEXT,
     ) -> RawEndpoint:
         """Serve a raw connection (no hub protocol) at ``path``: ``handler(conn, data)`` per chunk."""
-        allowed = tuple(t for t in (transports or self.options.transports) if t in IMPLEMENTED_TRANSPORTS)
+        allowed = _transports(transports or self.options.transports)
         endpoint = RawEndpoint(handler, allowed, transfer_format)
         self._add_route(path, endpoint)
         return endpoint
@@ -203,6 +258,11 @@ class HubServer:
                 await self._heartbeat
         for conn in self.connections.connections():
             conn.abort("server shutting down")
+        for conn, state in list(self._http_states.items()):
+            if state.endpoint is not None and state.idle:  # long polling between polls
+                await self.connection_ended(state.endpoint, conn, None)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.options.websocket_close_timeout)
         for endpoint in self._endpoints:
             if isinstance(endpoint, HubEndpoint):
                 for ctx in list(endpoint.connected.values()):
@@ -232,6 +292,20 @@ class HubServer:
             for conn in self.connections.sweep(now):
                 log.debug("disposing inactive connection %s", conn.connection_id)
                 conn.abort("inactive")
+                # WebSocket and SSE loops notice the abort and end the connection themselves;
+                # a long-polling connection between polls has nobody to notice, so end it here
+                state = self._http_states.get(conn)
+                if state is not None and state.idle:
+                    if state.endpoint is not None:
+                        self.spawn(self.connection_ended(state.endpoint, conn, None))
+                    else:
+                        self._http_states.pop(conn, None)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it is done (awaited on shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- ASGI ------------------------------------------------------------------------------------
 
@@ -303,59 +377,180 @@ class HubServer:
             return True
         return await check_policies(principal, endpoint.policies)
 
+    # -- HTTP helpers ----------------------------------------------------------------------------
+
+    def _cors_headers(self, request: RequestInfo) -> list[tuple[str, str]]:
+        """CORS response headers for a hub-path request from an allowed browser origin."""
+        origin = request.header("origin")
+        if self.cors_origins is None or not origin:
+            return []
+        if self.cors_origins != "*" and origin not in self.cors_origins:
+            return []
+        return [
+            ("access-control-allow-origin", origin),
+            ("access-control-allow-credentials", "true"),
+            ("vary", "Origin"),
+        ]
+
+    async def _preflight(self, request: RequestInfo, send: Send) -> None:
+        """Answer a CORS preflight (``OPTIONS``) with ``204``; allow headers only for allowed origins."""
+        headers = self._cors_headers(request)
+        if headers:
+            headers.append(("access-control-allow-methods", _CORS_METHODS))
+            asked = request.header("access-control-request-headers")
+            if asked:
+                headers.append(("access-control-allow-headers", asked))
+            headers.append(("access-control-max-age", "600"))
+        await respond(send, 204, b"", content_type=None, headers=headers)
+
+    async def _unauthorized(self, send: Send, headers: list[tuple[str, str]]) -> None:
+        """``401`` with an empty body: the JS client then reports ``Unauthorized: Status code '401'``."""
+        challenge = getattr(self.authenticator, "challenge", None)
+        if isinstance(challenge, str):
+            headers = [*headers, ("www-authenticate", challenge)]
+        await respond(send, 401, b"", content_type=None, headers=headers)
+
+    def http_state(self, conn: Connection) -> HttpConnectionState:
+        """The SSE / long-polling state of ``conn`` (created on first use)."""
+        state = self._http_states.get(conn)
+        if state is None:
+            state = self._http_states[conn] = HttpConnectionState()
+        return state
+
+    def is_live(self, conn: Connection) -> bool:
+        """True while ``conn`` is registered here and has not ended."""
+        return (
+            self.connections.get(conn.token) is conn and not conn.closed.is_set() and conn not in self._ending
+        )
+
+    def _options_of(self, endpoint: ConnectionApplication) -> HubOptions:
+        return endpoint.options if isinstance(endpoint, HubEndpoint) else self.options
+
+    def _post_limit(self, endpoint: ConnectionApplication) -> int | None:
+        size = self._options_of(endpoint).maximum_receive_message_size
+        return None if size is None else size * POST_BODY_FACTOR
+
+    # -- negotiate -------------------------------------------------------------------------------
+
     async def _negotiate(
         self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        if scope.get("method") != "POST":
-            await respond(send, 405, b"")
-            return
+        """``POST {hub}/negotiate``: authorize, maybe redirect, else create a connection."""
         request = RequestInfo.from_scope(scope)
+        method = scope.get("method")
+        if method == "OPTIONS" and self.cors_origins is not None:
+            await self._preflight(request, send)
+            return
+        cors = self._cors_headers(request)
+        if method != "POST":
+            await respond(send, 405, b"", headers=cors)
+            return
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
-            await respond(send, 401, b"", content_type=None)
+            await self._unauthorized(send, cors)
             return
         try:
             version = select_negotiate_version(
                 request.query_param("negotiateVersion"), self.options.minimum_negotiate_version
             )
         except NegotiateError as exc:
-            await respond(send, 200, negotiate_error(str(exc)), "application/json")
+            await respond(send, 200, negotiate_error(str(exc)), "application/json", cors)
             return
+        hook = self._redirects.get(endpoint)
+        if hook is not None:
+            target = hook(request)
+            if inspect.isawaitable(target):
+                target = await target
+            if target is not None:
+                url, access_token = target
+                await respond(send, 200, redirect_response(url, access_token), "application/json", cors)
+                return
         conn = self.connections.create(version, principal, self.options.max_buffered_bytes)
         body = negotiate_response(version, conn.connection_id, conn.token, endpoint.transports)
-        await respond(send, 200, body, "application/json")
+        await respond(send, 200, body, "application/json", cors)
+
+    # -- SSE / long polling ----------------------------------------------------------------------
 
     async def _http(
         self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        # SSE and long polling are not served yet: every non-WebSocket request to a hub path
-        # is answered the way an endpoint with only WebSockets enabled answers.
+        """Plain HTTP on a hub path: SSE GET, long-poll GET, POST (send) or DELETE (close).
+
+        Checks run in ASP.NET's order: authorization (401), connection id (400 /
+        404), transport enabled here (404), transport unchanged (400),
+        one stream at a time (409).
+        """
         method = scope.get("method")
         request = RequestInfo.from_scope(scope)
+        if method == "OPTIONS" and self.cors_origins is not None:
+            await self._preflight(request, send)
+            return
+        cors = self._cors_headers(request)
         if method not in ("GET", "POST", "DELETE"):
-            await respond(send, 405, b"")
+            await respond(send, 405, b"", headers=cors)
             return
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
-            await respond(send, 401, b"", content_type=None)
+            await self._unauthorized(send, cors)
             return
         token = request.query_param("id")
         if not token:
-            await respond(send, 400, b"Connection ID required")
+            await respond(send, 400, b"Connection ID required", headers=cors)
             return
-        conn = self.connections.get(token)
-        if conn is None:
-            await respond(send, 404, b"No Connection with that ID")
-            return
-        if method == "POST" and conn.transport_name == "WebSockets":
-            await respond(send, 405, b"POST requests are not allowed for WebSocket connections.")
-            return
-        if method == "DELETE":
-            await respond(send, 400, b"Cannot terminate this connection using the DELETE endpoint.")
+        if method != "GET":
+            # a POST or DELETE never starts a connection, so only local ones count: taking one
+            # over here would accept bytes that the instance streaming to the client never sees
+            conn = self.connections.get(token)
+            if conn is None or not self.is_live(conn):
+                await respond(send, 404, b"No Connection with that ID", headers=cors)
+                return
+            if principal is not None:
+                conn.principal = principal
+            if method == "POST":
+                limit = self._post_limit(endpoint)
+                await handle_post(self, endpoint, conn, request, receive, send, cors, limit)
+            else:
+                await handle_delete(self, conn, send, cors)
             return
         accept = request.header("accept") or ""
-        name = "ServerSentEvents" if "text/event-stream" in accept else "LongPolling"
-        await respond(send, 404, f"{name} transport not supported by this end point type".encode())
+        name = "ServerSentEvents" if "text/event-stream" in accept.lower() else "LongPolling"
+        found = self.connections.resolve(token, self.options.max_buffered_bytes)
+        if found is None or not self.is_live(found):
+            await respond(send, 404, b"No Connection with that ID", headers=cors)
+            return
+        conn = found
+        if name not in endpoint.transports:
+            text = f"{name} transport not supported by this end point type"
+            await respond(send, 404, text.encode(), headers=cors)
+            return
+        if conn.transport_name not in (None, name):
+            await respond(send, 400, b"Cannot change transports mid-connection", headers=cors)
+            return
+        state = self.http_state(conn)
+        if state.endpoint is not None and state.endpoint is not endpoint:
+            await respond(send, 404, b"No Connection with that ID", headers=cors)
+            return
+        if principal is not None:
+            conn.principal = principal
+        if name == "ServerSentEvents":
+            if conn.transport_active:
+                await respond(send, 409, b"", headers=cors)
+                return
+            conn.transport_name = name
+            conn.transport_active = True
+            conn.inactive_since = None
+            conn.request = request
+            await serve_sse(self, endpoint, conn, state, receive, send, cors)
+            return
+        if conn.transport_name is None:
+            # the first poll's request is the connection's request for hub code (headers, query)
+            conn.transport_name = name
+            conn.transport_active = True
+            conn.request = request
+        poll_timeout = self._options_of(endpoint).long_poll_timeout
+        await serve_poll(self, endpoint, conn, state, receive, send, cors, poll_timeout)
+
+    # -- WebSockets ------------------------------------------------------------------------------
 
     async def _websocket(
         self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
@@ -373,14 +568,14 @@ class HubServer:
         token = request.query_param("id")
         if token:
             conn = self.connections.resolve(token, self.options.max_buffered_bytes)
-            if conn is None:
+            if conn is None or not self.is_live(conn):
                 await reject_websocket(scope, receive, send, 404, "No Connection with that ID")
-                return
-            if conn.transport_active:
-                await reject_websocket(scope, receive, send, 409)
                 return
             if conn.transport_name not in (None, "WebSockets"):
                 await reject_websocket(scope, receive, send, 400, "Cannot change transports mid-connection")
+                return
+            if conn.transport_active:
+                await reject_websocket(scope, receive, send, 409)
                 return
             if principal is not None:
                 conn.principal = principal
@@ -396,11 +591,22 @@ class HubServer:
     async def connection_ended(
         self, endpoint: ConnectionApplication, conn: Connection, error: BaseException | None
     ) -> None:
-        """A transport finished for good: dispose the connection and tell the application."""
+        """A connection is over for good: dispose it and tell the application, exactly once.
+
+        Called by whichever notices first (a transport loop, a long poll that
+        found the application done, DELETE, the inactivity sweep); later calls
+        return at once.
+        """
+        if conn.closed.is_set() or conn in self._ending:
+            return
+        self._ending.add(conn)
         conn.transport_active = False
+        conn.inactive_since = None
         self.connections.remove(conn)
         conn.outbox.close()
+        self._http_states.pop(conn, None)
         try:
             await endpoint.on_disconnect(conn, error)
         finally:
             conn.closed.set()
+            self._ending.discard(conn)
