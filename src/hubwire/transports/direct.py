@@ -33,12 +33,9 @@ from ..protocol.base import TransferFormat
 if TYPE_CHECKING:
     from ..connection import Connection, Outbox
 
-__all__ = ["EXTENSION", "DirectSink", "HubwireWebSocketProtocol", "frame"]
+__all__ = ["DirectSink", "HubwireWebSocketProtocol", "frame", "native_protocol"]
 
 log = logging.getLogger("hubwire.websocket")
-
-#: ASGI scope extension key under which the native protocol exposes itself
-EXTENSION = "hubwire.direct"
 
 _TEXT, _BINARY = 0x81, 0x82
 
@@ -127,10 +124,10 @@ def _protocol_base() -> type[Any]:
 
 
 class HubwireWebSocketProtocol(_protocol_base()):  # type: ignore[misc]
-    """uvicorn's sans-I/O WebSocket protocol, plus the direct-write extension for hubwire."""
+    """uvicorn's sans-I/O WebSocket protocol; hubwire recognises it and writes frames directly."""
 
-    def handle_connect(self, event: Any) -> None:
-        super().handle_connect(event)
-        scope = getattr(self, "scope", None)
-        if scope is not None:
-            scope["extensions"][EXTENSION] = self
+
+def native_protocol(send: Any) -> Any:
+    """The native protocol behind an ASGI ``send``, or None (other servers, or wrapped by middleware)."""
+    owner = getattr(send, "__self__", None)
+    return owner if isinstance(owner, HubwireWebSocketProtocol) else None

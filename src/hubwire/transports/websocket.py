@@ -18,7 +18,7 @@ from ..connection import Connection
 from ..dispatcher import ConnectionApplication
 from ..http import Receive, Scope, Send
 from ..protocol.base import TransferFormat
-from .direct import EXTENSION, DirectSink
+from .direct import DirectSink, native_protocol
 
 if TYPE_CHECKING:
     from ..server import HubServer
@@ -56,18 +56,17 @@ async def serve_websocket(
     conn: Connection,
     receive: Receive,
     send: Send,
-    scope: Scope | None = None,
 ) -> None:
     """Accept the upgrade and run the connection until either side ends it.
 
-    Under hubwire's native uvicorn protocol (``scope`` carries its extension)
-    outbound frames bypass ASGI; see :mod:`hubwire.transports.direct`.
+    Under hubwire's native uvicorn protocol (and no middleware wrapping
+    ``send``) outbound frames bypass ASGI; see :mod:`hubwire.transports.direct`.
     """
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    native = scope.get("extensions", {}).get(EXTENSION) if scope is not None else None
+    native = native_protocol(send)
     if native is not None:
         conn.outbox.sink = DirectSink(native, conn)
     await endpoint.on_connect(conn)
