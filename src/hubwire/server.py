@@ -555,28 +555,37 @@ class HubServer:
     async def _websocket(
         self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        if "WebSockets" not in endpoint.transports:
-            await reject_websocket(
-                scope, receive, send, 404, "WebSockets transport not supported by this end point type"
-            )
+        admitted = await self.admit_websocket(endpoint, RequestInfo.from_scope(scope))
+        if isinstance(admitted, tuple):
+            await reject_websocket(scope, receive, send, admitted[0], admitted[1])
             return
-        request = RequestInfo.from_scope(scope)
+        await serve_websocket(self, endpoint, admitted, receive, send)
+
+    def route(self, path: str) -> ConnectionApplication | None:
+        """The endpoint serving a transport ``path`` (case-insensitive, trailing slash ignored)."""
+        return self._routes.get(_normalize(path))
+
+    async def admit_websocket(
+        self, endpoint: ConnectionApplication, request: RequestInfo
+    ) -> Connection | tuple[int, str]:
+        """Check a WebSocket request: the connection to serve, or ``(status, body)`` to refuse it.
+
+        Shared by the ASGI path and the native protocol so both answer alike.
+        """
+        if "WebSockets" not in endpoint.transports:
+            return 404, "WebSockets transport not supported by this end point type"
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
-            await reject_websocket(scope, receive, send, 401)
-            return
+            return 401, ""
         token = request.query_param("id")
         if token:
             conn = self.connections.resolve(token, self.options.max_buffered_bytes)
             if conn is None or not self.is_live(conn):
-                await reject_websocket(scope, receive, send, 404, "No Connection with that ID")
-                return
+                return 404, "No Connection with that ID"
             if conn.transport_name not in (None, "WebSockets"):
-                await reject_websocket(scope, receive, send, 400, "Cannot change transports mid-connection")
-                return
+                return 400, "Cannot change transports mid-connection"
             if conn.transport_active:
-                await reject_websocket(scope, receive, send, 409)
-                return
+                return 409, ""
             if principal is not None:
                 conn.principal = principal
         else:
@@ -586,7 +595,7 @@ class HubServer:
         conn.transport_active = True
         conn.inactive_since = None
         conn.request = request
-        await serve_websocket(self, endpoint, conn, receive, send)
+        return conn
 
     async def connection_ended(
         self, endpoint: ConnectionApplication, conn: Connection, error: BaseException | None
