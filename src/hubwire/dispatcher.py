@@ -368,7 +368,10 @@ class HubEndpoint(ConnectionApplication):
         elif isinstance(message, CancelInvocationMessage):
             stream_task = ctx.active_streams.get(message.invocation_id)
             if stream_task is not None:
-                stream_task.cancel()
+                # one loop step later: a cancel right behind its StreamInvocation (same frame or
+                # POST) would otherwise cancel the task before it ever ran, so the method would
+                # never see the cancellation and no Completion would be sent
+                asyncio.get_running_loop().call_soon(stream_task.cancel)
         elif isinstance(message, PingMessage):
             ctx.first_ping_seen = True
         elif isinstance(message, CloseMessage):

@@ -33,7 +33,8 @@ async def respond(
     raw: list[tuple[bytes, bytes]] = []
     if content_type is not None:
         raw.append((b"content-type", content_type.encode("latin-1")))
-    raw.append((b"content-length", str(len(body)).encode("ascii")))
+    if status not in (204, 304):  # these must not carry a Content-Length (RFC 9110 8.6)
+        raw.append((b"content-length", str(len(body)).encode("ascii")))
     raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
