@@ -1,0 +1,103 @@
+"""The official client's browser bundle in Debian's Chromium (headless, via playwright-core).
+
+``tests/interop/browser.cjs`` opens the interop app's page (``/browser``, bundles served from
+node_modules) on ``http://localhost:<port>`` and talks to the hubs on ``http://127.0.0.1:<port>``,
+so every request is cross-origin with credentials: CORS preflights for the XHR polls and POSTs,
+EventSource with ``withCredentials``, tokens in the ``access_token`` query for WebSockets and SSE.
+One page per transport x protocol; one pytest test per check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, ServerProcess
+
+NODE = shutil.which("node")
+CHROMIUM = Path(os.environ.get("HUBWIRE_CHROMIUM", "/usr/bin/chromium"))
+SCRIPT = ROOT / "tests" / "interop" / "browser.cjs"
+BROWSER_TIMEOUT = 150.0
+
+RUNS = (
+    ("WebSockets", "json"),
+    ("WebSockets", "messagepack"),
+    ("ServerSentEvents", "json"),
+    ("LongPolling", "json"),
+    ("LongPolling", "messagepack"),
+)
+CHECKS = (
+    "cross_origin_page",
+    "echo",
+    "active_transport_name",
+    "connection_id_matches_server",
+    "server_calls_client",
+    "stream_items",
+    "error_text",
+    "client_result",
+    "user_agent_header",
+    "jwt_authorized_hub",
+    "unauthorized_negotiate_401",
+    "nowebsockets_fallback",
+)
+#: the raw /echo connection has no hub protocol: checked once per transport, with the json page
+JSON_ONLY = ("raw_echo_connection",)
+
+pytestmark = pytest.mark.skipif(
+    NODE is None or not CHROMIUM.exists() or not (ROOT / "node_modules" / "playwright-core").is_dir(),
+    reason="needs node, node_modules (./run setup) and Debian's chromium (apt-get install chromium)",
+)
+
+
+@pytest.fixture(scope="module")
+def browser_results() -> Iterator[tuple[dict[str, dict[str, object]], str]]:
+    server = ServerProcess("examples.interop.app:app")
+    proc = subprocess.Popen(
+        [str(NODE), str(SCRIPT), str(server.port), str(CHROMIUM)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        try:
+            out, err = proc.communicate(timeout=BROWSER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # node and the Chromium it launched
+            out, err = proc.communicate(timeout=10)
+            err += f"\n[killed after {BROWSER_TIMEOUT} s]"
+        results = {}
+        for line in out.splitlines():
+            if line.startswith("{"):
+                result = json.loads(line)
+                results[str(result["name"])] = result
+        yield results, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f"{transport}/{protocol}/{check}"
+        for transport, protocol in RUNS
+        for check in (*CHECKS, *(JSON_ONLY if protocol == "json" else ()))
+    ],
+)
+def test_browser(browser_results: tuple[dict[str, dict[str, object]], str], name: str) -> None:
+    results, stderr = browser_results
+    result = results.get(name)
+    if result is None:
+        pytest.fail(f"{name} did not report\n{stderr[-3000:]}")
+    assert result["ok"], result["detail"]
