@@ -75,6 +75,8 @@ class RawHub:
         self.protocol = protocol
         self.binary = protocol == "messagepack"
         self.frame_types: list[type] = []
+        #: Ping messages dropped by next_message(skip_pings=True)
+        self.skipped_pings = 0
         self._buffer = bytearray()
         self._records: deque[bytes] = deque()
         self._ids = itertools.count(1)
@@ -144,6 +146,7 @@ class RawHub:
         while True:
             message = self.decode(await self.next_record(timeout))
             if skip_pings and self.kind(message) == 6:
+                self.skipped_pings += 1
                 continue
             return message
 
