@@ -49,9 +49,9 @@ def _ws_protocol(serving: str) -> Any:
     """``native``: hubwire's direct-write WebSocket protocol; ``asgi``: uvicorn's own."""
     if serving == "asgi":
         return "websockets-sansio"
-    from .transports.direct import HubwireWebSocketProtocol
+    from .transports.native import NativeWebSocketProtocol
 
-    return HubwireWebSocketProtocol
+    return NativeWebSocketProtocol
 
 
 def _demo(args: argparse.Namespace) -> None:

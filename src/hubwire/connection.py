@@ -174,8 +174,12 @@ class Outbox:
 
     def close(self) -> None:
         """No more writes; the writer drains what is queued, then sees the end."""
-        if self.sink is not None and self._chunks and not self._closed:
-            self.sink.flush(self)
+        sink = self.sink
+        if sink is not None and not self._closed:
+            if self._chunks:
+                sink.flush(self)
+            self._closed = True
+            sink.closed()
         self._closed = True
         waiter = self._waiter
         if waiter is not None:

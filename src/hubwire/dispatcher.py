@@ -88,6 +88,10 @@ class ConnectionApplication(abc.ABC):
     def tick(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called about once a second by the server heartbeat."""
 
+    def server_closing(self, conn: Connection) -> None:
+        """The server is shutting down: end ``conn`` (hubs invite the client to reconnect)."""
+        conn.abort("server shutting down")
+
 
 class RawEndpoint(ConnectionApplication):
     """A connection without the hub protocol: ``handler(conn, data)`` gets every inbound chunk."""
@@ -301,6 +305,13 @@ class HubEndpoint(ConnectionApplication):
             log.exception("on_disconnected failed for %s", conn.connection_id)
         finally:
             await self.manager.on_disconnected(ctx)
+
+    def server_closing(self, conn: Connection) -> None:
+        ctx = self.connected.get(conn.connection_id)
+        if ctx is not None and ctx.connection is conn:
+            ctx.close(None, allow_reconnect=True)
+        else:
+            conn.abort("server shutting down")
 
     def tick(self, now: float) -> None:
         opts = self.options

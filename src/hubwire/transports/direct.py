@@ -1,11 +1,10 @@
-"""Native serving mode for WebSockets: write pre-framed frames straight to the socket.
+"""Direct outbound writes for natively served WebSockets: pre-framed frames straight to the socket.
 
 Why: through plain ASGI every recipient of a broadcast costs one
 ``await send({"type": "websocket.send", ...})`` - a coroutine step, a dict,
 and the server re-framing the same payload for each socket (measured ~1.7x the
-cost of a direct transport write). In native mode uvicorn still does the HTTP
-upgrade, the inbound frames and the close handshake, but outbound data frames
-bypass ASGI:
+cost of a direct transport write). In native mode outbound data frames bypass
+all of that:
 
 * a connection's :class:`~hubwire.connection.Outbox` gets a *sink*; ``write``
   appends and marks the outbox dirty (no await, no task);
@@ -16,9 +15,8 @@ bypass ASGI:
 * a socket whose kernel/transport buffer grows past the outbox bound is closed
   as a slow consumer instead of growing memory.
 
-Switch it on with ``hubwire run`` (default) or, under plain uvicorn,
-``--ws hubwire.transports.direct:HubwireWebSocketProtocol``. Without it the
-ASGI path is used, with identical behaviour.
+Used by :mod:`hubwire.transports.native`; without it the ASGI path is used,
+with identical behaviour.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from ..protocol.base import TransferFormat
 if TYPE_CHECKING:
     from ..connection import Connection, Outbox
 
-__all__ = ["DirectSink", "HubwireWebSocketProtocol", "frame", "native_protocol"]
+__all__ = ["DirectSink", "frame"]
 
 log = logging.getLogger("hubwire.websocket")
 
@@ -116,18 +114,8 @@ class DirectSink:
             )
             self._conn.abort("slow consumer")
 
-
-def _protocol_base() -> type[Any]:
-    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-
-    return WebSocketsSansIOProtocol
-
-
-class HubwireWebSocketProtocol(_protocol_base()):  # type: ignore[misc]
-    """uvicorn's sans-I/O WebSocket protocol; hubwire recognises it and writes frames directly."""
-
-
-def native_protocol(send: Any) -> Any:
-    """The native protocol behind an ASGI ``send``, or None (other servers, or wrapped by middleware)."""
-    owner = getattr(send, "__self__", None)
-    return owner if isinstance(owner, HubwireWebSocketProtocol) else None
+    def closed(self) -> None:
+        """The application closed the connection (after the last flush)."""
+        hook = getattr(self._proto, "app_closed", None)
+        if hook is not None:
+            hook()

@@ -18,7 +18,6 @@ from ..connection import Connection
 from ..dispatcher import ConnectionApplication
 from ..http import Receive, Scope, Send
 from ..protocol.base import TransferFormat
-from .direct import DirectSink, native_protocol
 
 if TYPE_CHECKING:
     from ..server import HubServer
@@ -57,18 +56,11 @@ async def serve_websocket(
     receive: Receive,
     send: Send,
 ) -> None:
-    """Accept the upgrade and run the connection until either side ends it.
-
-    Under hubwire's native uvicorn protocol (and no middleware wrapping
-    ``send``) outbound frames bypass ASGI; see :mod:`hubwire.transports.direct`.
-    """
+    """Accept the upgrade and run the connection until either side ends it (ASGI serving mode)."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    native = native_protocol(send)
-    if native is not None:
-        conn.outbox.sink = DirectSink(native, conn)
     await endpoint.on_connect(conn)
     client_closed = asyncio.Event()
     error: BaseException | None = None
