@@ -60,13 +60,18 @@ async def post(
 
 
 async def poll_records(
-    client: httpx.AsyncClient, path: str, token: str, want: int = 1, timeout: float = 5.0
+    client: httpx.AsyncClient,
+    path: str,
+    token: str,
+    want: int = 1,
+    timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Poll until ``want`` records arrived (bounded by ``timeout``), returning all of them."""
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        response = await poll(client, path, token)
+        response = await poll(client, path, token, headers)
         assert response.status_code == 200, (response.status_code, response.text)
         got += records(response.content)
         if len(got) >= want:
@@ -82,7 +87,7 @@ async def start_long_polling(
     first = await poll(client, path, token, headers)
     assert first.status_code == 200 and first.content == b""
     assert (await post(client, path, token, JSON_HANDSHAKE, headers)).status_code == 200
-    assert await poll_records(client, path, token) == [{}]
+    assert await poll_records(client, path, token, headers=headers) == [{}]
     return connection_id, token
 
 
