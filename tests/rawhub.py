@@ -79,6 +79,8 @@ class RawHub:
         self.skipped_pings = 0
         self._buffer = bytearray()
         self._records: deque[bytes] = deque()
+        #: messages that arrived while invoke() waited for its Completion, returned by next_message first
+        self._stash: deque[Any] = deque()
         self._ids = itertools.count(1)
 
     # -- opening ------------------------------------------------------------------------------
@@ -143,6 +145,8 @@ class RawHub:
         return int(message[0] if isinstance(message, list) else message["type"])
 
     async def next_message(self, timeout: float = WAIT, skip_pings: bool = True) -> Any:
+        if self._stash:
+            return self._stash.popleft()
         while True:
             message = self.decode(await self.next_record(timeout))
             if skip_pings and self.kind(message) == 6:
@@ -191,13 +195,20 @@ class RawHub:
         """Invoke and return the Completion message (other messages are skipped)."""
         invocation_id = str(next(self._ids))
         await self.send(self.invocation(target, list(args), invocation_id))
-        while True:
-            message = await self.next_message(timeout)
-            if self.kind(message) != 3:
-                continue
-            got = message[2] if self.binary else message["invocationId"]
-            if got == invocation_id:
-                return message
+        skipped: list[Any] = []
+        try:
+            while True:
+                message = self.decode(await self.next_record(timeout))
+                if self.kind(message) == 6:
+                    self.skipped_pings += 1
+                    continue
+                if self.kind(message) == 3:
+                    got = message[2] if self.binary else message["invocationId"]
+                    if got == invocation_id:
+                        return message
+                skipped.append(message)
+        finally:
+            self._stash.extend(skipped)
 
     async def invoke(self, target: str, *args: Any, timeout: float = WAIT) -> Any:
         """Invoke and return the result (assert it did not fail)."""
