@@ -1,0 +1,1121 @@
+#!/usr/bin/env python3
+"""hubwire bench runner: fan-out over a Redis backplane, hubwire against reference servers.
+
+    .venv/bin/python bench/run.py                       # 1k and 5k clients, every server and phase
+    .venv/bin/python bench/run.py --clients 200 --duration 3 --big-conns 2000    # a smoke run
+
+Starts its own redis-server (free loopback port, never 6379), then for each server two instances
+sharing that Redis, and load-generator worker processes (bench/loadgen.py); runs the phases; prints
+one markdown table. Every process it starts is stopped on exit (also on Ctrl+C / SIGTERM); every wait
+is bounded. See bench/README.md for what each phase measures and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+if __name__ == "__main__" and VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+    os.execv(str(VENV_PY), [str(VENV_PY), *sys.argv])  # the project's venv has the servers' packages
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+SIGNALR_PATH = "/hub"
+SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    kind: str  # the load generator's dialect: signalr | sio
+    path: str
+    argv: tuple[str, ...]  # before --port/--redis/--prefix
+
+
+SERVERS: dict[str, ServerSpec] = {
+    s.name: s
+    for s in (
+        ServerSpec("hubwire", "signalr", SIGNALR_PATH, (PY, "-m", "bench.servers.hubwire_app")),
+        ServerSpec("socketio-py", "sio", SIO_PATH, (PY, "-m", "bench.servers.socketio_py_app")),
+        ServerSpec("socketio-node", "sio", SIO_PATH, ("node", "bench/node/socketio_server.js")),
+        ServerSpec("picows", "signalr", SIGNALR_PATH, (PY, "-m", "bench.servers.picows_server")),
+    )
+}
+PHASES = ("idle", "fanout", "group", "latency", "ingest", "big")
+#: phases that run for hubwire only
+HUBWIRE_ONLY = ("ingest", "big")
+HUB_NAME = "BenchHub"
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+def _child_setup() -> None:
+    """In every child: its own session (Ctrl+C reaches only the runner), SIGTERM when the runner
+    dies (even by SIGKILL), and the fd limit raised."""
+    os.setsid()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def nofile_hard() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1 << 20 if hard == resource.RLIM_INFINITY else hard
+
+
+class Processes:
+    """Every process the runner starts; ``stop_all`` ends them (TERM, then KILL), by pid."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the child
+        kwargs.setdefault("stdout", log)
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, cwd=ROOT, stderr=log, preexec_fn=_child_setup, close_fds=True, **kwargs)
+        log.close()
+        self.running.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 8.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+        self.running = [(n, p) for n, p in self.running if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.running)):
+            self.stop(proc)
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def free_port() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != 6379:
+            return port
+    raise RuntimeError("no free port")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads), from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return total / CLK_TCK
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+class Redis:
+    def __init__(self, procs: Processes, workdir: Path) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server not found (bench/setup.sh installs it with apt-get)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = procs.start(
+            "redis",
+            [
+                exe,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(workdir),
+                "--protected-mode", "yes",
+                # never cut a slow subscriber off (the ingest phase backs up on purpose)
+                "--client-output-buffer-limit", "pubsub 0 0 0",
+                "--maxclients", "1000",
+            ],
+        )  # fmt: skip
+        wait_port(self.port, self.proc)
+
+    def command(self, *parts: str | bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(resp(*parts))
+            return s.recv(65536)
+
+
+def resp(*parts: str | bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+@dataclass
+class Instance:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def start_instances(
+    procs: Processes, spec: ServerSpec, redis: Redis, prefix: str, count: int = 2
+) -> list[Instance]:
+    out = []
+    for i in range(count):
+        port = free_port()
+        argv = [*spec.argv, "--port", str(port), "--redis", redis.url, "--prefix", prefix]
+        proc = procs.start(f"{spec.name}-{i}", argv)
+        out.append(Instance(port, proc))
+    for inst in out:
+        try:
+            wait_port(inst.port, inst.proc)
+        except RuntimeError as exc:
+            tail = procs.log_tail(f"{spec.name}-{out.index(inst)}")
+            raise RuntimeError(f"{spec.name}: {exc}\n{tail}") from None
+    return out
+
+
+# -- load generator workers -------------------------------------------------------------------------
+
+
+class LoadGen:
+    """``count`` bench/loadgen.py processes, one JSON command / answer per line each."""
+
+    def __init__(self, procs: Processes, count: int, tag: str = "loadgen") -> None:
+        self.procs = procs
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.buffers: list[bytes] = []
+        for i in range(count):
+            proc = procs.start(
+                f"{tag}-{i}",
+                [PY, "-m", "bench.loadgen", str(i)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            self.workers.append(proc)
+            self.buffers.append(b"")
+        hello = self._read([True] * count, 30.0)
+        self.pids = [h["pid"] for h in hello]
+        self.nofile = min(h["nofile"] for h in hello)
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def close(self) -> None:
+        for proc in self.workers:
+            with contextlib.suppress(Exception):
+                assert proc.stdin is not None
+                proc.stdin.write(b'{"cmd":"quit"}\n')
+                proc.stdin.flush()
+        for proc in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            self.procs.stop(proc)
+
+    def call(self, cmds: list[dict[str, Any] | None], timeout: float) -> list[dict[str, Any]]:
+        """Send worker i ``cmds[i]`` (None: nothing) and wait for each answer; raise on error."""
+        for proc, cmd in zip(self.workers, cmds, strict=True):
+            if cmd is not None:
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+                proc.stdin.flush()
+        answers = self._read([c is not None for c in cmds], timeout)
+        for a in answers:
+            if a and "error" in a and a["error"]:
+                raise RuntimeError(f"load generator: {a['error']}")
+        return answers
+
+    def all(self, cmd: dict[str, Any], timeout: float = 60.0) -> list[dict[str, Any]]:
+        return self.call([cmd] * len(self.workers), timeout)
+
+    def first(self, cmd: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        return self.call([cmd] + [None] * (len(self.workers) - 1), timeout)[0]
+
+    def _read(self, wanted: list[bool], timeout: float) -> list[dict[str, Any]]:
+        answers: list[dict[str, Any]] = [{} for _ in wanted]
+        pending = {i for i, w in enumerate(wanted) if w}
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            for i in pending:
+                stdout = self.workers[i].stdout
+                assert stdout is not None
+                sel.register(stdout, selectors.EVENT_READ, i)
+            while pending:
+                # an answer already buffered
+                for i in list(pending):
+                    if b"\n" in self.buffers[i]:
+                        line, self.buffers[i] = self.buffers[i].split(b"\n", 1)
+                        answers[i] = json.loads(line)
+                        pending.discard(i)
+                        sel.unregister(self.workers[i].stdout)  # type: ignore[arg-type]
+                if not pending:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"load generator worker(s) {sorted(pending)} did not answer in {timeout:g}s"
+                    )
+                for key, _ in sel.select(min(left, 1.0)):
+                    i = key.data
+                    chunk = os.read(key.fd, 1 << 20)
+                    if not chunk:
+                        raise RuntimeError(
+                            f"load generator worker {i} died:\n{self.procs.log_tail(f'loadgen-{i}')}"
+                        )
+                    self.buffers[i] += chunk
+        return answers
+
+
+def split(count: int, parts: int) -> list[tuple[int, int]]:
+    """(first, count) of each part: contiguous global client indices."""
+    base, extra = divmod(count, parts)
+    out, first = [], 0
+    for i in range(parts):
+        n = base + (1 if i < extra else 0)
+        out.append((first, n))
+        first += n
+    return out
+
+
+def connect(
+    lg: LoadGen,
+    spec: ServerSpec,
+    instances: list[Instance],
+    count: int,
+    *,
+    user: bool = False,
+    concurrency: int = 200,
+    timeout: float = 180.0,
+) -> dict[str, Any]:
+    targets = [["127.0.0.1", inst.port, spec.path] for inst in instances]
+    cmds: list[dict[str, Any] | None] = [
+        {
+            "cmd": "connect",
+            "kind": spec.kind,
+            "targets": targets,
+            "first": first,
+            "count": n,
+            "user": user,
+            "concurrency": max(1, concurrency // len(lg)),
+        }
+        for first, n in split(count, len(lg))
+    ]
+    t0 = time.monotonic()
+    answers = lg.call(cmds, timeout)
+    seconds = time.monotonic() - t0
+    ok = sum(a["ok"] for a in answers)
+    errors = [e for a in answers for e in a["errors"]]
+    return {"ok": ok, "failed": sum(a["failed"] for a in answers), "seconds": seconds, "errors": errors[:5]}
+
+
+# -- broadcast phases -------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    sent: int = 0
+    members: int = 0
+    distinct: int = 0
+    lost: int = 0
+    dups: int = 0
+    unexpected: int = 0
+    stale: int = 0
+    lost_connections: int = 0
+    cpu_s: float = 0.0
+    seconds: float = 0.0
+    rate: float = 0.0  # deliveries/s
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    stalls: int = 0
+    loadgen_cpu_s: float = 0.0
+    redis_cpu_s: float = 0.0
+
+    @property
+    def us_per_delivery(self) -> float | None:
+        return self.cpu_s * 1e6 / self.distinct if self.distinct else None
+
+
+def merged_quantile(parts: list[tuple[list[int], int]], q: float) -> float | None:
+    items: list[tuple[int, float]] = []
+    for points, count in parts:
+        if points:
+            w = count / len(points)
+            items.extend((v, w) for v in points)
+    if not items:
+        return None
+    items.sort()
+    total = sum(w for _, w in items)
+    acc = 0.0
+    for v, w in items:
+        acc += w
+        if acc >= q * total:
+            return v / 1e6
+    return items[-1][0] / 1e6
+
+
+class PhaseIds:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def next(self) -> int:
+        self.n = (self.n + 1) % 1000
+        return self.n
+
+
+def broadcasts(
+    lg: LoadGen,
+    pids: list[int],
+    phase: int,
+    *,
+    duration: float,
+    window: int | None = None,
+    rate: float | None = None,
+    count: int | None = None,
+    group: str | None = None,
+    rule: dict[str, Any] | None = None,
+    drain_timeout: float = 15.0,
+    senders: int = 8,
+    redis_pid: int | None = None,
+) -> Result:
+    """One measured run of broadcasts: begin on every worker, send from worker 0, end everywhere."""
+    begins = lg.all({"cmd": "begin", "phase": phase, "rule": rule, "group": group})
+    members = sum(b["members"] for b in begins)
+    send_cmd = {
+        "cmd": "send",
+        "duration": duration,
+        "window": window,
+        "rate": rate,
+        "count": count,
+        "target": "GroupBroadcast" if group else "Broadcast",
+        "group": group,
+        "senders": senders,
+    }
+    others = [lg.pids, [redis_pid] if redis_pid else []]
+    cpu0, others0 = cpu_seconds(pids), [cpu_seconds(p) for p in others]
+    t0 = time.monotonic()
+    sent = lg.first(send_cmd, duration + 60)
+    ends = lg.all({"cmd": "end", "sent": sent["sent"], "drain_timeout": drain_timeout}, drain_timeout + 60)
+    cpu1, others1 = cpu_seconds(pids), [cpu_seconds(p) for p in others]
+    seconds = time.monotonic() - t0
+    r = Result(
+        sent=sent["sent"],
+        members=members,
+        distinct=sum(e["distinct"] for e in ends),
+        lost=sum(e["lost"] for e in ends),
+        dups=sum(e["dups"] for e in ends),
+        unexpected=sum(e["unexpected"] for e in ends),
+        stale=sum(e["stale"] for e in ends),
+        lost_connections=sum(e["lost_connections"] for e in ends),
+        cpu_s=cpu1 - cpu0,
+        seconds=seconds,
+        stalls=sent.get("stalls", 0),
+        loadgen_cpu_s=others1[0] - others0[0],
+        redis_cpu_s=others1[1] - others0[1],
+    )
+    firsts = [e["first_ns"] for e in ends if e["first_ns"]]
+    lasts = [e["last_ns"] for e in ends if e["last_ns"]]
+    span = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0.0
+    r.rate = r.distinct / span if span > 0 else 0.0
+    parts = [(e["latency_points"], e["latency_count"]) for e in ends]
+    r.p50_ms = merged_quantile(parts, 0.50)
+    r.p99_ms = merged_quantile(parts, 0.99)
+    return r
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerReport:
+    name: str
+    fanout: dict[int, Result] = field(default_factory=dict)
+    group: dict[int, Result] = field(default_factory=dict)
+    latency: dict[int, Result] = field(default_factory=dict)
+    idle_kb: float | None = None
+    idle_n: int = 0
+    connect_rate: dict[int, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    ingest: dict[str, Any] | None = None
+    big: dict[str, Any] | None = None
+
+    def results(self) -> list[Result]:
+        return [*self.fanout.values(), *self.group.values(), *self.latency.values()]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, procs: Processes, redis: Redis, workdir: Path) -> None:
+        self.args = args
+        self.procs = procs
+        self.redis = redis
+        self.workdir = workdir
+        self.ids = PhaseIds()
+        self.lg = LoadGen(procs, args.loadgens)
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def run_server(self, name: str) -> ServerReport:
+        spec = SERVERS[name]
+        report = ServerReport(name)
+        args = self.args
+        prefix = f"bench-{name}:"
+        self.log(f"{name}: starting 2 instances")
+        instances = start_instances(self.procs, spec, self.redis, prefix)
+        pids = [i.pid for i in instances]
+        try:
+            self.warmup(spec, instances)
+            if "idle" in args.phases:
+                self.idle(spec, instances, report)
+            for n in args.clients:
+                self.round(spec, instances, n, report)
+            if name == "hubwire" and "ingest" in args.phases:
+                report.ingest = self.ingest(spec, instances, prefix)
+            if name == "hubwire" and "big" in args.phases:
+                report.big = self.big(spec, instances)
+        except Exception as exc:
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+            self.log(f"{name}: FAILED: {exc}")
+            with contextlib.suppress(Exception):
+                self.lg.all({"cmd": "close"}, 30)
+        finally:
+            for i, inst in enumerate(instances):
+                if inst.proc.poll() is not None:
+                    report.errors.append(f"instance {i} (pid {inst.pid}) exited with {inst.proc.returncode}")
+                self.procs.stop(inst.proc)
+        del pids
+        return report
+
+    def warmup(self, spec: ServerSpec, instances: list[Instance]) -> None:
+        """Until one broadcast reaches a few clients on both instances (subscriptions are up), then
+        a short unmeasured fan-out (imports, JIT, allocator pools)."""
+        n = max(4, min(200, min(self.args.clients)))
+        c = connect(self.lg, spec, instances, n)
+        if c["ok"] != n:
+            raise RuntimeError(f"warm-up: {c['failed']} of {n} connections failed: {c['errors']}")
+        pids = [i.pid for i in instances]
+        for _attempt in range(20):
+            r = broadcasts(self.lg, pids, self.ids.next(), duration=5, count=1, window=1, drain_timeout=1.5)
+            if r.sent == 1 and r.lost == 0:
+                break
+        else:
+            raise RuntimeError("warm-up: a broadcast never reached every client")
+        broadcasts(
+            self.lg, pids, self.ids.next(), duration=min(2.0, self.args.duration), window=self.args.window
+        )
+        self.lg.all({"cmd": "close"}, 30)
+        time.sleep(0.5)
+
+    def idle(self, spec: ServerSpec, instances: list[Instance], report: ServerReport) -> None:
+        n = max(self.args.clients)
+        pids = [i.pid for i in instances]
+        before = rss_kb(pids)
+        c = connect(self.lg, spec, instances, n)
+        time.sleep(self.args.settle)
+        after = rss_kb(pids)
+        report.idle_n = c["ok"]
+        report.idle_kb = (after - before) / c["ok"] if c["ok"] else None
+        self.log(
+            f"{spec.name}: idle {c['ok']} connections ({c['failed']} failed): "
+            f"RSS +{after - before} KB = {report.idle_kb or 0:.1f} KB/connection"
+        )
+        if c["failed"]:
+            report.errors.append(f"idle: {c['failed']} connections failed: {c['errors']}")
+        self.lg.all({"cmd": "close"}, 60)
+        time.sleep(1.0)
+
+    def round(self, spec: ServerSpec, instances: list[Instance], n: int, report: ServerReport) -> None:
+        args = self.args
+        pids = [i.pid for i in instances]
+        c = connect(self.lg, spec, instances, n)
+        report.connect_rate[n] = c["ok"] / c["seconds"] if c["seconds"] else 0.0
+        self.log(f"{spec.name}: {c['ok']} clients connected in {c['seconds']:.2f}s ({c['failed']} failed)")
+        if c["failed"]:
+            report.errors.append(f"{n} clients: {c['failed']} connections failed: {c['errors']}")
+        try:
+            if "fanout" in args.phases:
+                r = broadcasts(
+                    self.lg, pids, self.ids.next(), duration=args.duration, window=args.window,
+                    redis_pid=self.redis.proc.pid,
+                )  # fmt: skip
+                report.fanout[n] = r
+                self.log_result(spec.name, f"fanout {n}", r)
+            if "group" in args.phases:
+                rule = {"kind": "half", "name": "g"}
+                j = self.lg.all({"cmd": "join", "rule": rule}, 120)
+                failed = sum(a["failed"] for a in j)
+                if failed:
+                    report.errors.append(f"group {n}: {failed} joins failed: {j[0]['errors']}")
+                r = broadcasts(
+                    self.lg, pids, self.ids.next(), duration=args.duration, window=args.window,
+                    group="g", rule=rule, redis_pid=self.redis.proc.pid,
+                )  # fmt: skip
+                report.group[n] = r
+                self.log_result(spec.name, f"group {n}", r)
+            if "latency" in args.phases:
+                per_s = args.latency_rate / n
+                r = broadcasts(
+                    self.lg, pids, self.ids.next(), duration=args.latency_duration, rate=per_s,
+                    drain_timeout=15.0, redis_pid=self.redis.proc.pid,
+                )  # fmt: skip
+                report.latency[n] = r
+                self.log_result(spec.name, f"latency {n} @{args.latency_rate:g}/s", r)
+        finally:
+            self.lg.all({"cmd": "close"}, 60)
+            time.sleep(1.0)
+
+    def log_result(self, name: str, what: str, r: Result) -> None:
+        us = r.us_per_delivery
+        self.log(
+            f"{name}: {what}: {r.sent} sent, {r.distinct} delivered ({r.rate:,.0f}/s), "
+            f"CPU {r.cpu_s:.2f}s = {us or 0:.2f} µs/delivery, p50 {r.p50_ms or 0:.1f} ms, "
+            f"p99 {r.p99_ms or 0:.1f} ms, lost {r.lost}, dup {r.dups}, unexpected {r.unexpected}"
+            + (f", stalls {r.stalls}" if r.stalls else "")
+            + (f", lost connections {r.lost_connections}" if r.lost_connections else "")
+        )
+
+    # -- hubwire only --------------------------------------------------------------------------------
+
+    def ingest(self, spec: ServerSpec, instances: list[Instance], prefix: str) -> dict[str, Any]:
+        """Targeted envelopes published straight into Redis, consumed by ONE instance."""
+        from hubwire.protocol.backplane import BackplaneChannels, RedisInvocation, encode_invocation
+        from hubwire.protocol.json_protocol import JsonHubProtocol
+        from hubwire.protocol.messagepack_protocol import MessagePackHubProtocol
+        from hubwire.protocol.messages import InvocationMessage
+
+        args = self.args
+        inst = instances[0]
+        m = args.ingest_clients
+        groups = max(1, m // args.ingest_group_size)
+        c = connect(self.lg, spec, [inst], m, user=True)
+        if c["failed"]:
+            raise RuntimeError(f"ingest: {c['failed']} connections failed: {c['errors']}")
+        rule = {"kind": "mod", "name": "s", "modulus": groups}
+        self.lg.all({"cmd": "join", "rule": rule}, 120)
+        ids: dict[int, str] = {}
+        for a in self.lg.all({"cmd": "ids"}, 120):
+            ids.update({int(k): v for k, v in a["ids"].items()})
+        self.lg.all({"cmd": "drain", "on": True})
+        try:
+            message = InvocationMessage("broadcast", ["i" * 200])
+            sers = {p.name: p.write_message(message) for p in (JsonHubProtocol(), MessagePackHubProtocol())}
+            envelope = encode_invocation(RedisInvocation(sers, []))
+            ch = BackplaneChannels(prefix, HUB_NAME)
+            sizes = [0] * groups
+            for i in range(m):
+                sizes[i % groups] += 1
+            commands: list[tuple[bytes, int]] = []  # (RESP command, deliveries it makes)
+            for i in range(m):
+                commands.append((resp("PUBLISH", ch.connection(ids[i]), envelope), 1))
+                commands.append((resp("PUBLISH", ch.user(f"u{i}"), envelope), 1))
+                commands.append((resp("PUBLISH", ch.group(f"s{i % groups}"), envelope), sizes[i % groups]))
+            batch = 1000
+            while len(commands) < batch:
+                commands = commands * 2
+            starts = range(0, len(commands) - batch + 1, batch)
+            chunks = [b"".join(c for c, _ in commands[k : k + batch]) for k in starts]
+            chunk_records = [sum(n for _, n in commands[k : k + batch]) for k in starts]
+
+            received0 = health(inst.port)["received"]
+            drained0 = sum(a["drained_records"] for a in self.lg.all({"cmd": "counters"}))
+            cpu0 = cpu_seconds([inst.pid])
+            t0 = time.monotonic()
+            published = publish_for(self.redis.port, chunks, batch, args.ingest_seconds, args.ingest_max)
+            t_pub = time.monotonic() - t0
+            # wait (bounded) for the instance to have read everything
+            deadline = time.monotonic() + 120
+            received = 0
+            while time.monotonic() < deadline:
+                received = health(inst.port)["received"] - received0
+                if received >= published:
+                    break
+                time.sleep(0.05)
+            t_done = time.monotonic() - t0
+            cpu1 = cpu_seconds([inst.pid])
+            expected = sum(chunk_records[k % len(chunks)] for k in range(published // batch))
+            deadline = time.monotonic() + 30
+            while True:  # the clients may still be reading
+                counters = self.lg.all({"cmd": "counters"})
+                drained = sum(a["drained_records"] for a in counters) - drained0
+                if drained >= expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            result = {
+                "clients": m,
+                "group_size": m // groups,
+                "published": published,
+                "publish_rate": published / t_pub if t_pub else 0.0,
+                "received": received,
+                "consume_rate": received / t_done if t_done else 0.0,
+                "cpu_us_per_message": (cpu1 - cpu0) * 1e6 / received if received else None,
+                "deliveries": drained,
+                "expected_deliveries": expected,
+                "lost_connections": sum(a["lost_connections"] for a in counters),
+            }
+            self.log(
+                f"hubwire: ingest: published {published} in {t_pub:.2f}s ({result['publish_rate']:,.0f}/s), "
+                f"instance read {received} in {t_done:.2f}s = {result['consume_rate']:,.0f}/s, "
+                f"{result['cpu_us_per_message'] or 0:.2f} µs CPU/message, client records {drained} "
+                f"(expected {result['expected_deliveries']})"
+            )
+            return result
+        finally:
+            self.lg.all({"cmd": "close"}, 60)
+            time.sleep(1.0)
+
+    def big(self, spec: ServerSpec, instances: list[Instance]) -> dict[str, Any]:
+        """Many concurrent connections on ONE instance, at the highest rate; one broadcast reaches all."""
+        args = self.args
+        inst = instances[0]
+        limit = nofile_hard() - 64  # the server's fd limit, less its listening/Redis/stdio fds
+        wanted = args.big_conns
+        count = min(wanted, limit)
+        per_worker = max(1, self.lg.nofile - 256)
+        workers = max(1, math.ceil(count / per_worker))
+        lg = LoadGen(self.procs, workers, tag="bigload") if workers > 1 else self.lg
+        try:
+            rss0 = rss_kb([inst.pid])
+            c = connect(lg, spec, [inst], count, concurrency=args.big_concurrency, timeout=300)
+            rate = c["ok"] / c["seconds"] if c["seconds"] else 0.0
+            self.log(
+                f"hubwire: big: {c['ok']}/{count} connections in {c['seconds']:.2f}s = {rate:,.0f}/s "
+                f"({c['failed']} failed{': ' + str(c['errors']) if c['errors'] else ''})"
+            )
+            time.sleep(1.0)
+            rss1 = rss_kb([inst.pid])
+            r = broadcasts(
+                lg, [inst.pid], self.ids.next(), duration=60, count=args.big_broadcasts, window=1,
+                drain_timeout=60, senders=2,
+            )  # fmt: skip
+            self.log_result("hubwire", f"big ({c['ok']} clients)", r)
+            return {
+                "wanted": wanted,
+                "attempted": count,
+                "connected": c["ok"],
+                "failed": c["failed"],
+                "seconds": c["seconds"],
+                "rate": rate,
+                "rss_kb_per_conn": (rss1 - rss0) / c["ok"] if c["ok"] else None,
+                "broadcasts": r.sent,
+                "delivered": r.distinct,
+                "lost": r.lost,
+                "dups": r.dups + r.unexpected,
+                "lost_connections": r.lost_connections,
+                "fd_limit": limit + 64,
+                "loadgen_workers": workers,
+            }
+        finally:
+            with contextlib.suppress(Exception):
+                lg.all({"cmd": "close"}, 120)
+            if lg is not self.lg:
+                lg.close()
+            time.sleep(1.0)
+
+
+def health(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp_:
+        return json.loads(resp_.read())  # type: ignore[no-any-return]
+
+
+def publish_for(port: int, chunks: list[bytes], batch: int, seconds: float, max_messages: int) -> int:
+    """Pipelined PUBLISHes (pre-encoded RESP), two batches in flight, for ``seconds``; returns the count."""
+    published = 0
+    replies_due = 0
+    pending = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        deadline = time.monotonic() + seconds
+        k = 0
+        while time.monotonic() < deadline and published < max_messages:
+            s.sendall(chunks[k % len(chunks)])
+            k += 1
+            published += batch
+            replies_due += batch
+            while replies_due > batch:  # keep at most two batches unanswered
+                data = s.recv(1 << 20)
+                if not data:
+                    raise RuntimeError("redis closed the publisher connection")
+                data = pending + data
+                lines = data.count(b"\r\n")
+                cut = data.rfind(b"\r\n") + 2
+                pending = data[cut:]
+                replies_due -= lines
+        while replies_due > 0:
+            data = s.recv(1 << 20)
+            if not data:
+                raise RuntimeError("redis closed the publisher connection")
+            data = pending + data
+            replies_due -= data.count(b"\r\n")
+            pending = data[data.rfind(b"\r\n") + 2 :]
+    return published
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def table(reports: list[ServerReport], args: argparse.Namespace) -> str:
+    ns = args.clients
+    k = {n: (f"{n // 1000}k" if n % 1000 == 0 else str(n)) for n in ns}
+    by_name = {r.name: r for r in reports}
+    node = by_name.get("socketio-node")
+    floor = by_name.get("picows")
+
+    def metrics(r: ServerReport) -> list[float | None]:
+        return (
+            [r.fanout[n].us_per_delivery if n in r.fanout else None for n in ns]
+            + [r.group[n].us_per_delivery if n in r.group else None for n in ns]
+            + [r.latency[n].p99_ms if n in r.latency else None for n in ns]
+        )
+
+    head = (
+        ["server"]
+        + [f"CPU µs/delivery {k[n]}" for n in ns]
+        + [f"group {k[n]}" for n in ns]
+        + [f"p99 ms @{args.latency_rate / 1000:g}k/s {k[n]}" for n in ns]
+        + ["RSS KB/idle conn", "deliveries/s " + "/".join(k[n] for n in ns), "lost", "dup"]
+        + ["÷ socketio-node (CPU " + ", ".join(k[n] for n in ns) + "; group; p99)", "÷ picows (CPU; group)"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        vals = metrics(r)
+        digits = [2] * (2 * len(ns)) + [1] * len(ns)
+        lost = sum(x.lost for x in r.results())
+        dup = sum(x.dups + x.unexpected for x in r.results())
+        rates = "/".join(f"{r.fanout[n].rate / 1000:.0f}k" if n in r.fanout else "-" for n in ns)
+        vs_node = " · ".join(
+            ratio(a, b) for a, b in zip(vals, metrics(node) if node else [None] * len(vals), strict=True)
+        )
+        cpu_vals = vals[: 2 * len(ns)]
+        vs_floor = " · ".join(
+            ratio(a, b)
+            for a, b in zip(
+                cpu_vals, metrics(floor)[: 2 * len(ns)] if floor else [None] * len(cpu_vals), strict=True
+            )
+        )
+        name = r.name + (" ⚠" if r.errors else "")
+        row = (
+            [name]
+            + [fmt(v, d) for v, d in zip(vals, digits, strict=True)]
+            + [fmt(r.idle_kb), rates, str(lost), str(dup), vs_node, vs_floor]
+        )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def details(reports: list[ServerReport]) -> str:
+    head = (
+        "| server | phase | clients | broadcasts | deliveries | deliveries/s | server CPU s | µs/delivery "
+        "| p50 ms | p99 ms | lost | dup | unexpected | wall s | loadgen CPU s | redis CPU s |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for rep in reports:
+        for phase, results in (("fanout", rep.fanout), ("group", rep.group), ("latency", rep.latency)):
+            for n, r in results.items():
+                lines.append(
+                    f"| {rep.name} | {phase} | {n} | {r.sent} | {r.distinct} | {r.rate:,.0f} "
+                    f"| {r.cpu_s:.2f} | {fmt(r.us_per_delivery, 2)} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} "
+                    f"| {r.lost} | {r.dups} | {r.unexpected} | {r.seconds:.1f} | {r.loadgen_cpu_s:.2f} "
+                    f"| {r.redis_cpu_s:.2f} |"
+                )
+    return "\n".join(lines)
+
+
+def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
+    by = {r.name: r for r in reports}
+    hw, node, floor = by.get("hubwire"), by.get("socketio-node"), by.get("picows")
+    out: list[str] = []
+    if hw is None:
+        return out
+
+    def check(label: str, ok: bool | None, detail: str) -> None:
+        mark = "-" if ok is None else ("PASS" if ok else "FAIL")
+        out.append(f"- {mark} {label}: {detail}")
+
+    for n in args.clients:
+        for what, get in (
+            ("fan-out", lambda r, n=n: r.fanout.get(n)),
+            ("group", lambda r, n=n: r.group.get(n)),
+        ):
+            h = get(hw)
+            hv = h.us_per_delivery if h else None
+            nv = get(node).us_per_delivery if node and get(node) else None  # type: ignore[union-attr]
+            fv = get(floor).us_per_delivery if floor and get(floor) else None  # type: ignore[union-attr]
+            if hv is not None and nv is not None:
+                check(
+                    f"{what} CPU {n} ≤ socket.io-node", hv <= nv, f"{hv:.2f} vs {nv:.2f} µs ({hv / nv:.2f}x)"
+                )
+            if hv is not None and fv is not None:
+                check(
+                    f"{what} CPU {n} ≤ 1.3x picows",
+                    hv <= 1.3 * fv,
+                    f"{hv:.2f} vs {fv:.2f} µs ({hv / fv:.2f}x)",
+                )
+        h = hw.latency.get(n)
+        nl = node.latency.get(n) if node else None
+        if h and nl and h.p99_ms is not None and nl.p99_ms is not None:
+            check(
+                f"p99 @{args.latency_rate:g}/s {n} ≤ socket.io-node",
+                h.p99_ms <= nl.p99_ms,
+                f"{h.p99_ms:.1f} vs {nl.p99_ms:.1f} ms",
+            )
+    if hw.idle_kb is not None:
+        check(
+            "RSS per idle connection ≤ 16 KB",
+            hw.idle_kb <= 16,
+            f"{hw.idle_kb:.1f} KB ({hw.idle_n} connections)",
+        )
+    lost = sum(r.lost for r in hw.results())
+    dup = sum(r.dups + r.unexpected for r in hw.results())
+    check("nothing lost or duplicated (hubwire)", lost == 0 and dup == 0, f"lost {lost}, dup {dup}")
+    if hw.ingest:
+        g = hw.ingest
+        check(
+            "backplane ingest ≥ 100k messages/s",
+            g["consume_rate"] >= 100_000,
+            f"{g['consume_rate']:,.0f}/s (published at {g['publish_rate']:,.0f}/s)",
+        )
+    if hw.ingest:
+        g = hw.ingest
+        check(
+            "ingest: every targeted message delivered once",
+            g["deliveries"] == g["expected_deliveries"] and g["lost_connections"] == 0,
+            f"{g['deliveries']:,} of {g['expected_deliveries']:,} client deliveries",
+        )
+    if hw.big:
+        b = hw.big
+        check(
+            f"{b['wanted']:,} connections on one instance",
+            b["connected"] >= b["wanted"] and b["failed"] == 0,
+            f"{b['connected']:,} connected"
+            + (
+                f" (capped at {b['attempted']:,}: fd limit {b['fd_limit']:,})"
+                if b["attempted"] < b["wanted"]
+                else ""
+            ),
+        )
+        check("connection rate ≥ 2,000/s", b["rate"] >= 2000, f"{b['rate']:,.0f}/s")
+        check(
+            "a broadcast reaches every connection",
+            b["lost"] == 0 and b["dups"] == 0 and b["lost_connections"] == 0 and b["delivered"] > 0,
+            f"{b['delivered']:,} deliveries of {b['broadcasts']} broadcasts, "
+            f"lost {b['lost']}, dup {b['dups']}",
+        )
+    return out
+
+
+def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: float) -> str:
+    parts = [
+        f"## hubwire bench — {', '.join(map(str, args.clients))} clients, {args.duration:g}s phases, "
+        f"window {args.window}, {args.loadgens} load generator(s), {os.cpu_count()} cores, {elapsed:.0f}s",
+        "",
+        "CPU = user+sys of both server processes per delivery (fan-out to all, and to a group of half "
+        "the clients); p99 = delivery latency at a fixed "
+        f"{args.latency_rate:,.0f} deliveries/s; RSS = growth of both processes per idle WebSocket. "
+        "Ratio columns: each value ÷ the same value of socket.io-node / picows, in the columns' order "
+        "(below 1 is better).",
+        "",
+        table(reports, args),
+        "",
+    ]
+    hw = next((r for r in reports if r.name == "hubwire"), None)
+    if hw and hw.ingest:
+        g = hw.ingest
+        parts.append(
+            f"**Backplane ingest (hubwire, one instance):** {g['consume_rate']:,.0f} messages/s consumed "
+            f"({g['published']:,} targeted envelopes published at {g['publish_rate']:,.0f}/s to "
+            f":connection / :user / :group of {g['group_size']} over {g['clients']} connections; "
+            f"{fmt(g['cpu_us_per_message'], 2)} µs CPU/message; client records {g['deliveries']:,} "
+            f"of {g['expected_deliveries']:,} expected)"
+        )
+        parts.append("")
+    if hw and hw.big:
+        b = hw.big
+        capped = (
+            f" (capped from {b['wanted']:,} by the fd limit {b['fd_limit']:,})"
+            if b["attempted"] < b["wanted"]
+            else ""
+        )
+        parts.append(
+            f"**Concurrent connections (hubwire, one instance):** {b['connected']:,} of {b['attempted']:,}"
+            f"{capped} connected in {b['seconds']:.2f}s = {b['rate']:,.0f} connections/s, "
+            f"{b['failed']} failed, "
+            f"{fmt(b['rss_kb_per_conn'])} KB RSS/connection; {b['broadcasts']} broadcast(s): "
+            f"{b['delivered']:,} deliveries, lost {b['lost']}, dup {b['dups']}, "
+            f"connections dropped {b['lost_connections']}"
+        )
+        parts.append("")
+    checks = targets(reports, args)
+    if checks:
+        parts += ["**Targets (hubwire):**", *checks, ""]
+    parts += ["<details><summary>per phase</summary>", "", details(reports), "", "</details>", ""]
+    errs = [f"- {r.name}: {e}" for r in reports for e in r.errors]
+    if errs:
+        parts += ["**Errors:**", *errs, ""]
+    return "\n".join(parts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def csv(kind: type) -> Any:
+        return lambda s: [kind(x) for x in s.split(",") if x.strip()]
+
+    p.add_argument("--clients", type=csv(int), default=[1000, 5000], help="client counts (default 1000,5000)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of each fan-out/group phase")
+    p.add_argument("--latency-duration", type=float, default=None, help="seconds of the latency phase")
+    p.add_argument("--latency-rate", type=float, default=10_000, help="deliveries/s of the latency phase")
+    p.add_argument("--servers", type=csv(str), default=list(SERVERS), help=",".join(SERVERS))
+    p.add_argument("--phases", type=csv(str), default=list(PHASES), help=",".join(PHASES))
+    p.add_argument("--window", type=int, default=4, help="broadcasts in flight in fan-out/group phases")
+    p.add_argument("--loadgens", type=int, default=1, help="load generator processes")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds idle connections settle before RSS")
+    p.add_argument("--ingest-clients", type=int, default=1000)
+    p.add_argument("--ingest-group-size", type=int, default=3)
+    p.add_argument("--ingest-seconds", type=float, default=5.0, help="seconds of publishing")
+    p.add_argument("--ingest-max", type=int, default=5_000_000, help="most envelopes published")
+    p.add_argument("--big-conns", type=int, default=20_000, help="connections of the big phase")
+    p.add_argument("--big-concurrency", type=int, default=500, help="handshakes in flight in the big phase")
+    p.add_argument("--big-broadcasts", type=int, default=3)
+    p.add_argument("--output", type=Path, help="also write the markdown report here")
+    p.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.servers if s not in SERVERS] + [x for x in args.phases if x not in PHASES]
+    if unknown:
+        p.error(f"unknown server/phase {unknown}")
+    if args.latency_duration is None:
+        args.latency_duration = args.duration
+    args.clients = sorted(set(args.clients))
+    if not args.clients or min(args.clients) < 4:
+        p.error("--clients: at least 4")
+    return args
+
+
+def check_setup(args: argparse.Namespace) -> None:
+    missing = []
+    for mod, server in (("socketio", "socketio-py"), ("picows", "picows"), ("uvloop", None)):
+        if server is None or server in args.servers:
+            try:
+                __import__(mod)
+            except ImportError:
+                missing.append(mod)
+    if "socketio-node" in args.servers and not (ROOT / "bench/node/node_modules/socket.io").is_dir():
+        missing.append("bench/node/node_modules")
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run bench/setup.sh first")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_setup(args)
+    workdir = Path(tempfile.mkdtemp(prefix="hubwire-bench-"))
+    procs = Processes(workdir)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    reports: list[ServerReport] = []
+    failed = False
+    try:
+        redis = Redis(procs, workdir)
+        bench = Bench(args, procs, redis, workdir)
+        print(f"[bench] logs in {workdir}", file=sys.stderr, flush=True)
+        for name in args.servers:
+            reports.append(bench.run_server(name))
+        bench.lg.close()
+    except KeyboardInterrupt:
+        print("[bench] interrupted", file=sys.stderr)
+        failed = True
+    finally:
+        procs.stop_all()
+    text = report_text(reports, args, time.monotonic() - started)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    lost = sum(x.lost for r in reports for x in r.results())
+    dup = sum(x.dups + x.unexpected for r in reports for x in r.results())
+    if lost or dup:
+        print(f"[bench] deliveries lost: {lost}, duplicated or misdelivered: {dup}", file=sys.stderr)
+    for r in reports:
+        if r.ingest and r.ingest["deliveries"] != r.ingest["expected_deliveries"]:
+            print(f"[bench] {r.name}: ingest deliveries incomplete", file=sys.stderr)
+            failed = True
+        if r.big and (r.big["lost"] or r.big["dups"] or r.big["failed"]):
+            print(f"[bench] {r.name}: big phase lost connections or deliveries", file=sys.stderr)
+            failed = True
+    failed = failed or lost > 0 or dup > 0 or any(r.errors for r in reports)
+    if args.keep_logs or failed:
+        print(f"[bench] logs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

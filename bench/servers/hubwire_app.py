@@ -1,0 +1,102 @@
+"""The bench hub served by hubwire: one instance per command.
+
+    python -m bench.servers.hubwire_app --port P --redis URL --prefix X
+
+is ``hubwire run bench.servers.hubwire_app:app --port P --redis URL --channel-prefix X``
+(uvicorn, uvloop, the Redis backplane). Hub at ``/hub``; ``GET /health`` answers the backplane's
+health JSON (its ``received`` counter is what the ingest phase reads), as tests/apps/scaleout.py does.
+
+Hub methods (what the load generator calls):
+
+- ``Broadcast(payload)``: ``clients.all.send("broadcast", payload)`` (invoked without an invocation id)
+- ``JoinGroup(name)``: adds the caller to the group and completes
+- ``GroupBroadcast(name, payload)``: ``clients.group(name).send("broadcast", payload)``
+- ``ConnectionId()``: the caller's connection id (the ingest phase targets ``:connection:<id>``)
+
+A ``user`` query parameter names the connection's user (``clients.user``), for the ingest phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hubwire import Hub, HubServer, Principal, RequestInfo
+
+HUB_NAME = "BenchHub"
+HUB_PATH = "/hub"
+
+
+class BenchHub(Hub):
+    async def broadcast(self, payload: str) -> None:
+        await self.clients.all.send("broadcast", payload)
+
+    async def join_group(self, name: str) -> None:
+        await self.groups.add(self.context.connection_id, name)
+
+    async def group_broadcast(self, name: str, payload: str) -> None:
+        await self.clients.group(name).send("broadcast", payload)
+
+    async def connection_id(self) -> str:
+        return self.context.connection_id
+
+
+def authenticate(request: RequestInfo) -> Principal | None:
+    user = request.query_param("user")
+    return Principal(user, {"sub": user}) if user else None
+
+
+hubs = HubServer(authenticator=authenticate)
+hubs.add_hub(HUB_PATH, BenchHub, name=HUB_NAME)
+
+
+async def health(request: Request) -> JSONResponse:
+    backplane = hubs.backplane
+    info = backplane.health() if hasattr(backplane, "health") else {"state": "in-memory"}
+    info["pid"] = os.getpid()
+    return JSONResponse(info)
+
+
+hubs.app = Starlette(routes=[Route("/health", health)])
+app = hubs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--redis", required=True, help="Redis URL of the backplane")
+    parser.add_argument("--prefix", default="bench:", help="backplane channel prefix")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    # exec, so the pid the runner measures is the serving process and the app is imported
+    # after the backplane settings are in the environment
+    hubwire = os.path.join(os.path.dirname(sys.executable), "hubwire")
+    os.execv(
+        hubwire,
+        [
+            hubwire,
+            "run",
+            "bench.servers.hubwire_app:app",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--redis",
+            args.redis,
+            "--channel-prefix",
+            args.prefix,
+            "--log-level",
+            args.log_level,
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
