@@ -1,4 +1,4 @@
-"""``hubwire`` command: run an app (``hubwire run module:attr``)."""
+"""``hubwire`` command: run an app (``hubwire run module:attr``) or the demo (``hubwire demo``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["load_app", "main"]
@@ -54,11 +55,33 @@ def _ws_protocol(serving: str) -> Any:
     return NativeWebSocketProtocol
 
 
+def _demo_imports() -> None:
+    """Make the repository's ``examples`` importable when the demo runs from elsewhere (editable install)."""
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "examples" / "blog").is_dir() and str(repo) not in sys.path:
+        sys.path.append(str(repo))
+
+
 def _demo(args: argparse.Namespace) -> None:
+    """The blog demo: one in-memory instance, or ``--instances N`` on Redis behind a round-robin front."""
+    _demo_imports()
+    if args.instances > 1:
+        cluster_main = load_app("examples.blog.cluster:main")
+        argv = ["--instances", str(args.instances), "--host", args.host, "--port", str(args.port)]
+        if args.redis:
+            argv += ["--redis", args.redis]
+        if args.channel_prefix:
+            argv += ["--channel-prefix", args.channel_prefix]
+        cluster_main(argv)
+        return
     import uvicorn
 
+    if args.redis:
+        os.environ["HUBWIRE_REDIS_URL"] = args.redis
+        os.environ["HUBWIRE_CHANNEL_PREFIX"] = args.channel_prefix or "BlogApp:SignalR:"
     app = load_app(args.app)
-    print(f"hubwire demo on http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+    where = "Redis " + args.redis if args.redis else "in memory"
+    print(f"hubwire demo on http://{args.host}:{args.port}  ({where}; Ctrl+C to stop)", flush=True)
     uvicorn.run(
         app,
         host=args.host,
@@ -87,10 +110,17 @@ def main(argv: list[str] | None = None) -> None:
         help="native: WebSocket frames written directly (default); asgi: plain ASGI sends",
     )
     run.set_defaults(func=_run)
-    demo = sub.add_parser("demo", help="serve the demo (in-memory, run from the repository)")
+    demo = sub.add_parser(
+        "demo", help="serve the blog demo (in memory; --instances 3: three instances on Redis behind a front)"
+    )
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--app", default="examples.chat.app:app", help=argparse.SUPPRESS)
+    demo.add_argument(
+        "--instances", type=int, default=1, help="N > 1: N instances sharing Redis behind a round-robin front"
+    )
+    demo.add_argument("--redis", help="Redis URL (default with --instances: a private redis-server)")
+    demo.add_argument("--channel-prefix", help="backplane channel prefix (default BlogApp:SignalR:)")
+    demo.add_argument("--app", default="examples.blog.app:app", help=argparse.SUPPRESS)
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     args.func(args)
