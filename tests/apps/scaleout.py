@@ -69,7 +69,8 @@ class ScaleHub(Hub):
 
     async def ask_client(self, connection_id: str) -> str:
         try:
-            return str(await self.clients.client(connection_id).invoke("Result", timeout=10))
+            timeout = float(os.environ.get("SCALEOUT_ASK_TIMEOUT", "10"))
+            return str(await self.clients.client(connection_id).invoke("Result", timeout=timeout))
         except HubException as exc:
             return f"error: {exc}"
 

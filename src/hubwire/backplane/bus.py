@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,6 +103,8 @@ class RedisBus:
         self._last_drop_log = 0.0
         self._pong: asyncio.Future[None] | None = None
         self._ever_published = False
+        self._reconnect_hooks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._hook_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -151,6 +153,17 @@ class RedisBus:
         for conn in (self._pub, self._sub):
             if conn is not None:
                 conn.close()
+
+    def on_reconnect(self, hook: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``hook`` (in the background) each time the publisher reconnects after losing Redis."""
+        self._reconnect_hooks.append(hook)
+
+    def _run_reconnect_hooks(self) -> None:
+        loop = asyncio.get_running_loop()
+        for hook in self._reconnect_hooks:
+            task = loop.create_task(hook())
+            self._hook_tasks.add(task)
+            task.add_done_callback(self._hook_tasks.discard)
 
     # -- health ------------------------------------------------------------------------------------
 
@@ -294,6 +307,12 @@ class RedisBus:
                 self.stats.stalls_detected += 1
                 log.error("backplane subscriber silent for %.1fs; reconnecting", idle)
                 conn.abort()
+                # Redis is frozen or unreachable, so the publisher's unanswered PUBLISHes would be
+                # answered (if ever) while no subscriber is back: keep them queued and resend them
+                # after the reconnect grace instead of letting them complete into the void
+                pub = self._pub
+                if pub is not None:
+                    pub.abort()
                 return
             if idle >= self.health_interval:
                 with contextlib.suppress(RespError):
@@ -357,6 +376,7 @@ class RedisBus:
                 log.warning(
                     "backplane publisher reconnected; %d buffered messages to flush", len(self._queue)
                 )
+                self._run_reconnect_hooks()
                 # let every instance's subscriber come back before flushing what piled up
                 await self._wait_subscriber(self.flush_grace)
             attempt = 0

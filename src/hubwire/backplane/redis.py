@@ -46,6 +46,7 @@ from ..protocol.backplane import (
 from ..protocol.errors import InvalidDataError
 from ..protocol.messages import CompletionMessage, InvocationMessage
 from .bus import RedisBus
+from .resp import RespError
 
 if TYPE_CHECKING:
     from ..context import HubConnectionContext
@@ -83,18 +84,22 @@ class RedisBackplane:
         self.server_name = f"{socket.gethostname()}_{uuid.uuid4().hex}"
         self.bus = RedisBus(url, buffer_size=buffer_size, name="hubwire", **bus_options)
         self._secret = secret.encode() if isinstance(secret, str) else secret
+        self._stored_key: bytes | None = None
         self._started = 0
         self.managers: dict[str, RedisHubLifetimeManager] = {}
 
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
-        """``HUBWIRE_REDIS_URL`` / ``HUBWIRE_CHANNEL_PREFIX`` / ``HUBWIRE_SECRET``, or None when unset."""
+        """``HUBWIRE_REDIS_URL`` / ``HUBWIRE_CHANNEL_PREFIX`` / ``HUBWIRE_SECRET`` /
+        ``HUBWIRE_BACKPLANE_BUFFER`` (messages) / ``HUBWIRE_ACK_TIMEOUT`` (seconds), or None when unset."""
         url = os.environ.get("HUBWIRE_REDIS_URL")
         if not url:
             return None
         return cls(
             url,
             os.environ.get("HUBWIRE_CHANNEL_PREFIX", ""),
+            buffer_size=int(os.environ.get("HUBWIRE_BACKPLANE_BUFFER") or 10_000),
+            ack_timeout=float(os.environ.get("HUBWIRE_ACK_TIMEOUT") or 30.0),
             secret=os.environ.get("HUBWIRE_SECRET") or None,
         )
 
@@ -113,11 +118,15 @@ class RedisBackplane:
         if self._started == 0:
             await self.bus.close()
 
+    @property
+    def _token_key(self) -> str:
+        return f"{self.channel_prefix}hubwire:internal:token-key"
+
     async def token_secret(self) -> bytes | None:
         """The key that signs connection tokens, shared by every instance of this app."""
         if self._secret:
             return self._secret
-        key = f"{self.channel_prefix}hubwire:internal:token-key"
+        key = self._token_key
         candidate = base64.b64encode(secrets.token_bytes(32))
         try:
             await self.bus.command("SET", key, candidate, "NX")
@@ -127,7 +136,30 @@ class RedisBackplane:
             return None
         if isinstance(value, bytes) and value:
             self._secret = base64.b64decode(value)
+            if self._stored_key is None:
+                self.bus.on_reconnect(self._restore_token_key)
+            self._stored_key = value
         return self._secret
+
+    async def _restore_token_key(self) -> None:
+        """After a reconnect, put the agreed key back if Redis lost it (restart without persistence).
+
+        Otherwise the next instance to start would store a new key, and tokens
+        negotiated on it and on the older instances would be refused by the other side.
+        """
+        key = self._token_key
+        try:
+            await self.bus.command("SET", key, self._stored_key or b"", "NX")
+            value = await self.bus.command("GET", key)
+        except Exception as exc:
+            log.warning("cannot restore the token key in Redis: %s", exc)
+            return
+        if value != self._stored_key:
+            log.error(
+                "the token key in Redis is not this instance's (another instance stored a new one after "
+                "Redis lost it): connections negotiated on one of them will be refused by the other "
+                "until the instances restart"
+            )
 
     def health(self) -> dict[str, Any]:
         return self.bus.health()
@@ -391,6 +423,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
                 self.results.discard(invocation_id)
         invocation_id = base64.b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
         future = self.results.add(invocation_id, connection_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
             serializations = self._serialize(
                 InvocationMessage(method, list(args), invocation_id=invocation_id)
@@ -400,9 +434,19 @@ class RedisHubLifetimeManager(HubLifetimeManager):
                 self.channels.connection(connection_id), encode_invocation(envelope), want_receivers=True
             )
             assert receivers is not None
-            if await receivers == 0:
+            # the timeout covers the publish too: while Redis is down the request waits in the buffer
+            try:
+                count = await asyncio.wait_for(receivers, timeout)
+            except TimeoutError:
+                raise HubException("Client result timed out.") from None
+            except RespError as exc:  # dropped from a full outage buffer
+                raise HubException(
+                    f"Client result request to '{connection_id}' was not sent: {exc}"
+                ) from None
+            if count == 0:
                 raise HubException(f"Connection '{connection_id}' does not exist.")
-            return await await_result(future, timeout)
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            return await await_result(future, remaining)
         finally:
             self.results.discard(invocation_id)
 
