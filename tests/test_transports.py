@@ -8,6 +8,7 @@ clients depend on (and hide) is checked against the digest (signalr-protocol.md 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -497,3 +498,30 @@ async def test_websocket_stream_cancel_in_same_frame(
 
 async def _disconnected(client: httpx.AsyncClient, connection_id: str) -> bool:
     return await disconnects(client, connection_id) > 0
+
+
+# -- process shutdown ------------------------------------------------------------------------------
+
+
+async def test_sigterm_ends_sse_streams_and_polls_promptly(start_server) -> None:  # type: ignore[no-untyped-def]
+    """uvicorn waits for open responses before shutting down; ``hubwire run`` ends ours first."""
+    proc = start_server("examples.interop.app:app")
+    async with httpx.AsyncClient(base_url=proc.url, timeout=10) as c:
+        _, sse_token = await negotiate(c)
+        _, lp_token = await start_long_polling(c)
+        async with c.stream("GET", f"/testhub?id={sse_token}", headers=SSE) as response:
+            reader = SseReader(response)
+            await reader.read_until(b":\r\n")
+            await post(c, "/testhub", sse_token, JSON_HANDSHAKE)
+            await reader.read_event()
+            pending_poll = asyncio.create_task(poll(c, "/testhub", lp_token))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            proc.proc.send_signal(signal.SIGTERM)
+            close = records(event_payload(await reader.read_event()))
+            assert close == [{"type": 7, "allowReconnect": True}]
+            assert await reader.at_end()
+            polled = await asyncio.wait_for(pending_poll, 5)
+            assert records(polled.content) == [{"type": 7, "allowReconnect": True}]
+        await asyncio.to_thread(proc.proc.wait, 10)
+        assert time.monotonic() - started < 3.0

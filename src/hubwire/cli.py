@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> None:
     app = load_app(args.app)
     if callable(app) and getattr(args, "factory", False):
         app = app()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -44,6 +44,29 @@ def _run(args: argparse.Namespace) -> None:
         ws=_ws_protocol(args.serving),
         lifespan="on",
     )
+    _server_class(app)(config).run()
+
+
+def _server_class(app: Any) -> Any:
+    """uvicorn's Server, but ending hubwire's SSE streams and long polls as soon as shutdown starts.
+
+    uvicorn waits for in-flight HTTP responses *before* the lifespan shutdown;
+    an event stream never ends by itself, so without this a SIGTERM would hang
+    for as long as an SSE client stays connected.
+    """
+    import uvicorn
+
+    from .server import HubServer
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            for listener in self.servers:
+                listener.close()  # first, so clients that are told to reconnect go elsewhere
+            if isinstance(app, HubServer):
+                app.close_transports()
+            await super().shutdown(sockets)
+
+    return Server
 
 
 def _ws_protocol(serving: str) -> Any:

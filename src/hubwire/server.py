@@ -301,6 +301,22 @@ class HubServer:
                     else:
                         self._http_states.pop(conn, None)
 
+    def close_transports(self) -> None:
+        """The process is about to stop: end every SSE stream and waiting long poll now.
+
+        Why: an ASGI server waits for in-flight HTTP responses before it runs the
+        lifespan shutdown, and an event stream never finishes by itself, so a
+        SIGTERM would hang for as long as any SSE client stays (and a waiting
+        poll for up to the poll timeout). Hub connections get a Close message
+        that invites the client to reconnect (to another instance). ``hubwire
+        run`` calls this once uvicorn stops accepting connections; under another
+        server call it from its shutdown hook. WebSockets are closed by the
+        ASGI server itself.
+        """
+        for conn, state in list(self._http_states.items()):
+            if state.endpoint is not None:
+                state.endpoint.server_closing(conn)
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in the background, keeping a reference until it is done (awaited on shutdown)."""
         task = asyncio.get_running_loop().create_task(coro)
