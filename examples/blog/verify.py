@@ -23,6 +23,7 @@ import itertools
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +37,12 @@ HUB = "/hubs/blog"
 
 @dataclass
 class HubClient:
-    """One SignalR connection: invocations answered by completions, ``PostPublished`` collected."""
+    """One SignalR connection: invocations answered by completions, server calls collected by target."""
 
     name: str
     ws: ClientConnection
-    published: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    received: dict[str, list[list[Any]]] = field(default_factory=dict)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
     pending: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=itertools.count)
     reader: asyncio.Task[None] | None = None
@@ -79,8 +81,9 @@ class HubClient:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == 1 and str(message.get("target", "")).lower() == "postpublished":
-            self.published.put_nowait(message["arguments"][0])
+        if kind == 1:
+            self.received.setdefault(str(message.get("target")), []).append(message.get("arguments") or [])
+            self.arrived.set()
         elif kind == 3:
             future = self.pending.pop(str(message.get("invocationId")), None)
             if future is not None and not future.done():
@@ -97,18 +100,26 @@ class HubClient:
         await self.ws.send(json.dumps(message) + RS)
         return await asyncio.wait_for(future, timeout)
 
-    async def wait_published(self, post_id: int, timeout: float) -> bool:
-        """True once this client got ``PostPublished`` for ``post_id`` (others are skipped)."""
+    def calls(self, target: str) -> list[list[Any]]:
+        """The arguments of every ``target`` call received so far."""
+        return self.received.get(target, [])
+
+    async def wait_for(self, target: str, match: Callable[[list[Any]], bool], timeout: float) -> bool:
+        """True once a ``target`` call whose arguments satisfy ``match`` arrived (bounded by ``timeout``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (left := deadline - loop.time()) > 0:
-            try:
-                post = await asyncio.wait_for(self.published.get(), left)
-            except TimeoutError:
+        while not any(match(args) for args in self.calls(target)):
+            left = deadline - loop.time()
+            if left <= 0:
                 return False
-            if post.get("id") == post_id:
-                return True
-        return False
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+        return True
+
+    async def wait_published(self, post_id: int, timeout: float) -> bool:
+        """True once this client got ``PostPublished`` for ``post_id``."""
+        return await self.wait_for("PostPublished", lambda args: _post_id(args) == post_id, timeout)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -117,6 +128,10 @@ class HubClient:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.reader
+
+
+def _post_id(args: list[Any]) -> Any:
+    return args[0].get("id") if args and isinstance(args[0], dict) else None
 
 
 class Report:
