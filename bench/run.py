@@ -217,13 +217,22 @@ class Instance:
 
 
 def start_instances(
-    procs: Processes, spec: ServerSpec, redis: Redis, prefix: str, count: int = 2
+    procs: Processes,
+    spec: ServerSpec,
+    redis: Redis,
+    prefix: str,
+    count: int = 2,
+    pythonpath: str | None = None,
 ) -> list[Instance]:
+    env = None
+    if pythonpath:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     out = []
     for i in range(count):
         port = free_port()
         argv = [*spec.argv, "--port", str(port), "--redis", redis.url, "--prefix", prefix]
-        proc = procs.start(f"{spec.name}-{i}", argv)
+        proc = procs.start(f"{spec.name}-{i}", argv, env=env)
         out.append(Instance(port, proc))
     for inst in out:
         try:
@@ -519,7 +528,8 @@ class Bench:
         args = self.args
         prefix = f"bench-{name}:"
         self.log(f"{name}: starting 2 instances")
-        instances = start_instances(self.procs, spec, self.redis, prefix)
+        src = str(args.hubwire_src.resolve()) if name == "hubwire" and args.hubwire_src else None
+        instances = start_instances(self.procs, spec, self.redis, prefix, pythonpath=src)
         pids = [i.pid for i in instances]
         try:
             self.warmup(spec, instances)
@@ -975,7 +985,8 @@ def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
 def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: float) -> str:
     parts = [
         f"## hubwire bench — {', '.join(map(str, args.clients))} clients, {args.duration:g}s phases, "
-        f"window {args.window}, {args.loadgens} load generator(s), {os.cpu_count()} cores, {elapsed:.0f}s",
+        f"window {args.window}, {args.loadgens} load generator(s), {os.cpu_count()} cores, {elapsed:.0f}s"
+        + (f", hubwire from {args.hubwire_src}" if args.hubwire_src else ""),
         "",
         "CPU = user+sys of both server processes per delivery (fan-out to all, and to a group of half "
         "the clients); p99 = delivery latency at a fixed "
@@ -1049,12 +1060,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--big-loadgens", type=int, default=1, help="least load generator processes of the big phase "
         "(more are used when one process's fd limit is too low)"
     )  # fmt: skip
+    p.add_argument(
+        "--hubwire-src", type=Path, help="serve hubwire from this source directory (the one holding the "
+        "hubwire package, e.g. an exported commit's src/) instead of the project's install"
+    )  # fmt: skip
     p.add_argument("--output", type=Path, help="also write the markdown report here")
     p.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
     args = p.parse_args(argv)
     unknown = [s for s in args.servers if s not in SERVERS] + [x for x in args.phases if x not in PHASES]
     if unknown:
         p.error(f"unknown server/phase {unknown}")
+    if args.hubwire_src and not (args.hubwire_src / "hubwire" / "__init__.py").is_file():
+        p.error(f"--hubwire-src: no hubwire package in {args.hubwire_src}")
     if args.latency_duration is None:
         args.latency_duration = args.duration
     args.clients = sorted(set(args.clients))
