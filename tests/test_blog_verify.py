@@ -1,10 +1,12 @@
 """``python -m examples.blog.verify A B``: exit 0 against two instances sharing Redis, non-zero
-against two instances without a backplane (each in memory)."""
+against two instances without a shared backplane (each in memory, or different channel prefixes)."""
 
 from __future__ import annotations
 
 import subprocess
 import uuid
+
+import pytest
 
 from tests.conftest import PYTHON, ROOT, RedisServer, ServerProcess
 
@@ -36,9 +38,17 @@ def test_verify_passes_with_the_redis_backplane(start_server: object, redis_serv
     assert lines[-1] == "RESULT: PASS"
 
 
-def test_verify_fails_without_a_backplane(start_server: object) -> None:
-    a = start_server(APP, env={"BLOG_INSTANCE": "A"})  # type: ignore[operator]
-    b = start_server(APP, env={"BLOG_INSTANCE": "B"})  # type: ignore[operator]
+@pytest.mark.parametrize("setup", ["in_memory", "different_prefixes"])
+def test_verify_fails_without_a_shared_backplane(
+    start_server: object, redis_server: RedisServer, setup: str
+) -> None:
+    """Each instance in memory, or both on one Redis under different prefixes: B's client misses it."""
+    args = {"A": [], "B": []}
+    if setup == "different_prefixes":
+        tag = uuid.uuid4().hex[:8]
+        args = {name: ["--redis", redis_server.url, "--channel-prefix", f"{tag}-{name}:"] for name in args}
+    a = start_server(APP, args=args["A"], env={"BLOG_INSTANCE": "A"})  # type: ignore[operator]
+    b = start_server(APP, args=args["B"], env={"BLOG_INSTANCE": "B"})  # type: ignore[operator]
     result = run_verify(a, b)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "client A (A) received PostPublished ... PASS" in result.stdout
