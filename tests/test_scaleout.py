@@ -73,9 +73,7 @@ class Cluster:
         self.redis_url = redis_url
         self.prefix = prefix
         args = ["--redis", redis_url, "--channel-prefix", prefix]
-        per_instance = [
-            {**(env or {}), **((envs or [])[i] if envs and i < len(envs) else {})} for i in range(n)
-        ]
+        per_instance = [{**(env or {}), **(envs[i] if envs and i < len(envs) else {})} for i in range(n)]
         with ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(ServerProcess, APP, env=e, args=args) for e in per_instance]
         self.instances: list[ServerProcess] = []
