@@ -60,7 +60,11 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_port(self.port, proc=self.proc)
+        try:
+            wait_port(self.port, proc=self.proc)
+        except BaseException:
+            self.close()
+            raise
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
