@@ -85,9 +85,18 @@ class Cluster:
         self._stopping = False
 
     def _spawn(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, quiet: bool = False
     ) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, preexec_fn=_die_with_parent)
+        # children get their own sessions, so Ctrl+C reaches only this process, and stop() ends
+        # them in order (instances, then Redis) with SIGTERM; they still die with this process
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL if quiet else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self.procs.append((name, proc))
         return proc
 
@@ -114,6 +123,7 @@ class Cluster:
                 "--loglevel",
                 "warning",
             ],
+            quiet=True,
         )
         wait_port(self.host, port, proc, "redis-server")
         return f"redis://{self.host}:{port}/0"
@@ -167,16 +177,20 @@ class Cluster:
         threading.Thread(target=run, name="cluster-watch", daemon=True).start()
 
     def stop(self) -> None:
+        """Instances first (they close their clients while Redis is still there), then Redis."""
         self._stopping = True
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        instances = [proc for name, proc in self.procs if name in self.instance_ports]
+        others = [proc for name, proc in self.procs if name not in self.instance_ports]
+        for group in (instances, others):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
         if self.redis_dir:
             shutil.rmtree(self.redis_dir, ignore_errors=True)
 
