@@ -2,8 +2,10 @@
 
 Every new HTTP request and every new WebSocket goes to the next instance in turn, so a SignalR
 client negotiates on one instance and opens its WebSocket on another: hubwire needs no sticky
-sessions (the connection token is signed with a key all instances share). An instance that refuses
-TCP connections is skipped, so stopping one shows clients reconnecting to the others.
+sessions for WebSockets, whose connection token is signed with a key all instances share.
+(Server-Sent Events and long polling send in separate POSTs, which must reach the instance holding
+the stream: they would need affinity, so the page uses WebSockets, the default.) An instance that
+refuses TCP connections is skipped, so stopping one shows clients reconnecting to the others.
 
 This is a demo load balancer (uvicorn + httpx + websockets), not a production proxy: use your
 platform's (a Kubernetes Service, nginx, a cloud load balancer) without session affinity.
