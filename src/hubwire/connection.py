@@ -24,7 +24,15 @@ from urllib.parse import parse_qsl
 from .protocol.base import TransferFormat
 from .tokens import TokenIssuer
 
-__all__ = ["Connection", "ConnectionManager", "Outbox", "Principal", "RequestInfo"]
+__all__ = [
+    "Connection",
+    "ConnectionLayerStats",
+    "ConnectionManager",
+    "Outbox",
+    "Principal",
+    "RequestInfo",
+    "stats",
+]
 
 log = logging.getLogger("hubwire.connection")
 
@@ -112,23 +120,40 @@ class RequestInfo:
         return None
 
 
+class ConnectionLayerStats:
+    """Process-wide counters of the connection layer (exported as metrics)."""
+
+    __slots__ = ("slow_consumer_closes",)
+
+    def __init__(self) -> None:
+        self.slow_consumer_closes = 0
+
+
+#: the process's connection-layer counters
+stats = ConnectionLayerStats()
+
+
 class Outbox:
     """Outbound bytes of one connection, drained by the transport's single writer loop.
 
     ``write`` never awaits: it appends and wakes the writer if it is idle.
     ``max_buffered`` bounds memory for slow consumers: once more than that many
-    bytes are waiting, :attr:`overflowed` is set and the owner closes the
-    connection instead of growing without bound.
+    bytes wait while the writer is stuck sending earlier ones (or, for long
+    polling, no poll is waiting), ``on_overflow`` is called and the owner closes
+    the connection instead of growing without bound.
     """
 
     __slots__ = (
         "_chunks",
         "_closed",
         "_waiter",
+        "_woken",
         "buffered",
         "dirty",
         "max_buffered",
         "on_overflow",
+        "sent",
+        "sent_bytes",
         "sink",
         "wrote",
     )
@@ -136,6 +161,8 @@ class Outbox:
     def __init__(self, max_buffered: int | None = None) -> None:
         self._chunks: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        #: the writer was woken and will take everything queued at its next step
+        self._woken = False
         self._closed = False
         self.buffered = 0
         self.max_buffered = max_buffered
@@ -145,6 +172,9 @@ class Outbox:
         #: native mode: writes go to this sink once per loop iteration instead of the writer loop
         self.sink: Any = None
         self.dirty = False
+        #: records and bytes queued so far (metrics: plain ints, summed at scrape time)
+        self.sent = 0
+        self.sent_bytes = 0
 
     @property
     def closed(self) -> bool:
@@ -155,7 +185,10 @@ class Outbox:
         if self._closed:
             return
         self._chunks.append(data)
-        self.buffered += len(data)
+        size = len(data)
+        self.buffered += size
+        self.sent += 1
+        self.sent_bytes += size
         self.wrote = True
         sink = self.sink
         if sink is not None:
@@ -168,7 +201,16 @@ class Outbox:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
-        if self.max_buffered is not None and self.buffered > self.max_buffered and self.on_overflow:
+                self._woken = True
+        # over the bound while the writer is busy (blocked sending earlier bytes to a client that
+        # does not read) or absent (no long poll waiting): a slow consumer. Bytes written while
+        # the writer is about to take them anyway (one burst) do not count.
+        if (
+            self.max_buffered is not None
+            and self.buffered > self.max_buffered
+            and not self._woken
+            and self.on_overflow
+        ):
             callback, self.on_overflow = self.on_overflow, None
             callback()
 
@@ -192,6 +234,7 @@ class Outbox:
         chunks = list(self._chunks)
         self._chunks.clear()
         self.buffered = 0
+        self._woken = False
         return chunks
 
     async def take(self) -> list[bytes] | None:
@@ -243,7 +286,7 @@ class Connection:
         self.outbox.on_overflow = self._overflow
         self.transport_name: str | None = None
         self.transfer_format = TransferFormat.TEXT
-        self.request: RequestInfo | None = None
+        self._request: RequestInfo | None = None
         self.items: dict[Any, Any] = {}
         self.created = time.monotonic()
         #: time the connection last had no transport request in flight (None = active)
@@ -252,6 +295,28 @@ class Connection:
         self.closed = asyncio.Event()
         self.abort_reason: str | None = None
         self.application_state: Any = None
+
+    @property
+    def request(self) -> RequestInfo | None:
+        """The request that opened the transport, as hub code sees it.
+
+        Its ``id`` query parameter is the connection id, never the secret
+        token the client sent there (negotiate v1), so hub code cannot leak it.
+        """
+        return self._request
+
+    @request.setter
+    def request(self, request: RequestInfo | None) -> None:
+        if request is not None and self.token != self.connection_id:
+            query = {
+                key: (self.connection_id if value == self.token else value)
+                for key, value in request.query.items()
+            }
+            if query != request.query:
+                request = RequestInfo(
+                    request.path, request.headers, query, request.cookies, request.scheme, request.client
+                )
+        self._request = request
 
     def write(self, data: bytes) -> None:
         """Queue framed bytes for the client; never awaits."""
@@ -264,7 +329,19 @@ class Connection:
         self.outbox.close()
 
     def _overflow(self) -> None:
-        log.warning("closing slow consumer %s: %d bytes unsent", self.connection_id, self.outbox.buffered)
+        self.close_slow(f"{self.outbox.buffered} bytes unsent")
+
+    def close_slow(self, detail: str) -> None:
+        """End a connection whose client does not read fast enough (unsent bytes past the bound)."""
+        if self.abort_reason is not None:
+            return
+        stats.slow_consumer_closes += 1
+        log.warning(
+            "closing slow consumer %s: %s",
+            self.connection_id,
+            detail,
+            extra={"connection_id": self.connection_id, "event": "slow_consumer"},
+        )
         self.abort("slow consumer")
 
     def __repr__(self) -> str:  # never show the token

@@ -33,6 +33,8 @@ class HubConnectionContext:
         "last_write",
         "max_parallel",
         "protocol",
+        "rate_stamp",
+        "rate_tokens",
         "received",
         "received_since_tick",
         "upload_streams",
@@ -61,6 +63,9 @@ class HubConnectionContext:
         self.first_ping_seen = False
         self.received = 0.0
         self.received_since_tick = True
+        #: invocation rate limit (token bucket): tokens left and when they were last counted
+        self.rate_tokens = 0.0
+        self.rate_stamp = 0.0
 
     def write(self, data: bytes) -> None:
         """Queue already-framed bytes (for this connection's protocol)."""

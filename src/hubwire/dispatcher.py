@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -42,7 +43,15 @@ from .protocol.messages import (
     StreamItemMessage,
 )
 
-__all__ = ["ConnectionApplication", "HubEndpoint", "RawEndpoint", "UploadStream", "current_connection"]
+__all__ = [
+    "RATE_LIMITED",
+    "ConnectionApplication",
+    "EndpointStats",
+    "HubEndpoint",
+    "RawEndpoint",
+    "UploadStream",
+    "current_connection",
+]
 
 log = logging.getLogger("hubwire.hub")
 
@@ -52,6 +61,9 @@ current_connection: contextvars.ContextVar[HubConnectionContext | None] = contex
 )
 
 CONNECTION_ERROR = "Connection closed with an error."
+
+#: completion error of a call refused by ``HubOptions.max_invocations_per_second``
+RATE_LIMITED = "Failed to invoke '{target}' because the invocation rate limit was exceeded."
 
 
 def _invoke_error(target: str) -> str:
@@ -181,6 +193,32 @@ class _BindError(Exception):
     pass
 
 
+class EndpointStats:
+    """Counters of one hub endpoint: plain ints bumped on the hot path, exported at scrape time."""
+
+    __slots__ = (
+        "closed",
+        "handshake_failures",
+        "invocation_errors",
+        "invocations",
+        "messages_received",
+        "opened",
+        "rate_limited",
+    )
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.handshake_failures = 0
+        self.messages_received = 0
+        self.invocations = 0
+        self.invocation_errors = 0
+        self.rate_limited = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class HubEndpoint(ConnectionApplication):
     """Runs one hub class for the connections of one path."""
 
@@ -206,6 +244,10 @@ class HubEndpoint(ConnectionApplication):
         self.connected: dict[str, HubConnectionContext] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ping_cache: dict[str, bytes] = {p.name: p.write_message(PING) for p in protocols}
+        self.stats = EndpointStats()
+        rate = options.max_invocations_per_second
+        self._rate = rate if rate is not None and rate > 0 else None
+        self._burst = float(options.invocation_burst or max(1, math.ceil(rate or 1)))
 
     # -- connection lifecycle --------------------------------------------------------------------
 
@@ -261,13 +303,15 @@ class HubEndpoint(ConnectionApplication):
         ctx = HubConnectionContext(
             conn, protocol, request.version, self.options.maximum_parallel_invocations_per_client
         )
-        ctx.received = time.monotonic()
+        ctx.received = ctx.rate_stamp = time.monotonic()
+        ctx.rate_tokens = self._burst
         state.ctx = ctx
         state.parser = protocol.parser(limit)
         conn.transfer_format = protocol.transfer_format
         conn.write(handshake_response())
         self.pending.pop(conn.connection_id, None)
         self.connected[conn.connection_id] = ctx
+        self.stats.opened += 1
         await self.manager.on_connected(ctx)
         try:
             hub = self._hub(ctx)
@@ -283,6 +327,7 @@ class HubEndpoint(ConnectionApplication):
 
     def _fail_handshake(self, conn: Connection, text: str) -> None:
         log.debug("handshake failed for %s: %s", conn.connection_id, text)
+        self.stats.handshake_failures += 1
         self.pending.pop(conn.connection_id, None)
         conn.write(handshake_response(text))
         conn.abort(text)
@@ -293,6 +338,7 @@ class HubEndpoint(ConnectionApplication):
         ctx = state.ctx if state else None
         if ctx is None or self.connected.pop(conn.connection_id, None) is None:
             return
+        self.stats.closed += 1
         for stream_task in list(ctx.active_streams.values()):
             stream_task.cancel()
         for upload in list(ctx.upload_streams.values()):
@@ -351,11 +397,17 @@ class HubEndpoint(ConnectionApplication):
         try:
             messages = state.parser.feed(data)
         except InvalidDataError as exc:
-            log.info("closing %s: bad message: %s", ctx.connection_id, exc)
+            log.info(
+                "closing %s: bad message: %s",
+                ctx.connection_id,
+                exc,
+                extra={"connection_id": ctx.connection_id, "event": "bad_message"},
+            )
             ctx.close(
                 error_text(CONNECTION_ERROR, exc, self.options.enable_detailed_errors), allow_reconnect=True
             )
             return
+        self.stats.messages_received += len(messages)
         for message in messages:
             if ctx.connection.outbox.closed:
                 return
@@ -398,6 +450,7 @@ class HubEndpoint(ConnectionApplication):
         return hub
 
     def _complete_error(self, ctx: HubConnectionContext, invocation_id: str | None, text: str) -> None:
+        self.stats.invocation_errors += 1
         if invocation_id:
             ctx.write_message(CompletionMessage.with_error(invocation_id, text))
 
@@ -406,8 +459,19 @@ class HubEndpoint(ConnectionApplication):
     ) -> None:
         detailed = self.options.enable_detailed_errors
         target = msg.target
-        method = self.methods.get(target.lower())
         invocation_id = msg.invocation_id
+        self.stats.invocations += 1
+        if self._rate is not None and not self._take_token(ctx, self._rate):
+            self.stats.rate_limited += 1
+            log.debug(
+                "rate limit: %s called %r too often",
+                ctx.connection_id,
+                target,
+                extra={"connection_id": ctx.connection_id, "event": "rate_limited"},
+            )
+            self._complete_error(ctx, invocation_id, RATE_LIMITED.format(target=target))
+            return
+        method = self.methods.get(target.lower())
         streaming_call = isinstance(msg, StreamInvocationMessage)
         if method is None:
             log.debug("unknown hub method %r", target)
@@ -480,6 +544,17 @@ class HubEndpoint(ConnectionApplication):
                 self._run_invocation(ctx, method, hub, args, target, invocation_id, stream_ids)
             )
         )
+
+    def _take_token(self, ctx: HubConnectionContext, rate: float) -> bool:
+        """Token bucket of one connection: refill at ``rate`` per second up to the burst size."""
+        now = time.monotonic()
+        tokens = min(self._burst, ctx.rate_tokens + (now - ctx.rate_stamp) * rate)
+        ctx.rate_stamp = now
+        if tokens < 1.0:
+            ctx.rate_tokens = tokens
+            return False
+        ctx.rate_tokens = tokens - 1.0
+        return True
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -609,6 +684,7 @@ class HubEndpoint(ConnectionApplication):
         except asyncio.CancelledError:
             ctx.write_message(CompletionMessage.empty(invocation_id))
         except Exception as exc:
+            self.stats.invocation_errors += 1
             base = (
                 "An error occurred on the server while streaming results."
                 if produced

@@ -42,6 +42,18 @@ class HubOptions:
     websocket_close_timeout: float = 5.0
     #: lowest negotiate version accepted
     minimum_negotiate_version: int = 0
+    #: connections one instance holds at most (negotiated or connected); past it negotiate answers
+    #: 503 and transport requests for connections negotiated elsewhere are refused with 503
+    max_connections: int | None = None
+    #: per-connection hub invocations (and stream invocations) allowed per second, as a token
+    #: bucket; over it the call fails with :data:`~hubwire.dispatcher.RATE_LIMITED` (None = off)
+    max_invocations_per_second: float | None = None
+    #: bucket size of the rate limit: calls allowed in a burst (default: one second's worth)
+    invocation_burst: int | None = None
+    #: browser origins allowed to use the hubs (``Origin`` header of negotiate, WebSocket
+    #: upgrades, SSE and long polling); others get 403. Requests without ``Origin`` (non-browser
+    #: clients) are not affected. ``None`` = no check
+    allowed_origins: tuple[str, ...] | None = None
 
     def copy(self, **changes: object) -> HubOptions:
         """A copy with some options changed (per-hub overrides)."""

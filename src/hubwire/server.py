@@ -20,6 +20,7 @@ from .dispatcher import ConnectionApplication, HubEndpoint, RawEndpoint
 from .http import ASGIApp, Receive, Scope, Send, respond
 from .hub import Hub, HubContext, check_policies
 from .lifetime import HubLifetimeManager, InMemoryLifetimeManager
+from .logs import install_redaction
 from .options import HubOptions
 from .protocol.base import EncHook, HubProtocol, TransferFormat
 from .protocol.json_protocol import JsonHubProtocol
@@ -110,6 +111,10 @@ class HubServer:
     JS client sends credentials, so the origin is echoed rather than ``*``):
     a list of allowed origins, or ``"*"`` for any; default off. It only
     covers hub paths, an app passed as ``app`` keeps its own CORS handling.
+
+    ``metrics_path`` serves Prometheus metrics there (``metrics`` extra) and
+    ``stats_path`` a JSON snapshot (connections, tasks, subscriptions, RSS);
+    see :mod:`hubwire.metrics`.
     """
 
     def __init__(
@@ -121,6 +126,8 @@ class HubServer:
         enc_hook: EncHook | None = None,
         app: ASGIApp | None = None,
         cors_origins: Sequence[str] | str | None = None,
+        metrics_path: str | None = None,
+        stats_path: str | None = None,
     ) -> None:
         self.options = options or HubOptions()
         self.backplane: Backplane = backplane or _backplane_from_env() or InMemoryBackplane()
@@ -149,6 +156,16 @@ class HubServer:
         #: connections whose end is being processed (so on_disconnect runs once)
         self._ending: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: refused connection attempts by reason, and what ended connections sent (for metrics)
+        self.refused: dict[str, int] = {"max_connections": 0, "origin": 0}
+        self.sent_retired = [0, 0]
+        self._internal: dict[str, ASGIApp] = {}
+        if metrics_path:
+            self._internal[_normalize(metrics_path)] = self.metrics_app()
+        if stats_path:
+            from .metrics import stats_app
+
+            self._internal[_normalize(stats_path)] = stats_app(self)
 
     # -- registration ----------------------------------------------------------------------------
 
@@ -226,6 +243,18 @@ class HubServer:
         """The lifetime manager serving ``hub_cls``."""
         return self._managers[self._hub_names[hub_cls]]
 
+    def metrics_app(self) -> ASGIApp:
+        """An ASGI app serving this server's Prometheus metrics (needs ``prometheus-client``)."""
+        from .metrics import metrics_app
+
+        return metrics_app(self)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of connections, tasks, subscriptions, memory and counters."""
+        from .metrics import server_stats
+
+        return server_stats(self)
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def startup(self) -> None:
@@ -245,6 +274,7 @@ class HubServer:
                 if secret:
                     self.connections.issuer.secret = secret
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+            install_redaction()
             self._started = True
 
     async def shutdown(self) -> None:
@@ -337,6 +367,9 @@ class HubServer:
         if root and path.startswith(root):
             path = path[len(root) :]
         key = _normalize(path)
+        if self._internal and kind == "http" and key in self._internal:
+            await self._internal[key](scope, receive, send)
+            return
         endpoint = self._routes.get(key)
         if endpoint is not None:
             if kind == "websocket":
@@ -446,6 +479,31 @@ class HubServer:
         size = self._options_of(endpoint).maximum_receive_message_size
         return None if size is None else size * POST_BODY_FACTOR
 
+    # -- limits ----------------------------------------------------------------------------------
+
+    def _origin_refused(self, endpoint: ConnectionApplication, request: RequestInfo) -> bool:
+        """True when ``allowed_origins`` is set and a browser request comes from another origin."""
+        allowed = self._options_of(endpoint).allowed_origins
+        origin = request.header("origin")
+        if allowed is None or origin is None:
+            return False
+        normalized = origin.strip().rstrip("/").lower()
+        if "*" in allowed or any(normalized == a.rstrip("/").lower() for a in allowed):
+            return False
+        self.refused["origin"] += 1
+        log.info("refused a request from origin %r on %s", origin[:200], request.path)
+        return True
+
+    def _at_capacity(self, token: str | None) -> bool:
+        """True when ``max_connections`` is reached and ``token`` is not one of ours already."""
+        limit = self.options.max_connections
+        if limit is None or len(self.connections) < limit:
+            return False
+        if token and self.connections.get(token) is not None:
+            return False
+        self.refused["max_connections"] += 1
+        return True
+
     # -- negotiate -------------------------------------------------------------------------------
 
     async def _negotiate(
@@ -458,8 +516,14 @@ class HubServer:
             await self._preflight(request, send)
             return
         cors = self._cors_headers(request)
+        if self._origin_refused(endpoint, request):
+            await respond(send, 403, b"Origin not allowed", headers=cors)
+            return
         if method != "POST":
             await respond(send, 405, b"", headers=cors)
+            return
+        if self._at_capacity(None):
+            await respond(send, 503, b"Too many connections", headers=[*cors, ("retry-after", "1")])
             return
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
@@ -502,6 +566,9 @@ class HubServer:
             await self._preflight(request, send)
             return
         cors = self._cors_headers(request)
+        if self._origin_refused(endpoint, request):
+            await respond(send, 403, b"Origin not allowed", headers=cors)
+            return
         if method not in ("GET", "POST", "DELETE"):
             await respond(send, 405, b"", headers=cors)
             return
@@ -530,6 +597,9 @@ class HubServer:
             return
         accept = request.header("accept") or ""
         name = "ServerSentEvents" if "text/event-stream" in accept.lower() else "LongPolling"
+        if self._at_capacity(token):
+            await respond(send, 503, b"Too many connections", headers=cors)
+            return
         found = self.connections.resolve(token, self.options.max_buffered_bytes)
         if found is None or not self.is_live(found):
             await respond(send, 404, b"No Connection with that ID", headers=cors)
@@ -588,8 +658,12 @@ class HubServer:
 
         Shared by the ASGI path and the native protocol so both answer alike.
         """
+        if self._origin_refused(endpoint, request):
+            return 403, "Origin not allowed"
         if "WebSockets" not in endpoint.transports:
             return 404, "WebSockets transport not supported by this end point type"
+        if self._at_capacity(request.query_param("id")):
+            return 503, "Too many connections"
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
             return 401, ""
@@ -625,6 +699,8 @@ class HubServer:
         if conn.closed.is_set() or conn in self._ending:
             return
         self._ending.add(conn)
+        self.sent_retired[0] += conn.outbox.sent
+        self.sent_retired[1] += conn.outbox.sent_bytes
         conn.transport_active = False
         conn.inactive_since = None
         self.connections.remove(conn)

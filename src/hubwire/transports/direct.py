@@ -12,8 +12,9 @@ all of that:
   pending records as **one** frame (coalescing bursts), and a frame built for
   one bytes object is reused for every socket in that iteration, so a
   broadcast is framed once per protocol, not once per recipient;
-* a socket whose kernel/transport buffer grows past the outbox bound is closed
-  as a slow consumer instead of growing memory.
+* a socket whose unsent bytes are still past the outbox bound when more data
+  arrives is closed as a slow consumer instead of growing memory (at most the
+  bound plus one loop iteration's writes are ever held for a client).
 
 Used by :mod:`hubwire.transports.native`; without it the ASGI path is used,
 with identical behaviour.
@@ -106,13 +107,16 @@ class DirectSink:
                     memo[key] = (payload, data)
         else:
             data = frame(b"".join(chunks), binary)
-        transport.write(data)
         limit = outbox.max_buffered
-        if limit is not None and transport.get_write_buffer_size() > limit:
-            log.warning(
-                "closing slow consumer %s: socket buffer over %d bytes", self._conn.connection_id, limit
-            )
-            self._conn.abort("slow consumer")
+        if limit is not None:
+            # what earlier writes left unsent is still over the bound: the client is not reading.
+            # (A burst written within one loop iteration does not count against a client that
+            # reads: the bound applies to what is still unsent when more arrives.)
+            backlog = transport.get_write_buffer_size()
+            if backlog > limit:
+                self._conn.close_slow(f"{backlog} bytes unsent")
+                return
+        transport.write(data)
 
     def closed(self) -> None:
         """The application closed the connection (after the last flush)."""

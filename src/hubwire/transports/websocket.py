@@ -88,8 +88,31 @@ async def serve_websocket(
             client_closed.set()
             conn.outbox.close()
 
-    reader = asyncio.get_running_loop().create_task(read_loop())
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(read_loop())
     close_code = 1000
+    task = asyncio.current_task()
+    dropped = writing = False
+    force: asyncio.TimerHandle | None = None
+
+    def drop() -> None:
+        # the close handshake did not finish: the client stopped reading, so the writer is stuck
+        # in send() behind a full socket buffer. Drop the socket (uvicorn exposes its transport
+        # behind send); failing that, cancel the stuck send.
+        nonlocal dropped
+        if client_closed.is_set() or _abort_transport(send):
+            return
+        if writing and task is not None:  # the closing steps below are bounded by timeouts already
+            dropped = True
+            task.cancel()
+
+    def overflow() -> None:
+        nonlocal force
+        conn.close_slow(f"{conn.outbox.buffered} bytes unsent")
+        force = loop.call_later(server.options.websocket_close_timeout, drop)
+
+    conn.outbox.on_overflow = overflow
+    writing = True
     try:
         while True:
             chunks = await conn.outbox.take()
@@ -101,20 +124,37 @@ async def serve_websocket(
             else:
                 await send({"type": "websocket.send", "text": data.decode("utf-8")})
     except asyncio.CancelledError:
-        raise
+        if not dropped or task is None:
+            raise
+        task.uncancel()
+        error = error or ConnectionError("slow consumer")
     except UnicodeDecodeError:
         close_code = 1011
     except Exception as exc:  # the socket is gone (OSError, disconnect errors of the server)
         log.debug("send to %s failed: %s", conn.connection_id, exc)
         error = error or exc
     finally:
+        writing = False
         conn.outbox.close()
-        if not client_closed.is_set():
+        timeout = server.options.websocket_close_timeout
+        if not client_closed.is_set() and not dropped:
             with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": close_code})
+                await asyncio.wait_for(send({"type": "websocket.close", "code": close_code}), timeout)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client_closed.wait(), server.options.websocket_close_timeout)
+                await asyncio.wait_for(client_closed.wait(), timeout)
+        if force is not None:
+            force.cancel()
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         await server.connection_ended(endpoint, conn, error)
+
+
+def _abort_transport(send: Send) -> bool:
+    """Abort the socket behind an ASGI ``send`` when the server exposes it (uvicorn does)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if not callable(abort):
+        return False
+    abort()
+    return True

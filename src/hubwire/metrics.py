@@ -1,0 +1,252 @@
+"""What a running server is doing: a stats snapshot (JSON) and a Prometheus endpoint.
+
+Counting costs nothing on the hot path beyond plain integer increments on
+objects that exist anyway (a connection's outbox, a hub endpoint, the
+backplane's :class:`~hubwire.backplane.bus.BusStats`); this module reads them
+only when scraped. ``HubServer(metrics_path="/metrics")`` serves the Prometheus
+text format (needs the ``metrics`` extra, ``prometheus-client``) and
+``HubServer(stats_path="/debug/stats")`` a JSON snapshot (no dependency), or
+mount :func:`metrics_app` / :func:`stats_app` yourself.
+
+Metrics (all prefixed ``hubwire_``):
+
+* ``connections{hub,path,transport,protocol}`` connected hub clients;
+  ``connections_registered`` every negotiated or connected connection;
+  ``connections_opened_total`` / ``connections_closed_total`` /
+  ``handshake_failures_total`` per hub; ``connections_refused_total{reason}``
+  (``max_connections``, ``origin``); ``slow_consumer_closes_total``;
+* ``messages_received_total{hub,path}`` hub messages parsed;
+  ``messages_sent_total`` / ``sent_bytes_total`` records queued to clients;
+* ``invocations_total`` / ``invocation_errors_total`` /
+  ``invocations_rate_limited_total`` per hub;
+* ``backplane_published_total``, ``backplane_received_total``,
+  ``backplane_dropped_total``, ``backplane_publish_errors_total``,
+  ``backplane_reconnects_total{link}``, ``backplane_subscriber_restarts_total``,
+  ``backplane_stalls_total``, ``backplane_buffered``,
+  ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
+  ``backplane_connected`` (Redis backplane only);
+* ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import connection as _connection
+from .dispatcher import HubEndpoint
+from .http import ASGIApp, Receive, Scope, Send, respond
+
+if TYPE_CHECKING:
+    from .server import HubServer
+
+__all__ = ["metrics_app", "rss_bytes", "server_stats", "stats_app"]
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _hub_endpoints(server: HubServer) -> list[tuple[str, HubEndpoint]]:
+    return [(path, ep) for path, ep in server._routes.items() if isinstance(ep, HubEndpoint)]
+
+
+def _backplane_health(server: HubServer) -> dict[str, Any] | None:
+    health = getattr(server.backplane, "health", None)
+    if not callable(health):
+        return None
+    result = health()
+    return result if isinstance(result, dict) else None
+
+
+def _sent(server: HubServer) -> tuple[int, int]:
+    messages, size = server.sent_retired
+    for conn in server.connections.connections():
+        messages += conn.outbox.sent
+        size += conn.outbox.sent_bytes
+    return messages, size
+
+
+def server_stats(server: HubServer) -> dict[str, Any]:
+    """A JSON-able snapshot: connections, tasks, subscriptions, memory, counters."""
+    hubs: dict[str, Any] = {}
+    for path, endpoint in _hub_endpoints(server):
+        hubs[path] = {
+            "hub": endpoint.hub_cls.__name__,
+            "connected": len(endpoint.connected),
+            "pending_handshake": len(endpoint.pending),
+            "running_tasks": len(endpoint._tasks),
+            **endpoint.stats.as_dict(),
+        }
+    messages, size = _sent(server)
+    backplane = _backplane_health(server)
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop
+        tasks = 0
+    return {
+        "pid": os.getpid(),
+        "rss_bytes": rss_bytes(),
+        "tasks": tasks,
+        "server_tasks": len(server._tasks),
+        "connections": len(server.connections),
+        "hub_connections": sum(h["connected"] for h in hubs.values()),
+        "http_states": len(server._http_states),
+        "subscriptions": backplane.get("subscriptions") if backplane else None,
+        "messages_sent": messages,
+        "sent_bytes": size,
+        "slow_consumer_closes": _connection.stats.slow_consumer_closes,
+        "refused": dict(server.refused),
+        "hubs": hubs,
+        "backplane": backplane,
+    }
+
+
+class _Collector:
+    """A prometheus-client collector that reads hubwire's counters at scrape time."""
+
+    def __init__(self, server: HubServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        server = self.server
+        endpoints = _hub_endpoints(server)
+        labels = ["hub", "path"]
+
+        conns = GaugeMetricFamily(
+            "hubwire_connections",
+            "Connected hub clients",
+            labels=["hub", "path", "transport", "protocol"],
+        )
+        for path, ep in endpoints:
+            counts: dict[tuple[str, str], int] = {}
+            for ctx in list(ep.connected.values()):
+                key = (ctx.connection.transport_name or "", ctx.protocol.name)
+                counts[key] = counts.get(key, 0) + 1
+            for (transport, protocol), n in sorted(counts.items()):
+                conns.add_metric([ep.hub_cls.__name__, path, transport, protocol], n)
+        yield conns
+        yield GaugeMetricFamily(
+            "hubwire_connections_registered",
+            "Negotiated or connected connections held by this instance",
+            value=len(server.connections),
+        )
+
+        def per_hub(name: str, doc: str, attr: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for path, ep in endpoints:
+                family.add_metric([ep.hub_cls.__name__, path], getattr(ep.stats, attr))
+            return family
+
+        yield per_hub("hubwire_connections_opened", "Hub handshakes completed", "opened")
+        yield per_hub("hubwire_connections_closed", "Hub connections ended", "closed")
+        yield per_hub("hubwire_handshake_failures", "Hub handshakes refused/timed out", "handshake_failures")
+        yield per_hub("hubwire_messages_received", "Hub messages received from clients", "messages_received")
+        yield per_hub("hubwire_invocations", "Hub method calls received", "invocations")
+        yield per_hub("hubwire_invocation_errors", "Hub method calls that failed", "invocation_errors")
+        yield per_hub(
+            "hubwire_invocations_rate_limited", "Hub method calls refused by the rate limit", "rate_limited"
+        )
+        refused = CounterMetricFamily(
+            "hubwire_connections_refused", "Connection attempts refused", labels=["reason"]
+        )
+        for reason, n in sorted(server.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        yield CounterMetricFamily(
+            "hubwire_slow_consumer_closes",
+            "Connections closed because their client did not read fast enough",
+            value=_connection.stats.slow_consumer_closes,
+        )
+        messages, size = _sent(server)
+        yield CounterMetricFamily("hubwire_messages_sent", "Records queued to clients", value=messages)
+        yield CounterMetricFamily("hubwire_sent_bytes", "Bytes queued to clients", value=size)
+        yield GaugeMetricFamily("hubwire_asyncio_tasks", "Tasks of the event loop", value=_task_count())
+
+        health = _backplane_health(server)
+        if health is None:
+            return
+        for stat, doc in (
+            ("published", "Messages published to Redis"),
+            ("received", "Messages received from Redis"),
+            ("dropped", "Messages dropped from the outage buffer"),
+            ("publish_errors", "Failed publish batches"),
+            ("subscriber_restarts", "Subscriber task restarts"),
+            ("stalls_detected", "Silent subscriber connections replaced"),
+            ("handler_errors", "Backplane messages whose handler failed"),
+        ):
+            name = "stalls" if stat == "stalls_detected" else stat
+            yield CounterMetricFamily(f"hubwire_backplane_{name}", doc, value=health.get(stat, 0))
+        reconnects = CounterMetricFamily(
+            "hubwire_backplane_reconnects", "Reconnections to Redis", labels=["link"]
+        )
+        reconnects.add_metric(["publisher"], health.get("publisher_reconnects", 0))
+        reconnects.add_metric(["subscriber"], health.get("subscriber_reconnects", 0))
+        yield reconnects
+        yield GaugeMetricFamily(
+            "hubwire_backplane_buffered", "Messages waiting to be published", value=health.get("buffered", 0)
+        )
+        yield GaugeMetricFamily(
+            "hubwire_backplane_subscriptions", "Channels subscribed", value=health.get("subscriptions", 0)
+        )
+        yield GaugeMetricFamily(
+            "hubwire_backplane_publish_lag_seconds",
+            "Time the last published batch waited in the buffer",
+            value=health.get("last_publish_lag", 0.0),
+        )
+        yield GaugeMetricFamily(
+            "hubwire_backplane_connected",
+            "1 while both Redis links are up",
+            value=1 if health.get("state") == "connected" else 0,
+        )
+
+
+def _task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
+
+
+def metrics_app(server: HubServer) -> ASGIApp:
+    """An ASGI app answering every GET with the Prometheus text exposition of ``server``."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(server))
+    ProcessCollector(registry=registry)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope.get("method") not in ("GET", "HEAD"):
+            await respond(send, 405, b"")
+            return
+        await respond(send, 200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def stats_app(server: HubServer) -> ASGIApp:
+    """An ASGI app answering every GET with :func:`server_stats` as JSON."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope.get("method") not in ("GET", "HEAD"):
+            await respond(send, 405, b"")
+            return
+        body = json.dumps(server_stats(server)).encode()
+        await respond(send, 200, body, "application/json")
+
+    return app
