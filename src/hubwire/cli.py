@@ -43,8 +43,27 @@ def _run(args: argparse.Namespace) -> None:
         ws_per_message_deflate=False,  # per-socket compression would undo serialize-once broadcasts
         ws=_ws_protocol(args.serving),
         lifespan="on",
+        **_log_config(args.log_format, args.log_level),
     )
     _server_class(app)(config).run()
+
+
+def _log_config(fmt: str, level: str) -> dict[str, Any]:
+    """``json``: every record (uvicorn's and hubwire's) as one JSON line; ``text``: uvicorn's default."""
+    if fmt != "json":
+        return {}
+    handler = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return {
+        "log_config": {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {"json": {"()": "hubwire.logs.JsonFormatter"}},
+            "handlers": {
+                "default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+            },
+            "loggers": {"uvicorn": handler, "uvicorn.access": handler, "hubwire": handler},
+        }
+    }
 
 
 def _server_class(app: Any) -> Any:
@@ -126,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--redis", help="Redis URL for the backplane (sets HUBWIRE_REDIS_URL)")
     run.add_argument("--channel-prefix", help="backplane channel prefix (sets HUBWIRE_CHANNEL_PREFIX)")
     run.add_argument("--log-level", default="info")
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("HUBWIRE_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, with connection ids (never tokens)",
+    )
     run.add_argument(
         "--serving",
         choices=("native", "asgi"),
