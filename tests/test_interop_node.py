@@ -45,6 +45,7 @@ HUB_CHECKS = (
     "server_calls_client_method_any_case",
     "custom_object_pascal_case",
     "stream_items",
+    "stream_empty",
     "stream_cancel_reaches_server",
     "error_hub_method_threw",
     "error_stream_threw_before_streaming",

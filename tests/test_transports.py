@@ -16,6 +16,7 @@ import httpx
 import pytest
 import websockets
 
+from hubwire import Hub, HubServer
 from hubwire.transports.sse import format_event
 from tests.conftest import ServerProcess
 from tests.interop.raw import (
@@ -157,6 +158,15 @@ async def test_cors_preflight_and_echoed_origin(client: httpx.AsyncClient) -> No
     assert response.status_code == 400 and response.headers["access-control-allow-origin"] == origin
     # no Origin, no CORS headers
     assert "access-control-allow-origin" not in (await client.post("/testhub/negotiate")).headers
+
+
+async def test_cors_off_by_default(start_server) -> None:  # type: ignore[no-untyped-def]
+    plain = start_server("tests.interop.apps:plain")
+    async with httpx.AsyncClient(base_url=plain.url, timeout=10) as c:
+        response = await c.post("/echo/negotiate", headers={"Origin": "http://localhost:1"})
+        assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+        preflight = await c.options("/echo/negotiate", headers={"Origin": "http://localhost:1"})
+        assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
 
 
 async def test_cors_restricted_origins(start_server) -> None:  # type: ignore[no-untyped-def]
@@ -525,3 +535,31 @@ async def test_sigterm_ends_sse_streams_and_polls_promptly(start_server) -> None
             assert records(polled.content) == [{"type": 7, "allowReconnect": True}]
         await asyncio.to_thread(proc.proc.wait, 10)
         assert time.monotonic() - started < 3.0
+
+
+def test_unknown_transport_name_refused() -> None:
+    server = HubServer()
+    with pytest.raises(ValueError, match="unknown transport"):
+        server.add_hub("/x", Hub, transports=("WebSocket",))
+    endpoint = server.add_hub("/y", Hub, transports=("LongPolling", "WebSockets"))
+    assert endpoint.transports == ("WebSockets", "LongPolling")  # always in negotiate order
+
+
+async def test_keep_alive_pings_over_sse_but_never_over_long_polling(start_server) -> None:  # type: ignore[no-untyped-def]
+    proc = start_server(
+        "examples.interop.app:app",
+        env={"INTEROP_KEEP_ALIVE_INTERVAL": "0.5", "INTEROP_LONG_POLL_TIMEOUT": "2.5"},
+    )
+    async with httpx.AsyncClient(base_url=proc.url, timeout=10) as c:
+        _, lp_token = await start_long_polling(c)
+        _, sse_token = await negotiate(c)
+        async with c.stream("GET", f"/testhub?id={sse_token}", headers=SSE) as response:
+            reader = SseReader(response)
+            await reader.read_until(b":\r\n")
+            await post(c, "/testhub", sse_token, JSON_HANDSHAKE)
+            assert records(event_payload(await reader.read_event())) == [{}]
+            # idle: the heartbeat pings the SSE client ...
+            assert records(event_payload(await reader.read_event(timeout=4))) == [{"type": 6}]
+            # ... but an idle long poll just times out empty (the transport is its own keep-alive)
+            idle = await poll(c, "/testhub", lp_token)
+            assert (idle.status_code, idle.content) == (200, b"")

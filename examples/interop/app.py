@@ -15,6 +15,7 @@ Environment (for tests that must not wait 90 s):
 
 * ``INTEROP_LONG_POLL_TIMEOUT`` - seconds before an idle poll is answered (default 90)
 * ``INTEROP_DISCONNECT_TIMEOUT`` - seconds an inactive connection lives (default 15)
+* ``INTEROP_KEEP_ALIVE_INTERVAL`` - seconds of silence before the server pings (default 15)
 * ``INTEROP_JWT_KEY`` - the HS256 signing key (a fixed test key by default)
 
 Beyond the contract it serves a browser page (``/browser``, with the client
@@ -197,6 +198,7 @@ options = HubOptions(
     maximum_receive_message_size=32768,
     long_poll_timeout=_float_env("INTEROP_LONG_POLL_TIMEOUT", 90.0),
     disconnect_timeout=_float_env("INTEROP_DISCONNECT_TIMEOUT", 15.0),
+    keep_alive_interval=_float_env("INTEROP_KEEP_ALIVE_INTERVAL", 15.0),
 )
 server = HubServer(options, authenticator=JwtBearerAuthenticator(JWT_KEY), cors_origins="*")
 server.add_hub("/testhub", TestHub)

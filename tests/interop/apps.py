@@ -9,7 +9,8 @@
 * ``/admin`` - a hub that requires role ``admin`` (hub-level policy -> 401);
 * ``/methods`` - method-level ``@authorize`` with role and claim policies.
 
-``restricted`` is a separate server whose CORS allows only ``http://allowed.example``.
+``restricted`` is a separate server whose CORS allows only ``http://allowed.example``; ``plain``
+one with the default (no CORS).
 
 Run: ``hubwire run tests.interop.apps:app --port N`` (same env variables as the interop app).
 """
@@ -77,3 +78,7 @@ app = server
 
 restricted = HubServer(cors_origins=["http://allowed.example"])
 restricted.add_connection_handler("/echo", lambda conn, data: conn.write(data))
+
+#: CORS is off by default
+plain = HubServer()
+plain.add_connection_handler("/echo", lambda conn, data: conn.write(data))

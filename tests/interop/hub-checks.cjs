@@ -95,6 +95,14 @@ const checks = [
     await withTimeout(done.promise, WAIT_MS, "stream completion");
     eq(items, ["a", "b", "c"], "items");
   }],
+  ["stream_empty", async (ctx) => {
+    const c = await connect(ctx);
+    const items = [];
+    const done = deferred();
+    c.stream("EmptyStream").subscribe({ next: (i) => items.push(i), error: done.reject, complete: done.resolve });
+    await withTimeout(done.promise, WAIT_MS, "stream completion");
+    eq(items, [], "items");
+  }],
   ["stream_cancel_reaches_server", async (ctx) => {
     const c = await connect(ctx);
     const canceled = nextCall(c, "StreamCanceled");
