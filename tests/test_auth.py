@@ -255,3 +255,13 @@ def test_policies() -> None:
     assert not require_role("admin")(None)
     assert require_claim("scope")(reader) and require_claim("scope", "read")(reader)
     assert not require_claim("scope", "write")(reader) and not require_claim("scope")(admin)
+
+
+async def test_post_token_does_not_change_the_connection_user(client: httpx.AsyncClient) -> None:
+    """The user is the transport request's; a POST with another (valid) token only authorizes itself."""
+    reader = bearer(generate_token(user="reader"))
+    _, token = await start_long_polling(client, "/methods", reader)
+    admin = bearer(generate_token(user="root", role="admin"))
+    await post(client, "/methods", token, invocation("AdminOnly", invocation_id="1"), admin)
+    (completion,) = await poll_records(client, "/methods", token, headers=reader)
+    assert completion["error"] == "Failed to invoke 'AdminOnly' because user is unauthorized"

@@ -587,8 +587,8 @@ class HubServer:
             if conn is None or not self.is_live(conn):
                 await respond(send, 404, b"No Connection with that ID", headers=cors)
                 return
-            if principal is not None:
-                conn.principal = principal
+            # the user is that of the transport request (SSE GET / polls), as in ASP.NET: a POST
+            # authorizes itself but does not change who the connection belongs to
             if method == "POST":
                 limit = self._post_limit(endpoint)
                 await handle_post(self, endpoint, conn, request, receive, send, cors, limit)
