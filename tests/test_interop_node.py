@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
 
 from tests.conftest import ROOT, ServerProcess
@@ -201,3 +203,47 @@ def test_every_reported_check_is_known(node_runs: dict[str, NodeRun]) -> None:
             else set(HUB_CHECKS) | set(TRANSPORT_CHECKS[label.split("/")[0]])
         )
         assert set(run.results) <= known, (label, set(run.results) - known)
+
+
+@pytest.mark.parametrize("transport", ["LongPolling", "ServerSentEvents", "WebSockets"])
+def test_vanished_client_is_disconnected_once(start_server, transport: str) -> None:  # type: ignore[no-untyped-def]
+    """The official client killed mid-connection (no stop, no DELETE): the server disposes it.
+
+    Long polling has nobody waiting between polls, so it takes the disconnect timeout (2 s here)
+    and the heartbeat's sweep; SSE and WebSockets notice the closed socket at once. Either way
+    ``on_disconnected`` runs exactly once.
+    """
+    disconnect_timeout = 2.0
+    server = start_server(
+        "examples.interop.app:app", env={"INTEROP_DISCONNECT_TIMEOUT": str(disconnect_timeout)}
+    )
+    proc = subprocess.Popen(
+        [str(NODE), str(INTEROP / "vanishing-client.cjs"), server.url, transport],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "the client did not connect within 20 s"
+        ids = json.loads(proc.stdout.readline())
+        assert ids["connectionId"] == ids["serverId"]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+    killed = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=5) as http:
+        count = "0"
+        while count == "0" and time.monotonic() - killed < disconnect_timeout + 5:
+            time.sleep(0.1)
+            count = http.get(f"/disconnected/{ids['connectionId']}").text
+        took = time.monotonic() - killed
+        time.sleep(1.2)  # another sweep or two: still once
+        assert http.get(f"/disconnected/{ids['connectionId']}").text == "1"
+    if transport == "LongPolling":
+        assert disconnect_timeout <= took <= disconnect_timeout + 2.5, took
+    else:
+        assert took < 2.0, took
