@@ -13,7 +13,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .connection import Connection, ConnectionManager, Principal, RequestInfo
 from .dispatcher import ConnectionApplication, HubEndpoint, RawEndpoint
@@ -34,8 +34,12 @@ from .protocol.negotiate import (
 )
 from .transports.httpbase import HttpConnectionState, handle_post
 from .transports.longpolling import handle_delete, serve_poll
+from .transports.relayed import LOCAL_ONLY, forward, serve_relayed
 from .transports.sse import serve_sse
 from .transports.websocket import reject_websocket, serve_websocket
+
+if TYPE_CHECKING:
+    from .backplane.relay import Relay
 
 __all__ = ["Authenticator", "Backplane", "HubServer", "InMemoryBackplane", "NegotiateRedirect"]
 
@@ -131,6 +135,8 @@ class HubServer:
     ) -> None:
         self.options = options or HubOptions()
         self.backplane: Backplane = backplane or _backplane_from_env() or InMemoryBackplane()
+        # a backplane that can relay HTTP-transport requests between instances (Redis does)
+        self._relay: Relay | None = getattr(self.backplane, "relay", None)
         self.authenticator = authenticator
         self.app = app
         self.protocols: dict[str, HubProtocol] = {
@@ -580,6 +586,14 @@ class HubServer:
         if not token:
             await respond(send, 400, b"Connection ID required", headers=cors)
             return
+        local = self.connections.get(token)
+        if (
+            self._relay is not None
+            and (local is None or local.transport_name is None)
+            and not scope.get(LOCAL_ONLY)
+            and await forward(self, self._relay, endpoint, scope, request, receive, send, token, cors)
+        ):
+            return  # another instance holds this connection and answered
         if method != "GET":
             # a POST or DELETE never starts a connection, so only local ones count: taking one
             # over here would accept bytes that the instance streaming to the client never sees
@@ -618,6 +632,9 @@ class HubServer:
             return
         if principal is not None:
             conn.principal = principal
+        if conn.transport_name is None and not await self._take_ownership(endpoint, conn, name):
+            await respond(send, 409, b"", headers=cors)
+            return
         if name == "ServerSentEvents":
             if conn.transport_active:
                 await respond(send, 409, b"", headers=cors)
@@ -678,6 +695,8 @@ class HubServer:
                 return 409, ""
             if principal is not None:
                 conn.principal = principal
+            if not await self._take_ownership(endpoint, conn, "WebSockets"):
+                return 409, ""
         else:
             # skipNegotiation: a connection created on the fly, version-0 style (token == id)
             conn = self.connections.create(0, principal, self.options.max_buffered_bytes)
@@ -686,6 +705,36 @@ class HubServer:
         conn.inactive_since = None
         conn.request = request
         return conn
+
+    async def _take_ownership(
+        self, endpoint: ConnectionApplication, conn: Connection, transport: str
+    ) -> bool:
+        """This instance starts ``conn``'s transport: claim it, and answer relays for SSE/LP.
+
+        False when another instance already started a connection with this id
+        (a replayed token).
+        """
+        claim = getattr(self.backplane, "claim_connection", None)
+        if claim is not None and not await claim(conn.connection_id):
+            log.warning("connection %s was already started on another instance", conn.connection_id)
+            return False
+        if self._relay is not None and transport != "WebSockets":
+            await serve_relayed(self, self._relay, endpoint, conn)
+        return True
+
+    def post_limit(self, endpoint: ConnectionApplication) -> int | None:
+        """Largest POST body accepted for ``endpoint``."""
+        return self._post_limit(endpoint)
+
+    def options_of(self, endpoint: ConnectionApplication) -> HubOptions:
+        """The options in force for ``endpoint``."""
+        return self._options_of(endpoint)
+
+    async def serve_http(
+        self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Answer a non-WebSocket request on a hub path (also used for relayed requests)."""
+        await self._http(endpoint, scope, receive, send)
 
     async def connection_ended(
         self, endpoint: ConnectionApplication, conn: Connection, error: BaseException | None
@@ -699,6 +748,8 @@ class HubServer:
         if conn.closed.is_set() or conn in self._ending:
             return
         self._ending.add(conn)
+        if self._relay is not None:
+            self._relay.stop_serving(conn.connection_id)
         self.sent_retired[0] += conn.outbox.sent
         self.sent_retired[1] += conn.outbox.sent_bytes
         conn.transport_active = False

@@ -73,8 +73,12 @@ class TokenIssuer:
         connection_id = _b64(body + self._mac(body, 6))
         return connection_id, connection_id
 
-    def verify(self, token: str, now: float | None = None) -> VerifiedToken | None:
-        """The connection a token stands for, or None (forged, foreign, expired, malformed)."""
+    def verify(self, token: str, now: float | None = None, check_age: bool = True) -> VerifiedToken | None:
+        """The connection a token stands for, or None (forged, foreign, expired, malformed).
+
+        ``check_age=False`` only checks the signature: enough to route a request to
+        the instance that already holds the connection, never to create one.
+        """
         if len(token) not in (22, 48):
             return None
         raw = _unb64(token)
@@ -91,6 +95,6 @@ class TokenIssuer:
         if not hmac.compare_digest(self._mac(body, len(mac)), mac):
             return None
         age = (now if now is not None else time.time()) - struct.unpack(">I", issued)[0]
-        if not -5 <= age <= self.max_age:
+        if check_age and not -5 <= age <= self.max_age:
             return None
         return VerifiedToken(connection_id, version)

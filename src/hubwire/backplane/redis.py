@@ -46,6 +46,7 @@ from ..protocol.backplane import (
 from ..protocol.errors import InvalidDataError
 from ..protocol.messages import CompletionMessage, InvocationMessage
 from .bus import RedisBus
+from .relay import Relay
 from .resp import RespError
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class RedisBackplane:
         self._stored_key: bytes | None = None
         self._started = 0
         self.managers: dict[str, RedisHubLifetimeManager] = {}
+        #: relays SSE / long-polling requests to the instance holding the connection
+        self.relay = Relay(self.bus, channel_prefix, self.server_name)
 
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
@@ -160,6 +163,23 @@ class RedisBackplane:
                 "Redis lost it): connections negotiated on one of them will be refused by the other "
                 "until the instances restart"
             )
+
+    async def claim_connection(self, connection_id: str) -> bool:
+        """Record that this instance started ``connection_id``; False if another already did.
+
+        Why: a connection token is valid on every instance for a short while, so
+        without a claim a replayed token could start a second connection with
+        the same id elsewhere. The claim outlives the token's validity. While
+        Redis is unreachable the claim cannot be checked and is allowed.
+        """
+        key = f"{self.channel_prefix}hubwire:internal:claim:{connection_id}"
+        try:
+            if await self.bus.command("SET", key, self.server_name, "NX", "EX", 120):
+                return True
+            return bool(await self.bus.command("GET", key) == self.server_name.encode())
+        except Exception as exc:
+            log.warning("cannot claim connection %s (%s); allowing it", connection_id, exc)
+            return True
 
     def health(self) -> dict[str, Any]:
         return self.bus.health()

@@ -1,0 +1,173 @@
+"""SSE and long polling without sticky sessions: relay requests to the instance holding the connection.
+
+An SSE or long-polling connection lives on the instance that started its
+transport (the *owner*: the SSE GET or the first poll landed there). With a
+backplane that has a :class:`~hubwire.backplane.relay.Relay`, the owner
+listens for relayed requests of that connection, and any other instance that
+receives a poll, a POST or a DELETE for it forwards the request and answers
+with the owner's reply. The owner answers relayed requests with the very same
+HTTP handlers as local ones (a captured ``send``), so status codes, poll
+replacement, ordering of POSTs and the DELETE semantics are identical.
+
+A second SSE stream for a connection that is streaming elsewhere gets
+``409``, as it would on the owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..connection import Connection, RequestInfo
+from ..http import BodyTooLarge, ClientGone, Message, Receive, Scope, Send, read_body, respond
+
+if TYPE_CHECKING:
+    from ..backplane.relay import Relay, Reply
+    from ..dispatcher import ConnectionApplication
+    from ..server import HubServer
+
+__all__ = ["LOCAL_ONLY", "forward", "serve_relayed"]
+
+log = logging.getLogger("hubwire.relay")
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+#: request headers the owner needs (authorization, transport choice, body type)
+_FORWARDED = ("authorization", "accept", "content-type", "cookie", "origin", "user-agent")
+#: scope key marking a request that must be answered here, never relayed again
+LOCAL_ONLY = "hubwire.local_only"
+#: extra time a relayed poll may take beyond the poll timeout
+_SLACK = 10.0
+
+
+async def forward(
+    server: HubServer,
+    relay: Relay,
+    endpoint: ConnectionApplication,
+    scope: Scope,
+    request: RequestInfo,
+    receive: Receive,
+    send: Send,
+    token: str,
+    cors: list[tuple[str, str]],
+) -> bool:
+    """Relay a request for a connection held by another instance; False when none holds it.
+
+    Called when the token's connection was not started here (unknown here, or
+    negotiated here but taken over elsewhere). A relayed request is answered
+    with the owner's status, body and content type.
+    """
+    verified = server.connections.issuer.verify(token, check_age=False)
+    if verified is None:
+        return False
+    method = scope.get("method", "GET")
+    body = b""
+    if method == "POST":
+        try:
+            body = await read_body(receive, server.post_limit(endpoint))
+        except BodyTooLarge:
+            await respond(send, 413, b"Request body too large.", headers=cors)
+            return True
+        except ClientGone:
+            return True
+    headers = [(name, request.headers[name]) for name in _FORWARDED if name in request.headers]
+    payload = _encoder.encode(
+        [method, scope.get("path", ""), scope.get("query_string", b"").decode("latin-1"), headers, body]
+    )
+    timeout = server.options_of(endpoint).long_poll_timeout + _SLACK if method == "GET" else 30.0
+    reply = await relay.request(verified.connection_id, payload, timeout)
+    if reply is None:
+        local = server.connections.get(token)
+        if method == "GET" or local is None:
+            if method != "GET":
+                await respond(send, 404, b"No Connection with that ID", headers=cors)
+                return True
+            return False  # nobody holds it: the caller may start it here
+        # negotiated here and not started anywhere yet: handle it here with the body already read
+        await server.serve_http(endpoint, {**scope, LOCAL_ONLY: True}, _replay(body), send)
+        return True
+    status, reply_body, reply_headers = reply
+    content_type = next((v for k, v in reply_headers if k == "content-type"), None)
+    extra = [(k, v) for k, v in reply_headers if k not in ("content-type", "content-length")]
+    await respond(send, status, reply_body, content_type, [*extra, *_without(cors, extra)])
+    return True
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _without(cors: list[tuple[str, str]], present: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    names = {k for k, _ in present}
+    return [(k, v) for k, v in cors if k not in names]
+
+
+async def serve_relayed(
+    server: HubServer, relay: Relay, endpoint: ConnectionApplication, conn: Connection
+) -> None:
+    """Answer relayed requests for ``conn``, which this instance now holds."""
+
+    async def handle(payload: bytes) -> Reply:
+        method, path, query, headers, body = _decoder.decode(payload)[:5]
+        raw_headers = [(str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in headers]
+        accept = next((v for k, v in headers if k == "accept"), "")
+        if method == "GET" and "text/event-stream" in str(accept).lower():
+            # a second event stream while this one streams
+            return 409, b"", []
+        scope: dict[str, Any] = {
+            "type": "http",
+            "method": str(method),
+            "path": str(path),
+            "root_path": "",
+            "query_string": str(query).encode("latin-1"),
+            "headers": raw_headers,
+            "client": None,
+            "scheme": "http",
+            LOCAL_ONLY: True,
+        }
+        return await _capture(server, endpoint, scope, body if isinstance(body, bytes) else b"")
+
+    await relay.serve(conn.connection_id, handle)
+
+
+async def _capture(server: HubServer, endpoint: ConnectionApplication, scope: Scope, body: bytes) -> Reply:
+    """Run the ordinary HTTP handler on a relayed request and collect its response."""
+    delivered = False
+    never: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await never  # the relaying instance keeps the real client; this side never ends early
+
+    status = 500
+    headers: list[tuple[str, str]] = []
+    chunks: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    try:
+        await server.serve_http(endpoint, scope, receive, send)
+    finally:
+        never.cancel()
+    return status, b"".join(chunks), headers
