@@ -505,6 +505,48 @@ def test_js_client_behind_round_robin_proxy(no_sticky_run: ScenarioRun, check: s
     no_sticky_run.require(check)
 
 
+@pytest.mark.parametrize("version", [1, None])
+async def test_a_started_connection_cannot_be_started_again_elsewhere(
+    cluster: Cluster, version: int | None
+) -> None:
+    """A replayed token (still within its validity) is refused by every other instance: starts are claimed."""
+    a, b, c = cluster.urls
+    body = await negotiate(a, version)
+    token = body["connectionToken"] if version == 1 else body["connectionId"]
+    async with open_hub(b, token) as hub:
+        assert (await hub.invoke("Whoami"))["connectionId"] == body["connectionId"]
+        assert await refused_status(c, token) == 409
+        assert await refused_status(a, token) == 409
+    # after it ended, the token stays spent everywhere (no second connection with that id)
+    assert await refused_status(c, token) in (404, 409)
+
+
+@pytest.fixture(scope="module")
+def http_no_sticky_run(cluster: Cluster) -> ScenarioRun:
+    run = run_scenario("http_no_sticky.cjs", cluster.urls)
+    run.context = cluster.logs() if any(not c.get("ok") for c in run.checks.values()) else ""
+    return run
+
+
+@needs_node
+@pytest.mark.parametrize("mode", ["longpolling_json", "longpolling_messagepack", "sse_json"])
+@pytest.mark.parametrize(
+    "check",
+    [
+        "connect_through_round_robin",
+        "invocations_answered_by_owner",
+        "broadcast_once",
+        "group_and_client_sends",
+        "stop_ends_the_connection",
+    ],
+)
+def test_http_transports_behind_round_robin_proxy(
+    http_no_sticky_run: ScenarioRun, mode: str, check: str
+) -> None:
+    """SSE and long polling with every request on the next instance: relayed to the connection's owner."""
+    http_no_sticky_run.require(f"{mode}_{check}")
+
+
 # ====================================================================================================
 # 5. Two apps (two channel prefixes) on one Redis
 # ====================================================================================================

@@ -8,6 +8,8 @@
 //                                                                     line to our stdin to resume us
 // Every wait is bounded; a check that exceeds its bound fails with what was (not) received.
 
+const http = require("node:http");
+const net = require("node:net");
 const util = require("node:util");
 const readline = require("node:readline");
 const signalR = require("@microsoft/signalr");
@@ -73,10 +75,13 @@ function unique(label) {
  * recorded as "kind:value" in `client.got`; its "Result" handler answers `result` (default
  * "result-<tag>").
  */
-async function connect(baseUrl, { tag, user, protocol = "json", result, hub = "/hub" } = {}) {
+async function connect(
+  baseUrl,
+  { tag, user, protocol = "json", result, hub = "/hub", transport = signalR.HttpTransportType.WebSockets } = {},
+) {
   const url = `${baseUrl}${hub}` + (user ? `?user=${encodeURIComponent(user)}` : "");
   const builder = new signalR.HubConnectionBuilder()
-    .withUrl(url, { transport: signalR.HttpTransportType.WebSockets })
+    .withUrl(url, { transport })
     .configureLogging(signalR.LogLevel.None);
   if (protocol === "messagepack") builder.withHubProtocol(new MessagePackHubProtocol());
   const conn = builder.build();
@@ -190,6 +195,55 @@ function run(main) {
     .finally(() => process.exit(0));
 }
 
+// A round-robin proxy (loopback, ephemeral port): each HTTP request and each WebSocket upgrade goes to
+// the next backend in turn, with no affinity; `log` records where each went.
+function startProxy(backends) {
+  const log = [];
+  let next = 0;
+  const pick = () => {
+    const index = next++ % backends.length;
+    return { index, backend: backends[index] };
+  };
+  const server = http.createServer((req, res) => {
+    const { index, backend } = pick();
+    log.push({ kind: "http", method: req.method, path: req.url, backend: index });
+    const upstream = http.request(
+      { host: backend.hostname, port: backend.port, method: req.method, path: req.url, headers: req.headers },
+      (up) => {
+        res.writeHead(up.statusCode, up.headers);
+        up.pipe(res);
+      },
+    );
+    upstream.on("error", () => {
+      if (!res.headersSent) res.writeHead(502);
+      res.end();
+    });
+    res.on("close", () => upstream.destroy()); // a client that goes away ends the upstream request too
+    req.pipe(upstream);
+  });
+  server.on("upgrade", (req, socket, head) => {
+    const { index, backend } = pick();
+    log.push({ kind: "websocket", path: req.url, backend: index });
+    const upstream = net.connect(Number(backend.port), backend.hostname, () => {
+      const lines = [`${req.method} ${req.url} HTTP/${req.httpVersion}`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      upstream.write(lines.join("\r\n") + "\r\n\r\n");
+      if (head && head.length) upstream.write(head);
+      upstream.pipe(socket);
+      socket.pipe(upstream);
+    });
+    const drop = () => {
+      upstream.destroy();
+      socket.destroy();
+    };
+    upstream.on("error", drop);
+    socket.on("error", drop);
+  });
+  return new Promise((resolve) => {
+    server.listen(0, "127.0.0.1", () => resolve({ server, log, url: `http://127.0.0.1:${server.address().port}` }));
+  });
+}
+
 module.exports = {
   CheckFailed,
   QUIET_MS,
@@ -208,6 +262,7 @@ module.exports = {
   run,
   show,
   signalR,
+  startProxy,
   sleep,
   step,
   stopAll,

@@ -6,8 +6,6 @@
 // The proxy (loopback, ephemeral port) forwards each HTTP request and each WebSocket upgrade to the
 // next backend in turn and logs where each went. Prints one JSON line per check (see lib.cjs).
 
-const http = require("node:http");
-const net = require("node:net");
 const {
   check,
   connect,
@@ -18,60 +16,16 @@ const {
   invoke,
   post,
   run,
+  startProxy,
   stopAll,
   unique,
 } = require("./lib.cjs");
 
 const backends = process.argv.slice(2).map((u) => new URL(u));
 
-function startProxy() {
-  const log = [];
-  let next = 0;
-  const pick = () => {
-    const index = next++ % backends.length;
-    return { index, backend: backends[index] };
-  };
-  const server = http.createServer((req, res) => {
-    const { index, backend } = pick();
-    log.push({ kind: "http", method: req.method, path: req.url, backend: index });
-    const upstream = http.request(
-      { host: backend.hostname, port: backend.port, method: req.method, path: req.url, headers: req.headers },
-      (up) => {
-        res.writeHead(up.statusCode, up.headers);
-        up.pipe(res);
-      },
-    );
-    upstream.on("error", () => {
-      res.writeHead(502);
-      res.end();
-    });
-    req.pipe(upstream);
-  });
-  server.on("upgrade", (req, socket, head) => {
-    const { index, backend } = pick();
-    log.push({ kind: "websocket", path: req.url, backend: index });
-    const upstream = net.connect(Number(backend.port), backend.hostname, () => {
-      const lines = [`${req.method} ${req.url} HTTP/${req.httpVersion}`];
-      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
-      upstream.write(lines.join("\r\n") + "\r\n\r\n");
-      if (head && head.length) upstream.write(head);
-      upstream.pipe(socket);
-      socket.pipe(upstream);
-    });
-    const drop = () => {
-      upstream.destroy();
-      socket.destroy();
-    };
-    upstream.on("error", drop);
-    socket.on("error", drop);
-  });
-  return new Promise((resolve) => {
-    server.listen(0, "127.0.0.1", () => resolve({ server, log, url: `http://127.0.0.1:${server.address().port}` }));
-  });
-}
 
 run(async () => {
-  const proxy = await startProxy();
+  const proxy = await startProxy(backends);
   const pids = [];
   for (const backend of backends) pids.push(Number(await (await fetch(new URL("/whoami", backend))).text()));
   const clients = [];
