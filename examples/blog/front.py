@@ -2,9 +2,9 @@
 
 Every new HTTP request and every new WebSocket goes to the next instance in turn, so a SignalR
 client negotiates on one instance and opens its WebSocket on another: hubwire needs no sticky
-sessions for WebSockets, whose connection token is signed with a key all instances share.
-(Server-Sent Events and long polling send in separate POSTs, which must reach the instance holding
-the stream: they would need affinity, so the page uses WebSockets, the default.) An instance that
+sessions (the connection token is signed with a key all instances share, and Server-Sent Events or
+long-polling requests that reach another instance are relayed to the one holding the connection).
+An instance that
 refuses TCP connections is skipped, so stopping one shows clients reconnecting to the others.
 
 This is a demo load balancer (uvicorn + httpx + websockets), not a production proxy: use your
