@@ -98,6 +98,18 @@ class ClientResults:
                 future.set_result(completion.result)
         return True
 
+    async def invoke_local(
+        self, conn: HubConnectionContext, method: str, args: Sequence[Any], timeout: float | None
+    ) -> Any:
+        """Invoke a client method on a connection held here and wait for its result."""
+        invocation_id = self.new_id()
+        future = self.add(invocation_id, conn.connection_id)
+        conn.write_message(InvocationMessage(method, list(args), invocation_id=invocation_id))
+        try:
+            return await await_result(future, timeout)
+        finally:
+            self.discard(invocation_id)
+
     def fail_connection(self, connection_id: str) -> None:
         """The connection went away: every result it owed fails."""
         for invocation_id, (future, owner) in list(self._pending.items()):
@@ -324,13 +336,7 @@ class InMemoryLifetimeManager(HubLifetimeManager):
         conn = self.local.connections.get(connection_id)
         if conn is None:
             raise HubException(f"Connection '{connection_id}' does not exist.")
-        invocation_id = self.results.new_id()
-        future = self.results.add(invocation_id, connection_id)
-        conn.write_message(InvocationMessage(method, list(args), invocation_id=invocation_id))
-        try:
-            return await await_result(future, timeout)
-        finally:
-            self.results.discard(invocation_id)
+        return await self.results.invoke_local(conn, method, args, timeout)
 
     def set_connection_result(self, connection: HubConnectionContext, completion: CompletionMessage) -> bool:
         return self.results.complete(completion)

@@ -510,24 +510,37 @@ class HubServer:
         self.refused["max_connections"] += 1
         return True
 
+    async def _http_preamble(
+        self, endpoint: ConnectionApplication, scope: Scope, send: Send, methods: tuple[str, ...]
+    ) -> tuple[RequestInfo, list[tuple[str, str]]] | None:
+        """What every HTTP request on a hub path goes through first: CORS preflight, origin, method.
+
+        Returns the request and the CORS headers to add, or None when it was already answered.
+        """
+        request = RequestInfo.from_scope(scope)
+        method = scope.get("method")
+        if method == "OPTIONS" and self.cors_origins is not None:
+            await self._preflight(request, send)
+            return None
+        cors = self._cors_headers(request)
+        if self._origin_refused(endpoint, request):
+            await respond(send, 403, b"Origin not allowed", headers=cors)
+            return None
+        if method not in methods:
+            await respond(send, 405, b"", headers=cors)
+            return None
+        return request, cors
+
     # -- negotiate -------------------------------------------------------------------------------
 
     async def _negotiate(
         self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """``POST {hub}/negotiate``: authorize, maybe redirect, else create a connection."""
-        request = RequestInfo.from_scope(scope)
-        method = scope.get("method")
-        if method == "OPTIONS" and self.cors_origins is not None:
-            await self._preflight(request, send)
+        checked = await self._http_preamble(endpoint, scope, send, ("POST",))
+        if checked is None:
             return
-        cors = self._cors_headers(request)
-        if self._origin_refused(endpoint, request):
-            await respond(send, 403, b"Origin not allowed", headers=cors)
-            return
-        if method != "POST":
-            await respond(send, 405, b"", headers=cors)
-            return
+        request, cors = checked
         if self._at_capacity(None):
             await respond(send, 503, b"Too many connections", headers=[*cors, ("retry-after", "1")])
             return
@@ -567,17 +580,10 @@ class HubServer:
         one stream at a time (409).
         """
         method = scope.get("method")
-        request = RequestInfo.from_scope(scope)
-        if method == "OPTIONS" and self.cors_origins is not None:
-            await self._preflight(request, send)
+        checked = await self._http_preamble(endpoint, scope, send, ("GET", "POST", "DELETE"))
+        if checked is None:
             return
-        cors = self._cors_headers(request)
-        if self._origin_refused(endpoint, request):
-            await respond(send, 403, b"Origin not allowed", headers=cors)
-            return
-        if method not in ("GET", "POST", "DELETE"):
-            await respond(send, 405, b"", headers=cors)
-            return
+        request, cors = checked
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
             await self._unauthorized(send, cors)

@@ -434,13 +434,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
     ) -> Any:
         conn = self.local.connections.get(connection_id)
         if conn is not None:
-            invocation_id = self.results.new_id()
-            future = self.results.add(invocation_id, connection_id)
-            conn.write_message(InvocationMessage(method, list(args), invocation_id=invocation_id))
-            try:
-                return await await_result(future, timeout)
-            finally:
-                self.results.discard(invocation_id)
+            return await self.results.invoke_local(conn, method, args, timeout)
         invocation_id = base64.b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
         future = self.results.add(invocation_id, connection_id)
         loop = asyncio.get_running_loop()
