@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -40,8 +41,13 @@ def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | 
 class ServerProcess:
     """A real ``hubwire run`` process on a free loopback port."""
 
-    def __init__(self, app: str, port: int | None = None, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        app: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
@@ -52,8 +58,18 @@ class ServerProcess:
         full_env["PYTHONPATH"] = os.pathsep.join(paths)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "hubwire.cli", "run", app, "--port", str(self.port), "--log-level", "warning",
-             *(args or [])],
+            [
+                PYTHON,
+                "-m",
+                "hubwire.cli",
+                "run",
+                app,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *(args or []),
+            ],
             cwd=ROOT,
             env=full_env,
             stdout=self.log,
@@ -117,8 +133,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir],
+            [
+                self.exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -148,3 +175,37 @@ def private_redis() -> Iterator[RedisServer]:
     server = RedisServer()
     yield server
     server.close()
+
+
+def run_node_checks(args: list[str], timeout: float) -> tuple[dict[str, dict[str, object]], str]:
+    """Run a Node check script (one JSON object with a ``name`` per stdout line), bounded in time.
+
+    Returns the results by name and the script's stderr. The script runs in its own session, so
+    a timeout kills it together with anything it started (a Chromium, say).
+    """
+    node = shutil.which("node") or "node"
+    proc = subprocess.Popen(
+        [node, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=10)
+            err += f"\n[killed after {timeout} s]"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    results: dict[str, dict[str, object]] = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            results[str(result["name"])] = result
+    return results, err

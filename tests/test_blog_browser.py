@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.blog import start_demo
-from tests.conftest import ROOT, RedisServer
+from tests.conftest import ROOT, RedisServer, run_node_checks
 
 NODE = shutil.which("node")
 CHROMIUM = Path(os.environ.get("HUBWIRE_CHROMIUM", "/usr/bin/chromium"))
@@ -64,31 +62,10 @@ def browser_results(redis_server: RedisServer) -> Iterator[tuple[dict[str, dict[
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
-    proc = subprocess.Popen(
-        [str(NODE), str(SCRIPT), f.name],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     try:
-        try:
-            out, err = proc.communicate(timeout=BROWSER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # node and the Chromium it launched
-            out, err = proc.communicate(timeout=10)
-            err += f"\n[killed after {BROWSER_TIMEOUT} s]"
-        results = {}
-        for line in out.splitlines():
-            if line.startswith("{"):
-                result = json.loads(line)
-                results[str(result["name"])] = result
+        results, err = run_node_checks([str(SCRIPT), f.name], BROWSER_TIMEOUT)
         yield results, f"{err}\n--- demo output ---\n{demo.output()}"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
         os.unlink(f.name)
         demo.stop()
         demo.kill_all()

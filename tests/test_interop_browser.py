@@ -9,17 +9,14 @@ One page per transport x protocol; one pytest test per check.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, run_node_checks
 
 NODE = shutil.which("node")
 CHROMIUM = Path(os.environ.get("HUBWIRE_CHROMIUM", "/usr/bin/chromium"))
@@ -59,31 +56,10 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def browser_results() -> Iterator[tuple[dict[str, dict[str, object]], str]]:
     server = ServerProcess("examples.interop.app:app")
-    proc = subprocess.Popen(
-        [str(NODE), str(SCRIPT), str(server.port), str(CHROMIUM)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     try:
-        try:
-            out, err = proc.communicate(timeout=BROWSER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # node and the Chromium it launched
-            out, err = proc.communicate(timeout=10)
-            err += f"\n[killed after {BROWSER_TIMEOUT} s]"
-        results = {}
-        for line in out.splitlines():
-            if line.startswith("{"):
-                result = json.loads(line)
-                results[str(result["name"])] = result
+        results, err = run_node_checks([str(SCRIPT), str(server.port), str(CHROMIUM)], BROWSER_TIMEOUT)
         yield results, err
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
         server.close()
 
 
