@@ -59,7 +59,11 @@ def _log_config(fmt: str, level: str) -> dict[str, Any]:
             "disable_existing_loggers": False,
             "formatters": {"json": {"()": "hubwire.logs.JsonFormatter"}},
             "handlers": {
-                "default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+                "default": {
+                    "class": "logging.StreamHandler",
+                    "formatter": "json",
+                    "stream": "ext://sys.stderr",
+                }
             },
             "loggers": {"uvicorn": handler, "uvicorn.access": handler, "hubwire": handler},
         }
@@ -89,12 +93,10 @@ def _server_class(app: Any) -> Any:
 
 
 def _ws_protocol(serving: str) -> Any:
-    """``native``: hubwire's direct-write WebSocket protocol; ``asgi``: uvicorn's own."""
-    if serving == "asgi":
-        return "websockets-sansio"
-    from .transports.native import NativeWebSocketProtocol
+    """``native``: hubwire's direct-write WebSocket protocol; ``asgi``: uvicorn's own (request-checked)."""
+    from .transports.native import CheckedWebSocketProtocol, NativeWebSocketProtocol
 
-    return NativeWebSocketProtocol
+    return CheckedWebSocketProtocol if serving == "asgi" else NativeWebSocketProtocol
 
 
 def _demo_imports() -> None:

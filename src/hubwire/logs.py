@@ -8,6 +8,10 @@ values with ``[redacted]``. hubwire's own log records name connections by
 their public id only, and carry it as ``record.connection_id`` (with
 ``record.event``) for structured logging; :class:`JsonFormatter` writes them
 as one JSON object per line (``hubwire run --log-format json``).
+
+Note: with negotiate version 0 (the Python clients) the connection id *is*
+the token, as in ASP.NET Core; only negotiate v1 clients get a separate
+secret token.
 """
 
 from __future__ import annotations
@@ -30,10 +34,23 @@ def redact(text: str) -> str:
     return _SECRET_PARAMS.sub(r"\1[redacted]", text)
 
 
+#: uvicorn messages about a client's bad input that it logs with a traceback; they say nothing about
+#: the server, and a traceback per hostile client would flood the log: logged as a one-line warning
+_CLIENT_ERRORS = frozenset({"Invalid UTF-8 sequence received from client."})
+
+
 class RedactSecrets(logging.Filter):
-    """Rewrites a record's message arguments (and message) so no token is logged."""
+    """Rewrites a record's message arguments (and message) so no token is logged.
+
+    Also turns uvicorn's tracebacks for a client's invalid input (``_CLIENT_ERRORS``)
+    into one-line warnings.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in _CLIENT_ERRORS and record.exc_info:
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         args = record.args
         if isinstance(args, tuple):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in args)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..dispatcher import ConnectionApplication
     from ..server import HubServer
 
-__all__ = ["NativeWebSocketProtocol"]
+__all__ = ["CheckedWebSocketProtocol", "NativeWebSocketProtocol"]
 
 log = logging.getLogger("hubwire.websocket")
 
@@ -78,8 +78,18 @@ def _close_frame(code: int, reason: str = "") -> bytes:
     return bytes((0x88, len(payload))) + payload
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 class NativeWebSocketProtocol(asyncio.Protocol):
     """One WebSocket connection on a hub path (or a hand-over to uvicorn's protocol)."""
+
+    #: serve hub paths here; False hands every upgrade to uvicorn (after the request checks)
+    serve_hubs = True
 
     def __init__(
         self,
@@ -176,7 +186,11 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             if sep:
                 raw_headers.append((name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")))
         path, _, query = target.partition("?")
-        server = _find_server(self.config.loaded_app)
+        if _has_body(raw_headers):
+            # uvicorn's implementation would neither answer nor close such a request
+            self._reply(400, "A WebSocket upgrade request has no body")
+            return
+        server = _find_server(self.config.loaded_app) if self.serve_hubs else None
         endpoint = server.route(unquote(path)) if server is not None and method == "GET" else None
         if server is None or endpoint is None:
             self._hand_over()
@@ -411,3 +425,11 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         if self.transport is not None:
             with contextlib.suppress(Exception):
                 self.transport.abort()
+
+
+class CheckedWebSocketProtocol(NativeWebSocketProtocol):
+    """The ASGI serving mode: uvicorn's WebSocket implementation for every path, hub paths included,
+    behind the request checks uvicorn's own implementation lacks (an upgrade with a body is
+    answered 400 instead of being left hanging)."""
+
+    serve_hubs = False
