@@ -22,7 +22,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from hubwire import Hub, HubOptions, HubServer, Principal, RequestInfo
 
@@ -130,8 +131,19 @@ async def group_send(request: Request) -> JSONResponse:
     return JSONResponse({"sent": seq})
 
 
+async def ws_echo(websocket: WebSocket) -> None:
+    """A plain (non-hub) WebSocket route of the wrapped app: echoes text until closed."""
+    await websocket.accept()
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await websocket.send_text("echo " + (message.get("text") or ""))
+
+
 web = Starlette(
     routes=[
+        WebSocketRoute("/ws-echo", ws_echo),
         Route("/blast", blast, methods=["POST"]),
         Route("/broadcast/{seq}", broadcast, methods=["POST"]),
         Route("/group/{group}/{seq}", group_send, methods=["POST"]),

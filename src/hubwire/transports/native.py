@@ -118,6 +118,8 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         #: a close frame was received or a protocol error seen: read no further frames
         self._closing = False
         self._error: BaseException | None = None
+        #: uvicorn's protocol that serves a non-hub path after the hand-over
+        self._other: Any = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -126,6 +128,9 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         self.server_state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._other is not None:  # handed over (uvicorn may set us back as the protocol)
+            self._other.data_received(data)
+            return
         if self._stage == _OPEN:
             self._buf += data
             self._read_frames()
@@ -133,7 +138,16 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             self._buf += data
             self._read_request()
 
+    def eof_received(self) -> bool | None:
+        if self._other is not None:
+            result: bool | None = self._other.eof_received()
+            return result
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._other is not None:
+            self._other.connection_lost(exc)
+            return
         self.server_state.connections.discard(self)
         stage, self._stage = self._stage, _CLOSED
         self.transport = None
@@ -152,10 +166,12 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             task.add_done_callback(self._server._tasks.discard)
 
     def pause_writing(self) -> None:  # the slow-consumer bound is enforced on write
-        pass
+        if self._other is not None:
+            self._other.pause_writing()
 
     def resume_writing(self) -> None:
-        pass
+        if self._other is not None:
+            self._other.resume_writing()
 
     def shutdown(self) -> None:
         """uvicorn is stopping: ask the client to reconnect elsewhere (SignalR Close, then 1012)."""
@@ -222,6 +238,9 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         transport, self.transport, self._stage = self.transport, None, _CLOSED
         assert transport is not None
         other.connection_made(transport)
+        # uvicorn sets this protocol on the transport after the request bytes were handed to it
+        # (that is, after this returns), so keep forwarding to the new protocol as well
+        self._other = other
         other.data_received(bytes(self._buf))
         transport.set_protocol(other)
 
