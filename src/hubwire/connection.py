@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -133,6 +132,26 @@ class ConnectionLayerStats:
 stats = ConnectionLayerStats()
 
 
+#: outboxes with a sink and unsent records, flushed together at the end of the loop iteration
+_dirty: list[Outbox] = []
+
+
+def _flush_dirty() -> None:
+    """Hand every dirty outbox's records to its sink; one frame memo for the whole pass.
+
+    A broadcast leaves the same bytes object in many outboxes, so the sink
+    frames it once and writes the same frame to every socket.
+    """
+    batch = _dirty[:]
+    _dirty.clear()
+    memo: dict[int, tuple[bytes, bytes]] = {}
+    for outbox in batch:
+        sink = outbox.sink
+        outbox.dirty = False
+        if sink is not None and outbox._chunks:
+            sink.flush(outbox, memo)
+
+
 class Outbox:
     """Outbound bytes of one connection, drained by the transport's single writer loop.
 
@@ -159,7 +178,7 @@ class Outbox:
     )
 
     def __init__(self, max_buffered: int | None = None) -> None:
-        self._chunks: deque[bytes] = deque()
+        self._chunks: list[bytes] = []
         self._waiter: asyncio.Future[None] | None = None
         #: the writer was woken and will take everything queued at its next step
         self._woken = False
@@ -190,11 +209,13 @@ class Outbox:
         self.sent += 1
         self.sent_bytes += size
         self.wrote = True
-        sink = self.sink
-        if sink is not None:
+        if self.sink is not None:
             if not self.dirty:
+                # native mode: flushed once per loop iteration, all dirty sockets in one pass
                 self.dirty = True
-                sink.schedule(self)
+                _dirty.append(self)
+                if len(_dirty) == 1:
+                    asyncio.get_running_loop().call_soon(_flush_dirty)
             return
         waiter = self._waiter
         if waiter is not None:
@@ -231,8 +252,8 @@ class Outbox:
 
     def take_nowait(self) -> list[bytes]:
         """Everything queued right now (possibly nothing)."""
-        chunks = list(self._chunks)
-        self._chunks.clear()
+        chunks = self._chunks
+        self._chunks = []
         self.buffered = 0
         self._woken = False
         return chunks

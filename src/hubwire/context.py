@@ -32,7 +32,9 @@ class HubConnectionContext:
         "invocation_slots",
         "last_write",
         "max_parallel",
+        "outbox",
         "protocol",
+        "protocol_name",
         "rate_stamp",
         "rate_tokens",
         "received",
@@ -50,7 +52,10 @@ class HubConnectionContext:
     ) -> None:
         self.connection = connection
         self.connection_id = connection.connection_id
+        #: the connection's outbox and protocol name, kept here for the per-recipient delivery loops
+        self.outbox = connection.outbox
         self.protocol = protocol
+        self.protocol_name = protocol.name
         self.handshake_version = handshake_version
         principal = connection.principal
         self.user_identifier = principal.identifier if principal else None
@@ -69,11 +74,11 @@ class HubConnectionContext:
 
     def write(self, data: bytes) -> None:
         """Queue already-framed bytes (for this connection's protocol)."""
-        self.connection.outbox.write(data)
+        self.outbox.write(data)
 
     def write_message(self, message: HubMessage) -> None:
         """Frame one message with this connection's protocol and queue it."""
-        self.connection.outbox.write(self.protocol.write_message(message))
+        self.outbox.write(self.protocol.write_message(message))
 
     def close(self, error: str | None = None, allow_reconnect: bool = False) -> None:
         """Send a Close message and end the connection once it is flushed."""

@@ -266,15 +266,14 @@ class LocalConnections:
     ) -> int:
         """Append the message's bytes to each recipient's outbox; returns the count."""
         count = 0
-        cache: dict[int, bytes] = {}
+        cache: dict[str, bytes] = {}
         for conn in recipients:
             if exclude and conn.connection_id in exclude:
                 continue
-            key = id(conn.protocol)
-            data = cache.get(key)
+            data = cache.get(conn.protocol_name)
             if data is None:
-                data = cache[key] = message.for_protocol(conn.protocol)
-            conn.write(data)
+                data = cache[conn.protocol_name] = message.for_protocol(conn.protocol)
+            conn.outbox.write(data)
             count += 1
         return count
 

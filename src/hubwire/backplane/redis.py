@@ -312,15 +312,15 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         for conn in recipients:
             if excluded and conn.connection_id in excluded:
                 continue
-            data = sers.get(conn.protocol.name)
+            data = sers.get(conn.protocol_name)
             if data is None:
                 log.warning(
                     "backplane message has no %r serialization; %s does not get it",
-                    conn.protocol.name,
+                    conn.protocol_name,
                     conn.connection_id,
                 )
                 continue
-            conn.write(data)
+            conn.outbox.write(data)
 
     def _on_all(self, channel: bytes, data: bytes) -> None:
         inv = self._decode(channel, data)

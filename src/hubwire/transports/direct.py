@@ -8,7 +8,7 @@ all of that:
 
 * a connection's :class:`~hubwire.connection.Outbox` gets a *sink*; ``write``
   appends and marks the outbox dirty (no await, no task);
-* once per event-loop iteration :func:`_flush` writes each dirty socket's
+* once per event-loop iteration the outbox hands each dirty socket's
   pending records as **one** frame (coalescing bursts), and a frame built for
   one bytes object is reused for every socket in that iteration, so a
   broadcast is framed once per protocol, not once per recipient;
@@ -22,7 +22,6 @@ with identical behaviour.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ __all__ = ["DirectSink", "frame"]
 log = logging.getLogger("hubwire.websocket")
 
 _TEXT, _BINARY = 0x81, 0x82
+_BINARY_FORMAT = TransferFormat.BINARY
 
 
 def frame(payload: bytes, binary: bool) -> bytes:
@@ -50,27 +50,13 @@ def frame(payload: bytes, binary: bool) -> bytes:
     return struct.pack("!BBQ", first, 127, size) + payload
 
 
-_dirty: list[Outbox] = []
-_scheduled = False
-
-
-def _flush() -> None:
-    """Write every dirty outbox once; frames are memoized per payload object for this pass."""
-    global _scheduled
-    _scheduled = False
-    if not _dirty:
-        return
-    batch = _dirty[:]
-    _dirty.clear()
-    memo: dict[tuple[int, bool], tuple[bytes, bytes]] = {}
-    for outbox in batch:
-        sink = outbox.sink
-        if sink is not None:
-            sink.flush(outbox, memo)
-
-
 class DirectSink:
-    """Writes one connection's outbound records straight to its uvicorn WebSocket transport."""
+    """Writes one connection's outbound records straight to its WebSocket transport.
+
+    The outbox calls :meth:`flush` once per loop iteration when it has records
+    (see ``hubwire.connection._flush_dirty``), with a frame memo shared by every
+    socket flushed in that pass.
+    """
 
     __slots__ = ("_conn", "_proto")
 
@@ -78,15 +64,7 @@ class DirectSink:
         self._proto = proto
         self._conn = conn
 
-    def schedule(self, outbox: Outbox) -> None:
-        global _scheduled
-        _dirty.append(outbox)
-        if not _scheduled:
-            _scheduled = True
-            asyncio.get_running_loop().call_soon(_flush)
-
-    def flush(self, outbox: Outbox, memo: dict[tuple[int, bool], tuple[bytes, bytes]] | None = None) -> None:
-        outbox.dirty = False
+    def flush(self, outbox: Outbox, memo: dict[int, tuple[bytes, bytes]] | None = None) -> None:
         chunks = outbox.take_nowait()
         if not chunks:
             return
@@ -94,10 +72,10 @@ class DirectSink:
         transport = proto.transport
         if proto.close_sent or transport is None or transport.is_closing():
             return
-        binary = self._conn.transfer_format is TransferFormat.BINARY
+        binary = self._conn.transfer_format is _BINARY_FORMAT
         if len(chunks) == 1:
             payload = chunks[0]
-            key = (id(payload), binary)
+            key = id(payload) * 2 + binary
             entry = memo.get(key) if memo is not None else None
             if entry is not None and entry[0] is payload:
                 data = entry[1]
