@@ -68,6 +68,9 @@ class HardHub(Hub):
     async def send_to_group(self, group: str, value: Any) -> None:
         await self.clients.group(group).send("Group", group, value)
 
+    async def send_to_user(self, user: str, value: Any) -> None:
+        await self.clients.user(user).send("User", user, value)
+
     async def broadcast(self, value: Any) -> None:
         await self.clients.all.send("Broadcast", value)
 

@@ -48,12 +48,16 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEAD = 16 * 1024
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+#: what uvicorn's WebSocket implementation (the websockets library) accepts in a request head
+_HANDOVER_MAX_LINE = 8192 - 2
+_HANDOVER_MAX_HEADERS = 128
 _STATUS = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     409: "Conflict",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -209,6 +213,11 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         server = _find_server(self.config.loaded_app) if self.serve_hubs else None
         endpoint = server.route(unquote(path)) if server is not None and method == "GET" else None
         if server is None or endpoint is None:
+            too_long = any(len(line) > _HANDOVER_MAX_LINE for line in lines)
+            if too_long or len(lines) - 1 > _HANDOVER_MAX_HEADERS:
+                # uvicorn's implementation would queue its 431 and never send it
+                self._reply(431, "Request header fields too large")
+                return
             self._hand_over()
             return
         self._server, self._endpoint = server, endpoint

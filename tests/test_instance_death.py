@@ -1,0 +1,235 @@
+"""Instance death: three instances on Redis behind the round-robin front, one killed with SIGKILL.
+
+Official JS clients (``withAutomaticReconnect()``, through Node) receive a stream of broadcasts and
+group sends while one instance is killed: its clients reconnect to the survivors and keep receiving
+(their group membership comes back through the rejoin pattern: ``on_connected`` joins the group
+named in the query string), the other clients do not miss a single message, and nothing of the
+dead instance lingers in Redis: its subscriber connection is gone (Redis drops a client's
+subscriptions when its socket closes, which the kernel does for a killed process) and the
+channels subscribed are exactly what the live instances report needing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from .conftest import PYTHON, ROOT, RedisServer, ServerProcess, free_port, wait_port
+from .hwtools import APP, stats
+
+NODE = shutil.which("node")
+SCRIPT = Path(__file__).parent / "hardening" / "death.cjs"
+CLIENTS = 12
+PREFIX = "Death:"
+HUB = f"{PREFIX}HardHub"
+
+pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+
+
+class Clients:
+    """The Node process: JSON events out, commands in, every read bounded."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+
+    async def next_event(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise AssertionError(f"the Node clients exited ({self.proc.returncode}); events: {self.events}")
+        event: dict[str, Any] = json.loads(line)
+        self.events.append(event)
+        assert event["event"] not in ("error", "closed"), event
+        return event
+
+    async def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.next_event(max(0.01, deadline - time.monotonic()))
+            if event["event"] == kind:
+                return event
+
+    async def command(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+
+@contextlib.asynccontextmanager
+async def node_clients(front_url: str) -> AsyncIterator[Clients]:
+    assert NODE is not None
+    proc = await asyncio.create_subprocess_exec(
+        NODE,
+        str(SCRIPT),
+        front_url,
+        str(CLIENTS),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        yield Clients(proc)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+@pytest.fixture
+def front(start_server: Any, redis_server: RedisServer) -> Any:
+    """Three instances (native serving) and the round-robin front before them."""
+    instances: list[ServerProcess] = [
+        start_server(APP, args=["--redis", redis_server.url, "--channel-prefix", PREFIX]) for _ in range(3)
+    ]
+    port = free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "examples.blog.front", "--port", str(port), *(i.url for i in instances)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port(port, proc=proc)
+        yield instances, f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def _subscriptions(r: redis.Redis) -> dict[str, int]:
+    """Every channel of this test's prefix with its subscriber count."""
+    channels = [c.decode() for c in r.pubsub_channels(f"{PREFIX}*")]
+    if not channels:
+        return {}
+    return {c.decode() if isinstance(c, bytes) else c: n for c, n in r.pubsub_numsub(*channels)}
+
+
+def _missing(received: list[int], first: int, last: int) -> list[int]:
+    got = set(received)
+    return [seq for seq in range(first, last + 1) if seq not in got]
+
+
+async def test_kill_9_one_instance(front: Any, redis_server: RedisServer) -> None:
+    instances, front_url = front
+    survivor, _, victim = instances
+    pids = {i.proc.pid for i in instances}
+    r = redis.Redis.from_url(redis_server.url)
+    async with (
+        node_clients(front_url) as clients,
+        httpx.AsyncClient(base_url=survivor.url, timeout=5) as http,
+    ):
+        ready = await clients.wait_for("ready", 30)
+        on = {c["client"]: c["pid"] for c in ready["clients"]}
+        assert set(on.values()) == pids, f"the front spread the clients over {set(on.values())}"
+        on_victim = {c for c, pid in on.items() if pid == victim.proc.pid}
+        sent = 0
+        stop = asyncio.Event()
+
+        async def broadcaster() -> None:
+            nonlocal sent
+            while not stop.is_set():  # stops when told; each request is bounded by the client timeout
+                seq = sent + 1
+                assert (await http.post(f"/broadcast/{seq}")).status_code == 200
+                assert (await http.post(f"/group/g{seq % 3}/{seq}")).status_code == 200
+                sent = seq
+                await asyncio.sleep(0.03)
+
+        sender = asyncio.create_task(broadcaster())
+        try:
+            await asyncio.sleep(1.0)
+            killed_at = sent
+            victim.kill(signal.SIGKILL)
+            assert victim.proc.returncode == -signal.SIGKILL
+            back: dict[int, int] = {}
+            deadline = time.monotonic() + 30
+            while set(back) != on_victim:
+                event = await clients.next_event(max(0.01, deadline - time.monotonic()))
+                if event["event"] == "reconnected":
+                    back[event["client"]] = event["pid"]
+            assert set(back.values()) <= pids - {victim.proc.pid}
+            settled = sent + 1  # every client is connected again: nothing from here on may be missed
+            await asyncio.sleep(1.5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(sender, 10)
+        last = sent
+        await asyncio.sleep(1.0)  # deliveries in flight
+        await clients.command("report")
+        report = (await clients.wait_for("report", 10))["clients"]
+        assert len(report) == CLIENTS
+        for client in report:
+            number = client["client"]
+            group = client["group"]
+            group_seqs = [seq for name, seq in client["groups"] if name == group]
+            assert all(name == group for name, _ in client["groups"]), client["groups"]
+            mine = [seq for seq in range(1, last + 1) if f"g{seq % 3}" == group]
+            if number in on_victim:
+                assert client["reconnects"] >= 1
+                assert client["pids"][-1] != victim.proc.pid
+                # back on a survivor: every message since everyone was reconnected arrived
+                assert _missing(client["broadcasts"], settled, last) == []
+                assert [s for s in mine if s >= settled and s not in group_seqs] == []
+            else:
+                # the other clients did not notice: not one message missed, none twice, in order
+                assert client["reconnects"] == 0
+                assert client["broadcasts"] == list(range(1, last + 1))
+                assert group_seqs == mine
+        assert killed_at < settled <= last
+
+        # Redis: the dead instance's subscriber is gone and so are all its subscriptions
+        names = [c.get("name", "") for c in r.client_list()]
+        assert sum(1 for n in names if n == "hubwire-sub") == 2, names
+        live = [await stats(i.url) for i in instances[:2]]
+        needed = sum(s["subscriptions"] for s in live)
+        subscribed = _subscriptions(r)
+        assert sum(subscribed.values()) == needed, (subscribed, live)
+        connection_channels = [c for c in subscribed if c.startswith(f"{HUB}:connection:")]
+        assert len(connection_channels) == CLIENTS
+        assert all(subscribed[c] == 1 for c in connection_channels)
+        for group in ("g0", "g1", "g2"):
+            holders = {client["pids"][-1] for client in report if client["group"] == group}
+            assert subscribed.get(f"{HUB}:group:{group}", 0) == len(holders), (group, subscribed)
+
+        # everyone leaves: only the live instances' own channels remain
+        await clients.command("stop")
+        await clients.wait_for("stopped", 15)
+    deadline = time.monotonic() + 10
+    while True:
+        subscribed = _subscriptions(r)
+        leftovers = [c for c in subscribed if ":connection:" in c or ":group:" in c]
+        live = [await stats(i.url) for i in instances[:2]]
+        if not leftovers and sum(subscribed.values()) == sum(s["subscriptions"] for s in live):
+            break
+        assert time.monotonic() < deadline, (leftovers, subscribed, live)
+        await asyncio.sleep(0.2)
+    assert all(s["hub_connections"] == 0 for s in live)
+    r.close()
+    for instance in instances[:2]:
+        assert "Traceback" not in instance.output(), instance.output()[-3000:]
+    print(f"killed at broadcast {killed_at}, all back by {settled}, last {last}", file=sys.stderr)
