@@ -1,0 +1,208 @@
+"""The Prometheus endpoint of a live server: scraped before and after real traffic, the counters move as
+they must (connections by transport and protocol, messages in and out, invocations and their errors,
+rate-limited calls, refused origins, slow-consumer closes, backplane publishes / receipts / buffer /
+drops / reconnects across a Redis outage)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import RedisServer, ServerProcess
+from .hwtools import APP, negotiate, options_env, raw_hub_socket, socket_closed_by_peer
+from .rawhub import RawHub
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+HUB = (("hub", "HardHub"), ("path", "/hub"))
+HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
+
+
+async def scrape(url: str) -> Samples:
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def hub(samples: Samples, name: str) -> float:
+    return samples.get((name, HUB), 0.0)
+
+
+@pytest.fixture
+def server(start_server: Any, private_redis: RedisServer) -> ServerProcess:
+    options = options_env(
+        max_invocations_per_second=50,
+        invocation_burst=50,
+        allowed_origins=["http://good.example"],
+        max_buffered_bytes=64 * 1024,
+        websocket_close_timeout=1,
+    )
+    proc: ServerProcess = start_server(
+        APP,
+        args=["--redis", private_redis.url, "--channel-prefix", "Metrics:"],
+        env={**options, "HUBWIRE_BACKPLANE_BUFFER": "5"},
+    )
+    return proc
+
+
+@pytest.fixture
+async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+        yield client
+
+
+async def test_metrics_move(
+    server: ServerProcess, http: httpx.AsyncClient, private_redis: RedisServer
+) -> None:
+    url = server.url
+    before = await scrape(url)
+    assert value(before, "hubwire_connections_registered") == 0
+    assert value(before, "hubwire_backplane_connected") == 1
+    assert value(before, "process_resident_memory_bytes") > 10e6
+    assert value(before, "hubwire_asyncio_tasks") > 0
+
+    # connections over every transport and both protocols
+    json_a, json_b = await RawHub.open(url), await RawHub.open(url)
+    packed = await RawHub.open(url, protocol="messagepack")
+    sse_token = (await negotiate(url)).json()["connectionToken"]
+    sse = http.stream("GET", "/hub", params={"id": sse_token}, headers={"accept": "text/event-stream"})
+    sse_response = await sse.__aenter__()
+    assert (await http.post("/hub", params={"id": sse_token}, content=HANDSHAKE)).status_code == 200
+    lp_token = (await negotiate(url)).json()["connectionToken"]
+    assert (await http.get("/hub", params={"id": lp_token})).status_code == 200
+    assert (await http.post("/hub", params={"id": lp_token}, content=HANDSHAKE)).status_code == 200
+    await asyncio.sleep(0.3)
+    during = await scrape(url)
+    connections = {
+        (dict(labels)["transport"], dict(labels)["protocol"]): n
+        for (name, labels), n in during.items()
+        if name == "hubwire_connections"
+    }
+    assert connections == {
+        ("WebSockets", "json"): 2,
+        ("WebSockets", "messagepack"): 1,
+        ("ServerSentEvents", "json"): 1,
+        ("LongPolling", "json"): 1,
+    }
+    assert value(during, "hubwire_connections_registered") == 5
+    assert hub(during, "hubwire_connections_opened_total") == 5
+
+    # invocations, errors, rate limiting
+    for i in range(10):
+        assert await json_a.invoke("echo", i) == i
+    for _ in range(2):
+        failed = await json_a.invoke_raw("fail")
+        assert "error" in failed
+    assert "error" in await json_a.invoke_raw("no_such_method")
+    frame = "".join(str(json_b.encode(json_b.invocation("echo", [i], f"r{i}"))) for i in range(80))
+    await json_b.send_raw(frame)
+    answered = 0
+    while answered < 80:
+        message = await json_b.next_message()
+        answered += message.get("type") == 3
+    # broadcasts through Redis
+    for seq in range(5):
+        assert (await http.post(f"/broadcast/{seq}")).status_code == 200
+    for client in (json_a, json_b, packed):
+        got = 0
+        while got < 5:
+            message = await client.next_message()
+            kind = client.kind(message)
+            got += kind == 1
+    # everyone leaves (SSE by closing its stream, long polling by DELETE)
+    await sse.__aexit__(None, None, None)
+    assert sse_response.status_code == 200
+    assert (await http.delete("/hub", params={"id": lp_token})).status_code == 202
+    for client in (json_a, json_b, packed):
+        await client.close()
+    for _ in range(100):
+        if value(await scrape(url), "hubwire_connections_registered") == 0:
+            break
+        await asyncio.sleep(0.1)
+    # a refused origin
+    assert (await negotiate(url, origin="http://evil.example")).status_code == 403
+    # a slow consumer: a client that stops reading while 6 MB are broadcast
+    slow = raw_hub_socket(server.port, rcvbuf=4096)
+    await asyncio.sleep(0.2)
+    for _ in range(30):
+        assert (await http.post("/blast", params={"count": 5, "size": 40000})).status_code == 200
+        await asyncio.sleep(0.02)
+    assert socket_closed_by_peer(slow, 10)
+    slow.close()
+    await asyncio.sleep(0.5)
+
+    after = await scrape(url)
+
+    def delta(name: str) -> float:
+        return hub(after, name) - hub(before, name)
+
+    assert delta("hubwire_invocations_total") == 10 + 2 + 1 + 80
+    limited = delta("hubwire_invocations_rate_limited_total")
+    assert 25 <= limited <= 30  # 80 at once against a bucket of 50 refilling at 50/s
+    assert delta("hubwire_invocation_errors_total") == 2 + 1 + limited
+    assert delta("hubwire_messages_received_total") >= 93
+    sent = value(after, "hubwire_messages_sent_total") - value(before, "hubwire_messages_sent_total")
+    assert sent >= 93 + 5 * 5  # completions, and the broadcasts to five clients
+    assert value(after, "hubwire_sent_bytes_total") > value(before, "hubwire_sent_bytes_total") + 20000
+    assert value(after, "hubwire_connections_refused_total", reason="origin") == 1
+    assert value(after, "hubwire_connections_refused_total", reason="max_connections") == 0
+    assert value(after, "hubwire_slow_consumer_closes_total") == 1
+    assert hub(after, "hubwire_connections_closed_total") == 6
+    assert value(after, "hubwire_connections_registered") == 0
+    assert not any(name == "hubwire_connections" for name, _ in after)
+    published = value(after, "hubwire_backplane_published_total") - value(
+        before, "hubwire_backplane_published_total"
+    )
+    received = value(after, "hubwire_backplane_received_total") - value(
+        before, "hubwire_backplane_received_total"
+    )
+    assert published >= 5 + 30 * 5  # broadcasts and blasts all go through Redis
+    assert received >= 5 + 30 * 5
+    # what the server reports subscribing is what Redis counts: its own channels (everyone left)
+    with redis.Redis.from_url(private_redis.url) as r:
+        channels = r.pubsub_channels("Metrics:*")
+        assert not any(b":connection:" in c for c in channels)
+        assert value(after, "hubwire_backplane_subscriptions") == sum(
+            n for _, n in r.pubsub_numsub(*channels)
+        )
+    assert value(after, "hubwire_backplane_publish_lag_seconds") >= 0
+
+    # a Redis outage: sends wait in the buffer (5 here), overflow is dropped and counted, reconnects
+    private_redis.kill()
+    await asyncio.sleep(0.5)
+    for seq in range(12):
+        assert (await http.post(f"/broadcast/{100 + seq}")).status_code == 200
+    down = await scrape(url)
+    assert value(down, "hubwire_backplane_connected") == 0
+    assert value(down, "hubwire_backplane_buffered") == 5
+    assert value(down, "hubwire_backplane_dropped_total") == 7
+    private_redis.start()
+    for _ in range(100):
+        up = await scrape(url)
+        if (
+            value(up, "hubwire_backplane_connected") == 1
+            and value(up, "hubwire_backplane_buffered") == 0
+            and value(up, "hubwire_backplane_reconnects_total", link="subscriber") >= 1
+        ):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(json.dumps({k[0]: v for k, v in up.items() if "backplane" in k[0]}))
+    assert value(up, "hubwire_backplane_reconnects_total", link="publisher") >= 1
+    assert "Traceback" not in server.output()
