@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -30,6 +31,7 @@ from .hwtools import (
     negotiate,
     options_env,
     raw_hub_socket,
+    read_head,
     socket_closed_by_peer,
     stats,
     wait_stats,
@@ -270,3 +272,40 @@ async def test_burst_to_readers_is_not_a_slow_consumer(blaster: ServerProcess) -
         assert await hub.invoke("echo", "fine") == "fine"
         await hub.close()
     assert (await stats(url))["slow_consumer_closes"] == before
+
+
+async def test_slow_server_sent_events_client_is_closed(blaster: ServerProcess) -> None:
+    """The same policy for an SSE stream whose client stops reading (HTTP, so one serving mode)."""
+    if "asgi" in blaster.proc.args:
+        pytest.skip("SSE is served the same way in both modes")
+    url = blaster.url
+    before = (await stats(url))["slow_consumer_closes"]
+    fast = await RawHub.open(url)
+    token = (await negotiate(url)).json()["connectionToken"]
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", blaster.port))
+    slow.sendall(f"GET /hub?id={token} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
+    status, _ = read_head(slow)
+    assert status == 200
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        handshake = b'{"protocol":"json","version":1}\x1e'
+        assert (await client.post("/hub", params={"id": token}, content=handshake)).status_code == 200
+        await wait_stats(url, lambda s: s["hub_connections"] == 2, 5, "the SSE connection")
+
+        async def broadcast() -> None:
+            for _ in range(30):
+                assert (await client.post("/blast", params={"count": 10, "size": 20000})).status_code == 200
+                await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(broadcast())
+        assert await _count_blasts(fast, 300, 20) == 300
+        await sender
+    after = await wait_stats(url, lambda s: s["hub_connections"] == 1, 10, "the slow SSE client to be closed")
+    assert after["slow_consumer_closes"] == before + 1
+    assert after["connections"] == 1
+    assert socket_closed_by_peer(slow, 10)
+    slow.close()
+    assert await fast.invoke("echo", "still") == "still"
+    await fast.close()
+    _assert_clean_log(blaster)

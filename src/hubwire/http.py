@@ -11,7 +11,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-__all__ = ["ASGIApp", "Receive", "Scope", "Send", "read_body", "respond"]
+__all__ = ["ASGIApp", "Receive", "Scope", "Send", "abort_transport", "read_body", "respond"]
 
 
 class BodyTooLarge(Exception):
@@ -38,6 +38,21 @@ async def respond(
     raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+def abort_transport(send: Send) -> bool:
+    """Drop the connection behind an ASGI ``send`` at once, when the server exposes its transport.
+
+    uvicorn's ``send`` callables are bound methods of objects holding the asyncio transport. Used
+    for slow consumers: a graceful close would wait for a client that does not read. False when
+    the server does not expose it.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if not callable(abort):
+        return False
+    abort()
+    return True
 
 
 async def read_body(receive: Receive, limit: int | None = None) -> bytes:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..connection import Connection
 from ..dispatcher import ConnectionApplication
-from ..http import Receive, Send
+from ..http import Receive, Send, abort_transport
 from .httpbase import HttpConnectionState, wait_disconnect
 
 if TYPE_CHECKING:
@@ -81,7 +81,21 @@ async def serve_sse(
             client_gone.set()
             conn.outbox.close()
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    loop = asyncio.get_running_loop()
+    watcher = loop.create_task(watch())
+    force: asyncio.TimerHandle | None = None
+
+    def overflow() -> None:
+        # the client stopped reading: the writer is stuck in send() behind a full socket, and a
+        # graceful end of the response would wait for the client too; drop it after the close
+        # timeout unless it went away by itself
+        nonlocal force
+        conn.close_slow(f"{conn.outbox.buffered} bytes unsent")
+        force = loop.call_later(
+            server.options.websocket_close_timeout, lambda: client_gone.is_set() or abort_transport(send)
+        )
+
+    conn.outbox.on_overflow = overflow
     try:
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         await send({"type": "http.response.body", "body": b":\r\n", "more_body": True})
@@ -102,7 +116,12 @@ async def serve_sse(
         conn.outbox.close()
         if not client_gone.is_set():
             with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await asyncio.wait_for(
+                    send({"type": "http.response.body", "body": b"", "more_body": False}),
+                    server.options.websocket_close_timeout,
+                )
+        if force is not None:
+            force.cancel()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..connection import Connection
 from ..dispatcher import ConnectionApplication
-from ..http import Receive, Scope, Send
+from ..http import Receive, Scope, Send, abort_transport
 from ..protocol.base import TransferFormat
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ async def serve_websocket(
         # in send() behind a full socket buffer. Drop the socket (uvicorn exposes its transport
         # behind send); failing that, cancel the stuck send.
         nonlocal dropped
-        if client_closed.is_set() or _abort_transport(send):
+        if client_closed.is_set() or abort_transport(send):
             return
         if writing and task is not None:  # the closing steps below are bounded by timeouts already
             dropped = True
@@ -149,12 +149,3 @@ async def serve_websocket(
             await reader
         await server.connection_ended(endpoint, conn, error)
 
-
-def _abort_transport(send: Send) -> bool:
-    """Abort the socket behind an ASGI ``send`` when the server exposes it (uvicorn does)."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
-    if not callable(abort):
-        return False
-    abort()
-    return True
