@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from . import tracing
 from .clients import HubCallerClients
 from .connection import Connection
 from .context import HubCallerContext, HubConnectionContext
@@ -530,10 +531,13 @@ class HubEndpoint(ConnectionApplication):
             ctx.upload_streams.update(uploads)
             args = self._merge_streams(method, args, list(uploads.values()))
         hub = self._hub(ctx)
+        span = tracing.start_invocation_span(
+            self.hub_cls.__name__, target, ctx.connection_id, invocation_id, msg.headers
+        )
         if streaming_call:
             assert invocation_id is not None
             stream_task = asyncio.get_running_loop().create_task(
-                self._run_stream(ctx, method, hub, args, target, invocation_id, stream_ids)
+                self._run_stream(ctx, method, hub, args, target, invocation_id, stream_ids, span)
             )
             ctx.active_streams[invocation_id] = stream_task
             self._track(stream_task)
@@ -541,7 +545,7 @@ class HubEndpoint(ConnectionApplication):
         await ctx.invocation_slots.acquire()
         self._track(
             asyncio.get_running_loop().create_task(
-                self._run_invocation(ctx, method, hub, args, target, invocation_id, stream_ids)
+                self._run_invocation(ctx, method, hub, args, target, invocation_id, stream_ids, span)
             )
         )
 
@@ -611,12 +615,15 @@ class HubEndpoint(ConnectionApplication):
         target: str,
         invocation_id: str | None,
         stream_ids: list[str],
+        span: Any = None,
     ) -> None:
         current_connection.set(ctx)
+        tracing.activate(span)
         try:
             result = await method.func(hub, *args)
         except Exception as exc:
             log.debug("hub method %s raised", target, exc_info=True)
+            tracing.failed(span, exc)
             self._complete_error(
                 ctx,
                 invocation_id,
@@ -644,6 +651,7 @@ class HubEndpoint(ConnectionApplication):
         finally:
             ctx.invocation_slots.release()
             self._finish(ctx, stream_ids)
+            tracing.end(span)
 
     async def _run_stream(
         self,
@@ -654,8 +662,10 @@ class HubEndpoint(ConnectionApplication):
         target: str,
         invocation_id: str,
         stream_ids: list[str],
+        span: Any = None,
     ) -> None:
         current_connection.set(ctx)
+        tracing.activate(span)
         detailed = self.options.enable_detailed_errors
         produced = False
         iterator: Any = None
@@ -685,6 +695,7 @@ class HubEndpoint(ConnectionApplication):
             ctx.write_message(CompletionMessage.empty(invocation_id))
         except Exception as exc:
             self.stats.invocation_errors += 1
+            tracing.failed(span, exc)
             base = (
                 "An error occurred on the server while streaming results."
                 if produced
@@ -694,6 +705,7 @@ class HubEndpoint(ConnectionApplication):
         finally:
             ctx.active_streams.pop(invocation_id, None)
             self._finish(ctx, stream_ids)
+            tracing.end(span)
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 try:

@@ -4,7 +4,8 @@ Run it: ``hubwire run tests.apps.hardening:app --port N``. Options come from the
 app serves every scenario:
 
 * ``HW_OPTIONS``: JSON object of :class:`~hubwire.HubOptions` fields (lists become tuples);
-* ``HUBWIRE_REDIS_URL`` / ``--redis``: the Redis backplane, as for any app.
+* ``HUBWIRE_REDIS_URL`` / ``--redis``: the Redis backplane, as for any app;
+* ``HW_TRACING=1``: a recording OpenTelemetry tracer provider, spans at ``GET /debug/spans``.
 
 Users are taken from the ``user`` query parameter (a test authenticator, not for production). A
 ``group`` query parameter makes ``on_connected`` join that group: the rejoin pattern the README
@@ -95,6 +96,12 @@ class HardHub(Hub):
         return sum([n async for n in numbers])
 
 
+if os.environ.get("HW_TRACING"):
+    from tests.apps import tracing
+
+    tracing.install()
+
+
 def authenticate(request: RequestInfo) -> Principal | None:
     user = request.query_param("user")
     return Principal(user, {"sub": user}) if user else None
@@ -134,6 +141,13 @@ async def group_send(request: Request) -> JSONResponse:
     return JSONResponse({"sent": seq})
 
 
+async def spans(request: Request) -> JSONResponse:
+    """Spans finished so far (HW_TRACING=1)."""
+    from tests.apps import tracing
+
+    return JSONResponse(tracing.FINISHED)
+
+
 async def ws_echo(websocket: WebSocket) -> None:
     """A plain (non-hub) WebSocket route of the wrapped app: echoes text until closed."""
     await websocket.accept()
@@ -148,6 +162,7 @@ web = Starlette(
     routes=[
         WebSocketRoute("/ws-echo", ws_echo),
         Route("/blast", blast, methods=["POST"]),
+        Route("/debug/spans", spans),
         Route("/broadcast/{seq}", broadcast, methods=["POST"]),
         Route("/group/{group}/{seq}", group_send, methods=["POST"]),
     ]
