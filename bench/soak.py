@@ -314,6 +314,7 @@ class Soak:
         self.running = True
         self.sources = [f"127.0.0.{i}" for i in range(2, 12)]
         self.lost_examples: list[dict[str, Any]] = []
+        self.sample_errors = 0
 
     def dropped(self, client: Client) -> None:
         self.drops += 1
@@ -424,7 +425,11 @@ class Soak:
 
     async def sample(self, http: httpx.AsyncClient, started: float) -> None:
         while self.running:
-            await self._sample(http, started)
+            try:
+                await self._sample(http, started)
+            except (httpx.HTTPError, ValueError, KeyError) as exc:  # one missed sample is no reason to stop
+                self.sample_errors += 1
+                print(f"stats sample failed: {exc!r}", file=sys.stderr, flush=True)
             await asyncio.sleep(self.args.sample_interval)
 
     async def _sample(self, http: httpx.AsyncClient, started: float) -> dict[str, Any]:
@@ -447,7 +452,9 @@ class Soak:
 
 async def run(args: argparse.Namespace, url: str, port: int, redis_url: str) -> dict[str, Any]:
     soak = Soak(args, url, port)
-    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10)
+    # idle keep-alive connections are dropped here before uvicorn's 5 s keep-alive timeout closes them
+    # (reusing one the server is closing fails with "Server disconnected without sending a response")
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as http:
         baseline = (await http.get("/debug/stats")).json()
         started = time.monotonic()
@@ -531,6 +538,7 @@ async def run(args: argparse.Namespace, url: str, port: int, redis_url: str) -> 
         "server_connections_after_close": after["connections"],
         "slow_consumer_closes": after["slow_consumer_closes"],
         "samples": soak.samples if args.samples else len(soak.samples),
+        "sample_errors": soak.sample_errors,
     }
     growth = report["rss_mb"]["end"] - rss_after_warmup
     report["rss_growth_after_warmup_mb"] = round(growth, 1)

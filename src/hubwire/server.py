@@ -541,9 +541,6 @@ class HubServer:
         if checked is None:
             return
         request, cors = checked
-        if self._at_capacity(None):
-            await respond(send, 503, b"Too many connections", headers=[*cors, ("retry-after", "1")])
-            return
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
             await self._unauthorized(send, cors)
@@ -564,6 +561,9 @@ class HubServer:
                 url, access_token = target
                 await respond(send, 200, redirect_response(url, access_token), "application/json", cors)
                 return
+        if self._at_capacity(None):
+            await respond(send, 503, b"Too many connections", headers=[*cors, ("retry-after", "1")])
+            return
         conn = self.connections.create(version, principal, self.options.max_buffered_bytes)
         body = negotiate_response(version, conn.connection_id, conn.token, endpoint.transports)
         await respond(send, 200, body, "application/json", cors)
