@@ -814,12 +814,18 @@ FUZZ_OPTIONS = {
 class Target:
     """A fuzzed server process and the bystander that must be served throughout."""
 
+    #: every live target: while one is fuzzed, the others' bystanders are checked now and then too
+    #: (in ASGI mode uvicorn pings and drops a client that does not answer within 40 s)
+    live: list[Target] = []
+
     def __init__(self, serving: str) -> None:
         from .conftest import ServerProcess
 
         self.serving = serving
         self.server = ServerProcess(APP, env=options_env(**FUZZ_OPTIONS), args=["--serving", serving])
         self.bystander = Bystander(self.server.port)
+        self.checked = time.monotonic()
+        Target.live.append(self)
 
     @property
     def port(self) -> int:
@@ -827,7 +833,14 @@ class Target:
 
     def after_example(self) -> None:
         assert self.server.proc.poll() is None, "the server died"
+        self.check_bystander()
+        for other in Target.live:
+            if other is not self and time.monotonic() - other.checked > 10:
+                other.check_bystander()
+
+    def check_bystander(self) -> None:
         self.bystander.check()
+        self.checked = time.monotonic()
 
     def finish(self, drain_timeout: float = 15.0) -> None:
         """A newcomer is served, every fuzzed connection is gone, and the log is clean."""
@@ -847,6 +860,8 @@ class Target:
         assert_clean_log(self.server.output())
 
     def close(self) -> None:
+        if self in Target.live:
+            Target.live.remove(self)
         self.bystander.close()
         self.server.close()
 

@@ -309,3 +309,24 @@ async def test_slow_server_sent_events_client_is_closed(blaster: ServerProcess) 
     assert await fast.invoke("echo", "still") == "still"
     await fast.close()
     _assert_clean_log(blaster)
+
+
+@pytest.mark.parametrize("serving", SERVING)
+async def test_disconnect_while_reading_is_held_back(request: pytest.FixtureRequest, serving: str) -> None:
+    """A client that leaves while its connection's reading waits (an upload it never completes holds
+    the invocation slot, so its next call waits) is disposed at once, not at the next keep-alive."""
+    server = _server(request, serving)
+    hub = await RawHub.open(server.url)
+    held = (
+        json.dumps(
+            {"type": 1, "invocationId": "u", "target": "upload_sum", "arguments": [], "streamIds": ["s"]}
+        )
+        + RS
+    )
+    waiting = json.dumps({"type": 1, "invocationId": "e", "target": "echo", "arguments": ["x"]}) + RS
+    await hub.send_raw(held + waiting)
+    await wait_stats(server.url, lambda s: s["hubs"]["/hub"]["running_tasks"] == 1, 5, "the upload to run")
+    hub.ws.transport.abort()  # vanish without a close
+    after = await wait_stats(server.url, lambda s: s["connections"] == 0, 3, "the connection to be disposed")
+    assert after["hubs"]["/hub"]["running_tasks"] == 0
+    _assert_clean_log(server)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..connection import Connection
 from ..dispatcher import ConnectionApplication
-from ..http import Receive, Scope, Send, abort_transport
+from ..http import Message, Receive, Scope, Send, abort_transport
 from ..protocol.base import TransferFormat
 
 if TYPE_CHECKING:
@@ -66,25 +66,49 @@ async def serve_websocket(
     error: BaseException | None = None
 
     async def read_loop() -> None:
+        # The next message is always requested before the application handles the current one:
+        # the application may hold reading back for long (an invocation waiting for the busy slot,
+        # a full upload buffer), and a disconnect arriving meanwhile must end the connection now.
         nonlocal error
+        me = asyncio.current_task()
+        busy = False
+
+        def watch(future: asyncio.Future[Message]) -> None:
+            if not busy or me is None or future.cancelled() or future.exception() is not None:
+                return
+            if future.result()["type"] == "websocket.disconnect":
+                me.cancel()
+
+        def request_next() -> asyncio.Future[Message]:
+            future = asyncio.ensure_future(receive())
+            future.add_done_callback(watch)
+            return future
+
+        upcoming = request_next()
         try:
             while True:
-                msg = await receive()
+                msg = await upcoming
                 kind = msg["type"]
+                if kind == "websocket.disconnect":
+                    break
+                upcoming = request_next()
                 if kind == "websocket.receive":
                     data = msg.get("bytes")
                     if data is None:
                         data = (msg.get("text") or "").encode("utf-8")
                     if data:
+                        busy = True
                         await endpoint.on_receive(conn, data)
-                elif kind == "websocket.disconnect":
-                    break
+                        busy = False
         except asyncio.CancelledError:
-            raise
+            if not busy:
+                raise  # cancelled from outside; when busy it was watch(): the client left
         except Exception as exc:  # the application failed on this input: end the connection
             log.exception("connection %s failed while receiving", conn.connection_id)
             error = exc
         finally:
+            if not upcoming.done():
+                upcoming.cancel()
             client_closed.set()
             conn.outbox.close()
 
