@@ -849,11 +849,12 @@ class Target:
         ws.close()
         self.bystander.check()
         # only the bystander is left once the fuzzed connections are disposed (negotiated but never
-        # used ones expire after the disconnect timeout)
+        # used ones expire after the disconnect timeout), and no hub method is left running
         deadline = time.monotonic() + drain_timeout
         while True:
             current = httpx.get(self.server.url + "/debug/stats", timeout=5).json()
-            if current["hub_connections"] == 1 and current["connections"] == 1:
+            running = current["hubs"]["/hub"]["running_tasks"]
+            if current["hub_connections"] == 1 and current["connections"] == 1 and running == 0:
                 break
             assert time.monotonic() < deadline, f"connections left behind: {current}"
             time.sleep(0.2)

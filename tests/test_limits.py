@@ -330,3 +330,41 @@ async def test_disconnect_while_reading_is_held_back(request: pytest.FixtureRequ
     after = await wait_stats(server.url, lambda s: s["connections"] == 0, 3, "the connection to be disposed")
     assert after["hubs"]["/hub"]["running_tasks"] == 0
     _assert_clean_log(server)
+
+
+async def test_upload_stream_id_in_use_is_refused(default_server: ServerProcess) -> None:
+    """A second upload on a stream id that is still streaming would orphan the first (its method would
+    wait for items forever, holding the invocation slot): it is refused instead."""
+    hub = await RawHub.open(default_server.url)
+
+    def upload(invocation_id: str) -> str:
+        return (
+            json.dumps(
+                {
+                    "type": 1,
+                    "invocationId": invocation_id,
+                    "target": "upload_sum",
+                    "arguments": [],
+                    "streamIds": ["s"],
+                }
+            )
+            + RS
+        )
+
+    items = "".join(json.dumps({"type": 2, "invocationId": "s", "item": i}) + RS for i in (1, 2, 3))
+    await hub.send_raw(
+        upload("first") + upload("second") + items + json.dumps({"type": 3, "invocationId": "s"}) + RS
+    )
+    results = {}
+    while len(results) < 2:
+        message = await hub.next_message()
+        if message.get("type") == 3:
+            results[message["invocationId"]] = message
+    assert results["second"] == {
+        "type": 3,
+        "invocationId": "second",
+        "error": "Stream ID 's' is already in use.",
+    }
+    assert results["first"] == {"type": 3, "invocationId": "first", "result": 6}
+    assert await hub.invoke("echo", "free") == "free"  # the slot was released
+    await hub.close()

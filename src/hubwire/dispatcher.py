@@ -525,6 +525,19 @@ class HubEndpoint(ConnectionApplication):
             )
             return
         if stream_params:
+            # a stream id already streaming here (or twice in one call) would orphan the first
+            # stream: its hub method would wait for items forever, holding the invocation slot
+            taken = next(
+                (
+                    sid
+                    for i, sid in enumerate(stream_ids)
+                    if sid in ctx.upload_streams or sid in stream_ids[:i]
+                ),
+                None,
+            )
+            if taken is not None:
+                self._complete_error(ctx, invocation_id, f"Stream ID '{taken}' is already in use.")
+                return
             uploads = {}
             for sid, param in zip(stream_ids, stream_params, strict=True):
                 uploads[sid] = UploadStream(self.options.stream_buffer_capacity, param.convert)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from ..connection import Connection
 from ..dispatcher import ConnectionApplication
-from ..http import Message, Receive, Scope, Send, abort_transport
+from ..http import Receive, Scope, Send, abort_transport
 from ..protocol.base import TransferFormat
 
 if TYPE_CHECKING:
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["reject_websocket", "serve_websocket"]
 
 log = logging.getLogger("hubwire.websocket")
+
+#: inbound bytes waiting for the application before reading pauses, and where it resumes
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
 
 
 async def reject_websocket(scope: Scope, receive: Receive, send: Send, status: int, body: str = "") -> None:
@@ -65,54 +70,61 @@ async def serve_websocket(
     client_closed = asyncio.Event()
     error: BaseException | None = None
 
+    # Reading and handling are apart, as in native mode: the application may hold its input back
+    # for long (an invocation waiting for the slot a running one holds, a full upload buffer), and
+    # a disconnect must still end the connection at once. Up to _HIGH_WATER bytes wait in between;
+    # past it reading pauses (back-pressure), below _LOW_WATER it resumes.
+    inbox: deque[bytes] = deque()
+    inbox_bytes = 0
+    arrived = asyncio.Event()
+    room = asyncio.Event()
+    room.set()
+
     async def read_loop() -> None:
-        # The next message is always requested before the application handles the current one:
-        # the application may hold reading back for long (an invocation waiting for the busy slot,
-        # a full upload buffer), and a disconnect arriving meanwhile must end the connection now.
-        nonlocal error
-        me = asyncio.current_task()
-        busy = False
-
-        def watch(future: asyncio.Future[Message]) -> None:
-            if not busy or me is None or future.cancelled() or future.exception() is not None:
-                return
-            if future.result()["type"] == "websocket.disconnect":
-                me.cancel()
-
-        def request_next() -> asyncio.Future[Message]:
-            future = asyncio.ensure_future(receive())
-            future.add_done_callback(watch)
-            return future
-
-        upcoming = request_next()
+        nonlocal inbox_bytes
         try:
             while True:
-                msg = await upcoming
+                await room.wait()
+                msg = await receive()
                 kind = msg["type"]
                 if kind == "websocket.disconnect":
                     break
-                upcoming = request_next()
                 if kind == "websocket.receive":
                     data = msg.get("bytes")
                     if data is None:
                         data = (msg.get("text") or "").encode("utf-8")
                     if data:
-                        busy = True
-                        await endpoint.on_receive(conn, data)
-                        busy = False
+                        inbox.append(data)
+                        inbox_bytes += len(data)
+                        arrived.set()
+                        if inbox_bytes > _HIGH_WATER:
+                            room.clear()
+        finally:
+            client_closed.set()
+            handler.cancel()  # the client is gone: nothing it sent still needs handling
+            conn.outbox.close()
+
+    async def handle_loop() -> None:
+        nonlocal inbox_bytes, error
+        try:
+            while True:
+                while not inbox:
+                    arrived.clear()
+                    await arrived.wait()
+                data = inbox.popleft()
+                inbox_bytes -= len(data)
+                if inbox_bytes < _LOW_WATER:
+                    room.set()
+                await endpoint.on_receive(conn, data)
         except asyncio.CancelledError:
-            if not busy:
-                raise  # cancelled from outside; when busy it was watch(): the client left
+            pass
         except Exception as exc:  # the application failed on this input: end the connection
             log.exception("connection %s failed while receiving", conn.connection_id)
             error = exc
-        finally:
-            if not upcoming.done():
-                upcoming.cancel()
-            client_closed.set()
             conn.outbox.close()
 
     loop = asyncio.get_running_loop()
+    handler = loop.create_task(handle_loop())
     reader = loop.create_task(read_loop())
     close_code = 1000
     task = asyncio.current_task()
@@ -169,7 +181,9 @@ async def serve_websocket(
         if force is not None:
             force.cancel()
         reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        handler.cancel()
+        for task in (reader, handler):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await server.connection_ended(endpoint, conn, error)
 
