@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,6 +32,7 @@ from signalrcore.hub_connection_builder import HubConnectionBuilder
 from signalrcore.types import HttpTransportType, HubProtocolEncoding
 
 from tests.conftest import ServerProcess
+from tests.pyclients import stop_signalrcore
 
 WAIT = 10.0
 THROWN = (
@@ -184,20 +184,7 @@ def signalrcore_hub(
         assert opened.wait(WAIT), "signalrcore did not connect"
         yield hub
     finally:
-        _stop(conn)
-
-
-def _stop(conn: BaseHubConnection) -> None:
-    # signalrcore joins its receive thread without a timeout; a recv() blocked on a socket is only
-    # woken by shutting the socket down (SSE / WebSockets), so do that first, in a bounded thread
-    sock = getattr(getattr(conn.transport, "_client", None), "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-    stopper = threading.Thread(target=conn.stop, daemon=True)
-    stopper.start()
-    stopper.join(WAIT)
-    assert not stopper.is_alive(), "signalrcore stop() hung"
+        stop_signalrcore(conn, WAIT)
 
 
 CORE_RUNS = [

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +24,8 @@ from signalrcore.hub.handlers import StreamHandler
 from signalrcore.hub_connection_builder import HubConnectionBuilder
 from signalrcore.messages.stream_invocation_message import StreamInvocationMessage
 from signalrcore.types import HttpTransportType, HubProtocolEncoding
+
+from tests.pyclients import stop_signalrcore
 
 from .conftest import ServerProcess
 
@@ -286,21 +287,7 @@ def signalrcore_client(server: ServerProcess, protocol: str) -> Iterator[CoreCli
         assert opened.wait(WAIT), "signalrcore did not connect"
         yield client
     finally:
-        _stop_signalrcore(conn)
-
-
-def _stop_signalrcore(conn: BaseHubConnection) -> None:
-    # signalrcore's stop() closes its socket and then joins the receive thread without a timeout, but
-    # close() does not wake a recv() blocked in another thread: it would hang until the server's next
-    # keep-alive ping (15 s). Shutting the socket down first ends the recv at once.
-    sock = getattr(getattr(conn.transport, "_client", None), "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-    stopper = threading.Thread(target=conn.stop, daemon=True)
-    stopper.start()
-    stopper.join(WAIT)
-    assert not stopper.is_alive(), "signalrcore stop() hung"
+        stop_signalrcore(conn, WAIT)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
