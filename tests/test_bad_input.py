@@ -272,8 +272,10 @@ async def test_handshake_split_across_frames_and_followed_by_messages(server: An
 
 async def test_messagepack_handshake_followed_by_messages_in_one_frame(server: Any) -> None:
     hub = RawHub(await open_ws(ws_url(server.url)), "messagepack")
-    frame = b'{"protocol":"messagepack","version":1}' + RS.encode() + frame_msgpack(
-        [1, {}, "1", "echo", ["m"], []]
+    frame = (
+        b'{"protocol":"messagepack","version":1}'
+        + RS.encode()
+        + frame_msgpack([1, {}, "1", "echo", ["m"], []])
     )
     await hub.send_raw(frame)  # handshake and first message in one Binary frame
     assert await hub.handshake_response() == {}

@@ -203,8 +203,10 @@ def wrapped_fastapi() -> tuple[HubServer, FastAPI]:
     @api.get("/api/ask/{connection_id}")
     async def ask(connection_id: str) -> dict[str, Any]:
         try:
-            answer = await hubs.hub_context(ChatHub).clients.client(connection_id).invoke(
-                "Ask", "question", timeout=5
+            answer = (
+                await hubs.hub_context(ChatHub)
+                .clients.client(connection_id)
+                .invoke("Ask", "question", timeout=5)
             )
         except HubException as exc:
             return {"error": str(exc)}

@@ -76,9 +76,7 @@ def _values(extra: list[st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
     scalars = st.one_of(st.none(), st.booleans(), int64, finite_float, text, *extra)
     return st.recursive(
         scalars,
-        lambda inner: st.one_of(
-            st.lists(inner, max_size=4), st.dictionaries(short_text, inner, max_size=4)
-        ),
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(short_text, inner, max_size=4)),
         max_leaves=12,
     )
 
@@ -198,8 +196,11 @@ def test_completion_kinds_are_distinguished() -> None:
     for protocol in PROTOCOLS:
         void, null, err = (
             protocol.parse_all(protocol.write_message(m))[0]
-            for m in (CompletionMessage.empty("1"), CompletionMessage.with_result("1", None),
-                      CompletionMessage.with_error("1", "e"))
+            for m in (
+                CompletionMessage.empty("1"),
+                CompletionMessage.with_result("1", None),
+                CompletionMessage.with_error("1", "e"),
+            )
         )
         assert isinstance(void, CompletionMessage) and not void.has_result and void.error is None
         assert isinstance(null, CompletionMessage) and null.has_result and null.result is None
@@ -625,8 +626,20 @@ message_like = st.builds(
     st.lists(any_value, max_size=7),
 )
 json_field_names = st.sampled_from(
-    ["type", "headers", "invocationId", "target", "arguments", "streamIds", "item", "result", "error",
-     "allowReconnect", "sequenceId", "x"]
+    [
+        "type",
+        "headers",
+        "invocationId",
+        "target",
+        "arguments",
+        "streamIds",
+        "item",
+        "result",
+        "error",
+        "allowReconnect",
+        "sequenceId",
+        "x",
+    ]
 )
 json_object_like = st.dictionaries(
     json_field_names,
@@ -736,7 +749,8 @@ def test_handshake_parses_and_reports_length() -> None:
     assert (raw + rest)[used:] == rest
     # extra fields ignored; version 0 (signalrcore) fine
     assert parse_handshake(b'{"version":0,"protocol":"json","x":[1]}\x1e') == (
-        HandshakeRequest("json", 0), 40
+        HandshakeRequest("json", 0),
+        40,
     )
 
 
@@ -752,7 +766,7 @@ def test_handshake_incomplete() -> None:
         (b'{"version":1}', "Missing required property 'protocol'. Message content: {\"version\":1}"),
         (
             b'{"protocol":"json"}',
-            "Missing required property 'version'. Message content: {\"protocol\":\"json\"}",
+            'Missing required property \'version\'. Message content: {"protocol":"json"}',
         ),
         (b'{"protocol":1,"version":1}', "Expected 'protocol' to be of type String."),
         (b'{"protocol":"json","version":"1"}', "Expected 'version' to be of type Integer."),

@@ -42,7 +42,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from hubwire.tokens import TokenIssuer
+from hubwire.connections.tokens import TokenIssuer
 from tests.conftest import ROOT, RedisServer, ServerProcess
 
 APP = "tests.apps.scaleout:app"

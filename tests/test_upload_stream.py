@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from hubwire import HubException
-from hubwire.dispatcher import UploadStream
+from hubwire.hubs.streams import UploadStream
 
 
 async def _fill(stream: UploadStream, items: range) -> None:

@@ -13,14 +13,15 @@ Quick start::
     # uvicorn module:server   (or: hubwire run module:server)
 """
 
-from .clients import ClientProxy, HubCallerClients, HubClients, SingleClientProxy
-from .connection import Connection, Principal, RequestInfo
-from .context import HubCallerContext
+from .backplane.base import Backplane, InMemoryBackplane
+from .connections.connection import Connection, Principal, RequestInfo
 from .exceptions import HubException
-from .hub import GroupManager, Hub, HubContext, authorize, hub_method
-from .lifetime import HubLifetimeManager, InMemoryLifetimeManager, SerializedMessage
+from .hubs.clients import ClientProxy, HubCallerClients, HubClients, SingleClientProxy
+from .hubs.context import HubCallerContext
+from .hubs.hub import GroupManager, Hub, HubContext, authorize, hub_method
+from .hubs.lifetime import HubLifetimeManager, InMemoryLifetimeManager, SerializedMessage
 from .options import HubOptions
-from .server import Backplane, HubServer, InMemoryBackplane
+from .server.app import HubServer
 
 __all__ = [
     "Backplane",

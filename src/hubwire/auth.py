@@ -1,9 +1,9 @@
 """Built-in JWT bearer authentication and ready-made authorization policies.
 
 ``HubServer(authenticator=JwtBearerAuthenticator(key))`` turns every
-negotiate and transport request into a :class:`~hubwire.connection.Principal`
+negotiate and transport request into a :class:`~hubwire.connections.connection.Principal`
 (or ``None`` = anonymous). Hubs or methods marked with
-:func:`~hubwire.hub.authorize` then refuse anonymous callers: ``401`` with an
+:func:`~hubwire.hubs.hub.authorize` then refuse anonymous callers: ``401`` with an
 empty body on negotiate and on every transport request (the empty body is what
 makes the JS client report ``Unauthorized: Status code '401'``), or the
 completion error ``Failed to invoke '<Target>' because user is unauthorized``
@@ -25,7 +25,7 @@ from typing import Any
 
 import jwt
 
-from .connection import Principal, RequestInfo
+from .connections.connection import Principal, RequestInfo
 
 __all__ = [
     "NAME_IDENTIFIER",
@@ -123,7 +123,7 @@ class JwtBearerAuthenticator:
 
 
 def require_role(*roles: str) -> Callable[[Principal | None], bool]:
-    """Policy for :func:`~hubwire.hub.authorize`: the user has at least one of ``roles``."""
+    """Policy for :func:`~hubwire.hubs.hub.authorize`: the user has at least one of ``roles``."""
 
     def policy(principal: Principal | None) -> bool:
         return principal is not None and any(principal.has_role(role) for role in roles)

@@ -46,7 +46,7 @@ class HubOptions:
     #: 503 and transport requests for connections negotiated elsewhere are refused with 503
     max_connections: int | None = None
     #: per-connection hub invocations (and stream invocations) allowed per second, as a token
-    #: bucket; over it the call fails with :data:`~hubwire.dispatcher.RATE_LIMITED` (None = off)
+    #: bucket; over it the call fails with :data:`~hubwire.hubs.dispatcher.RATE_LIMITED` (None = off)
     max_invocations_per_second: float | None = None
     #: bucket size of the rate limit: calls allowed in a burst (default: one second's worth)
     invocation_burst: int | None = None

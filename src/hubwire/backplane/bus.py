@@ -30,6 +30,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..connections.tasks import BackgroundTasks
 from .resp import RedisAddress, RespConnection, RespError
 
 __all__ = ["BusStats", "RedisBus"]
@@ -104,7 +105,7 @@ class RedisBus:
         self._pong: asyncio.Future[None] | None = None
         self._ever_published = False
         self._reconnect_hooks: list[Callable[[], Coroutine[Any, Any, None]]] = []
-        self._hook_tasks: set[asyncio.Task[None]] = set()
+        self._hook_tasks = BackgroundTasks("backplane reconnect hooks")
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class RedisBus:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_once(self._pub), self.command_timeout)
         self._running = False
+        await self._hook_tasks.cancel_all()
         for task in (self._pub_task, self._sub_task):
             if task is not None:
                 task.cancel()
@@ -159,11 +161,8 @@ class RedisBus:
         self._reconnect_hooks.append(hook)
 
     def _run_reconnect_hooks(self) -> None:
-        loop = asyncio.get_running_loop()
         for hook in self._reconnect_hooks:
-            task = loop.create_task(hook())
-            self._hook_tasks.add(task)
-            task.add_done_callback(self._hook_tasks.discard)
+            self._hook_tasks.spawn(hook(), name="backplane reconnect hook")
 
     # -- health ------------------------------------------------------------------------------------
 

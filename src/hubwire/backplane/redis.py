@@ -26,8 +26,15 @@ import uuid
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..connections.tasks import BackgroundTasks
 from ..exceptions import HubException
-from ..lifetime import ClientResults, HubLifetimeManager, LocalConnections, SerializedMessage, await_result
+from ..hubs.lifetime import (
+    ClientResults,
+    HubLifetimeManager,
+    LocalConnections,
+    SerializedMessage,
+    await_result,
+)
 from ..protocol.backplane import (
     GROUP_ADD,
     GROUP_REMOVE,
@@ -45,19 +52,20 @@ from ..protocol.backplane import (
 )
 from ..protocol.errors import InvalidDataError
 from ..protocol.messages import CompletionMessage, InvocationMessage
+from .base import Backplane
 from .bus import RedisBus
 from .relay import Relay
 from .resp import RespError
 
 if TYPE_CHECKING:
-    from ..context import HubConnectionContext
+    from ..hubs.context import HubConnectionContext
 
 __all__ = ["RedisBackplane", "RedisHubLifetimeManager"]
 
 log = logging.getLogger("hubwire.backplane")
 
 
-class RedisBackplane:
+class RedisBackplane(Backplane):
     """Scale hubs out over Redis. One instance of this per process, shared by all hubs.
 
     ``channel_prefix`` isolates apps sharing one Redis (it is prepended to every
@@ -89,7 +97,7 @@ class RedisBackplane:
         self._started = 0
         self.managers: dict[str, RedisHubLifetimeManager] = {}
         #: relays SSE / long-polling requests to the instance holding the connection
-        self.relay = Relay(self.bus, channel_prefix, self.server_name)
+        self.relay: Relay = Relay(self.bus, channel_prefix, self.server_name)
 
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
@@ -119,6 +127,7 @@ class RedisBackplane:
     async def close(self) -> None:
         self._started -= 1
         if self._started == 0:
+            await self.relay.close()
             await self.bus.close()
 
     @property
@@ -202,6 +211,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         self._remote_results: dict[str, tuple[str, str]] = {}
         self._ack_channel = self.channels.ack(self.server_name)
         self._return_channel = self.channels.return_results(self.server_name)
+        #: group joins acknowledged in the background
+        self.tasks = BackgroundTasks(f"backplane {hub_name}")
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -223,6 +234,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         for future in self._acks.values():
             if not future.done():
                 future.cancel()
+        await self.tasks.cancel_all()
         await self.backplane.close()
 
     def _serialize(self, message: InvocationMessage) -> dict[str, bytes]:
@@ -409,7 +421,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         if conn is None:
             return
         if command.action == GROUP_ADD:
-            asyncio.get_running_loop().create_task(self._ack_after_join(conn, command))
+            self.tasks.spawn(self._ack_after_join(conn, command), name="group join ack")
         else:
             self._leave_local(conn, command.group)
             self.bus.publish(self.channels.ack(command.server_name), encode_ack(command.id))

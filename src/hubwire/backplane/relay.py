@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
+from ..connections.tasks import BackgroundTasks
+from ..protocol import texts
 from .bus import RedisBus
 
 __all__ = ["Relay", "RelayHandler", "Reply"]
@@ -49,7 +51,7 @@ class Relay:
         self._ids = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._handlers: dict[str, RelayHandler] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks("relay")
         self._started = False
 
     async def start(self) -> None:
@@ -83,14 +85,10 @@ class Relay:
             return
         if handler is None:
             self.bus.publish(
-                reply_channel, _encoder.encode([request_id, 404, b"No Connection with that ID", []])
+                reply_channel, _encoder.encode([request_id, 404, texts.NO_CONNECTION.encode(), []])
             )
             return
-        task = asyncio.get_running_loop().create_task(
-            self._answer(handler, request_id, reply_channel, payload)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._answer(handler, request_id, reply_channel, payload), name="relayed request")
 
     async def _answer(
         self, handler: RelayHandler, request_id: str, reply_channel: str, payload: bytes
@@ -138,9 +136,9 @@ class Relay:
         if future is not None and not future.done() and isinstance(status, int):
             future.set_result((status, body if isinstance(body, bytes) else b"", headers))
 
-    def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+    async def close(self) -> None:
+        """Stop answering and waiting (server shutdown): every task ended, every waiter cancelled."""
         for future in self._waiting.values():
             if not future.done():
                 future.cancel()
+        await self._tasks.cancel_all()

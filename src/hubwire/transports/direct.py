@@ -6,7 +6,7 @@ and the server re-framing the same payload for each socket (measured ~1.7x the
 cost of a direct transport write). In native mode outbound data frames bypass
 all of that:
 
-* a connection's :class:`~hubwire.connection.Outbox` gets a *sink*; ``write``
+* a connection's :class:`~hubwire.connections.outbox.Outbox` gets a *sink*; ``write``
   appends and marks the outbox dirty (no await, no task);
 * once per event-loop iteration the outbox hands each dirty socket's
   pending records as **one** frame (coalescing bursts), and a frame built for
@@ -23,38 +23,27 @@ with identical behaviour.
 from __future__ import annotations
 
 import logging
-import struct
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.base import TransferFormat
+from ..protocol.websocket import encode_frame
 
 if TYPE_CHECKING:
-    from ..connection import Connection, Outbox
+    from ..connections.connection import Connection
+    from ..connections.outbox import Outbox
 
-__all__ = ["DirectSink", "frame"]
+__all__ = ["DirectSink"]
 
 log = logging.getLogger("hubwire.websocket")
 
-_TEXT, _BINARY = 0x81, 0x82
 _BINARY_FORMAT = TransferFormat.BINARY
-
-
-def frame(payload: bytes, binary: bool) -> bytes:
-    """One unmasked, final WebSocket data frame (server to client)."""
-    first = _BINARY if binary else _TEXT
-    size = len(payload)
-    if size < 126:
-        return bytes((first, size)) + payload
-    if size < 65536:
-        return struct.pack("!BBH", first, 126, size) + payload
-    return struct.pack("!BBQ", first, 127, size) + payload
 
 
 class DirectSink:
     """Writes one connection's outbound records straight to its WebSocket transport.
 
     The outbox calls :meth:`flush` once per loop iteration when it has records
-    (see ``hubwire.connection._flush_dirty``), with a frame memo shared by every
+    (see ``hubwire.connections.outbox._flush_dirty``), with a frame memo shared by every
     socket flushed in that pass.
     """
 
@@ -80,11 +69,11 @@ class DirectSink:
             if entry is not None and entry[0] is payload:
                 data = entry[1]
             else:
-                data = frame(payload, binary)
+                data = encode_frame(payload, binary)
                 if memo is not None:
                     memo[key] = (payload, data)
         else:
-            data = frame(b"".join(chunks), binary)
+            data = encode_frame(b"".join(chunks), binary)
         limit = outbox.max_buffered
         if limit is not None:
             # what earlier writes left unsent is still over the bound: the client is not reading.

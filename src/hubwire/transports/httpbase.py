@@ -3,26 +3,29 @@
 With SSE and long polling the client talks to the server over *separate*
 HTTP requests (a GET that carries server->client bytes, POSTs that carry
 client->server bytes), so a connection needs a little state that outlives any
-single request: which application it runs on, a lock that keeps POST bodies
-in order, and (long polling) the poll currently waiting.
+single request: whether its application was started, a lock that keeps POST
+bodies in order, and (long polling) the poll currently waiting. It lives in
+the connection's ``transport_state``; the connection manager drops it when
+the connection ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
-from ..connection import Connection, RequestInfo
-from ..dispatcher import ConnectionApplication
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection, RequestInfo
+from ..connections.manager import ConnectionManager
 from ..http import BodyTooLarge, ClientGone, Receive, Send, read_body, respond
+from ..protocol import texts
 
-if TYPE_CHECKING:
-    from ..server import HubServer
-
-__all__ = ["HttpConnectionState", "Poll", "handle_post", "wait_disconnect"]
+__all__ = ["POST_BODY_FACTOR", "HttpConnectionState", "Poll", "handle_post", "http_state", "post_limit"]
 
 log = logging.getLogger("hubwire.http_transport")
+
+#: how much larger than one hub message a POST body may be (the JS client batches queued messages)
+POST_BODY_FACTOR = 4
 
 
 class Poll:
@@ -57,19 +60,29 @@ class HttpConnectionState:
         self.poll: Poll | None = None
         self.error: BaseException | None = None
 
-    @property
-    def idle(self) -> bool:
-        """True when no long poll is waiting (nothing would notice the connection ending)."""
-        return self.poll is None
-
     async def start(self, endpoint: ConnectionApplication, conn: Connection) -> None:
         """Run the application's ``on_connect`` and hand it whatever was POSTed before."""
         self.endpoint = endpoint
+        conn.application = endpoint
         await endpoint.on_connect(conn)
         if self.early:
             data, self.early = bytes(self.early), bytearray()
             async with self.send_lock:
                 await endpoint.on_receive(conn, data)
+
+
+def http_state(conn: Connection) -> HttpConnectionState:
+    """The SSE / long-polling state of ``conn`` (created on first use)."""
+    state = conn.transport_state
+    if not isinstance(state, HttpConnectionState):
+        state = conn.transport_state = HttpConnectionState()
+    return state
+
+
+def post_limit(endpoint: ConnectionApplication) -> int | None:
+    """Largest POST body accepted for ``endpoint``."""
+    size = endpoint.max_receive_size()
+    return None if size is None else size * POST_BODY_FACTOR
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -81,49 +94,51 @@ async def wait_disconnect(receive: Receive) -> None:
 
 
 async def handle_post(
-    server: HubServer,
+    manager: ConnectionManager,
     endpoint: ConnectionApplication,
     conn: Connection,
     request: RequestInfo,
     receive: Receive,
     send: Send,
     headers: list[tuple[str, str]],
-    limit: int | None,
 ) -> None:
     """``POST {hub}?id=...``: hand the body to the application, in order, and answer ``200``.
 
-    The body is read whole (bounded by ``limit``, ``413`` past it) before the
-    application sees any of it, so a refused body never leaves half a message
-    behind. POSTs of one connection are serialized: a second POST waits until
-    the application has taken the first (back-pressure, as in ASP.NET).
+    The body is read whole (bounded by the endpoint's limit, ``413`` past it)
+    before the application sees any of it, so a refused body never leaves half
+    a message behind. POSTs of one connection are serialized: a second POST
+    waits until the application has taken the first (back-pressure, as in
+    ASP.NET).
     """
     if conn.transport_name == "WebSockets":
-        await respond(send, 405, b"POST requests are not allowed for WebSocket connections.", headers=headers)
+        await respond(send, 405, texts.POST_NOT_ALLOWED_ON_WEBSOCKETS.encode(), headers=headers)
         return
+    limit = post_limit(endpoint)
     declared = _content_length(request)
+    too_large = texts.REQUEST_BODY_TOO_LARGE.encode()
     if limit is not None and declared is not None and declared > limit:
-        await respond(send, 413, b"Request body too large.", headers=headers)
+        await respond(send, 413, too_large, headers=headers)
         return
     try:
         body = await read_body(receive, limit)
     except BodyTooLarge:
-        await respond(send, 413, b"Request body too large.", headers=headers)
+        await respond(send, 413, too_large, headers=headers)
         return
     except ClientGone:
         return  # nobody is left to answer; the bytes were never complete
-    state = server.http_state(conn)
+    state = http_state(conn)
     async with state.send_lock:
-        if not server.is_live(conn):
+        if not manager.is_live(conn):
             await respond(send, 404, b"", headers=headers)
             return
         if state.endpoint is None:
             if limit is not None and len(state.early) + len(body) > limit:
-                await respond(send, 413, b"Request body too large.", headers=headers)
+                await respond(send, 413, too_large, headers=headers)
                 return
             state.early += body
         elif state.endpoint is not endpoint:
             # a token negotiated on another path: that connection does not exist here
-            await respond(send, 404, b"No Connection with that ID", headers=headers)
+            await respond(send, 404, texts.NO_CONNECTION.encode(), headers=headers)
             return
         elif body:
             try:

@@ -15,7 +15,7 @@ Semantics (ASP.NET Core's, which the clients are written against):
 * ``DELETE`` ends the connection (``202``); the waiting poll ends with ``204``.
 * Between polls the connection is *inactive*; the server heartbeat disposes
   it after the disconnect timeout and the application's ``on_disconnect``
-  runs then (see :meth:`HubServer.connection_ended`).
+  runs then (see :meth:`ConnectionManager.end`).
 
 The poll reuses the outbox design: hub code appends synchronously and the one
 waiting poll drains ``take_nowait()``.
@@ -26,18 +26,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..connection import Connection
-from ..dispatcher import ConnectionApplication
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection, TransportFeatures
+from ..connections.manager import ConnectionManager
 from ..http import Receive, Send, respond
-from .httpbase import HttpConnectionState, Poll, wait_disconnect
+from ..protocol import texts
+from .httpbase import HttpConnectionState, Poll, http_state, wait_disconnect
 
-if TYPE_CHECKING:
-    from ..server import HubServer
+__all__ = ["FEATURES", "NO_CACHE_HEADERS", "handle_delete", "serve_poll"]
 
-__all__ = ["NO_CACHE_HEADERS", "handle_delete", "serve_poll"]
+#: the polls themselves show the client is there: no keep-alive pings on long polling
+FEATURES = TransportFeatures("LongPolling", inherent_keep_alive=True)
 
 log = logging.getLogger("hubwire.longpolling")
 
@@ -53,20 +54,19 @@ _REPLACE_WAIT = 5.0
 
 
 async def serve_poll(
-    server: HubServer,
+    manager: ConnectionManager,
     endpoint: ConnectionApplication,
     conn: Connection,
-    state: HttpConnectionState,
     receive: Receive,
     send: Send,
     headers: list[tuple[str, str]],
-    poll_timeout: float,
 ) -> None:
     """Answer one poll (the caller has already checked id, transport and authorization)."""
     all_headers = [*NO_CACHE_HEADERS, *headers]
+    state = http_state(conn)
     if state.endpoint is None:
         # first poll: start the application and answer at once so the client may send
-        conn.inactive_since = None
+        manager.mark_active(conn)
         try:
             await state.start(endpoint, conn)
         except Exception as exc:
@@ -74,46 +74,41 @@ async def serve_poll(
             state.error = exc
             conn.abort("start failed")
         await respond(send, 200, b"", "application/octet-stream", all_headers)
-        _mark_inactive(server, conn)
+        manager.mark_inactive(conn)
         return
     previous = state.poll
     if previous is not None:
         previous.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(previous.done.wait(), _REPLACE_WAIT)
-    if not server.is_live(conn):
-        await respond(send, 404, b"No Connection with that ID", headers=headers)
+    if not manager.is_live(conn):
+        await respond(send, 404, texts.NO_CONNECTION.encode(), headers=headers)
         return
     poll = Poll()
     state.poll = poll
-    conn.inactive_since = None
+    manager.mark_active(conn)
     try:
-        await _wait_and_answer(server, endpoint, conn, state, poll, receive, send, all_headers, poll_timeout)
+        await _wait_and_answer(manager, conn, state, poll, receive, send, all_headers)
     finally:
         poll.done.set()
         if state.poll is poll:
             state.poll = None
-            _mark_inactive(server, conn)
-
-
-def _mark_inactive(server: HubServer, conn: Connection) -> None:
-    if server.is_live(conn):
-        conn.inactive_since = time.monotonic()
+            manager.mark_inactive(conn)
 
 
 async def _wait_and_answer(
-    server: HubServer,
-    endpoint: ConnectionApplication,
+    manager: ConnectionManager,
     conn: Connection,
     state: HttpConnectionState,
     poll: Poll,
     receive: Receive,
     send: Send,
     headers: list[tuple[str, str]],
-    poll_timeout: float,
 ) -> None:
     outbox = conn.outbox
     loop = asyncio.get_running_loop()
+    assert state.endpoint is not None  # set by the first poll
+    poll_timeout = state.endpoint.options.long_poll_timeout
     readable = loop.create_task(outbox.wait_readable(poll_timeout))
     gone = loop.create_task(wait_disconnect(receive))
     waited: set[asyncio.Future[Any]] = {readable, gone, poll.stopped}
@@ -140,27 +135,25 @@ async def _wait_and_answer(
     if outbox.closed:
         # the application is done and everything was delivered: stop polling, dispose
         await respond(send, 204, b"", headers=headers)
-        await server.connection_ended(endpoint, conn, state.error)
+        await manager.end(conn, state.error)
         return
     await respond(send, 200, b"", headers=headers)  # woken without data (should not happen)
 
 
 async def handle_delete(
-    server: HubServer,
+    manager: ConnectionManager,
     conn: Connection,
     send: Send,
     headers: list[tuple[str, str]],
 ) -> None:
     """``DELETE {hub}?id=...``: the client ends a long-polling connection (``202``)."""
-    if conn.transport_name != "LongPolling":
-        await respond(
-            send, 400, b"Cannot terminate this connection using the DELETE endpoint.", headers=headers
-        )
+    if conn.transport_name != FEATURES.name:
+        await respond(send, 400, texts.DELETE_NOT_ALLOWED.encode(), headers=headers)
         return
-    state = server.http_state(conn)
+    state = http_state(conn)
     if state.poll is not None:
         state.poll.stop()  # before the abort below wakes it, so it answers 204 and not the data
     conn.abort("client closed")
     if state.endpoint is not None:
-        server.spawn(server.connection_ended(state.endpoint, conn, state.error))
+        manager.end_soon(conn, state.error)
     await respond(send, 202, b"", headers=headers)

@@ -12,8 +12,9 @@ implementation (``hubwire run`` does it; under plain uvicorn pass
 * uvicorn still parses HTTP and hands over the upgrade request; every other
   WebSocket path (e.g. a FastAPI WebSocket route) is handed to uvicorn's own
   implementation unchanged, so apps keep all of ASGI;
-* hub paths are admitted by :meth:`HubServer.admit_websocket` (auth, tokens,
-  404/409) exactly as on the ASGI path, then frames are parsed here and
+* hub paths are admitted by the server's checks (auth, tokens, 404/409,
+  through :class:`NativeGate`) exactly as on the ASGI path; frames are parsed
+  by the sans-I/O :class:`~hubwire.protocol.websocket.ServerWebSocket` and
   outbound writes go through :class:`~hubwire.transports.direct.DirectSink`;
 * an idle connection owns no task: inbound data starts a short-lived task
   that drains it, and reading pauses while that work is backed up.
@@ -26,28 +27,30 @@ import base64
 import contextlib
 import hashlib
 import logging
-import struct
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
-from websockets.utils import apply_mask
-
-from ..connection import Connection, RequestInfo
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection, RequestInfo
+from ..connections.inbox import Inbox
+from ..connections.manager import ConnectionManager
+from ..protocol.websocket import (
+    CLOSE_INTERNAL_ERROR,
+    CloseReceived,
+    DataReceived,
+    PingReceived,
+    ServerWebSocket,
+)
 from .direct import DirectSink
 
-if TYPE_CHECKING:
-    from ..dispatcher import ConnectionApplication
-    from ..server import HubServer
-
-__all__ = ["CheckedWebSocketProtocol", "NativeWebSocketProtocol"]
+__all__ = ["CheckedWebSocketProtocol", "NativeGate", "NativeWebSocketProtocol"]
 
 log = logging.getLogger("hubwire.websocket")
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEAD = 16 * 1024
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
+#: pongs are dropped while more than this waits unsent (a ping flood from a client that does not read)
+_PONG_BACKLOG = 64 * 1024
 #: what uvicorn's WebSocket implementation (the websockets library) accepts in a request head
 _HANDOVER_MAX_LINE = 8192 - 2
 _HANDOVER_MAX_HEADERS = 128
@@ -65,21 +68,34 @@ _STATUS = {
 _REQUEST, _OPEN, _CLOSED = 0, 1, 2
 
 
-def _find_server(app: Any) -> HubServer | None:
-    from ..server import HubServer
+class NativeGate(Protocol):
+    """What native serving needs from the application: routes, admission, the connection manager.
 
+    The server's HTTP dispatcher implements it and the ASGI app exposes it as
+    ``native_gate``, so this module never imports the server.
+    """
+
+    connections: ConnectionManager
+
+    def route(self, path: str) -> ConnectionApplication | None: ...
+
+    async def admit_websocket(
+        self, endpoint: ConnectionApplication, request: RequestInfo
+    ) -> Connection | tuple[int, str]: ...
+
+    async def ensure_started(self) -> None: ...
+
+
+def _find_gate(app: Any) -> NativeGate | None:
+    """The gate of a hubwire app, possibly wrapped in middlewares that keep it as ``.app``."""
     for _ in range(10):
-        if isinstance(app, HubServer):
-            return app
+        gate = getattr(app, "native_gate", None)
+        if gate is not None:
+            return gate  # type: ignore[no-any-return]
         app = getattr(app, "app", None)
         if app is None:
             return None
     return None
-
-
-def _close_frame(code: int, reason: str = "") -> bytes:
-    payload = struct.pack("!H", code) + reason.encode()[:123]
-    return bytes((0x88, len(payload))) + payload
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -106,24 +122,23 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         self.server_state = server_state
         self.app_state = app_state
         self.transport: asyncio.Transport | None = None
-        self.close_sent = False
         self._stage = _REQUEST
         self._buf = bytearray()
-        self._server: HubServer | None = None
+        self._gate: NativeGate | None = None
         self._endpoint: ConnectionApplication | None = None
         self._conn: Connection | None = None
-        self._inbox: deque[bytes] | None = None
-        self._inbox_bytes = 0
+        self._ws: ServerWebSocket | None = None
+        self._inbox: Inbox | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._paused = False
-        self._in_message = False
-        self._max_frame = 1024 * 1024
         self._close_timer: asyncio.TimerHandle | None = None
-        #: a close frame was received or a protocol error seen: read no further frames
-        self._closing = False
         self._error: BaseException | None = None
         #: uvicorn's protocol that serves a non-hub path after the hand-over
         self._other: Any = None
+
+    @property
+    def close_sent(self) -> bool:
+        """Our Close frame went out: no data frame may follow (read by the direct sink)."""
+        return self._ws is not None and self._ws.close_sent
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -134,10 +149,10 @@ class NativeWebSocketProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._other is not None:  # handed over (uvicorn may set us back as the protocol)
             self._other.data_received(data)
-            return
-        if self._stage == _OPEN:
-            self._buf += data
-            self._read_frames()
+        elif self._stage == _OPEN:
+            assert self._ws is not None
+            self._ws.receive_data(data)
+            self._process()
         elif self._stage == _REQUEST:
             self._buf += data
             self._read_request()
@@ -157,17 +172,14 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         self.transport = None
         if self._close_timer is not None:
             self._close_timer.cancel()
-        if self._inbox:
+        if self._inbox is not None:
             self._inbox.clear()
+        if self._pump is not None:
+            self._pump.cancel()  # the client is gone: nothing it sent still needs handling
         conn = self._conn
-        if stage == _OPEN and conn is not None and self._server is not None and self._endpoint is not None:
+        if stage == _OPEN and conn is not None and self._gate is not None:
             conn.outbox.sink = None
-            conn.outbox.close()
-            task = asyncio.get_running_loop().create_task(
-                self._server.connection_ended(self._endpoint, conn, self._error or exc)
-            )
-            self._server._tasks.add(task)
-            task.add_done_callback(self._server._tasks.discard)
+            self._gate.connections.end_soon(conn, self._error or exc)
 
     def pause_writing(self) -> None:  # the slow-consumer bound is enforced on write
         if self._other is not None:
@@ -210,9 +222,9 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             # uvicorn's implementation would neither answer nor close such a request
             self._reply(400, "A WebSocket upgrade request has no body")
             return
-        server = _find_server(self.config.loaded_app) if self.serve_hubs else None
-        endpoint = server.route(unquote(path)) if server is not None and method == "GET" else None
-        if server is None or endpoint is None:
+        gate = _find_gate(self.config.loaded_app) if self.serve_hubs else None
+        endpoint = gate.route(unquote(path)) if gate is not None and method == "GET" else None
+        if gate is None or endpoint is None:
             too_long = any(len(line) > _HANDOVER_MAX_LINE for line in lines)
             if too_long or len(lines) - 1 > _HANDOVER_MAX_HEADERS:
                 # uvicorn's implementation would queue its 431 and never send it
@@ -220,7 +232,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
                 return
             self._hand_over()
             return
-        self._server, self._endpoint = server, endpoint
+        self._gate, self._endpoint = gate, endpoint
         self._buf = bytearray(rest)
         transport = self.transport
         assert transport is not None
@@ -232,9 +244,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             "scheme": "wss" if transport.get_extra_info("sslcontext") else "ws",
             "client": transport.get_extra_info("peername"),
         }
-        task = asyncio.get_running_loop().create_task(self._admit(RequestInfo.from_scope(scope)))
-        server._tasks.add(task)
-        task.add_done_callback(server._tasks.discard)
+        gate.connections.tasks.spawn(self._admit(RequestInfo.from_scope(scope)), name="admit websocket")
 
     def _hand_over(self) -> None:
         """Not a hub path: let uvicorn's own WebSocket implementation serve it."""
@@ -254,8 +264,8 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         transport.set_protocol(other)
 
     async def _admit(self, request: RequestInfo) -> None:
-        server, endpoint = self._server, self._endpoint
-        assert server is not None and endpoint is not None
+        gate, endpoint = self._gate, self._endpoint
+        assert gate is not None and endpoint is not None
         headers = request.headers
         key = headers.get("sec-websocket-key")
         if (
@@ -265,22 +275,38 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         ):
             self._reply(400, "Invalid WebSocket upgrade request")
             return
-        if not server._started:
-            await server.startup()
+        await gate.ensure_started()
         try:
-            admitted = await server.admit_websocket(endpoint, request)
+            admitted = await gate.admit_websocket(endpoint, request)
         except Exception:
             log.exception("WebSocket admission failed")
             admitted = (500, "")
         if self.transport is None:  # the client went away meanwhile
             if isinstance(admitted, Connection):
-                admitted.transport_active = False
-                server.connections.remove(admitted)
+                gate.connections.end_soon(admitted)
             return
         if isinstance(admitted, tuple):
             self._reply(admitted[0], admitted[1])
             return
-        conn = self._conn = admitted
+        self._open(endpoint, admitted, key)
+        try:
+            await endpoint.on_connect(admitted)
+        except Exception as exc:
+            log.exception("on_connect failed for %s", admitted.connection_id)
+            self._error = exc
+            assert self._ws is not None
+            self._ws.fail(CLOSE_INTERNAL_ERROR)
+            self._process()
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+            if self._buf:
+                rest, self._buf = bytes(self._buf), bytearray()
+                self.data_received(rest)
+
+    def _open(self, endpoint: ConnectionApplication, conn: Connection, key: str) -> None:
+        """Answer 101 and start framing: the endpoint's own message size bounds a frame."""
+        assert self.transport is not None
         accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + _GUID).digest()).decode()
         self.transport.write(
             (
@@ -288,21 +314,15 @@ class NativeWebSocketProtocol(asyncio.Protocol):
                 f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
             ).encode("latin-1")
         )
+        self._conn = conn
         self._stage = _OPEN
-        size = server.options.maximum_receive_message_size
-        self._max_frame = max(4 * size, 64 * 1024) if size is not None else 16 * 1024 * 1024
+        size = endpoint.max_receive_size()
+        max_frame = max(4 * size, 64 * 1024) if size is not None else 16 * 1024 * 1024
+        self._ws = ServerWebSocket(max_frame, validate_utf8=endpoint.validate_text)
+        transport = self.transport
+        self._inbox = Inbox(transport.pause_reading, transport.resume_reading)
+        conn.application = endpoint
         conn.outbox.sink = DirectSink(self, conn)
-        try:
-            await endpoint.on_connect(conn)
-        except Exception as exc:
-            log.exception("on_connect failed for %s", conn.connection_id)
-            self._error = exc
-            self._fail(1011)
-            return
-        if self.transport is not None:
-            self.transport.resume_reading()
-            if self._buf:
-                self._read_frames()
 
     def _reply(self, status: int, body: str) -> None:
         transport = self.transport
@@ -322,75 +342,30 @@ class NativeWebSocketProtocol(asyncio.Protocol):
 
     # -- frames ------------------------------------------------------------------------------------
 
-    def _read_frames(self) -> None:
-        buf = self._buf
-        pos = 0
-        size = len(buf)
-        while size - pos >= 2 and not self._closing:
-            b0, b1 = buf[pos], buf[pos + 1]
-            opcode = b0 & 0x0F
-            if b0 & 0x70 or not b1 & 0x80:  # reserved bits (no extension) or an unmasked client frame
-                self._fail(1002)
-                return
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-                head = 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = 10
-            if length > self._max_frame:
-                self._fail(1009)
-                return
-            end = pos + head + 4 + length
-            if size < end:
-                break
-            mask = bytes(buf[pos + head : pos + head + 4])
-            payload = apply_mask(bytes(buf[pos + head + 4 : end]), mask) if length else b""
-            pos = end
-            fin = b0 & 0x80
-            if opcode in (1, 2):
-                if self._in_message:
-                    self._fail(1002)
-                    return
-                self._in_message = not fin
-                if payload:
-                    self._deliver(payload)
-            elif opcode == 0:
-                if not self._in_message:
-                    self._fail(1002)
-                    return
-                self._in_message = not fin
-                if payload:
-                    self._deliver(payload)
-            elif opcode >= 8:
-                if not fin or length > 125:
-                    self._fail(1002)
-                    return
-                if opcode == 8:
-                    self._on_close(payload)
-                    return
-                if opcode == 9 and self.transport is not None and not self.close_sent:
-                    self.transport.write(bytes((0x8A, len(payload))) + payload)
-            else:
-                self._fail(1002)
-                return
-        if pos:
-            del buf[:pos]
+    def _process(self) -> None:
+        """Act on what the sans-I/O side parsed: deliver data, answer pings, close."""
+        ws, transport = self._ws, self.transport
+        assert ws is not None
+        for event in ws.events_received():
+            if isinstance(event, DataReceived):
+                self._deliver(event.payload)
+            elif isinstance(event, PingReceived):
+                if transport is not None and transport.get_write_buffer_size() <= _PONG_BACKLOG:
+                    ws.send_pong(event.payload)
+            elif isinstance(event, CloseReceived):
+                log.debug("client closed %s with %s", self._conn, event.code)
+        out = ws.data_to_send()
+        if transport is None:
+            return
+        if out:
+            transport.write(out)
+        if ws.closing:
+            transport.close()
 
     def _deliver(self, data: bytes) -> None:
-        if self._inbox is None:
-            self._inbox = deque()
-        self._inbox.append(data)
-        self._inbox_bytes += len(data)
-        if self._inbox_bytes > _HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
+        inbox = self._inbox
+        assert inbox is not None
+        inbox.put(data)
         if self._pump is None:
             self._pump = asyncio.get_running_loop().create_task(self._drain())
 
@@ -398,12 +373,10 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         endpoint, conn, inbox = self._endpoint, self._conn, self._inbox
         assert endpoint is not None and conn is not None and inbox is not None
         try:
-            while inbox and self._stage == _OPEN and not self._closing:
-                data = inbox.popleft()
-                self._inbox_bytes -= len(data)
-                if self._paused and self._inbox_bytes < _LOW_WATER and self.transport is not None:
-                    self._paused = False
-                    self.transport.resume_reading()
+            while self._stage == _OPEN:
+                data = inbox.get_nowait()
+                if data is None:
+                    break
                 await endpoint.on_receive(conn, data)
         except Exception as exc:
             log.exception("connection %s failed while receiving", conn.connection_id)
@@ -411,42 +384,18 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             conn.abort("receive failed")
         finally:
             self._pump = None
-            if self._inbox is not None and not self._inbox:
-                self._inbox = None
-
-    def _on_close(self, payload: bytes) -> None:
-        code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
-        transport = self.transport
-        if transport is None:
-            return
-        if not self.close_sent:
-            self.close_sent = True
-            reply = code if code in (1000, 1001) or 3000 <= code < 5000 else 1000
-            transport.write(_close_frame(reply))
-        self._closing = True
-        transport.close()
-
-    def _fail(self, code: int) -> None:
-        """Protocol violation: close with ``code`` and drop the connection."""
-        self._closing = True
-        transport = self.transport
-        if transport is None:
-            return
-        if not self.close_sent:
-            self.close_sent = True
-            transport.write(_close_frame(code))
-        transport.close()
 
     # -- called by DirectSink when the application closes the connection -------------------------
 
     def app_closed(self) -> None:
         """The outbox was closed and flushed: send our close frame, wait for the peer's, then drop."""
-        transport = self.transport
-        if transport is None or self.close_sent:
+        transport, ws = self.transport, self._ws
+        if transport is None or ws is None or ws.close_sent:
             return
-        self.close_sent = True
-        transport.write(_close_frame(1000))
-        timeout = self._server.options.websocket_close_timeout if self._server else 5.0
+        ws.send_close()
+        transport.write(ws.data_to_send())
+        endpoint = self._endpoint
+        timeout = endpoint.options.websocket_close_timeout if endpoint is not None else 5.0
         self._close_timer = asyncio.get_running_loop().call_later(timeout, self._force_close)
 
     def _force_close(self) -> None:

@@ -17,19 +17,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import msgspec
 
-from ..connection import Connection, RequestInfo
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection, RequestInfo
+from ..connections.manager import ConnectionManager
 from ..http import BodyTooLarge, ClientGone, Message, Receive, Scope, Send, read_body, respond
+from ..protocol import texts
+from .httpbase import post_limit
 
-if TYPE_CHECKING:
-    from ..backplane.relay import Relay, Reply
-    from ..dispatcher import ConnectionApplication
-    from ..server import HubServer
+__all__ = ["LOCAL_ONLY", "HttpHandler", "Reply", "RequestRelay", "forward", "serve_relayed"]
 
-__all__ = ["LOCAL_ONLY", "forward", "serve_relayed"]
+#: a relayed reply: status, body, response headers
+Reply = tuple[int, bytes, list[tuple[str, str]]]
+#: the HTTP handler of a path: answers a request exactly as if it had arrived here
+HttpHandler = Callable[[ConnectionApplication, Scope, Receive, Send], Awaitable[None]]
+
+
+class RequestRelay(Protocol):
+    """Request/reply to the instance that holds a connection (the Redis backplane provides one)."""
+
+    async def serve(self, connection_id: str, handler: Callable[[bytes], Awaitable[Reply]]) -> None:
+        """Answer relayed requests for a connection held here."""
+
+    def stop_serving(self, connection_id: str) -> None:
+        """Stop answering for a connection that ended here."""
+
+    async def request(self, connection_id: str, payload: bytes, timeout: float) -> Reply | None:
+        """Relay ``payload`` to the holder of ``connection_id``; None when nobody answers."""
+
 
 log = logging.getLogger("hubwire.relay")
 
@@ -44,8 +63,9 @@ _SLACK = 10.0
 
 
 async def forward(
-    server: HubServer,
-    relay: Relay,
+    manager: ConnectionManager,
+    relay: RequestRelay,
+    serve_http: HttpHandler,
     endpoint: ConnectionApplication,
     scope: Scope,
     request: RequestInfo,
@@ -60,16 +80,16 @@ async def forward(
     negotiated here but taken over elsewhere). A relayed request is answered
     with the owner's status, body and content type.
     """
-    verified = server.connections.issuer.verify(token, check_age=False)
+    verified = manager.issuer.verify(token, check_age=False)
     if verified is None:
         return False
     method = scope.get("method", "GET")
     body = b""
     if method == "POST":
         try:
-            body = await read_body(receive, server.post_limit(endpoint))
+            body = await read_body(receive, post_limit(endpoint))
         except BodyTooLarge:
-            await respond(send, 413, b"Request body too large.", headers=cors)
+            await respond(send, 413, texts.REQUEST_BODY_TOO_LARGE.encode(), headers=cors)
             return True
         except ClientGone:
             return True
@@ -77,17 +97,17 @@ async def forward(
     payload = _encoder.encode(
         [method, scope.get("path", ""), scope.get("query_string", b"").decode("latin-1"), headers, body]
     )
-    timeout = server.options_of(endpoint).long_poll_timeout + _SLACK if method == "GET" else 30.0
+    timeout = endpoint.options.long_poll_timeout + _SLACK if method == "GET" else 30.0
     reply = await relay.request(verified.connection_id, payload, timeout)
     if reply is None:
-        local = server.connections.get(token)
+        local = manager.get(token)
         if method == "GET" or local is None:
             if method != "GET":
-                await respond(send, 404, b"No Connection with that ID", headers=cors)
+                await respond(send, 404, texts.NO_CONNECTION.encode(), headers=cors)
                 return True
             return False  # nobody holds it: the caller may start it here
         # negotiated here and not started anywhere yet: handle it here with the body already read
-        await server.serve_http(endpoint, {**scope, LOCAL_ONLY: True}, _replay(body), send)
+        await serve_http(endpoint, {**scope, LOCAL_ONLY: True}, _replay(body), send)
         return True
     status, reply_body, reply_headers = reply
     content_type = next((v for k, v in reply_headers if k == "content-type"), None)
@@ -115,7 +135,7 @@ def _without(cors: list[tuple[str, str]], present: list[tuple[str, str]]) -> lis
 
 
 async def serve_relayed(
-    server: HubServer, relay: Relay, endpoint: ConnectionApplication, conn: Connection
+    relay: RequestRelay, serve_http: HttpHandler, endpoint: ConnectionApplication, conn: Connection
 ) -> None:
     """Answer relayed requests for ``conn``, which this instance now holds."""
 
@@ -137,12 +157,14 @@ async def serve_relayed(
             "scheme": "http",
             LOCAL_ONLY: True,
         }
-        return await _capture(server, endpoint, scope, body if isinstance(body, bytes) else b"")
+        return await _capture(serve_http, endpoint, scope, body if isinstance(body, bytes) else b"")
 
     await relay.serve(conn.connection_id, handle)
 
 
-async def _capture(server: HubServer, endpoint: ConnectionApplication, scope: Scope, body: bytes) -> Reply:
+async def _capture(
+    serve_http: HttpHandler, endpoint: ConnectionApplication, scope: Scope, body: bytes
+) -> Reply:
     """Run the ordinary HTTP handler on a relayed request and collect its response."""
     delivered = False
     never: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -167,7 +189,7 @@ async def _capture(server: HubServer, endpoint: ConnectionApplication, scope: Sc
             chunks.append(message.get("body", b""))
 
     try:
-        await server.serve_http(endpoint, scope, receive, send)
+        await serve_http(endpoint, scope, receive, send)
     finally:
         never.cancel()
     return status, b"".join(chunks), headers

@@ -7,10 +7,10 @@ sends the handshake. After that the single writer loop drains the
 connection's outbox and writes whatever piled up as **one** event, each line
 as ``data: <line>\\r\\n`` plus a closing ``\\r\\n`` (ASP.NET's formatter, byte
 for byte). SSE is text-only, which is why a MessagePack handshake is refused
-on it (the hub dispatcher checks ``transport_name``).
+on it (the hub layer reads the transport's declared features).
 
 The connection ends when the client closes the request or the application
-closes the outbox; either way :meth:`HubServer.connection_ended` runs once.
+closes the outbox; either way the connection manager ends it, once.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
 
-from ..connection import Connection
-from ..dispatcher import ConnectionApplication
-from ..http import Receive, Send, abort_transport
-from .httpbase import HttpConnectionState, wait_disconnect
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection, TransportFeatures
+from ..connections.manager import ConnectionManager
+from ..http import Receive, Send
+from .guard import SlowConsumerGuard
+from .httpbase import http_state, wait_disconnect
 
-if TYPE_CHECKING:
-    from ..server import HubServer
+__all__ = ["FEATURES", "SSE_HEADERS", "format_event", "serve_sse"]
 
-__all__ = ["SSE_HEADERS", "format_event", "serve_sse"]
+#: text only: a MessagePack handshake is refused on it
+FEATURES = TransportFeatures("ServerSentEvents", binary=False)
 
 log = logging.getLogger("hubwire.sse")
 
@@ -61,15 +62,15 @@ def format_event(payload: bytes) -> bytes:
 
 
 async def serve_sse(
-    server: HubServer,
+    manager: ConnectionManager,
     endpoint: ConnectionApplication,
     conn: Connection,
-    state: HttpConnectionState,
     receive: Receive,
     send: Send,
     headers: list[tuple[str, str]],
 ) -> None:
     """Stream the connection's outbound bytes as events until either side ends it."""
+    state = http_state(conn)
     raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (*SSE_HEADERS, *headers)]
     client_gone = asyncio.Event()
     error: BaseException | None = None
@@ -81,21 +82,9 @@ async def serve_sse(
             client_gone.set()
             conn.outbox.close()
 
-    loop = asyncio.get_running_loop()
-    watcher = loop.create_task(watch())
-    force: asyncio.TimerHandle | None = None
-
-    def overflow() -> None:
-        # the client stopped reading: the writer is stuck in send() behind a full socket, and a
-        # graceful end of the response would wait for the client too; drop it after the close
-        # timeout unless it went away by itself
-        nonlocal force
-        conn.close_slow(f"{conn.outbox.buffered} bytes unsent")
-        force = loop.call_later(
-            server.options.websocket_close_timeout, lambda: client_gone.is_set() or abort_transport(send)
-        )
-
-    conn.outbox.on_overflow = overflow
+    watcher = asyncio.get_running_loop().create_task(watch())
+    close_timeout = endpoint.options.websocket_close_timeout
+    guard = SlowConsumerGuard(conn, send, close_timeout, client_gone)
     try:
         await send({"type": "http.response.start", "status": 200, "headers": raw_headers})
         await send({"type": "http.response.body", "body": b":\r\n", "more_body": True})
@@ -118,11 +107,10 @@ async def serve_sse(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     send({"type": "http.response.body", "body": b"", "more_body": False}),
-                    server.options.websocket_close_timeout,
+                    close_timeout,
                 )
-        if force is not None:
-            force.cancel()
+        guard.cancel()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        await server.connection_ended(endpoint, conn, state.error or error)
+        await manager.end(conn, state.error or error)

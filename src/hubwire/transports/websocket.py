@@ -1,4 +1,4 @@
-"""WebSocket transport over ASGI.
+"""WebSocket transport over ASGI (the ASGI serving mode, and any ASGI server but hubwire's own).
 
 Inbound frames (text or binary) are a plain byte stream for the application.
 Outbound, the single writer loop drains the connection's outbox and sends
@@ -12,24 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from typing import TYPE_CHECKING
 
-from ..connection import Connection
-from ..dispatcher import ConnectionApplication
-from ..http import Receive, Scope, Send, abort_transport
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection, TransportFeatures
+from ..connections.inbox import Inbox
+from ..connections.manager import ConnectionManager
+from ..http import Receive, Scope, Send
 from ..protocol.base import TransferFormat
+from .guard import SlowConsumerGuard
 
-if TYPE_CHECKING:
-    from ..server import HubServer
-
-__all__ = ["reject_websocket", "serve_websocket"]
+__all__ = ["FEATURES", "reject_websocket", "serve_websocket"]
 
 log = logging.getLogger("hubwire.websocket")
 
-#: inbound bytes waiting for the application before reading pauses, and where it resumes
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
+FEATURES = TransportFeatures("WebSockets")
 
 
 async def reject_websocket(scope: Scope, receive: Receive, send: Send, status: int, body: str = "") -> None:
@@ -54,8 +50,82 @@ async def reject_websocket(scope: Scope, receive: Receive, send: Send, status: i
         await send({"type": "websocket.close", "code": 1008})
 
 
+class _AsgiWebSocket:
+    """One connection's reader, handler and writer over an ASGI ``receive`` / ``send`` pair.
+
+    Reading and handling are apart, as in native mode: the application may hold
+    its input back for long, and a disconnect must still end the connection at
+    once, so the reader fills an :class:`~hubwire.connections.inbox.Inbox` that
+    the handler drains.
+    """
+
+    def __init__(
+        self, endpoint: ConnectionApplication, conn: Connection, receive: Receive, send: Send
+    ) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.receive = receive
+        self.send = send
+        self.client_closed = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.inbox = Inbox(self.room.clear, self.room.set)
+        self.error: BaseException | None = None
+        self.handler: asyncio.Task[None] | None = None
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                await self.room.wait()
+                msg = await self.receive()
+                kind = msg["type"]
+                if kind == "websocket.disconnect":
+                    break
+                if kind == "websocket.receive":
+                    data = msg.get("bytes")
+                    if data is None:
+                        data = (msg.get("text") or "").encode("utf-8")
+                    if data:
+                        self.inbox.put(data)
+        finally:
+            self.client_closed.set()
+            if self.handler is not None:
+                self.handler.cancel()  # the client is gone: nothing it sent still needs handling
+            self.inbox.clear()
+            self.conn.outbox.close()
+
+    async def handle_loop(self) -> None:
+        try:
+            while True:
+                data = await self.inbox.get()
+                await self.endpoint.on_receive(self.conn, data)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # the application failed on this input: end the connection
+            log.exception("connection %s failed while receiving", self.conn.connection_id)
+            self.error = exc
+            self.conn.outbox.close()
+
+    async def write_loop(self) -> int:
+        """Send what the outbox holds until it closes; returns the close code to send."""
+        conn = self.conn
+        while True:
+            chunks = await conn.outbox.take()
+            if chunks is None:
+                return 1000
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if conn.transfer_format is TransferFormat.BINARY:  # known once the application chose
+                await self.send({"type": "websocket.send", "bytes": data})
+            else:
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    return 1011
+                await self.send({"type": "websocket.send", "text": text})
+
+
 async def serve_websocket(
-    server: HubServer,
+    manager: ConnectionManager,
     endpoint: ConnectionApplication,
     conn: Connection,
     receive: Receive,
@@ -66,124 +136,49 @@ async def serve_websocket(
     if message["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
+    conn.application = endpoint
     await endpoint.on_connect(conn)
-    client_closed = asyncio.Event()
-    error: BaseException | None = None
-
-    # Reading and handling are apart, as in native mode: the application may hold its input back
-    # for long (an invocation waiting for the slot a running one holds, a full upload buffer), and
-    # a disconnect must still end the connection at once. Up to _HIGH_WATER bytes wait in between;
-    # past it reading pauses (back-pressure), below _LOW_WATER it resumes.
-    inbox: deque[bytes] = deque()
-    inbox_bytes = 0
-    arrived = asyncio.Event()
-    room = asyncio.Event()
-    room.set()
-
-    async def read_loop() -> None:
-        nonlocal inbox_bytes
-        try:
-            while True:
-                await room.wait()
-                msg = await receive()
-                kind = msg["type"]
-                if kind == "websocket.disconnect":
-                    break
-                if kind == "websocket.receive":
-                    data = msg.get("bytes")
-                    if data is None:
-                        data = (msg.get("text") or "").encode("utf-8")
-                    if data:
-                        inbox.append(data)
-                        inbox_bytes += len(data)
-                        arrived.set()
-                        if inbox_bytes > _HIGH_WATER:
-                            room.clear()
-        finally:
-            client_closed.set()
-            handler.cancel()  # the client is gone: nothing it sent still needs handling
-            conn.outbox.close()
-
-    async def handle_loop() -> None:
-        nonlocal inbox_bytes, error
-        try:
-            while True:
-                while not inbox:
-                    arrived.clear()
-                    await arrived.wait()
-                data = inbox.popleft()
-                inbox_bytes -= len(data)
-                if inbox_bytes < _LOW_WATER:
-                    room.set()
-                await endpoint.on_receive(conn, data)
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:  # the application failed on this input: end the connection
-            log.exception("connection %s failed while receiving", conn.connection_id)
-            error = exc
-            conn.outbox.close()
-
+    ws = _AsgiWebSocket(endpoint, conn, receive, send)
     loop = asyncio.get_running_loop()
-    handler = loop.create_task(handle_loop())
-    reader = loop.create_task(read_loop())
-    close_code = 1000
+    ws.handler = loop.create_task(ws.handle_loop())
+    reader = loop.create_task(ws.read_loop())
     task = asyncio.current_task()
     dropped = writing = False
-    force: asyncio.TimerHandle | None = None
 
-    def drop() -> None:
-        # the close handshake did not finish: the client stopped reading, so the writer is stuck
-        # in send() behind a full socket buffer. Drop the socket (uvicorn exposes its transport
-        # behind send); failing that, cancel the stuck send.
+    def cancel_stuck_send() -> None:
+        # no transport to drop: cancel the send the writer is stuck in (the closing steps below
+        # are bounded by timeouts already)
         nonlocal dropped
-        if client_closed.is_set() or abort_transport(send):
-            return
-        if writing and task is not None:  # the closing steps below are bounded by timeouts already
+        if writing and task is not None:
             dropped = True
             task.cancel()
 
-    def overflow() -> None:
-        nonlocal force
-        conn.close_slow(f"{conn.outbox.buffered} bytes unsent")
-        force = loop.call_later(server.options.websocket_close_timeout, drop)
-
-    conn.outbox.on_overflow = overflow
+    timeout = endpoint.options.websocket_close_timeout
+    guard = SlowConsumerGuard(conn, send, timeout, ws.client_closed, cancel_stuck_send)
+    close_code = 1000
     writing = True
     try:
-        while True:
-            chunks = await conn.outbox.take()
-            if chunks is None:
-                break
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if conn.transfer_format is TransferFormat.BINARY:
-                await send({"type": "websocket.send", "bytes": data})
-            else:
-                await send({"type": "websocket.send", "text": data.decode("utf-8")})
+        close_code = await ws.write_loop()
     except asyncio.CancelledError:
         if not dropped or task is None:
             raise
         task.uncancel()
-        error = error or ConnectionError("slow consumer")
-    except UnicodeDecodeError:
-        close_code = 1011
+        ws.error = ws.error or ConnectionError("slow consumer")
     except Exception as exc:  # the socket is gone (OSError, disconnect errors of the server)
         log.debug("send to %s failed: %s", conn.connection_id, exc)
-        error = error or exc
+        ws.error = ws.error or exc
     finally:
         writing = False
         conn.outbox.close()
-        timeout = server.options.websocket_close_timeout
-        if not client_closed.is_set() and not dropped:
+        if not ws.client_closed.is_set() and not dropped:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(send({"type": "websocket.close", "code": close_code}), timeout)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client_closed.wait(), timeout)
-        if force is not None:
-            force.cancel()
-        reader.cancel()
-        handler.cancel()
-        for task in (reader, handler):
+                await asyncio.wait_for(ws.client_closed.wait(), timeout)
+        guard.cancel()
+        for other in (reader, ws.handler):
+            other.cancel()
+        for other in (reader, ws.handler):
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await server.connection_ended(endpoint, conn, error)
-
+                await other
+        await manager.end(conn, ws.error)

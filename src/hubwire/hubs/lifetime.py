@@ -16,9 +16,9 @@ import itertools
 from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import HubException
-from .protocol.base import HubProtocol
-from .protocol.messages import CompletionMessage, HubMessage, InvocationMessage
+from ..exceptions import HubException
+from ..protocol.base import HubProtocol
+from ..protocol.messages import CompletionMessage, HubMessage, InvocationMessage
 
 if TYPE_CHECKING:
     from .context import HubConnectionContext

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import HubException
-from .protocol.messages import InvocationMessage
+from ..exceptions import HubException
+from ..protocol.messages import InvocationMessage
+from .context import current_connection
 
 if TYPE_CHECKING:
     from .context import HubConnectionContext
@@ -113,8 +114,6 @@ class SingleClientProxy(ClientProxy):
 
 
 def _inside_invocation_of(conn: HubConnectionContext) -> bool:
-    from .dispatcher import current_connection
-
     return current_connection.get(None) is conn
 
 

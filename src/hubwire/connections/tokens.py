@@ -82,7 +82,7 @@ class TokenIssuer:
         if len(token) not in (22, 48):
             return None
         raw = _unb64(token)
-        if raw is None:
+        if raw is None or _b64(raw) != token:  # only the canonical spelling: one string per token
             return None
         if len(raw) == 36:
             body, mac, issued, version = raw[:20], raw[20:], raw[16:20], 1

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import TYPE_CHECKING, Any
 
-from .connection import Connection, Principal, RequestInfo
-from .protocol.base import HubProtocol
-from .protocol.messages import CloseMessage, HubMessage
+from ..connections.connection import Connection, Principal, RequestInfo
+from ..protocol.base import HubProtocol
+from ..protocol.messages import CloseMessage, HubMessage
 
 if TYPE_CHECKING:
-    from .dispatcher import UploadStream
+    from .streams import UploadStream
 
-__all__ = ["HubCallerContext", "HubConnectionContext"]
+__all__ = ["HubCallerContext", "HubConnectionContext", "current_connection"]
+
+#: the connection whose hub method is running in this task (for client-result checks)
+current_connection: contextvars.ContextVar[HubConnectionContext | None] = contextvars.ContextVar(
+    "hubwire_current_connection", default=None
+)
 
 
 class HubConnectionContext:
@@ -26,6 +32,7 @@ class HubConnectionContext:
         "active_streams",
         "connection",
         "connection_id",
+        "disconnected",
         "first_ping_seen",
         "groups",
         "handshake_version",
@@ -60,6 +67,8 @@ class HubConnectionContext:
         principal = connection.principal
         self.user_identifier = principal.identifier if principal else None
         self.groups: set[str] = set()
+        #: set before ``on_disconnected`` runs: no hub method may start after it
+        self.disconnected = False
         self.active_streams: dict[str, asyncio.Task[None]] = {}
         self.upload_streams: dict[str, UploadStream] = {}
         self.max_parallel = max_parallel_invocations

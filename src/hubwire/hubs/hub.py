@@ -18,25 +18,23 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from ..connections.application import Policy, check_policies
 from .clients import HubCallerClients, HubClients
 
 if TYPE_CHECKING:
-    from .connection import Principal
     from .context import HubCallerContext
     from .lifetime import HubLifetimeManager
 
-__all__ = ["GroupManager", "Hub", "HubContext", "HubMethod", "authorize", "hub_method"]
+__all__ = ["GroupManager", "Hub", "HubContext", "HubMethod", "authorize", "check_policies", "hub_method"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: a policy gets the caller's principal (None when anonymous) and says yes or no
-Policy = Callable[["Principal | None"], bool | Awaitable[bool]]
 
 _RESERVED = {"on_connected", "on_disconnected"}
 
@@ -116,19 +114,6 @@ def authorize(*policies: Policy) -> Callable[[Any], Any]:
         return target
 
     return decorate
-
-
-async def check_policies(principal: Principal | None, policies: tuple[Policy, ...]) -> bool:
-    """True when the principal is authenticated and every policy agrees."""
-    if principal is None:
-        return False
-    for policy in policies:
-        verdict = policy(principal)
-        if inspect.isawaitable(verdict):
-            verdict = await verdict
-        if not verdict:
-            return False
-    return True
 
 
 @dataclass(slots=True)

@@ -36,12 +36,13 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import connection as _connection
-from .dispatcher import HubEndpoint
-from .http import ASGIApp, Receive, Scope, Send, respond
+from ..connections import connection as _connection
+from ..http import ASGIApp, Receive, Scope, Send, respond
+from ..hubs.handler import HubConnectionHandler
+from ..transports.httpbase import HttpConnectionState
 
 if TYPE_CHECKING:
-    from .server import HubServer
+    from .app import HubServer
 
 __all__ = ["metrics_app", "rss_bytes", "server_stats", "stats_app"]
 
@@ -55,20 +56,16 @@ def rss_bytes() -> int:
         return 0
 
 
-def _hub_endpoints(server: HubServer) -> list[tuple[str, HubEndpoint]]:
-    return [(path, ep) for path, ep in server._routes.items() if isinstance(ep, HubEndpoint)]
+def _hub_endpoints(server: HubServer) -> list[tuple[str, HubConnectionHandler]]:
+    return [(path, ep) for path, ep in server.router.items() if isinstance(ep, HubConnectionHandler)]
 
 
 def _backplane_health(server: HubServer) -> dict[str, Any] | None:
-    health = getattr(server.backplane, "health", None)
-    if not callable(health):
-        return None
-    result = health()
-    return result if isinstance(result, dict) else None
+    return server.backplane.health()
 
 
 def _sent(server: HubServer) -> tuple[int, int]:
-    messages, size = server.sent_retired
+    messages, size = server.connections.retired_sent
     for conn in server.connections.connections():
         messages += conn.outbox.sent
         size += conn.outbox.sent_bytes
@@ -83,7 +80,7 @@ def server_stats(server: HubServer) -> dict[str, Any]:
             "hub": endpoint.hub_cls.__name__,
             "connected": len(endpoint.connected),
             "pending_handshake": len(endpoint.pending),
-            "running_tasks": len(endpoint._tasks),
+            "running_tasks": len(endpoint.tasks),
             **endpoint.stats.as_dict(),
         }
     messages, size = _sent(server)
@@ -96,10 +93,12 @@ def server_stats(server: HubServer) -> dict[str, Any]:
         "pid": os.getpid(),
         "rss_bytes": rss_bytes(),
         "tasks": tasks,
-        "server_tasks": len(server._tasks),
+        "server_tasks": len(server.tasks),
         "connections": len(server.connections),
         "hub_connections": sum(h["connected"] for h in hubs.values()),
-        "http_states": len(server._http_states),
+        "http_states": sum(
+            isinstance(c.transport_state, HttpConnectionState) for c in server.connections.connections()
+        ),
         "subscriptions": backplane.get("subscriptions") if backplane else None,
         "messages_sent": messages,
         "sent_bytes": size,
@@ -172,43 +171,48 @@ class _Collector:
         yield CounterMetricFamily("hubwire_messages_sent", "Records queued to clients", value=messages)
         yield CounterMetricFamily("hubwire_sent_bytes", "Bytes queued to clients", value=size)
         yield GaugeMetricFamily("hubwire_asyncio_tasks", "Tasks of the event loop", value=_task_count())
-
         health = _backplane_health(server)
-        if health is None:
-            return
-        for stat, doc in (
-            ("published", "Messages published to Redis"),
-            ("received", "Messages received from Redis"),
-            ("dropped", "Messages dropped from the outage buffer"),
-            ("publish_errors", "Failed publish batches"),
-            ("subscriber_restarts", "Subscriber task restarts"),
-            ("stalls_detected", "Silent subscriber connections replaced"),
-            ("handler_errors", "Backplane messages whose handler failed"),
-        ):
-            name = "stalls" if stat == "stalls_detected" else stat
-            yield CounterMetricFamily(f"hubwire_backplane_{name}", doc, value=health.get(stat, 0))
-        reconnects = CounterMetricFamily(
-            "hubwire_backplane_reconnects", "Reconnections to Redis", labels=["link"]
-        )
-        reconnects.add_metric(["publisher"], health.get("publisher_reconnects", 0))
-        reconnects.add_metric(["subscriber"], health.get("subscriber_reconnects", 0))
-        yield reconnects
-        yield GaugeMetricFamily(
-            "hubwire_backplane_buffered", "Messages waiting to be published", value=health.get("buffered", 0)
-        )
-        yield GaugeMetricFamily(
-            "hubwire_backplane_subscriptions", "Channels subscribed", value=health.get("subscriptions", 0)
-        )
-        yield GaugeMetricFamily(
-            "hubwire_backplane_publish_lag_seconds",
-            "Time the last published batch waited in the buffer",
-            value=health.get("last_publish_lag", 0.0),
-        )
-        yield GaugeMetricFamily(
-            "hubwire_backplane_connected",
-            "1 while both Redis links are up",
-            value=1 if health.get("state") == "connected" else 0,
-        )
+        if health is not None:
+            yield from _backplane_metrics(health)
+
+
+def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
+    """The Redis backplane's counters and gauges, from its health snapshot."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    for stat, doc in (
+        ("published", "Messages published to Redis"),
+        ("received", "Messages received from Redis"),
+        ("dropped", "Messages dropped from the outage buffer"),
+        ("publish_errors", "Failed publish batches"),
+        ("subscriber_restarts", "Subscriber task restarts"),
+        ("stalls_detected", "Silent subscriber connections replaced"),
+        ("handler_errors", "Backplane messages whose handler failed"),
+    ):
+        name = "stalls" if stat == "stalls_detected" else stat
+        yield CounterMetricFamily(f"hubwire_backplane_{name}", doc, value=health.get(stat, 0))
+    reconnects = CounterMetricFamily(
+        "hubwire_backplane_reconnects", "Reconnections to Redis", labels=["link"]
+    )
+    reconnects.add_metric(["publisher"], health.get("publisher_reconnects", 0))
+    reconnects.add_metric(["subscriber"], health.get("subscriber_reconnects", 0))
+    yield reconnects
+    yield GaugeMetricFamily(
+        "hubwire_backplane_buffered", "Messages waiting to be published", value=health.get("buffered", 0)
+    )
+    yield GaugeMetricFamily(
+        "hubwire_backplane_subscriptions", "Channels subscribed", value=health.get("subscriptions", 0)
+    )
+    yield GaugeMetricFamily(
+        "hubwire_backplane_publish_lag_seconds",
+        "Time the last published batch waited in the buffer",
+        value=health.get("last_publish_lag", 0.0),
+    )
+    yield GaugeMetricFamily(
+        "hubwire_backplane_connected",
+        "1 while both Redis links are up",
+        value=1 if health.get("state") == "connected" else 0,
+    )
 
 
 def _task_count() -> int:

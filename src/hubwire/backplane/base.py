@@ -1,0 +1,57 @@
+"""What a backplane is to the server, and the in-memory one.
+
+Every capability the server uses is declared here with a default, so the
+server never probes a backplane with ``getattr``: creating each hub's
+lifetime manager, relaying SSE / long-polling requests to the instance that
+holds a connection, agreeing on the key that signs connection tokens,
+claiming connection starts, and reporting health.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..hubs.lifetime import HubLifetimeManager, InMemoryLifetimeManager
+from ..transports.relayed import RequestRelay
+
+__all__ = ["Backplane", "InMemoryBackplane", "backplane_from_env"]
+
+
+class Backplane:
+    """Base class of backplanes; the defaults are those of a single instance."""
+
+    #: relays HTTP-transport requests to the instance holding the connection (None: one instance)
+    relay: RequestRelay | None = None
+
+    def create_manager(self, hub_name: str) -> HubLifetimeManager:
+        """The lifetime manager of one hub (called once per hub name)."""
+        raise NotImplementedError
+
+    async def token_secret(self) -> bytes | None:
+        """The key that signs connection tokens, shared by every instance (None: a per-process key)."""
+        return None
+
+    async def claim_connection(self, connection_id: str) -> bool:
+        """Record that this instance starts ``connection_id``; False if another one already did."""
+        return True
+
+    def health(self) -> dict[str, Any] | None:
+        """State and counters for stats and metrics (None: nothing to report)."""
+        return None
+
+
+class InMemoryBackplane(Backplane):
+    """The zero-configuration default: every hub's connections live in this process."""
+
+    def create_manager(self, hub_name: str) -> HubLifetimeManager:
+        return InMemoryLifetimeManager()
+
+
+def backplane_from_env() -> Backplane | None:
+    """``HUBWIRE_REDIS_URL`` (set by ``hubwire run --redis``) switches on the Redis backplane."""
+    if not os.environ.get("HUBWIRE_REDIS_URL"):
+        return None
+    from .redis import RedisBackplane
+
+    return RedisBackplane.from_env()

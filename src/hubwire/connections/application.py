@@ -1,0 +1,105 @@
+"""What runs on top of a connection's byte streams, as transports see it.
+
+A transport starts the application with :meth:`ConnectionApplication.on_connect`,
+hands it every inbound chunk with :meth:`~ConnectionApplication.on_receive`,
+and the connection manager calls :meth:`~ConnectionApplication.on_disconnect`
+exactly once when the connection is over. The hub layer implements this
+interface; :class:`RawEndpoint` hands bytes to a plain handler (an echo
+connection, a custom protocol). Transports never know which one they carry.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..options import HubOptions
+from ..protocol.base import TransferFormat
+
+if TYPE_CHECKING:
+    from .connection import Connection, Principal
+
+__all__ = ["ConnectionApplication", "Policy", "RawEndpoint", "check_policies"]
+
+#: a policy gets the caller's principal (None when anonymous) and says yes or no
+Policy = Callable[["Principal | None"], bool | Awaitable[bool]]
+
+
+async def check_policies(principal: Principal | None, policies: tuple[Policy, ...]) -> bool:
+    """True when the principal is authenticated and every policy agrees."""
+    if principal is None:
+        return False
+    for policy in policies:
+        verdict = policy(principal)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if not verdict:
+            return False
+    return True
+
+
+class ConnectionApplication(abc.ABC):
+    """The application of one path: its transports, options and authorization."""
+
+    #: transports this endpoint accepts
+    transports: tuple[str, ...]
+    #: options in force on this path (timeouts, sizes, limits)
+    options: HubOptions
+    #: path-level authorization (None = anonymous allowed)
+    policies: tuple[Policy, ...] | None = None
+    #: text frames are handed over unparsed, so WebSocket transports must check their UTF-8
+    validate_text: bool = False
+
+    @abc.abstractmethod
+    async def on_connect(self, conn: Connection) -> None:
+        """The transport is up; bytes will follow."""
+
+    @abc.abstractmethod
+    async def on_receive(self, conn: Connection, data: bytes) -> None:
+        """Inbound bytes (any chunking). Awaiting here applies back-pressure to the client."""
+
+    @abc.abstractmethod
+    async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
+        """The connection is over (called exactly once per started connection)."""
+
+    def tick(self, now: float) -> None:  # noqa: B027 - optional hook
+        """Called about once a second by the server heartbeat."""
+
+    def server_closing(self, conn: Connection) -> None:
+        """The server is shutting down: end ``conn`` (hubs invite the client to reconnect)."""
+        conn.abort("server shutting down")
+
+    def max_receive_size(self) -> int | None:
+        """Largest inbound message this application accepts (None = unlimited)."""
+        return self.options.maximum_receive_message_size
+
+
+class RawEndpoint(ConnectionApplication):
+    """A connection without the hub protocol: ``handler(conn, data)`` gets every inbound chunk."""
+
+    validate_text = True
+
+    def __init__(
+        self,
+        handler: Callable[[Connection, bytes], Awaitable[None] | None],
+        transports: Sequence[str],
+        options: HubOptions,
+        transfer_format: TransferFormat = TransferFormat.TEXT,
+    ) -> None:
+        self.handler = handler
+        self.transports = tuple(transports)
+        self.options = options
+        self.transfer_format = transfer_format
+
+    async def on_connect(self, conn: Connection) -> None:
+        conn.transfer_format = self.transfer_format
+
+    async def on_receive(self, conn: Connection, data: bytes) -> None:
+        result: Any = self.handler(conn, data)
+        if inspect.isawaitable(result):
+            await result
+
+    async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
+        return None

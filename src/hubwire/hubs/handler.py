@@ -1,0 +1,243 @@
+"""The hub connection handler: a connection's hub life from handshake to disconnect.
+
+It is the :class:`~hubwire.connections.application.ConnectionApplication` of
+a hub path: it runs the handshake (protocol choice, version, transfer format
+against what the transport declares it can carry), keeps the connection alive
+(pings, client timeout, handshake timeout), tells the lifetime manager and
+the hub about connects and disconnects, and hands every parsed message to the
+:class:`~hubwire.hubs.dispatcher.HubDispatcher`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection
+from ..connections.tasks import BackgroundTasks
+from ..options import HubOptions
+from ..protocol.base import HubProtocol, MessageParser, TransferFormat
+from ..protocol.errors import HandshakeError, InvalidDataError
+from ..protocol.handshake import HANDSHAKE_CANCELED, handshake_response, parse_handshake
+from ..protocol.messages import PING
+from .clients import HubCallerClients
+from .context import HubCallerContext, HubConnectionContext
+from .dispatcher import CONNECTION_ERROR, EndpointStats, HubDispatcher, error_text
+from .hub import GroupManager, Hub, HubContext, HubMethod, discover_methods
+from .lifetime import HubLifetimeManager
+
+__all__ = ["HubConnectionHandler"]
+
+log = logging.getLogger("hubwire.hub")
+
+_CLIENT_TIMEOUT_DETAIL = (
+    " OperationCanceledException: Client hasn't sent a message/ping within the configured "
+    "ClientTimeoutInterval."
+)
+
+
+class _HubConnectionState:
+    """Per-connection state of the hub application before and after the handshake."""
+
+    __slots__ = ("buffer", "ctx", "parser", "started")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.ctx: HubConnectionContext | None = None
+        self.parser: MessageParser | None = None
+        self.started = time.monotonic()
+
+
+class HubConnectionHandler(ConnectionApplication):
+    """Runs one hub class for the connections of one path."""
+
+    def __init__(
+        self,
+        hub_cls: type[Hub],
+        manager: HubLifetimeManager,
+        protocols: Sequence[HubProtocol],
+        options: HubOptions,
+        transports: Sequence[str],
+    ) -> None:
+        self.hub_cls = hub_cls
+        self.methods: dict[str, HubMethod] = discover_methods(hub_cls)
+        self.manager = manager
+        self.protocols = {p.name: p for p in protocols}
+        self.options = options
+        self.transports = tuple(transports)
+        self.policies = hub_cls.__dict__.get("__hub_authorization__")
+        self.context = HubContext(manager)
+        self.groups = GroupManager(manager)
+        self.pending: dict[str, Connection] = {}
+        self.connected: dict[str, HubConnectionContext] = {}
+        #: hub methods and streams running for this path's connections
+        self.tasks = BackgroundTasks(f"hub {hub_cls.__name__}")
+        self._ping_cache: dict[str, bytes] = {p.name: p.write_message(PING) for p in protocols}
+        self.stats = EndpointStats()
+        self.dispatcher = HubDispatcher(
+            hub_cls, self.methods, manager, options, self.stats, self.tasks, self._hub
+        )
+
+    # -- connection lifecycle --------------------------------------------------------------------
+
+    async def on_connect(self, conn: Connection) -> None:
+        conn.application_state = _HubConnectionState()
+        self.pending[conn.connection_id] = conn
+
+    async def on_receive(self, conn: Connection, data: bytes) -> None:
+        state: _HubConnectionState = conn.application_state
+        if state.ctx is None:
+            state.buffer += data
+            await self._handshake(conn, state)
+            return
+        await self._receive(state.ctx, state, data)
+
+    async def _handshake(self, conn: Connection, state: _HubConnectionState) -> None:
+        limit = self.options.maximum_receive_message_size
+        try:
+            parsed = parse_handshake(state.buffer, limit)
+        except HandshakeError as exc:
+            text = str(exc)
+            if text != HANDSHAKE_CANCELED:
+                base = "An unexpected error occurred during connection handshake."
+                text = error_text(base, exc, self.options.enable_detailed_errors)
+            self._fail_handshake(conn, text)
+            return
+        if parsed is None:
+            return
+        request, used = parsed
+        protocol = self.protocols.get(request.protocol)
+        error = self._refusal(conn, protocol, request.protocol, request.version)
+        if error is not None or protocol is None:
+            self._fail_handshake(conn, error or "")
+            return
+        rest = bytes(state.buffer[used:])
+        state.buffer.clear()
+        ctx = HubConnectionContext(
+            conn, protocol, request.version, self.options.maximum_parallel_invocations_per_client
+        )
+        ctx.received = ctx.rate_stamp = time.monotonic()
+        ctx.rate_tokens = self.dispatcher.burst
+        state.ctx = ctx
+        state.parser = protocol.parser(limit)
+        conn.transfer_format = protocol.transfer_format
+        conn.write(handshake_response())
+        self.pending.pop(conn.connection_id, None)
+        self.connected[conn.connection_id] = ctx
+        self.stats.opened += 1
+        await self.manager.on_connected(ctx)
+        try:
+            await self._hub(ctx).on_connected()
+        except Exception as exc:
+            log.exception("on_connected failed for %s", conn.connection_id)
+            detailed = self.options.enable_detailed_errors
+            ctx.close(error_text(CONNECTION_ERROR, exc, detailed), allow_reconnect=False)
+            return
+        if rest:
+            await self._receive(ctx, state, rest)
+
+    @staticmethod
+    def _refusal(conn: Connection, protocol: HubProtocol | None, name: str, version: int) -> str | None:
+        """Why a handshake asking for ``name`` / ``version`` cannot be accepted, or None."""
+        if protocol is None:
+            return f"The protocol '{name}' is not supported."
+        if version > protocol.version:
+            return f"The server does not support version {version} of the '{protocol.name}' protocol."
+        binary_ok = conn.features is None or conn.features.binary
+        if protocol.transfer_format is TransferFormat.BINARY and not binary_ok:
+            return (
+                f"Cannot use the '{protocol.name}' protocol on the current transport. "
+                "The transport does not support 'Binary' transfer format."
+            )
+        return None
+
+    def _fail_handshake(self, conn: Connection, text: str) -> None:
+        log.debug("handshake failed for %s: %s", conn.connection_id, text)
+        self.stats.handshake_failures += 1
+        self.pending.pop(conn.connection_id, None)
+        conn.write(handshake_response(text))
+        conn.abort(text)
+
+    async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
+        self.pending.pop(conn.connection_id, None)
+        state: _HubConnectionState | None = conn.application_state
+        ctx = state.ctx if state else None
+        if ctx is None or self.connected.pop(conn.connection_id, None) is None:
+            return
+        self.stats.closed += 1
+        self.dispatcher.connection_ended(ctx)
+        try:
+            await self._hub(ctx).on_disconnected(error)
+        except Exception:
+            log.exception("on_disconnected failed for %s", conn.connection_id)
+        finally:
+            await self.manager.on_disconnected(ctx)
+
+    def server_closing(self, conn: Connection) -> None:
+        ctx = self.connected.get(conn.connection_id)
+        if ctx is not None and ctx.connection is conn:
+            ctx.close(None, allow_reconnect=True)
+        else:
+            conn.abort("server shutting down")
+
+    def tick(self, now: float) -> None:
+        """Handshake timeouts, keep-alive pings and client timeouts (about once a second)."""
+        opts = self.options
+        for conn in list(self.pending.values()):
+            state: _HubConnectionState = conn.application_state
+            if now - state.started > opts.handshake_timeout:
+                self._fail_handshake(conn, HANDSHAKE_CANCELED)
+        for ctx in list(self.connected.values()):
+            features = ctx.connection.features
+            if features is not None and features.inherent_keep_alive:
+                continue  # e.g. long polling: the polls are the keep-alive
+            out = ctx.outbox
+            if out.wrote:
+                out.wrote = False
+                ctx.last_write = now
+            elif now - ctx.last_write >= opts.keep_alive_interval:
+                out.write(self._ping_cache[ctx.protocol.name])
+                out.wrote = False
+                ctx.last_write = now
+            if ctx.received_since_tick:
+                ctx.received_since_tick = False
+                ctx.received = now
+            elif ctx.first_ping_seen and now - ctx.received > opts.client_timeout_interval:
+                detail = _CLIENT_TIMEOUT_DETAIL if opts.enable_detailed_errors else ""
+                ctx.close(CONNECTION_ERROR + detail, allow_reconnect=True)
+
+    # -- inbound messages ------------------------------------------------------------------------
+
+    async def _receive(self, ctx: HubConnectionContext, state: _HubConnectionState, data: bytes) -> None:
+        ctx.received_since_tick = True
+        assert state.parser is not None
+        try:
+            messages = state.parser.feed(data)
+        except InvalidDataError as exc:
+            log.info(
+                "closing %s: bad message: %s",
+                ctx.connection_id,
+                exc,
+                extra={"connection_id": ctx.connection_id, "event": "bad_message"},
+            )
+            detailed = self.options.enable_detailed_errors
+            ctx.close(error_text(CONNECTION_ERROR, exc, detailed), allow_reconnect=True)
+            return
+        self.stats.messages_received += len(messages)
+        for message in messages:
+            if ctx.connection.outbox.closed:
+                return
+            await self.dispatcher.dispatch(ctx, message)
+
+    def _hub(self, ctx: HubConnectionContext) -> Hub:
+        hub = self.hub_cls()
+        hub.context = HubCallerContext(ctx)
+        hub.clients = HubCallerClients(self.manager, ctx)
+        hub.groups = self.groups
+        return hub
+
+    async def close(self) -> None:
+        """Cancel whatever hub work is still running (server shutdown)."""
+        await self.tasks.cancel_all()

@@ -1,0 +1,300 @@
+"""``HubServer``: the ASGI application that wires hubs, the connection manager and the HTTP surface.
+
+Mount it in Starlette/FastAPI (``app.mount("/hubs", server)``), wrap an app
+(``HubServer(app=fastapi_app)`` serves hub paths and forwards the rest), or run
+it alone under uvicorn / hypercorn / granian. The work is done below it: the
+:class:`~hubwire.server.dispatcher.HttpConnectionDispatcher` checks requests,
+the :class:`~hubwire.connections.manager.ConnectionManager` owns each
+connection's life, transports move bytes, hubs run methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from ..backplane.base import Backplane, InMemoryBackplane, backplane_from_env
+from ..connections.application import RawEndpoint
+from ..connections.connection import Connection
+from ..connections.manager import ConnectionManager
+from ..connections.tasks import BackgroundTasks
+from ..http import ASGIApp, Receive, Scope, Send, respond
+from ..hubs.handler import HubConnectionHandler
+from ..hubs.hub import Hub, HubContext
+from ..hubs.lifetime import HubLifetimeManager
+from ..logs import install_redaction
+from ..options import HubOptions
+from ..protocol.base import EncHook, HubProtocol, TransferFormat
+from ..protocol.json_protocol import JsonHubProtocol
+from ..protocol.messagepack_protocol import MessagePackHubProtocol
+from ..transports import websocket
+from ..transports.websocket import reject_websocket
+from .cors import CorsPolicy
+from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
+from .lifespan import serve_lifespan
+from .routes import Router, check_transports
+
+__all__ = ["HubServer"]
+
+log = logging.getLogger("hubwire.server")
+
+
+class HubServer:
+    """Serves SignalR hubs over ASGI.
+
+    ``options`` apply to every hub unless ``add_hub`` overrides them;
+    ``backplane`` decides how hubs reach connections on other instances;
+    ``authenticator`` maps a request to a :class:`~hubwire.Principal` (see
+    :mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both protocols to
+    serialize application types; ``app`` receives every request that is not
+    for a hub path. ``cors_origins`` lets browser pages on other origins use
+    the hubs: a list of origins, or ``"*"``; default off (an app passed as
+    ``app`` keeps its own CORS handling). ``metrics_path`` serves Prometheus
+    metrics there and ``stats_path`` a JSON snapshot (:mod:`hubwire.server.metrics`).
+    """
+
+    def __init__(
+        self,
+        options: HubOptions | None = None,
+        *,
+        backplane: Backplane | None = None,
+        authenticator: Authenticator | None = None,
+        enc_hook: EncHook | None = None,
+        app: ASGIApp | None = None,
+        cors_origins: Sequence[str] | str | None = None,
+        metrics_path: str | None = None,
+        stats_path: str | None = None,
+    ) -> None:
+        self.options = options or HubOptions()
+        self.backplane: Backplane = backplane or backplane_from_env() or InMemoryBackplane()
+        self.authenticator = authenticator
+        self.app = app
+        self.protocols: dict[str, HubProtocol] = {
+            "json": JsonHubProtocol(enc_hook),
+            "messagepack": MessagePackHubProtocol(enc_hook),
+        }
+        #: every background task of the server (connection ends, admissions), awaited at shutdown
+        self.tasks = BackgroundTasks("server")
+        opts = self.options
+        self.connections = ConnectionManager(
+            opts.disconnect_timeout, max_buffered=opts.max_buffered_bytes, tasks=self.tasks
+        )
+        self.router = Router()
+        self.cors = CorsPolicy(cors_origins)
+        self.http = HttpConnectionDispatcher(
+            self.connections, self.router, self.cors, opts, self.backplane, authenticator, self.startup
+        )
+        self._managers: dict[str, HubLifetimeManager] = {}
+        self._hub_names: dict[type[Hub], str] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        relay = self.backplane.relay
+        if relay is not None:
+            self.connections.on_end.append(lambda conn: relay.stop_serving(conn.connection_id))
+        if metrics_path:
+            self.router.add_internal(metrics_path, self.metrics_app())
+        if stats_path:
+            from .metrics import stats_app
+
+            self.router.add_internal(stats_path, stats_app(self))
+
+    @property
+    def native_gate(self) -> HttpConnectionDispatcher:
+        """What hubwire's native WebSocket serving asks for routes and admission."""
+        return self.http
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Refused connection attempts by reason (``max_connections``, ``origin``)."""
+        return self.http.refused
+
+    # -- registration ----------------------------------------------------------------------------
+
+    def add_hub(
+        self,
+        path: str,
+        hub_cls: type[Hub],
+        *,
+        transports: Sequence[str] | None = None,
+        options: HubOptions | None = None,
+        name: str | None = None,
+        negotiate_redirect: NegotiateRedirect | None = None,
+    ) -> HubConnectionHandler:
+        """Serve ``hub_cls`` at ``path``. One hub class may be served at several paths.
+
+        ``transports`` narrows the transports of this path (negotiate lists only
+        those, the others are refused with 404); ``name`` is the hub's name on
+        the backplane (default: the class name; the .NET hub's full type name
+        shares a Redis with .NET servers). ``negotiate_redirect`` may send
+        negotiating clients elsewhere: called with the negotiate request after
+        authorization, it returns ``(url, access_token)`` or None.
+        """
+        opts = options or self.options
+        hub_name = name or self._hub_names.get(hub_cls) or hub_cls.__name__
+        for other, other_name in self._hub_names.items():
+            if other_name == hub_name and other is not hub_cls:
+                raise ValueError(f"two hubs named {hub_name!r}; pass name= to add_hub")
+        self._hub_names[hub_cls] = hub_name
+        manager = self._managers.get(hub_name)
+        if manager is None:
+            manager = self._managers[hub_name] = self.backplane.create_manager(hub_name)
+        protocols = [self.protocols[p] for p in opts.supported_protocols]
+        # a hub served at several paths is reached through one manager: it serializes for the
+        # protocols of every path, not only the last one's
+        known = {p.name for p in manager.protocols}
+        manager.protocols = (*manager.protocols, *(p for p in protocols if p.name not in known))
+        endpoint = HubConnectionHandler(
+            hub_cls, manager, protocols, opts, check_transports(transports or opts.transports)
+        )
+        self.router.add(path, endpoint)
+        if negotiate_redirect is not None:
+            self.http.redirects[endpoint] = negotiate_redirect
+        return endpoint
+
+    def add_connection_handler(
+        self,
+        path: str,
+        handler: Callable[[Connection, bytes], Awaitable[None] | None],
+        *,
+        transports: Sequence[str] | None = None,
+        transfer_format: TransferFormat = TransferFormat.TEXT,
+    ) -> RawEndpoint:
+        """Serve a raw connection (no hub protocol) at ``path``: ``handler(conn, data)`` per chunk."""
+        allowed = check_transports(transports or self.options.transports)
+        endpoint = RawEndpoint(handler, allowed, self.options, transfer_format)
+        self.router.add(path, endpoint)
+        return endpoint
+
+    def hub_context(self, hub_cls: type[Hub]) -> HubContext:
+        """Send to a hub's clients from anywhere in the process (HTTP handlers, background tasks)."""
+        name = self._hub_names.get(hub_cls)
+        if name is None:
+            raise KeyError(f"{hub_cls.__name__} is not served by this server")
+        for endpoint in self.hub_endpoints():
+            if endpoint.manager is self._managers[name]:
+                return endpoint.context
+        raise KeyError(hub_cls.__name__)  # pragma: no cover - add_hub always adds an endpoint
+
+    def hub_endpoints(self) -> list[HubConnectionHandler]:
+        return [ep for ep in self.router.endpoints() if isinstance(ep, HubConnectionHandler)]
+
+    def manager(self, hub_cls: type[Hub]) -> HubLifetimeManager:
+        """The lifetime manager serving ``hub_cls``."""
+        return self._managers[self._hub_names[hub_cls]]
+
+    def metrics_app(self) -> ASGIApp:
+        """An ASGI app serving this server's Prometheus metrics (needs ``prometheus-client``)."""
+        from .metrics import metrics_app
+
+        return metrics_app(self)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of connections, tasks, subscriptions, memory and counters."""
+        from .metrics import server_stats
+
+        return server_stats(self)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Start lifetime managers and the heartbeat (done lazily on the first request too)."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            for manager in self._managers.values():
+                await manager.start()
+            secret = await self.backplane.token_secret()
+            if secret:
+                self.connections.issuer.secret = secret
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+            install_redaction()
+            self._started = True
+
+    async def shutdown(self) -> None:
+        """Close every connection, let their ends run (bounded), stop hubs and managers."""
+        if not self._started:
+            return
+        self._started = False
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        self.connections.abort_all("server shutting down")
+        await self.tasks.wait(self.options.websocket_close_timeout)
+        await self.tasks.cancel_all()
+        for endpoint in self.hub_endpoints():
+            for ctx in list(endpoint.connected.values()):
+                ctx.close(None, allow_reconnect=True)
+            await endpoint.close()
+        for manager in self._managers.values():
+            await manager.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Use as (or inside) a Starlette/FastAPI ``lifespan`` to start and stop with the app."""
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for endpoint in self.router.endpoints():
+                try:
+                    endpoint.tick(now)
+                except Exception:
+                    log.exception("heartbeat failed")
+            self.connections.sweep(now)
+
+    def close_transports(self) -> None:
+        """The process is about to stop: end every SSE stream and waiting long poll now.
+
+        Why: an ASGI server waits for in-flight HTTP responses before the lifespan
+        shutdown, and an event stream never ends by itself. Hub clients are invited
+        to reconnect (elsewhere). ``hubwire run`` calls this once uvicorn stops
+        accepting; under another server call it from its shutdown hook.
+        """
+        for conn in self.connections.connections():
+            if conn.features not in (None, websocket.FEATURES) and conn.application is not None:
+                conn.application.server_closing(conn)
+
+    # -- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await serve_lifespan(self.startup, self.shutdown, self.app, scope, receive, send)
+            return
+        if not self._started:
+            await self.startup()
+        match = self.router.match(scope)
+        if match is None:
+            await self._not_ours(scope, receive, send)
+        elif match[0] == "internal":
+            await match[1](scope, receive, send)
+        elif match[0] == "negotiate":
+            await self.http.negotiate(match[1], scope, receive, send)
+        elif kind == "websocket":
+            await self.http.websocket(match[1], scope, receive, send)
+        else:
+            await self.http.http(match[1], scope, receive, send)
+
+    async def _not_ours(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await reject_websocket(scope, receive, send, 404, "Not Found")
+        else:
+            await respond(send, 404, b"Not Found")

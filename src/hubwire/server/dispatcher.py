@@ -1,0 +1,351 @@
+"""The HTTP connection dispatcher: negotiate and every transport request on a hub path.
+
+Shaped after ASP.NET Core's ``HttpConnectionDispatcher``: it runs the
+request checks in ASP.NET's order (CORS preflight, origin, method,
+authorization, connection id, transport enabled, transport unchanged, one
+stream at a time), hands SSE / long-polling requests for connections held by
+another instance to the relay, starts transports through the connection
+manager, and leaves the bytes to the transports. It is also the gate native
+WebSocket serving asks for routes and admission.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+
+from ..backplane.base import Backplane
+from ..connections.application import ConnectionApplication, check_policies
+from ..connections.connection import Connection, Principal, RequestInfo, TransportFeatures
+from ..connections.manager import ConnectionManager
+from ..http import Receive, Scope, Send, respond
+from ..options import HubOptions
+from ..protocol import texts
+from ..protocol.negotiate import (
+    NegotiateError,
+    negotiate_error,
+    negotiate_response,
+    redirect_response,
+    select_negotiate_version,
+)
+from ..transports import longpolling, sse, websocket
+from ..transports.httpbase import handle_post
+from ..transports.longpolling import handle_delete, serve_poll
+from ..transports.relayed import LOCAL_ONLY, forward, serve_relayed
+from ..transports.sse import serve_sse
+from ..transports.websocket import reject_websocket, serve_websocket
+from .cors import CorsPolicy, origin_allowed
+from .routes import Router
+
+__all__ = ["Authenticator", "HttpConnectionDispatcher", "NegotiateRedirect"]
+
+log = logging.getLogger("hubwire.server")
+
+#: turns a transport or negotiate request into a user (None = anonymous)
+Authenticator = Callable[[RequestInfo], Awaitable[Principal | None] | Principal | None]
+
+#: a hook that sends a negotiating client elsewhere: ``request -> (url, access_token) | None``
+NegotiateRedirect = Callable[
+    [RequestInfo], Awaitable[tuple[str, str | None] | None] | tuple[str, str | None] | None
+]
+
+Headers = list[tuple[str, str]]
+
+
+class HttpConnectionDispatcher:
+    """Checks and routes negotiate, WebSocket, SSE, long-polling, POST and DELETE requests."""
+
+    def __init__(
+        self,
+        connections: ConnectionManager,
+        router: Router,
+        cors: CorsPolicy,
+        options: HubOptions,
+        backplane: Backplane,
+        authenticator: Authenticator | None,
+        start: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.connections = connections
+        self.router = router
+        self.cors = cors
+        self.options = options
+        self.backplane = backplane
+        self.authenticator = authenticator
+        self._start = start
+        self.redirects: dict[ConnectionApplication, NegotiateRedirect] = {}
+        #: refused connection attempts by reason (for metrics)
+        self.refused: dict[str, int] = {"max_connections": 0, "origin": 0}
+
+    # -- what native WebSocket serving needs (NativeGate) ----------------------------------------
+
+    def route(self, path: str) -> ConnectionApplication | None:
+        return self.router.route(path)
+
+    async def ensure_started(self) -> None:
+        await self._start()
+
+    async def admit_websocket(
+        self, endpoint: ConnectionApplication, request: RequestInfo
+    ) -> Connection | tuple[int, str]:
+        """Check a WebSocket request: the connection to serve, or ``(status, body)`` to refuse it.
+
+        Shared by the ASGI path and the native protocol so both answer alike.
+        """
+        if self._origin_refused(endpoint, request):
+            return 403, texts.ORIGIN_NOT_ALLOWED
+        if websocket.FEATURES.name not in endpoint.transports:
+            return 404, texts.transport_not_supported(websocket.FEATURES.name)
+        token = request.query_param("id")
+        if self._at_capacity(token):
+            return 503, texts.TOO_MANY_CONNECTIONS
+        principal = await self.authenticate(request)
+        if not await self._authorized(endpoint, principal):
+            return 401, ""
+        if token:
+            conn = self.connections.resolve(token)
+            if conn is None or not self.connections.is_live(conn):
+                return 404, texts.NO_CONNECTION
+            if conn.transport_name not in (None, websocket.FEATURES.name):
+                return 400, texts.CANNOT_CHANGE_TRANSPORT
+            if conn.transport_name is not None:
+                return 409, ""  # a WebSocket of this connection is already open
+            if not await self._take_ownership(endpoint, conn, websocket.FEATURES):
+                return 409, ""
+        else:
+            # skipNegotiation: a connection created on the fly, version-0 style (token == id)
+            conn = self.connections.create(0, principal)
+        self.connections.activate(conn, websocket.FEATURES, request, principal)
+        return conn
+
+    # -- ASGI entry points -------------------------------------------------------------------------
+
+    async def websocket(
+        self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        admitted = await self.admit_websocket(endpoint, RequestInfo.from_scope(scope))
+        if isinstance(admitted, tuple):
+            await reject_websocket(scope, receive, send, admitted[0], admitted[1])
+            return
+        await serve_websocket(self.connections, endpoint, admitted, receive, send)
+
+    async def negotiate(
+        self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """``POST {hub}/negotiate``: authorize, maybe redirect, else create a connection."""
+        checked = await self._preamble(endpoint, scope, send, ("POST",))
+        if checked is None:
+            return
+        request, cors = checked
+        principal = await self.authenticate(request)
+        if not await self._authorized(endpoint, principal):
+            await self._unauthorized(send, cors)
+            return
+        try:
+            version = select_negotiate_version(
+                request.query_param("negotiateVersion"), self.options.minimum_negotiate_version
+            )
+        except NegotiateError as exc:
+            await respond(send, 200, negotiate_error(str(exc)), "application/json", cors)
+            return
+        hook = self.redirects.get(endpoint)
+        if hook is not None:
+            target = hook(request)
+            if inspect.isawaitable(target):
+                target = await target
+            if target is not None:
+                url, access_token = target
+                await respond(send, 200, redirect_response(url, access_token), "application/json", cors)
+                return
+        if self._at_capacity(None):
+            body = texts.TOO_MANY_CONNECTIONS.encode()
+            await respond(send, 503, body, headers=[*cors, ("retry-after", "1")])
+            return
+        conn = self.connections.create(version, principal)
+        body = negotiate_response(version, conn.connection_id, conn.token, endpoint.transports)
+        await respond(send, 200, body, "application/json", cors)
+
+    async def http(self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send) -> None:
+        """Plain HTTP on a hub path: SSE GET, long-poll GET, POST (send) or DELETE (close)."""
+        checked = await self._preamble(endpoint, scope, send, ("GET", "POST", "DELETE"))
+        if checked is None:
+            return
+        request, cors = checked
+        principal = await self.authenticate(request)
+        if not await self._authorized(endpoint, principal):
+            await self._unauthorized(send, cors)
+            return
+        token = request.query_param("id")
+        if not token:
+            await respond(send, 400, texts.CONNECTION_ID_REQUIRED.encode(), headers=cors)
+            return
+        if await self._relayed(endpoint, scope, request, receive, send, token, cors):
+            return  # another instance holds this connection and answered
+        method = scope.get("method")
+        if method == "GET":
+            await self._stream_or_poll(endpoint, token, principal, request, receive, send, cors)
+            return
+        # a POST or DELETE never starts a connection, so only local ones count: taking one over
+        # here would accept bytes that the instance streaming to the client never sees
+        conn = self.connections.get(token)
+        if conn is None or not self.connections.is_live(conn):
+            await respond(send, 404, texts.NO_CONNECTION.encode(), headers=cors)
+        elif method == "POST":
+            # the user is that of the transport request (SSE GET / polls), as in ASP.NET: a POST
+            # authorizes itself but does not change who the connection belongs to
+            await handle_post(self.connections, endpoint, conn, request, receive, send, cors)
+        else:
+            await handle_delete(self.connections, conn, send, cors)
+
+    # -- SSE and long polling ----------------------------------------------------------------------
+
+    async def _relayed(
+        self,
+        endpoint: ConnectionApplication,
+        scope: Scope,
+        request: RequestInfo,
+        receive: Receive,
+        send: Send,
+        token: str,
+        cors: Headers,
+    ) -> bool:
+        """True when the request was relayed to (and answered by) the instance holding the connection."""
+        relay = self.backplane.relay
+        if relay is None or scope.get(LOCAL_ONLY):
+            return False
+        local = self.connections.get(token)
+        if local is not None and local.transport_name is not None:
+            return False  # started here
+        return await forward(
+            self.connections, relay, self.http, endpoint, scope, request, receive, send, token, cors
+        )
+
+    async def _stream_or_poll(
+        self,
+        endpoint: ConnectionApplication,
+        token: str,
+        principal: Principal | None,
+        request: RequestInfo,
+        receive: Receive,
+        send: Send,
+        cors: Headers,
+    ) -> None:
+        accept = (request.header("accept") or "").lower()
+        features = sse.FEATURES if "text/event-stream" in accept else longpolling.FEATURES
+        refusal = await self._refuse_stream_or_poll(endpoint, token, principal, features)
+        if isinstance(refusal, tuple):
+            status, text = refusal
+            await respond(send, status, text.encode(), headers=cors)
+            return
+        conn = refusal
+        if conn.transport_name is None:
+            # the first SSE GET or poll starts the transport; its request is the connection's
+            self.connections.activate(conn, features, request, principal)
+        elif principal is not None:
+            conn.principal = principal
+        if features is sse.FEATURES:
+            await serve_sse(self.connections, endpoint, conn, receive, send, cors)
+        else:
+            await serve_poll(self.connections, endpoint, conn, receive, send, cors)
+
+    async def _refuse_stream_or_poll(
+        self,
+        endpoint: ConnectionApplication,
+        token: str,
+        principal: Principal | None,
+        features: TransportFeatures,
+    ) -> Connection | tuple[int, str]:
+        """The connection an SSE GET or a poll may serve, or ``(status, text)`` in ASP.NET's order."""
+        if self._at_capacity(token):
+            return 503, texts.TOO_MANY_CONNECTIONS
+        conn = self.connections.resolve(token)
+        if conn is None or not self.connections.is_live(conn):
+            return 404, texts.NO_CONNECTION
+        if features.name not in endpoint.transports:
+            return 404, texts.transport_not_supported(features.name)
+        if conn.transport_name not in (None, features.name):
+            return 400, texts.CANNOT_CHANGE_TRANSPORT
+        if conn.application is not None and conn.application is not endpoint:
+            return 404, texts.NO_CONNECTION  # negotiated for another path
+        if conn.transport_name is None:
+            if not await self._take_ownership(endpoint, conn, features):
+                return 409, ""
+        elif features is sse.FEATURES:
+            return 409, ""  # one event stream per connection
+        return conn
+
+    async def _take_ownership(
+        self, endpoint: ConnectionApplication, conn: Connection, features: TransportFeatures
+    ) -> bool:
+        """This instance starts ``conn``'s transport: claim it, and answer relays for SSE/LP.
+
+        False when another instance already started a connection with this id
+        (a replayed token).
+        """
+        if not await self.backplane.claim_connection(conn.connection_id):
+            log.warning("connection %s was already started on another instance", conn.connection_id)
+            return False
+        relay = self.backplane.relay
+        if relay is not None and features is not websocket.FEATURES:
+            await serve_relayed(relay, self.http, endpoint, conn)
+        return True
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    async def authenticate(self, request: RequestInfo) -> Principal | None:
+        """Run the configured authenticator (None when there is none)."""
+        if self.authenticator is None:
+            return None
+        result = self.authenticator(request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _authorized(self, endpoint: ConnectionApplication, principal: Principal | None) -> bool:
+        if endpoint.policies is None:
+            return True
+        return await check_policies(principal, endpoint.policies)
+
+    async def _unauthorized(self, send: Send, headers: Headers) -> None:
+        """``401`` with an empty body: the JS client then reports ``Unauthorized: Status code '401'``."""
+        challenge = getattr(self.authenticator, "challenge", None)  # e.g. JwtBearerAuthenticator's
+        if isinstance(challenge, str):
+            headers = [*headers, ("www-authenticate", challenge)]
+        await respond(send, 401, b"", content_type=None, headers=headers)
+
+    def _origin_refused(self, endpoint: ConnectionApplication, request: RequestInfo) -> bool:
+        if origin_allowed(endpoint.options.allowed_origins, request):
+            return False
+        self.refused["origin"] += 1
+        return True
+
+    def _at_capacity(self, token: str | None) -> bool:
+        """True when ``max_connections`` is reached and ``token`` is not one of ours already."""
+        limit = self.options.max_connections
+        if limit is None or len(self.connections) < limit:
+            return False
+        if token and self.connections.get(token) is not None:
+            return False
+        self.refused["max_connections"] += 1
+        return True
+
+    async def _preamble(
+        self, endpoint: ConnectionApplication, scope: Scope, send: Send, methods: tuple[str, ...]
+    ) -> tuple[RequestInfo, Headers] | None:
+        """What every HTTP request on a hub path goes through first: CORS preflight, origin, method.
+
+        Returns the request and the CORS headers to add, or None when it was already answered.
+        """
+        request = RequestInfo.from_scope(scope)
+        method = scope.get("method")
+        if method == "OPTIONS" and self.cors.enabled:
+            await self.cors.preflight(request, send)
+            return None
+        cors = self.cors.headers(request)
+        if self._origin_refused(endpoint, request):
+            await respond(send, 403, texts.ORIGIN_NOT_ALLOWED.encode(), headers=cors)
+            return None
+        if method not in methods:
+            await respond(send, 405, b"", headers=cors)
+            return None
+        return request, cors
