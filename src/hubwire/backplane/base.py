@@ -9,13 +9,12 @@ claiming connection starts, and reporting health.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ..hubs.lifetime import HubLifetimeManager, InMemoryLifetimeManager
 from ..transports.relayed import RequestRelay
 
-__all__ = ["Backplane", "InMemoryBackplane", "backplane_from_env"]
+__all__ = ["Backplane", "InMemoryBackplane"]
 
 
 class Backplane:
@@ -46,12 +45,3 @@ class InMemoryBackplane(Backplane):
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
         return InMemoryLifetimeManager()
-
-
-def backplane_from_env() -> Backplane | None:
-    """``HUBWIRE_REDIS_URL`` (set by ``hubwire run --redis``) switches on the Redis backplane."""
-    if not os.environ.get("HUBWIRE_REDIS_URL"):
-        return None
-    from .redis import RedisBackplane
-
-    return RedisBackplane.from_env()

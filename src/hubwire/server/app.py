@@ -17,7 +17,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from ..backplane.base import Backplane, InMemoryBackplane, backplane_from_env
+from ..backplane.base import Backplane, InMemoryBackplane
+from ..backplane.redis import RedisBackplane
 from ..connections.application import RawEndpoint
 from ..connections.connection import Connection
 from ..connections.manager import ConnectionManager
@@ -70,7 +71,8 @@ class HubServer:
         stats_path: str | None = None,
     ) -> None:
         self.options = options or HubOptions()
-        self.backplane: Backplane = backplane or backplane_from_env() or InMemoryBackplane()
+        # ``HUBWIRE_REDIS_URL`` (``hubwire run --redis``) switches on Redis without code changes
+        self.backplane: Backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()
         self.authenticator = authenticator
         self.app = app
         self.protocols: dict[str, HubProtocol] = {
@@ -88,6 +90,8 @@ class HubServer:
         self.http = HttpConnectionDispatcher(
             self.connections, self.router, self.cors, opts, self.backplane, authenticator, self.startup
         )
+        #: what hubwire's native WebSocket serving asks for routes and admission
+        self.native_gate = self.http
         self._managers: dict[str, HubLifetimeManager] = {}
         self._hub_names: dict[type[Hub], str] = {}
         self._heartbeat: asyncio.Task[None] | None = None
@@ -102,11 +106,6 @@ class HubServer:
             from .metrics import stats_app
 
             self.router.add_internal(stats_path, stats_app(self))
-
-    @property
-    def native_gate(self) -> HttpConnectionDispatcher:
-        """What hubwire's native WebSocket serving asks for routes and admission."""
-        return self.http
 
     @property
     def refused(self) -> dict[str, int]:

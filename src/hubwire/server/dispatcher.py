@@ -136,11 +136,7 @@ class HttpConnectionDispatcher:
         checked = await self._preamble(endpoint, scope, send, ("POST",))
         if checked is None:
             return
-        request, cors = checked
-        principal = await self.authenticate(request)
-        if not await self._authorized(endpoint, principal):
-            await self._unauthorized(send, cors)
-            return
+        request, cors, principal = checked
         try:
             version = select_negotiate_version(
                 request.query_param("negotiateVersion"), self.options.minimum_negotiate_version
@@ -170,11 +166,7 @@ class HttpConnectionDispatcher:
         checked = await self._preamble(endpoint, scope, send, ("GET", "POST", "DELETE"))
         if checked is None:
             return
-        request, cors = checked
-        principal = await self.authenticate(request)
-        if not await self._authorized(endpoint, principal):
-            await self._unauthorized(send, cors)
-            return
+        request, cors, principal = checked
         token = request.query_param("id")
         if not token:
             await respond(send, 400, texts.CONNECTION_ID_REQUIRED.encode(), headers=cors)
@@ -331,10 +323,11 @@ class HttpConnectionDispatcher:
 
     async def _preamble(
         self, endpoint: ConnectionApplication, scope: Scope, send: Send, methods: tuple[str, ...]
-    ) -> tuple[RequestInfo, Headers] | None:
-        """What every HTTP request on a hub path goes through first: CORS preflight, origin, method.
+    ) -> tuple[RequestInfo, Headers, Principal | None] | None:
+        """What every HTTP request on a hub path goes through first: CORS preflight, origin, method,
+        authentication and the path's policies (401).
 
-        Returns the request and the CORS headers to add, or None when it was already answered.
+        Returns the request, the CORS headers to add and the user, or None when it was already answered.
         """
         request = RequestInfo.from_scope(scope)
         method = scope.get("method")
@@ -348,4 +341,8 @@ class HttpConnectionDispatcher:
         if method not in methods:
             await respond(send, 405, b"", headers=cors)
             return None
-        return request, cors
+        principal = await self.authenticate(request)
+        if not await self._authorized(endpoint, principal):
+            await self._unauthorized(send, cors)
+            return None
+        return request, cors, principal
