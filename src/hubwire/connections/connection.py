@@ -170,6 +170,26 @@ class Connection:
     for the application.
     """
 
+    __slots__ = (
+        "_request",
+        "abort_reason",
+        "application",
+        "application_state",
+        "closed",
+        "connection_id",
+        "created",
+        "features",
+        "inactive_since",
+        "items",
+        "negotiate_version",
+        "outbox",
+        "principal",
+        "status",
+        "token",
+        "transfer_format",
+        "transport_state",
+    )
+
     def __init__(
         self,
         connection_id: str,

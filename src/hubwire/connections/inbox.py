@@ -35,7 +35,8 @@ class Inbox:
         high: int = HIGH_WATER,
         low: int = LOW_WATER,
     ) -> None:
-        self._chunks: deque[bytes] = deque()
+        #: created on the first chunk and dropped once drained (an idle connection holds no deque)
+        self._chunks: deque[bytes] | None = None
         self._pause = pause
         self._resume = resume
         self._paused = False
@@ -46,10 +47,13 @@ class Inbox:
         self.size = 0
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self._chunks) if self._chunks is not None else 0
 
     def put(self, data: bytes) -> None:
-        self._chunks.append(data)
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = deque()
+        chunks.append(data)
         self.size += len(data) + CHUNK_OVERHEAD
         if self.size > self.high and not self._paused:
             self._paused = True
@@ -62,9 +66,12 @@ class Inbox:
 
     def get_nowait(self) -> bytes | None:
         """The oldest chunk, or None when empty (resumes reading below the low-water mark)."""
-        if not self._chunks:
+        chunks = self._chunks
+        if not chunks:
             return None
-        data = self._chunks.popleft()
+        data = chunks.popleft()
+        if not chunks:
+            self._chunks = None
         self.size -= len(data) + CHUNK_OVERHEAD
         if self._paused and self.size < self.low:
             self._paused = False
@@ -82,5 +89,5 @@ class Inbox:
 
     def clear(self) -> None:
         """Drop everything (the connection is over: nothing it sent still needs handling)."""
-        self._chunks.clear()
+        self._chunks = None
         self.size = 0

@@ -111,7 +111,8 @@ class ServerWebSocket:
 
     def __init__(self, max_frame: int, validate_utf8: bool = False) -> None:
         self.max_frame = max_frame
-        self._buf = bytearray()
+        #: an incomplete frame kept for the next read (None: nothing pending, the usual case)
+        self._buf: bytearray | None = None
         self._events: list[Event] = []
         self._out: list[bytes] = []
         self._in_message = False
@@ -132,8 +133,10 @@ class ServerWebSocket:
         """Parse every complete frame in what arrived so far."""
         if self.closing:
             return
-        buf = self._buf
-        buf += data
+        buf: bytes | bytearray = data
+        if self._buf is not None:
+            self._buf += data
+            buf = self._buf
         pos = 0
         size = len(buf)
         while size - pos >= 2 and not self.closing:
@@ -141,12 +144,9 @@ class ServerWebSocket:
             if used == 0:
                 break
             pos += used
-        if self.closing:
-            buf.clear()
-        elif pos:
-            del buf[:pos]
+        self._buf = bytearray(buf[pos:]) if pos < size and not self.closing else None
 
-    def _frame(self, buf: bytearray, pos: int, size: int) -> int:
+    def _frame(self, buf: bytes | bytearray, pos: int, size: int) -> int:
         """Parse the frame at ``pos``: bytes used, or 0 when it is incomplete (or input ended)."""
         b0, b1 = buf[pos], buf[pos + 1]
         if b0 & 0x70 or not b1 & 0x80:  # reserved bits (no extension) or an unmasked client frame

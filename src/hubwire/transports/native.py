@@ -128,17 +128,15 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         self._endpoint: ConnectionApplication | None = None
         self._conn: Connection | None = None
         self._ws: ServerWebSocket | None = None
+        #: our Close frame went out: no data frame may follow (read by the direct sink per flush)
+        self.close_sent = False
+        #: inbound data waiting for the application (created on demand: an idle connection has none)
         self._inbox: Inbox | None = None
         self._pump: asyncio.Task[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
         #: uvicorn's protocol that serves a non-hub path after the hand-over
         self._other: Any = None
-
-    @property
-    def close_sent(self) -> bool:
-        """Our Close frame went out: no data frame may follow (read by the direct sink)."""
-        return self._ws is not None and self._ws.close_sent
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -319,8 +317,6 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         size = endpoint.max_receive_size()
         max_frame = max(4 * size, 64 * 1024) if size is not None else 16 * 1024 * 1024
         self._ws = ServerWebSocket(max_frame, validate_utf8=endpoint.validate_text)
-        transport = self.transport
-        self._inbox = Inbox(transport.pause_reading, transport.resume_reading)
         conn.application = endpoint
         conn.outbox.sink = DirectSink(self, conn)
 
@@ -355,6 +351,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             elif isinstance(event, CloseReceived):
                 log.debug("client closed %s with %s", self._conn, event.code)
         out = ws.data_to_send()
+        self.close_sent = ws.close_sent
         if transport is None:
             return
         if out:
@@ -364,7 +361,10 @@ class NativeWebSocketProtocol(asyncio.Protocol):
 
     def _deliver(self, data: bytes) -> None:
         inbox = self._inbox
-        assert inbox is not None
+        if inbox is None:
+            transport = self.transport
+            assert transport is not None
+            inbox = self._inbox = Inbox(transport.pause_reading, transport.resume_reading)
         inbox.put(data)
         if self._pump is None:
             self._pump = asyncio.get_running_loop().create_task(self._drain())
@@ -384,6 +384,8 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             conn.abort("receive failed")
         finally:
             self._pump = None
+            if self._inbox is inbox and not inbox:
+                self._inbox = None  # drained: an idle connection keeps no inbox
 
     # -- called by DirectSink when the application closes the connection -------------------------
 
@@ -393,6 +395,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         if transport is None or ws is None or ws.close_sent:
             return
         ws.send_close()
+        self.close_sent = True
         transport.write(ws.data_to_send())
         endpoint = self._endpoint
         timeout = endpoint.options.websocket_close_timeout if endpoint is not None else 5.0
