@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jwt
 import msgspec
@@ -200,7 +201,15 @@ options = HubOptions(
     disconnect_timeout=_float_env("INTEROP_DISCONNECT_TIMEOUT", 15.0),
     keep_alive_interval=_float_env("INTEROP_KEEP_ALIVE_INTERVAL", 15.0),
 )
-server = HubServer(options, authenticator=JwtBearerAuthenticator(JWT_KEY), cors_origins="*")
+
+
+def local_origin(origin: str) -> bool:
+    """The test pages come from this machine (``localhost`` while the hubs are ``127.0.0.1``):
+    those origins may use the hubs with credentials, as ASP.NET's test app allows them."""
+    return urlparse(origin).hostname in ("localhost", "127.0.0.1", "::1")
+
+
+server = HubServer(options, authenticator=JwtBearerAuthenticator(JWT_KEY), cors_origins=local_origin)
 server.add_hub("/testhub", TestHub)
 server.add_hub("/testhub-nowebsockets", TestHub, transports=("ServerSentEvents", "LongPolling"))
 server.add_hub("/authorizedhub", AuthorizedHub)

@@ -20,6 +20,7 @@ Requires the ``jwt`` extra (PyJWT).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -37,6 +38,9 @@ __all__ = [
 
 #: the claim ASP.NET maps ``sub`` to; tokens minted by .NET code often carry only this one
 NAME_IDENTIFIER = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"
+
+
+log = logging.getLogger("hubwire.auth")
 
 
 def bearer_token(request: RequestInfo, query_parameter: str | None = "access_token") -> str | None:
@@ -86,6 +90,12 @@ class JwtBearerAuthenticator:
         self.leeway = leeway
         self.require_expiration = require_expiration
         self.query_parameter = query_parameter
+        if audience is None and issuer is None:
+            # any token signed with this key is accepted, whoever it was issued for
+            log.warning(
+                "JwtBearerAuthenticator without audience or issuer accepts tokens issued for any "
+                "audience by any issuer sharing the key; pass audience= and issuer="
+            )
 
     def decode(self, token: str) -> dict[str, Any] | None:
         """The token's claims, or None when it does not validate."""

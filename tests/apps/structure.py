@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from hubwire import Hub, HubOptions, HubServer
+from hubwire import Hub, HubException, HubOptions, HubServer
 
 #: what hub code saw, in order: [event, connection id, detail]
 EVENTS: list[list[str]] = []
@@ -32,6 +32,16 @@ class OrderHub(Hub):
 
     async def upload_sum(self, numbers: AsyncIterator[int]) -> int:
         return sum([n async for n in numbers])
+
+    async def whoami(self) -> str:
+        return self.context.connection_id
+
+    async def ask_client(self, connection_id: str) -> str:
+        """A client result from another connection (on any instance)."""
+        try:
+            return str(await self.clients.client(connection_id).invoke("Question", timeout=10))
+        except HubException as exc:
+            return f"error: {exc}"
 
 
 class TwoPathHub(Hub):

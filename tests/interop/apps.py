@@ -79,6 +79,10 @@ app = server
 restricted = HubServer(cors_origins=["http://allowed.example"])
 restricted.add_connection_handler("/echo", lambda conn, data: conn.write(data))
 
+#: ``"*"``: any origin, never with credentials
+wildcard = HubServer(cors_origins="*")
+wildcard.add_connection_handler("/echo", lambda conn, data: conn.write(data))
+
 #: CORS is off by default
 plain = HubServer()
 plain.add_connection_handler("/echo", lambda conn, data: conn.write(data))

@@ -31,8 +31,12 @@ class Backplane:
         """The key that signs connection tokens, shared by every instance (None: a per-process key)."""
         return None
 
-    async def claim_connection(self, connection_id: str) -> bool:
-        """Record that this instance starts ``connection_id``; False if another one already did."""
+    async def claim_connection(self, connection_id: str, ttl: float) -> bool | None:
+        """Record for ``ttl`` seconds that this instance starts ``connection_id``.
+
+        False if another instance already did; None when the backplane cannot tell (the start is
+        refused then, with 503: a replayed token could not be told apart).
+        """
         return True
 
     def health(self) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -30,6 +31,7 @@ from ..connections.tasks import BackgroundTasks
 from ..exceptions import HubException
 from ..hubs.lifetime import (
     ClientResults,
+    CompletionOutcome,
     HubLifetimeManager,
     LocalConnections,
     SerializedMessage,
@@ -173,22 +175,25 @@ class RedisBackplane(Backplane):
                 "until the instances restart"
             )
 
-    async def claim_connection(self, connection_id: str) -> bool:
+    async def claim_connection(self, connection_id: str, ttl: float) -> bool | None:
         """Record that this instance started ``connection_id``; False if another already did.
 
-        Why: a connection token is valid on every instance for a short while, so
-        without a claim a replayed token could start a second connection with
-        the same id elsewhere. The claim outlives the token's validity. While
-        Redis is unreachable the claim cannot be checked and is allowed.
+        Why: a connection token is valid on every instance for a while, so without a
+        claim a replayed token could start a second connection with the same id
+        elsewhere. The claim lives ``ttl`` seconds (as long as a token can start a
+        connection). While Redis cannot be asked, a replay cannot be told apart from
+        a first start, so None is returned and the start refused (503).
         """
         key = f"{self.channel_prefix}hubwire:internal:claim:{connection_id}"
         try:
-            if await self.bus.command("SET", key, self.server_name, "NX", "EX", 120):
-                return True
-            return bool(await self.bus.command("GET", key) == self.server_name.encode())
+            # one round trip: set when absent, and say who holds it otherwise (Redis >= 7.0)
+            previous = await self.bus.command(
+                "SET", key, self.server_name, "NX", "GET", "EX", max(1, math.ceil(ttl))
+            )
         except Exception as exc:
-            log.warning("cannot claim connection %s (%s); allowing it", connection_id, exc)
-            return True
+            log.warning("cannot claim connection %s (%s); refusing its start", connection_id, exc)
+            return None
+        return previous is None or previous == self.server_name.encode()
 
     def health(self) -> dict[str, Any]:
         return self.bus.health()
@@ -476,12 +481,17 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         finally:
             self.results.discard(invocation_id)
 
-    def set_connection_result(self, connection: HubConnectionContext, completion: CompletionMessage) -> bool:
-        remote = self._remote_results.pop(completion.invocation_id, None)
+    def set_connection_result(
+        self, connection: HubConnectionContext, completion: CompletionMessage
+    ) -> CompletionOutcome:
+        remote = self._remote_results.get(completion.invocation_id)
         if remote is not None:
+            if remote[1] != connection.connection_id:
+                return "forged"  # the call was sent to another connection: it keeps waiting for it
+            del self._remote_results[completion.invocation_id]
             self._send_completion(remote[0], connection, completion)
-            return True
-        return self.results.complete(completion)
+            return "completed"
+        return self.results.complete(completion, connection.connection_id)
 
     def _send_completion(
         self, return_channel: str, connection: HubConnectionContext, completion: CompletionMessage
@@ -500,4 +510,4 @@ class RedisHubLifetimeManager(HubLifetimeManager):
             return
         for message in messages:
             if isinstance(message, CompletionMessage):
-                self.results.complete(message)
+                self.results.complete(message, None)  # the holding instance checked the sender

@@ -34,6 +34,7 @@ class HubConnectionContext:
         "connection_id",
         "disconnected",
         "first_ping_seen",
+        "forged_logged",
         "groups",
         "handshake_version",
         "invocation_slots",
@@ -75,6 +76,7 @@ class HubConnectionContext:
         self.invocation_slots = asyncio.Semaphore(max_parallel_invocations)
         self.last_write = 0.0
         self.first_ping_seen = False
+        self.forged_logged = False
         self.received = 0.0
         self.received_since_tick = True
         #: invocation rate limit (token bucket): tokens left and when they were last counted

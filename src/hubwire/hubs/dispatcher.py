@@ -69,6 +69,7 @@ class EndpointStats:
 
     __slots__ = (
         "closed",
+        "forged_completions",
         "handshake_failures",
         "invocation_errors",
         "invocations",
@@ -85,6 +86,8 @@ class EndpointStats:
         self.invocations = 0
         self.invocation_errors = 0
         self.rate_limited = 0
+        #: client-result Completions refused because another connection's call was named
+        self.forged_completions = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -132,8 +135,8 @@ class HubDispatcher:
             upload = ctx.upload_streams.pop(message.invocation_id, None)
             if upload is not None:
                 upload.complete(message.error)
-            elif not self.manager.set_connection_result(ctx, message):
-                log.debug("completion for unknown invocation %r", message.invocation_id)
+            else:
+                self._client_result(ctx, message)
         elif isinstance(message, CancelInvocationMessage):
             stream_task = ctx.active_streams.get(message.invocation_id)
             if stream_task is not None:
@@ -147,6 +150,20 @@ class HubDispatcher:
             ctx.connection.write(ctx.protocol.write_message(CloseMessage()))
             ctx.connection.abort(message.error or "client closed")
         # Ack / Sequence: stateful reconnect is not enabled; ignore
+
+    def _client_result(self, ctx: HubConnectionContext, message: CompletionMessage) -> None:
+        outcome = self.manager.set_connection_result(ctx, message)
+        if outcome == "unknown":
+            log.debug("completion for unknown invocation %r", message.invocation_id)
+        elif outcome == "forged":
+            self.stats.forged_completions += 1
+            if not ctx.forged_logged:  # once per connection: a client must not flood the log
+                ctx.forged_logged = True
+                log.warning(
+                    "connection %s completed a client-result call sent to another connection; ignored",
+                    ctx.connection_id,
+                    extra={"connection_id": ctx.connection_id, "event": "forged_completion"},
+                )
 
     def connection_ended(self, ctx: HubConnectionContext) -> None:
         """Stop the connection's streams; no call of it starts from now on."""

@@ -87,6 +87,8 @@ class HubConnectionHandler(ConnectionApplication):
         self.pending[conn.connection_id] = conn
 
     async def on_receive(self, conn: Connection, data: bytes) -> None:
+        if conn.outbox.closed:
+            return  # failed or closing (a refused handshake, a bad message): no more input is taken
         state: _HubConnectionState = conn.application_state
         if state.ctx is None:
             state.buffer += data
@@ -157,6 +159,9 @@ class HubConnectionHandler(ConnectionApplication):
         log.debug("handshake failed for %s: %s", conn.connection_id, text)
         self.stats.handshake_failures += 1
         self.pending.pop(conn.connection_id, None)
+        state = conn.application_state
+        if isinstance(state, _HubConnectionState):
+            state.buffer = bytearray()  # what was received is dropped, not kept or searched again
         conn.write(handshake_response(text))
         conn.abort(text)
 

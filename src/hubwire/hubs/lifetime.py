@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import itertools
+import secrets
 from collections.abc import Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..exceptions import HubException
 from ..protocol.base import HubProtocol
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClientResults",
+    "CompletionOutcome",
     "HubLifetimeManager",
     "InMemoryLifetimeManager",
     "SerializedMessage",
@@ -58,6 +59,11 @@ class SerializedMessage:
         return dict(self._cache)
 
 
+#: what became of a client's Completion: it answered its own pending call, answered nothing
+#: (unknown or late), or named a call that was sent to another connection (refused)
+CompletionOutcome = Literal["completed", "unknown", "forged"]
+
+
 class ClientResults:
     """Pending client-result invocations of one process, keyed by invocation id.
 
@@ -68,11 +74,11 @@ class ClientResults:
 
     def __init__(self, prefix: str = "s") -> None:
         self._prefix = prefix
-        self._counter = itertools.count(1)
         self._pending: dict[str, tuple[asyncio.Future[Any], str]] = {}
 
     def new_id(self) -> str:
-        return f"{self._prefix}{next(self._counter)}"
+        """An unguessable id, so no client can aim a Completion at a call sent to another."""
+        return self._prefix + secrets.token_urlsafe(12)
 
     def add(self, invocation_id: str, connection_id: str) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -85,18 +91,26 @@ class ClientResults:
     def __contains__(self, invocation_id: object) -> bool:
         return invocation_id in self._pending
 
-    def complete(self, completion: CompletionMessage) -> bool:
-        """Resolve the waiter for ``completion``; False if nobody waits for that id."""
-        entry = self._pending.pop(completion.invocation_id, None)
+    def complete(self, completion: CompletionMessage, connection_id: str | None) -> CompletionOutcome:
+        """Resolve the waiter for ``completion`` when it came from the connection the call was sent to.
+
+        ``connection_id`` is the connection that sent the Completion (None: already checked by the
+        instance holding it, for results returned over a backplane). A Completion from any other
+        connection is refused and the call keeps waiting for its own client (as in ASP.NET).
+        """
+        entry = self._pending.get(completion.invocation_id)
         if entry is None:
-            return False
-        future = entry[0]
+            return "unknown"
+        future, owner = entry
+        if connection_id is not None and owner != connection_id:
+            return "forged"
+        del self._pending[completion.invocation_id]
         if not future.done():
             if completion.error is not None:
                 future.set_exception(HubException(completion.error))
             else:
                 future.set_result(completion.result)
-        return True
+        return "completed"
 
     async def invoke_local(
         self, conn: HubConnectionContext, method: str, args: Sequence[Any], timeout: float | None
@@ -190,8 +204,10 @@ class HubLifetimeManager(abc.ABC):
         """Invoke a client method on one connection and return the client's result."""
 
     @abc.abstractmethod
-    def set_connection_result(self, connection: HubConnectionContext, completion: CompletionMessage) -> bool:
-        """A Completion arrived from ``connection``; True if it answered a client-result call."""
+    def set_connection_result(
+        self, connection: HubConnectionContext, completion: CompletionMessage
+    ) -> CompletionOutcome:
+        """A Completion arrived from ``connection``: did it answer a client-result call sent to it?"""
 
     # conveniences built on the primitives ------------------------------------------------------
 
@@ -337,5 +353,7 @@ class InMemoryLifetimeManager(HubLifetimeManager):
             raise HubException(f"Connection '{connection_id}' does not exist.")
         return await self.results.invoke_local(conn, method, args, timeout)
 
-    def set_connection_result(self, connection: HubConnectionContext, completion: CompletionMessage) -> bool:
-        return self.results.complete(completion)
+    def set_connection_result(
+        self, connection: HubConnectionContext, completion: CompletionMessage
+    ) -> CompletionOutcome:
+        return self.results.complete(completion, connection.connection_id)

@@ -8,6 +8,7 @@ text again.
 from __future__ import annotations
 
 __all__ = [
+    "BACKPLANE_UNAVAILABLE",
     "CANNOT_CHANGE_TRANSPORT",
     "CONNECTION_ID_REQUIRED",
     "DELETE_NOT_ALLOWED",
@@ -28,6 +29,8 @@ ORIGIN_NOT_ALLOWED = "Origin not allowed"
 REQUEST_BODY_TOO_LARGE = "Request body too large."
 POST_NOT_ALLOWED_ON_WEBSOCKETS = "POST requests are not allowed for WebSocket connections."
 DELETE_NOT_ALLOWED = "Cannot terminate this connection using the DELETE endpoint."
+#: a connection start that cannot be recorded (the backplane is unreachable): the client retries
+BACKPLANE_UNAVAILABLE = "Cannot start the connection now: the backplane is unreachable. Try again."
 
 
 def transport_not_supported(transport: str) -> str:

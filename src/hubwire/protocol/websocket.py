@@ -175,6 +175,8 @@ class ServerWebSocket:
 
     def _handle(self, opcode: int, fin: bool, payload: bytes) -> None:
         if opcode in (_TEXT, _BINARY, _CONT):
+            if self.close_sent:
+                return  # we are closing: data is read past (to find the peer's Close) and dropped
             if (opcode == _CONT) != self._in_message:  # a new message inside one, or a stray continuation
                 self.fail(CLOSE_PROTOCOL_ERROR)
                 return

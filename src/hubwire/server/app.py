@@ -34,7 +34,7 @@ from ..protocol.json_protocol import JsonHubProtocol
 from ..protocol.messagepack_protocol import MessagePackHubProtocol
 from ..transports import websocket
 from ..transports.websocket import reject_websocket
-from .cors import CorsPolicy
+from .cors import CorsPolicy, OriginPredicate
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
 from .lifespan import serve_lifespan
 from .routes import Router, check_transports
@@ -53,8 +53,8 @@ class HubServer:
     :mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both protocols to
     serialize application types; ``app`` receives every request that is not
     for a hub path. ``cors_origins`` lets browser pages on other origins use
-    the hubs: a list of origins, or ``"*"``; default off (an app passed as
-    ``app`` keeps its own CORS handling). ``metrics_path`` serves Prometheus
+    the hubs: a list, a predicate or ``"*"`` (without credentials); default off
+    (see :class:`~hubwire.server.cors.CorsPolicy`). ``metrics_path`` serves Prometheus
     metrics there and ``stats_path`` a JSON snapshot (:mod:`hubwire.server.metrics`).
     """
 
@@ -66,7 +66,7 @@ class HubServer:
         authenticator: Authenticator | None = None,
         enc_hook: EncHook | None = None,
         app: ASGIApp | None = None,
-        cors_origins: Sequence[str] | str | None = None,
+        cors_origins: Sequence[str] | str | OriginPredicate | None = None,
         metrics_path: str | None = None,
         stats_path: str | None = None,
     ) -> None:
@@ -124,14 +124,12 @@ class HubServer:
         name: str | None = None,
         negotiate_redirect: NegotiateRedirect | None = None,
     ) -> HubConnectionHandler:
-        """Serve ``hub_cls`` at ``path``. One hub class may be served at several paths.
+        """Serve ``hub_cls`` at ``path`` (one hub class may be served at several paths).
 
-        ``transports`` narrows the transports of this path (negotiate lists only
-        those, the others are refused with 404); ``name`` is the hub's name on
-        the backplane (default: the class name; the .NET hub's full type name
-        shares a Redis with .NET servers). ``negotiate_redirect`` may send
-        negotiating clients elsewhere: called with the negotiate request after
-        authorization, it returns ``(url, access_token)`` or None.
+        ``transports`` narrows this path's transports (others get 404); ``name`` is the hub's
+        backplane name (default: the class name; a .NET hub's full type name shares a Redis with
+        .NET servers); ``negotiate_redirect(request)`` may return ``(url, access_token)`` to send
+        negotiating clients elsewhere (after authorization), or None.
         """
         opts = options or self.options
         hub_name = name or self._hub_names.get(hub_cls) or hub_cls.__name__
@@ -214,6 +212,8 @@ class HubServer:
             secret = await self.backplane.token_secret()
             if secret:
                 self.connections.issuer.secret = secret
+            if self.backplane.relay is not None:  # relay messages are sealed with the app's key
+                self.backplane.relay.set_key(self.connections.issuer.secret)
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
             install_redaction()
             self._started = True

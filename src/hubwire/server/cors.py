@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..connections.connection import RequestInfo
 from ..http import Send, respond
 
-__all__ = ["CorsPolicy", "origin_allowed"]
+__all__ = ["CorsPolicy", "OriginPredicate", "origin_allowed"]
 
 log = logging.getLogger("hubwire.server")
 
@@ -28,35 +28,63 @@ def origin_allowed(allowed: Sequence[str] | None, request: RequestInfo) -> bool:
     return False
 
 
-class CorsPolicy:
-    """``cors_origins``: a list of origins, ``"*"`` for any, or None (off, the default).
+#: an explicit origin check (ASP.NET's ``SetIsOriginAllowed``): allowed origins get credentials
+OriginPredicate = Callable[[str], bool]
 
-    The JS client sends credentials, so an allowed origin is echoed rather than ``*``.
+
+class CorsPolicy:
+    """``cors_origins``: a list of origins, a predicate ``(origin) -> bool``, ``"*"``, or None (off).
+
+    The JS client sends credentials (cookies), so an origin from the list or accepted by the
+    predicate is echoed with ``Access-Control-Allow-Credentials: true``. ``"*"`` answers ``*``
+    **without** credentials (browsers refuse a wildcard with credentials; a page on any origin
+    must not ride on a user's cookies): browser clients then need ``withCredentials: false``.
+    The same list or predicate also guards WebSocket upgrades, which browsers send from any page
+    without CORS (cross-site WebSocket hijacking), unless ``allowed_origins`` says otherwise.
     """
 
-    def __init__(self, cors_origins: Sequence[str] | str | None) -> None:
-        if isinstance(cors_origins, str) and cors_origins != "*":
-            cors_origins = [cors_origins]
-        self.origins: frozenset[str] | str | None = (
-            cors_origins if cors_origins is None or isinstance(cors_origins, str) else frozenset(cors_origins)
-        )
+    def __init__(self, cors_origins: Sequence[str] | str | OriginPredicate | None) -> None:
+        self.wildcard = cors_origins == "*"
+        self.predicate: OriginPredicate | None = None
+        self.origins: frozenset[str] | None = None
+        if callable(cors_origins):
+            self.predicate = cors_origins
+        elif isinstance(cors_origins, str) and not self.wildcard:
+            self.origins = frozenset([cors_origins])
+        elif cors_origins is not None and not isinstance(cors_origins, str):
+            self.origins = frozenset(cors_origins)
 
     @property
     def enabled(self) -> bool:
-        return self.origins is not None
+        return self.wildcard or self.predicate is not None or self.origins is not None
+
+    def _credentialed(self, origin: str) -> bool:
+        if self.origins is not None:
+            return origin in self.origins
+        return self.predicate is not None and bool(self.predicate(origin))
 
     def headers(self, request: RequestInfo) -> list[tuple[str, str]]:
         """CORS response headers for a hub-path request from an allowed browser origin."""
         origin = request.header("origin")
-        if self.origins is None or not origin:
+        if not origin:
             return []
-        if self.origins != "*" and origin not in self.origins:
-            return []
-        return [
-            ("access-control-allow-origin", origin),
-            ("access-control-allow-credentials", "true"),
-            ("vary", "Origin"),
-        ]
+        if self._credentialed(origin):
+            return [
+                ("access-control-allow-origin", origin),
+                ("access-control-allow-credentials", "true"),
+                ("vary", "Origin"),
+            ]
+        return [("access-control-allow-origin", "*")] if self.wildcard else []
+
+    def allows_websocket(self, request: RequestInfo) -> bool:
+        """A WebSocket upgrade's origin against the list or predicate (no Origin: not a browser)."""
+        origin = request.header("origin")
+        if origin is None or self.wildcard or not self.enabled:
+            return True
+        if self._credentialed(origin):
+            return True
+        log.info("refused a WebSocket from origin %r on %s", origin[:200], request.path)
+        return False
 
     async def preflight(self, request: RequestInfo, send: Send) -> None:
         """Answer a preflight (``OPTIONS``) with ``204``; allow headers only for allowed origins."""

@@ -32,7 +32,7 @@ from ..protocol.negotiate import (
 from ..transports import longpolling, sse, websocket
 from ..transports.httpbase import handle_post
 from ..transports.longpolling import handle_delete, serve_poll
-from ..transports.relayed import LOCAL_ONLY, forward, serve_relayed
+from ..transports.relayed import LOCAL_ONLY, RELAYED_USER, forward, serve_relayed
 from ..transports.sse import serve_sse
 from ..transports.websocket import reject_websocket, serve_websocket
 from .cors import CorsPolicy, origin_allowed
@@ -51,6 +51,9 @@ NegotiateRedirect = Callable[
 ]
 
 Headers = list[tuple[str, str]]
+
+#: seconds a connection-start claim outlives the token's validity (clock skew between instances)
+_CLAIM_SLACK = 10.0
 
 
 class HttpConnectionDispatcher:
@@ -92,7 +95,7 @@ class HttpConnectionDispatcher:
 
         Shared by the ASGI path and the native protocol so both answer alike.
         """
-        if self._origin_refused(endpoint, request):
+        if self._origin_refused(endpoint, request, websocket=True):
             return 403, texts.ORIGIN_NOT_ALLOWED
         if websocket.FEATURES.name not in endpoint.transports:
             return 404, texts.transport_not_supported(websocket.FEATURES.name)
@@ -110,8 +113,9 @@ class HttpConnectionDispatcher:
                 return 400, texts.CANNOT_CHANGE_TRANSPORT
             if conn.transport_name is not None:
                 return 409, ""  # a WebSocket of this connection is already open
-            if not await self._take_ownership(endpoint, conn, websocket.FEATURES):
-                return 409, ""
+            refusal = await self._take_ownership(endpoint, conn, websocket.FEATURES)
+            if refusal is not None:
+                return refusal
         else:
             # skipNegotiation: a connection created on the fly, version-0 style (token == id)
             conn = self.connections.create(0, principal)
@@ -171,7 +175,7 @@ class HttpConnectionDispatcher:
         if not token:
             await respond(send, 400, texts.CONNECTION_ID_REQUIRED.encode(), headers=cors)
             return
-        if await self._relayed(endpoint, scope, request, receive, send, token, cors):
+        if await self._relayed(endpoint, scope, request, principal, receive, send, token, cors):
             return  # another instance holds this connection and answered
         method = scope.get("method")
         if method == "GET":
@@ -196,6 +200,7 @@ class HttpConnectionDispatcher:
         endpoint: ConnectionApplication,
         scope: Scope,
         request: RequestInfo,
+        principal: Principal | None,
         receive: Receive,
         send: Send,
         token: str,
@@ -209,7 +214,17 @@ class HttpConnectionDispatcher:
         if local is not None and local.transport_name is not None:
             return False  # started here
         return await forward(
-            self.connections, relay, self.http, endpoint, scope, request, receive, send, token, cors
+            self.connections,
+            relay,
+            self.http,
+            endpoint,
+            scope,
+            request,
+            principal,
+            receive,
+            send,
+            token,
+            cors,
         )
 
     async def _stream_or_poll(
@@ -260,27 +275,33 @@ class HttpConnectionDispatcher:
         if conn.application is not None and conn.application is not endpoint:
             return 404, texts.NO_CONNECTION  # negotiated for another path
         if conn.transport_name is None:
-            if not await self._take_ownership(endpoint, conn, features):
-                return 409, ""
+            refusal = await self._take_ownership(endpoint, conn, features)
+            if refusal is not None:
+                return refusal
         elif features is sse.FEATURES:
             return 409, ""  # one event stream per connection
         return conn
 
     async def _take_ownership(
         self, endpoint: ConnectionApplication, conn: Connection, features: TransportFeatures
-    ) -> bool:
+    ) -> tuple[int, str] | None:
         """This instance starts ``conn``'s transport: claim it, and answer relays for SSE/LP.
 
-        False when another instance already started a connection with this id
-        (a replayed token).
+        Refused with 409 when another instance already started a connection with
+        this id (a replayed token), 503 when the backplane cannot record the start.
         """
-        if not await self.backplane.claim_connection(conn.connection_id):
+        # the claim lives as long as the token could start the connection anywhere (clock skew too)
+        ttl = self.connections.issuer.max_age + _CLAIM_SLACK
+        claimed = await self.backplane.claim_connection(conn.connection_id, ttl)
+        if claimed is None:
+            return 503, texts.BACKPLANE_UNAVAILABLE
+        if not claimed:
             log.warning("connection %s was already started on another instance", conn.connection_id)
-            return False
+            return 409, ""
         relay = self.backplane.relay
         if relay is not None and features is not websocket.FEATURES:
             await serve_relayed(relay, self.http, endpoint, conn)
-        return True
+        return None
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -305,8 +326,15 @@ class HttpConnectionDispatcher:
             headers = [*headers, ("www-authenticate", challenge)]
         await respond(send, 401, b"", content_type=None, headers=headers)
 
-    def _origin_refused(self, endpoint: ConnectionApplication, request: RequestInfo) -> bool:
-        if origin_allowed(endpoint.options.allowed_origins, request):
+    def _origin_refused(
+        self, endpoint: ConnectionApplication, request: RequestInfo, websocket: bool = False
+    ) -> bool:
+        """``allowed_origins`` when set; else WebSocket upgrades follow ``cors_origins`` (browsers
+        open WebSockets from any page without CORS, with the user's cookies)."""
+        allowed = endpoint.options.allowed_origins
+        if origin_allowed(allowed, request) and (
+            allowed is not None or not websocket or self.cors.allows_websocket(request)
+        ):
             return False
         self.refused["origin"] += 1
         return True
@@ -341,6 +369,8 @@ class HttpConnectionDispatcher:
         if method not in methods:
             await respond(send, 405, b"", headers=cors)
             return None
+        if RELAYED_USER in scope:  # relayed: the relaying instance authenticated and authorized it
+            return request, cors, scope[RELAYED_USER]
         principal = await self.authenticate(request)
         if not await self._authorized(endpoint, principal):
             await self._unauthorized(send, cors)

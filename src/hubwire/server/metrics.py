@@ -156,6 +156,11 @@ class _Collector:
         yield per_hub(
             "hubwire_invocations_rate_limited", "Hub method calls refused by the rate limit", "rate_limited"
         )
+        yield per_hub(
+            "hubwire_forged_completions",
+            "Client-result completions refused: sent by a connection the call was not sent to",
+            "forged_completions",
+        )
         refused = CounterMetricFamily(
             "hubwire_connections_refused", "Connection attempts refused", labels=["reason"]
         )

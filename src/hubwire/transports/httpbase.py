@@ -113,6 +113,9 @@ async def handle_post(
     if conn.transport_name == "WebSockets":
         await respond(send, 405, texts.POST_NOT_ALLOWED_ON_WEBSOCKETS.encode(), headers=headers)
         return
+    if conn.outbox.closed:  # the connection is closing (failed, aborted): it takes no more input
+        await respond(send, 404, texts.NO_CONNECTION.encode(), headers=headers)
+        return
     limit = post_limit(endpoint)
     declared = _content_length(request)
     too_large = texts.REQUEST_BODY_TOO_LARGE.encode()

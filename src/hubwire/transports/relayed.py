@@ -11,6 +11,13 @@ replacement, ordering of POSTs and the DELETE semantics are identical.
 
 A second SSE stream for a connection that is streaming elsewhere gets
 ``409``, as it would on the owner.
+
+What crosses the backplane is only what the owner needs: the method, the
+connection id, the ``Accept`` and ``Content-Type`` values, the body, and the
+user the relaying instance authenticated (identifier and claims). Never the
+request's cookies, authorization header, query string, access token or
+connection token: the relaying instance authenticates the request and checks
+the connection token itself, and the owner knows its connection's token.
 """
 
 from __future__ import annotations
@@ -23,13 +30,13 @@ from typing import Any, Protocol
 import msgspec
 
 from ..connections.application import ConnectionApplication
-from ..connections.connection import Connection, RequestInfo
+from ..connections.connection import Connection, Principal, RequestInfo
 from ..connections.manager import ConnectionManager
 from ..http import BodyTooLarge, ClientGone, Message, Receive, Scope, Send, read_body, respond
 from ..protocol import texts
 from .httpbase import post_limit
 
-__all__ = ["LOCAL_ONLY", "HttpHandler", "Reply", "RequestRelay", "forward", "serve_relayed"]
+__all__ = ["LOCAL_ONLY", "RELAYED_USER", "HttpHandler", "Reply", "RequestRelay", "forward", "serve_relayed"]
 
 #: a relayed reply: status, body, response headers
 Reply = tuple[int, bytes, list[tuple[str, str]]]
@@ -46,6 +53,13 @@ class RequestRelay(Protocol):
     def stop_serving(self, connection_id: str) -> None:
         """Stop answering for a connection that ended here."""
 
+    def set_key(self, secret: bytes) -> None:
+        """Seal relay messages with a key derived from the app's token key (called at startup)."""
+
+    @property
+    def available(self) -> bool:
+        """False while the backplane is unreachable (a relayed request could not be answered)."""
+
     async def request(self, connection_id: str, payload: bytes, timeout: float) -> Reply | None:
         """Relay ``payload`` to the holder of ``connection_id``; None when nobody answers."""
 
@@ -54,10 +68,10 @@ log = logging.getLogger("hubwire.relay")
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
-#: request headers the owner needs (authorization, transport choice, body type)
-_FORWARDED = ("authorization", "accept", "content-type", "cookie", "origin", "user-agent")
 #: scope key marking a request that must be answered here, never relayed again
 LOCAL_ONLY = "hubwire.local_only"
+#: scope key of a relayed request: the user the relaying instance authenticated (or None)
+RELAYED_USER = "hubwire.relayed_user"
 #: extra time a relayed poll may take beyond the poll timeout
 _SLACK = 10.0
 
@@ -69,6 +83,7 @@ async def forward(
     endpoint: ConnectionApplication,
     scope: Scope,
     request: RequestInfo,
+    principal: Principal | None,
     receive: Receive,
     send: Send,
     token: str,
@@ -83,6 +98,10 @@ async def forward(
     verified = manager.issuer.verify(token, check_age=False)
     if verified is None:
         return False
+    if not relay.available:
+        # nobody can be asked who holds it, and no start could be recorded: the client retries
+        await respond(send, 503, texts.BACKPLANE_UNAVAILABLE.encode(), headers=cors)
+        return True
     method = scope.get("method", "GET")
     body = b""
     if method == "POST":
@@ -93,10 +112,7 @@ async def forward(
             return True
         except ClientGone:
             return True
-    headers = [(name, request.headers[name]) for name in _FORWARDED if name in request.headers]
-    payload = _encoder.encode(
-        [method, scope.get("path", ""), scope.get("query_string", b"").decode("latin-1"), headers, body]
-    )
+    payload = _encode_request(method, request, principal, body)
     timeout = endpoint.options.long_poll_timeout + _SLACK if method == "GET" else 30.0
     reply = await relay.request(verified.connection_id, payload, timeout)
     if reply is None:
@@ -114,6 +130,30 @@ async def forward(
     extra = [(k, v) for k, v in reply_headers if k not in ("content-type", "content-length")]
     await respond(send, status, reply_body, content_type, [*extra, *_without(cors, extra)])
     return True
+
+
+def _encode_request(method: str, request: RequestInfo, principal: Principal | None, body: bytes) -> bytes:
+    accept, content_type = request.header("accept") or "", request.header("content-type") or ""
+    user = None if principal is None else [principal.identifier, principal.claims]
+    try:
+        return _encoder.encode([method, accept, content_type, body, user])
+    except (TypeError, ValueError, msgspec.EncodeError):  # claims msgpack cannot carry: the id only
+        user = None if principal is None else [principal.identifier, {}]
+        return _encoder.encode([method, accept, content_type, body, user])
+
+
+def _decode_request(payload: bytes) -> tuple[str, str, str, bytes, Principal | None] | None:
+    try:
+        method, accept, content_type, body, user = _decoder.decode(payload)[:5]
+    except (msgspec.DecodeError, TypeError, ValueError):
+        return None
+    if not all(isinstance(v, str) for v in (method, accept, content_type)) or not isinstance(body, bytes):
+        return None
+    principal = None
+    if isinstance(user, list) and len(user) == 2 and isinstance(user[1], dict):
+        identifier = user[0] if isinstance(user[0], str) else None
+        principal = Principal(identifier, user[1])
+    return method, accept, content_type, body, principal
 
 
 def _replay(body: bytes) -> Receive:
@@ -140,24 +180,28 @@ async def serve_relayed(
     """Answer relayed requests for ``conn``, which this instance now holds."""
 
     async def handle(payload: bytes) -> Reply:
-        method, path, query, headers, body = _decoder.decode(payload)[:5]
-        raw_headers = [(str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in headers]
-        accept = next((v for k, v in headers if k == "accept"), "")
-        if method == "GET" and "text/event-stream" in str(accept).lower():
+        decoded = _decode_request(payload)
+        if decoded is None:
+            return 400, b"", []
+        method, accept, content_type, body, principal = decoded
+        if method == "GET" and "text/event-stream" in accept.lower():
             # a second event stream while this one streams
             return 409, b"", []
+        headers = [("accept", accept), ("content-type", content_type), ("content-length", str(len(body)))]
         scope: dict[str, Any] = {
             "type": "http",
-            "method": str(method),
-            "path": str(path),
+            "method": method,
+            "path": "",
             "root_path": "",
-            "query_string": str(query).encode("latin-1"),
-            "headers": raw_headers,
+            # the token is this instance's own knowledge; it never crossed the backplane
+            "query_string": b"id=" + conn.token.encode("ascii"),
+            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
             "client": None,
             "scheme": "http",
             LOCAL_ONLY: True,
+            RELAYED_USER: principal,
         }
-        return await _capture(serve_http, endpoint, scope, body if isinstance(body, bytes) else b"")
+        return await _capture(serve_http, endpoint, scope, body)
 
     await relay.serve(conn.connection_id, handle)
 
