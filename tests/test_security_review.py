@@ -105,3 +105,35 @@ async def test_a_failed_connection_takes_no_more_input(request: pytest.FixtureRe
         assert "The protocol 'nope' is not supported." in reply.text
         more = await client.post(url, content="x" * 10_000)
         assert more.status_code == 404
+
+
+async def test_per_connection_limits(request: pytest.FixtureRequest) -> None:
+    server = _start(request, "tests.apps.structure:app")
+    hub = await RawHub.open(server.url, "/limited")
+    assert [await hub.invoke("join", g) for g in ("a", "b", "c", "a")] == [
+        "ok"
+    ] * 4  # "a" again is no new one
+    assert await hub.invoke("join", "d") == "error: The connection is already in 3 groups, the most allowed."
+    assert await hub.invoke("join", "x" * 11) == "error: Group names are limited to 10 characters."
+    for stream_id in ("s1", "s2"):
+        await hub.send({"type": 4, "invocationId": stream_id, "target": "ticks", "arguments": []})
+    await hub.send({"type": 4, "invocationId": "s3", "target": "ticks", "arguments": []})
+    while True:  # the third stream is refused; the two running ones keep streaming
+        message = await hub.next_message()
+        if message.get("invocationId") == "s3":
+            break
+    assert message == {
+        "type": 3,
+        "invocationId": "s3",
+        "error": "Failed to invoke 'ticks' because the connection already runs 2 streams, the most allowed.",
+    }
+    await hub.send({"type": 5, "invocationId": "s1"})  # cancel one: once it completed, a new one may start
+    while (await hub.next_message()) != {"type": 3, "invocationId": "s1"}:
+        pass
+    await hub.send({"type": 4, "invocationId": "s4", "target": "ticks", "arguments": []})
+    while True:
+        message = await hub.next_message()
+        if message.get("invocationId") == "s4":
+            break
+    assert message == {"type": 2, "invocationId": "s4", "item": 0}
+    await hub.close()

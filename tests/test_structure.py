@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import RedisServer, ServerProcess
-from tests.hwtools import wait_stats
+from tests.hwtools import wait_for, wait_stats
 from tests.rawhub import RS, RawHub
 
 APP = "tests.apps.structure:app"
@@ -96,3 +96,26 @@ async def test_one_hub_at_two_paths_reaches_both_protocols(
     assert got["mp"][:2] == [1, {}] and got["mp"][3:5] == ["Msg", ["hello"]]
     assert got["js"] == {"type": 1, "target": "Msg", "arguments": ["hello"]}
     await asyncio.gather(mp.close(), js.close())
+
+
+@pytest.mark.parametrize("serving", SERVING)
+async def test_messages_before_a_clean_close_are_processed(
+    request: pytest.FixtureRequest, serving: str
+) -> None:
+    """What a client sent before its Close frame runs (as in ASP.NET), then on_disconnected: here an
+    echo queued behind a slow call (the one invocation slot) when the Close arrives."""
+    server = _start(request, serving)
+    hub = await RawHub.open(server.url)
+    cid = await hub.invoke("whoami")
+    slow = {"type": 1, "invocationId": "s", "target": "slow", "arguments": [300]}
+    echo = {"type": 1, "invocationId": "e", "target": "echo", "arguments": ["before close"]}
+    await hub.send_raw(json.dumps(slow) + RS + json.dumps(echo) + RS)
+    await hub.ws.close()  # a clean Close (1000) right behind them
+
+    async def disconnected() -> bool:
+        return any(e[0] == "disconnected" and e[1] == cid for e in await _events(server.url))
+
+    await wait_for(disconnected, 10, "on_disconnected")
+    mine = [e[0] + ":" + e[2] for e in await _events(server.url) if e[1] == cid]
+    assert mine == ["slow:", "echo:before close", "disconnected:"]
+    assert "Traceback" not in server.output()

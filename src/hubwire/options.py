@@ -54,6 +54,15 @@ class HubOptions:
     #: upgrades, SSE and long polling); others get 403. Requests without ``Origin`` (non-browser
     #: clients) are not affected. ``None`` = no check
     allowed_origins: tuple[str, ...] | None = None
+    #: groups one connection may be in at once; past it adding fails with a HubException
+    max_groups_per_connection: int | None = 1000
+    #: longest group name, in characters (names become Redis channel names)
+    max_group_name_length: int = 1024
+    #: server-to-client streams one connection may run at once; past it the call fails
+    max_streams_per_connection: int | None = 100
+    #: requests of one SSE / long-polling connection relayed to it from other instances at once;
+    #: past it they get 429 (each holds a task and its body until answered)
+    max_relayed_requests_per_connection: int = 8
 
     def copy(self, **changes: object) -> HubOptions:
         """A copy with some options changed (per-hub overrides)."""

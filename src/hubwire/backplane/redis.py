@@ -432,7 +432,11 @@ class RedisHubLifetimeManager(HubLifetimeManager):
             self.bus.publish(self.channels.ack(command.server_name), encode_ack(command.id))
 
     async def _ack_after_join(self, conn: HubConnectionContext, command: GroupCommand) -> None:
-        await self._join_local(conn, command.group)
+        try:
+            await self._join_local(conn, command.group)
+        except HubException as exc:  # past the connection's limits: no ack, the caller's add fails
+            log.info("refused adding %s to a group: %s", conn.connection_id, exc)
+            return
         self.bus.publish(self.channels.ack(command.server_name), encode_ack(command.id))
 
     def _on_ack(self, channel: bytes, data: bytes) -> None:

@@ -39,7 +39,10 @@ class HubConnectionContext:
         "handshake_version",
         "invocation_slots",
         "last_write",
+        "max_group_name_length",
+        "max_groups",
         "max_parallel",
+        "max_streams",
         "outbox",
         "protocol",
         "protocol_name",
@@ -73,6 +76,10 @@ class HubConnectionContext:
         self.active_streams: dict[str, asyncio.Task[None]] = {}
         self.upload_streams: dict[str, UploadStream] = {}
         self.max_parallel = max_parallel_invocations
+        #: per-connection limits (HubOptions), set by the connection handler
+        self.max_groups: int | None = None
+        self.max_group_name_length = 1024
+        self.max_streams: int | None = None
         self.invocation_slots = asyncio.Semaphore(max_parallel_invocations)
         self.last_write = 0.0
         self.first_ping_seen = False

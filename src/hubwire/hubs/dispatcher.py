@@ -236,6 +236,11 @@ class HubDispatcher:
             raise _Refused(f"Failed to invoke '{target}' because user is unauthorized")
         if streaming_call and msg.invocation_id in ctx.active_streams:
             raise _Refused(f"Invocation ID '{msg.invocation_id}' is already in use.")
+        if streaming_call and ctx.max_streams is not None and len(ctx.active_streams) >= ctx.max_streams:
+            raise _Refused(
+                f"Failed to invoke '{target}' because the connection already runs {ctx.max_streams} "
+                "streams, the most allowed."
+            )
         return method
 
     def _arguments(

@@ -68,8 +68,8 @@ class HubConnectionHandler(ConnectionApplication):
         self.options = options
         self.transports = tuple(transports)
         self.policies = hub_cls.__dict__.get("__hub_authorization__")
-        self.context = HubContext(manager)
-        self.groups = GroupManager(manager)
+        self.context = HubContext(manager, options.max_group_name_length)
+        self.groups = GroupManager(manager, options.max_group_name_length)
         self.pending: dict[str, Connection] = {}
         self.connected: dict[str, HubConnectionContext] = {}
         #: hub methods and streams running for this path's connections
@@ -120,6 +120,9 @@ class HubConnectionHandler(ConnectionApplication):
         ctx = HubConnectionContext(
             conn, protocol, request.version, self.options.maximum_parallel_invocations_per_client
         )
+        ctx.max_groups = self.options.max_groups_per_connection
+        ctx.max_group_name_length = self.options.max_group_name_length
+        ctx.max_streams = self.options.max_streams_per_connection
         ctx.received = ctx.rate_stamp = time.monotonic()
         ctx.rate_tokens = self.dispatcher.burst
         state.ctx = ctx

@@ -26,6 +26,7 @@ import msgspec
 
 from ..connections.application import Policy, check_policies
 from .clients import HubCallerClients, HubClients
+from .lifetime import check_group_name
 
 if TYPE_CHECKING:
     from .context import HubCallerContext
@@ -42,12 +43,15 @@ _RESERVED = {"on_connected", "on_disconnected"}
 class GroupManager:
     """``self.groups``: add or remove any connection (local or remote) to or from a group."""
 
-    __slots__ = ("_manager",)
+    __slots__ = ("_manager", "_max_name")
 
-    def __init__(self, manager: HubLifetimeManager) -> None:
+    def __init__(self, manager: HubLifetimeManager, max_name_length: int = 1024) -> None:
         self._manager = manager
+        self._max_name = max_name_length
 
     async def add(self, connection_id: str, group: str) -> None:
+        """Add a connection to a group; :class:`HubException` past the group limits."""
+        check_group_name(group, self._max_name)
         await self._manager.add_to_group(connection_id, group)
 
     async def remove(self, connection_id: str, group: str) -> None:
@@ -63,10 +67,10 @@ class HubContext:
 
     __slots__ = ("clients", "groups", "manager")
 
-    def __init__(self, manager: HubLifetimeManager) -> None:
+    def __init__(self, manager: HubLifetimeManager, max_group_name_length: int = 1024) -> None:
         self.manager = manager
         self.clients = HubClients(manager)
-        self.groups = GroupManager(manager)
+        self.groups = GroupManager(manager, max_group_name_length)
 
 
 class Hub:

@@ -223,6 +223,12 @@ class HubLifetimeManager(abc.ABC):
         await self.send_users((user_id,), method, args)
 
 
+def check_group_name(group: str, limit: int) -> None:
+    """Raise :class:`HubException` for a group name longer than ``limit`` characters."""
+    if len(group) > limit:
+        raise HubException(f"Group names are limited to {limit} characters.")
+
+
 class LocalConnections:
     """Local membership tables shared by the in-memory and backplane managers."""
 
@@ -255,7 +261,15 @@ class LocalConnections:
         return emptied, user_gone
 
     def join(self, conn: HubConnectionContext, group: str) -> bool:
-        """Add to a group; True when it is the group's first local member."""
+        """Add to a group; True when it is the group's first local member.
+
+        Raises :class:`HubException` past the connection's group limits (names from other
+        instances are untrusted too, so they are checked here, where membership lives).
+        """
+        check_group_name(group, conn.max_group_name_length)
+        limit = conn.max_groups
+        if limit is not None and group not in conn.groups and len(conn.groups) >= limit:
+            raise HubException(f"The connection is already in {limit} groups, the most allowed.")
         members = self.groups.setdefault(group, {})
         first = not members
         members[conn.connection_id] = conn

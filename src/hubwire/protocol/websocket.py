@@ -103,6 +103,7 @@ class ServerWebSocket:
         "_out",
         "_text",
         "_utf8",
+        "close_received",
         "close_sent",
         "closing",
         "failure",
@@ -124,6 +125,8 @@ class ServerWebSocket:
         self.closing = False
         #: our Close frame is queued (nothing may follow it)
         self.close_sent = False
+        #: the peer's valid Close frame arrived (a clean close, as opposed to a protocol error)
+        self.close_received = False
         #: the close code of a protocol error, if one happened
         self.failure: int | None = None
 
@@ -225,6 +228,7 @@ class ServerWebSocket:
                 self.fail(CLOSE_INVALID_DATA)
                 return
         self.closing = True
+        self.close_received = True
         self._events.append(CloseReceived(code, reason))
         # the reply: the peer's code where it is a normal one, else 1000
         self.send_close(code if code in (1000, 1001) or 3000 <= code < 5000 else CLOSE_NORMAL)

@@ -170,14 +170,34 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         self.transport = None
         if self._close_timer is not None:
             self._close_timer.cancel()
-        if self._inbox is not None:
-            self._inbox.clear()
-        if self._pump is not None:
-            self._pump.cancel()  # the client is gone: nothing it sent still needs handling
+        pump = self._pump
+        # a client that closed cleanly (a Close frame) gets what it sent before processed, as in
+        # ASP.NET; one that vanished does not (nothing it sent still needs handling)
+        drain = pump is not None and self._ws is not None and self._ws.close_received
+        if not drain:
+            if self._inbox is not None:
+                self._inbox.clear()
+            if pump is not None:
+                pump.cancel()
         conn = self._conn
         if stage == _OPEN and conn is not None and self._gate is not None:
             conn.outbox.sink = None
-            self._gate.connections.end_soon(conn, self._error or exc)
+            if drain and pump is not None:
+                self._gate.connections.tasks.spawn(self._end_after(pump, conn, exc), name="drain then end")
+            else:
+                self._gate.connections.end_soon(conn, self._error or exc)
+
+    async def _end_after(self, pump: asyncio.Task[None], conn: Connection, exc: Exception | None) -> None:
+        """End ``conn`` once what arrived before the client's Close was handled (bounded)."""
+        assert self._gate is not None and self._endpoint is not None
+        timeout = self._endpoint.options.websocket_close_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(pump), timeout)
+        except TimeoutError:
+            pump.cancel()
+        except Exception:  # the pump logs its own failures
+            pass
+        await self._gate.connections.end(conn, self._error or exc)
 
     def pause_writing(self) -> None:  # the slow-consumer bound is enforced on write
         if self._other is not None:
@@ -373,7 +393,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         endpoint, conn, inbox = self._endpoint, self._conn, self._inbox
         assert endpoint is not None and conn is not None and inbox is not None
         try:
-            while self._stage == _OPEN:
+            while True:  # after a clean Close too: what arrived before it is still handled
                 data = inbox.get_nowait()
                 if data is None:
                     break

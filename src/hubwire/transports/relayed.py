@@ -177,9 +177,25 @@ def _without(cors: list[tuple[str, str]], present: list[tuple[str, str]]) -> lis
 async def serve_relayed(
     relay: RequestRelay, serve_http: HttpHandler, endpoint: ConnectionApplication, conn: Connection
 ) -> None:
-    """Answer relayed requests for ``conn``, which this instance now holds."""
+    """Answer relayed requests for ``conn``, which this instance now holds.
+
+    At most ``max_relayed_requests_per_connection`` at once (each holds a task and its body until
+    answered); more get 429.
+    """
+    in_flight = 0
+    limit = endpoint.options.max_relayed_requests_per_connection
 
     async def handle(payload: bytes) -> Reply:
+        nonlocal in_flight
+        if in_flight >= limit:
+            return 429, b"Too many requests in flight for this connection.", []
+        in_flight += 1
+        try:
+            return await _handle(payload)
+        finally:
+            in_flight -= 1
+
+    async def _handle(payload: bytes) -> Reply:
         decoded = _decode_request(payload)
         if decoded is None:
             return 400, b"", []

@@ -72,14 +72,21 @@ class _AsgiWebSocket:
         self.inbox = Inbox(self.room.clear, self.room.set)
         self.error: BaseException | None = None
         self.handler: asyncio.Task[None] | None = None
+        #: the handler is inside the application with a chunk
+        self.handling = False
+        #: the client closed cleanly and what it sent before is being handled
+        self.draining = False
+        self._give_up: asyncio.TimerHandle | None = None
 
     async def read_loop(self) -> None:
+        clean = False
         try:
             while True:
                 await self.room.wait()
                 msg = await self.receive()
                 kind = msg["type"]
                 if kind == "websocket.disconnect":
+                    clean = msg.get("code", 1005) in (1000, 1001)
                     break
                 if kind == "websocket.receive":
                     data = msg.get("bytes")
@@ -89,16 +96,33 @@ class _AsgiWebSocket:
                         self.inbox.put(data)
         finally:
             self.client_closed.set()
-            if self.handler is not None:
-                self.handler.cancel()  # the client is gone: nothing it sent still needs handling
-            self.inbox.clear()
-            self.conn.outbox.close()
+            if clean and self.handler is not None and (self.inbox or self.handling):
+                # a clean Close: what arrived before it is handled first (bounded), as in ASP.NET
+                self.inbox.put(b"")  # the end mark
+                self.draining = True
+                timeout = self.endpoint.options.websocket_close_timeout
+                self._give_up = asyncio.get_running_loop().call_later(timeout, self._stop_handling)
+            else:
+                self._stop_handling()  # the client vanished: nothing it sent still needs handling
+
+    def _stop_handling(self) -> None:
+        if self.handler is not None:
+            self.handler.cancel()
+        self.inbox.clear()
+        self.conn.outbox.close()
 
     async def handle_loop(self) -> None:
         try:
             while True:
                 data = await self.inbox.get()
+                if not data:  # the end mark after a clean Close: everything before it was handled
+                    if self._give_up is not None:
+                        self._give_up.cancel()
+                    self.conn.outbox.close()
+                    return
+                self.handling = True
                 await self.endpoint.on_receive(self.conn, data)
+                self.handling = False
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # the application failed on this input: end the connection
@@ -176,6 +200,8 @@ async def serve_websocket(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ws.client_closed.wait(), timeout)
         guard.cancel()
+        if ws.draining:  # the client closed cleanly: let what it sent before be handled (bounded)
+            await asyncio.wait({ws.handler}, timeout=timeout)
         for other in (reader, ws.handler):
             other.cancel()
         for other in (reader, ws.handler):
