@@ -70,7 +70,7 @@ class TwoPathHub(Hub):
         return "pong"
 
 
-server = HubServer(stats_path="/debug/stats")
+server = HubServer(stats_path="/debug/stats", health_path="/health")
 server.add_hub("/hub", OrderHub)
 #: a hub allowing messages far over the server-wide default (32 KB)
 server.add_hub("/big", OrderHub, options=HubOptions(maximum_receive_message_size=512 * 1024))

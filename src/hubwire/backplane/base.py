@@ -14,7 +14,11 @@ from typing import Any
 from ..hubs.lifetime import HubLifetimeManager, InMemoryLifetimeManager
 from ..transports.relayed import RequestRelay
 
-__all__ = ["Backplane", "InMemoryBackplane"]
+__all__ = ["Backplane", "BackplaneUnavailable", "InMemoryBackplane"]
+
+
+class BackplaneUnavailable(Exception):
+    """The backplane cannot be reached for something that needs it (its text says what and where)."""
 
 
 class Backplane:
@@ -27,8 +31,12 @@ class Backplane:
         """The lifetime manager of one hub (called once per hub name)."""
         raise NotImplementedError
 
-    async def token_secret(self) -> bytes | None:
-        """The key that signs connection tokens, shared by every instance (None: a per-process key)."""
+    async def token_keys(self) -> tuple[bytes, ...] | None:
+        """The keys of connection tokens shared by every instance: the first signs, all verify.
+
+        None: no shared key is needed (one instance; a per-process key). Raises
+        :class:`BackplaneUnavailable` when one is needed but cannot be agreed on now.
+        """
         return None
 
     async def claim_connection(self, connection_id: str, ttl: float) -> bool | None:

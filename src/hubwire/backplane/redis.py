@@ -28,6 +28,7 @@ from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..connections.tasks import BackgroundTasks
+from ..connections.tokens import derive_key
 from ..exceptions import HubException
 from ..hubs.lifetime import (
     ClientResults,
@@ -54,7 +55,7 @@ from ..protocol.backplane import (
 )
 from ..protocol.errors import InvalidDataError
 from ..protocol.messages import CompletionMessage, InvocationMessage
-from .base import Backplane
+from .base import Backplane, BackplaneUnavailable
 from .bus import RedisBus
 from .relay import Relay
 from .resp import RespError
@@ -74,9 +75,11 @@ class RedisBackplane(Backplane):
     channel, no separator, like StackExchange.Redis's ChannelPrefix).
     ``buffer_size`` bounds the messages kept while Redis is unreachable;
     ``ack_timeout`` bounds group changes for connections on other instances.
-    ``secret`` signs connection tokens so any instance accepts a connection
-    negotiated on another; by default the instances agree on a random key
-    stored in Redis under the prefix.
+    ``secret`` (``HUBWIRE_SECRET``) is where the app's token key comes from
+    (HKDF per channel prefix; never stored), so any instance accepts a
+    connection negotiated on another; ``previous_secret`` is still accepted
+    during a rotation. Without one the instances agree on a random key stored
+    in Redis under the prefix.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class RedisBackplane(Backplane):
         buffer_size: int = 10_000,
         ack_timeout: float = 30.0,
         secret: bytes | str | None = None,
+        previous_secret: bytes | str | None = None,
         **bus_options: Any,
     ) -> None:
         self.url = url
@@ -94,7 +98,8 @@ class RedisBackplane(Backplane):
         self.ack_timeout = ack_timeout
         self.server_name = f"{socket.gethostname()}_{uuid.uuid4().hex}"
         self.bus = RedisBus(url, buffer_size=buffer_size, name="hubwire", **bus_options)
-        self._secret = secret.encode() if isinstance(secret, str) else secret
+        #: configured secrets: the current one first, then one still accepted during a rotation
+        self._secrets = [s.encode() if isinstance(s, str) else s for s in (secret, previous_secret) if s]
         self._stored_key: bytes | None = None
         self._started = 0
         self.managers: dict[str, RedisHubLifetimeManager] = {}
@@ -114,6 +119,7 @@ class RedisBackplane(Backplane):
             buffer_size=int(os.environ.get("HUBWIRE_BACKPLANE_BUFFER") or 10_000),
             ack_timeout=float(os.environ.get("HUBWIRE_ACK_TIMEOUT") or 30.0),
             secret=os.environ.get("HUBWIRE_SECRET") or None,
+            previous_secret=os.environ.get("HUBWIRE_PREVIOUS_SECRET") or None,
         )
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
@@ -136,24 +142,30 @@ class RedisBackplane(Backplane):
     def _token_key(self) -> str:
         return f"{self.channel_prefix}hubwire:internal:token-key"
 
-    async def token_secret(self) -> bytes | None:
-        """The key that signs connection tokens, shared by every instance of this app."""
-        if self._secret:
-            return self._secret
+    async def token_keys(self) -> tuple[bytes, ...] | None:
+        """The app's token keys: derived from ``secret`` (and ``previous_secret``), or agreed in Redis.
+
+        With a secret, each app (channel prefix) gets its own key by HKDF and nothing is stored.
+        Without one, the first instance stores a random key under the prefix and the others read
+        it; while Redis cannot be asked this raises, and the server is not ready until it can.
+        """
+        if self._secrets:
+            return tuple(derive_key(s, self.channel_prefix) for s in self._secrets)
         key = self._token_key
         candidate = base64.b64encode(secrets.token_bytes(32))
         try:
             await self.bus.command("SET", key, candidate, "NX")
             value = await self.bus.command("GET", key)
-        except Exception as exc:  # Redis down at startup: tokens stay per-instance until restart
-            log.warning("cannot agree on a token key through Redis (%s); using a per-process key", exc)
-            return None
-        if isinstance(value, bytes) and value:
-            self._secret = base64.b64decode(value)
-            if self._stored_key is None:
-                self.bus.on_reconnect(self._restore_token_key)
-            self._stored_key = value
-        return self._secret
+        except Exception as exc:
+            raise BackplaneUnavailable(
+                f"cannot agree on a token key through Redis at {self.bus.address!r}: {exc}"
+            ) from None
+        if not isinstance(value, bytes) or not value:
+            raise BackplaneUnavailable("the token key read back from Redis is empty")
+        if self._stored_key is None:
+            self.bus.on_reconnect(self._restore_token_key)
+        self._stored_key = value
+        return (base64.b64decode(value),)
 
     async def _restore_token_key(self) -> None:
         """After a reconnect, put the agreed key back if Redis lost it (restart without persistence).
@@ -172,7 +184,7 @@ class RedisBackplane(Backplane):
             log.error(
                 "the token key in Redis is not this instance's (another instance stored a new one after "
                 "Redis lost it): connections negotiated on one of them will be refused by the other "
-                "until the instances restart"
+                "until the instances restart; set HUBWIRE_SECRET to avoid this"
             )
 
     async def claim_connection(self, connection_id: str, ttl: float) -> bool | None:

@@ -59,6 +59,7 @@ class Relay:
         self.prefix = f"{channel_prefix}hubwire:internal:transport:"
         self.reply_channel = f"{channel_prefix}hubwire:internal:reply:{server_name}"
         self._key: bytes | None = None
+        self._keys: tuple[bytes, ...] = ()
         #: request ids already answered, with when they may be forgotten (no replays)
         self._seen: dict[str, float] = {}
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -66,9 +67,10 @@ class Relay:
         self._tasks = BackgroundTasks("relay")
         self._started = False
 
-    def set_key(self, secret: bytes) -> None:
-        """Seal and check relay messages with a key derived from the app's token key."""
-        self._key = hmac.new(secret, b"hubwire relay v1", hashlib.sha256).digest()
+    def set_keys(self, keys: tuple[bytes, ...]) -> None:
+        """Seal with (a key derived from) the app's first token key; accept any of them."""
+        self._keys = tuple(hmac.new(k, b"hubwire relay v1", hashlib.sha256).digest() for k in keys)
+        self._key = self._keys[0]
 
     def _seal(self, channel: str, body: list[object]) -> bytes:
         assert self._key is not None
@@ -84,8 +86,10 @@ class Relay:
             raw, mac = _decoder.decode(data)[:2]
             if not isinstance(raw, bytes) or not isinstance(mac, bytes):
                 return None
-            expected = hmac.new(self._key, channel + b"\n" + raw, hashlib.sha256).digest()
-            if not hmac.compare_digest(mac, expected):
+            signed = channel + b"\n" + raw
+            if not any(
+                hmac.compare_digest(mac, hmac.new(key, signed, hashlib.sha256).digest()) for key in self._keys
+            ):
                 return None
             body = _decoder.decode(raw)
         except (msgspec.DecodeError, TypeError, ValueError):

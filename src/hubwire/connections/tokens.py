@@ -30,7 +30,17 @@ import struct
 import time
 from dataclasses import dataclass
 
-__all__ = ["TokenIssuer", "VerifiedToken"]
+__all__ = ["TokenIssuer", "VerifiedToken", "derive_key"]
+
+
+def derive_key(secret: bytes, channel_prefix: str) -> bytes:
+    """The token key of one app (channel prefix) from a configured secret (HKDF-SHA256, RFC 5869).
+
+    Why: one ``HUBWIRE_SECRET`` may serve several apps; each gets its own key, so a token of one
+    app is refused by another, and the secret itself is never used (or stored) as a key.
+    """
+    prk = hmac.new(b"hubwire token key v1", secret, hashlib.sha256).digest()  # extract
+    return hmac.new(prk, b"tokens:" + channel_prefix.encode() + b"\x01", hashlib.sha256).digest()  # expand
 
 
 def _b64(data: bytes) -> str:
@@ -57,7 +67,13 @@ class TokenIssuer:
 
     def __init__(self, secret: bytes | None = None, max_age: float = 30.0) -> None:
         self.secret = secret or secrets.token_bytes(32)
+        #: keys still accepted for verification while a new secret rolls out (rotation)
+        self.previous: tuple[bytes, ...] = ()
         self.max_age = max_age
+
+    def use_keys(self, keys: tuple[bytes, ...]) -> None:
+        """Sign with ``keys[0]``; accept tokens signed with any of them."""
+        self.secret, self.previous = keys[0], tuple(keys[1:])
 
     def _mac(self, data: bytes, size: int) -> bytes:
         return hmac.new(self.secret, data, hashlib.sha256).digest()[:size]
@@ -92,7 +108,10 @@ class TokenIssuer:
             connection_id = token
         else:
             return None
-        if not hmac.compare_digest(self._mac(body, len(mac)), mac):
+        if not any(
+            hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest()[: len(mac)], mac)
+            for key in (self.secret, *self.previous)
+        ):
             return None
         age = (now if now is not None else time.time()) - struct.unpack(">I", issued)[0]
         if check_age and not -5 <= age <= self.max_age:

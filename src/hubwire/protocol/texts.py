@@ -12,6 +12,7 @@ __all__ = [
     "CANNOT_CHANGE_TRANSPORT",
     "CONNECTION_ID_REQUIRED",
     "DELETE_NOT_ALLOWED",
+    "NOT_READY",
     "NO_CONNECTION",
     "ORIGIN_NOT_ALLOWED",
     "POST_NOT_ALLOWED_ON_WEBSOCKETS",
@@ -29,6 +30,8 @@ ORIGIN_NOT_ALLOWED = "Origin not allowed"
 REQUEST_BODY_TOO_LARGE = "Request body too large."
 POST_NOT_ALLOWED_ON_WEBSOCKETS = "POST requests are not allowed for WebSocket connections."
 DELETE_NOT_ALLOWED = "Cannot terminate this connection using the DELETE endpoint."
+#: negotiate or a transport request on an instance that has not agreed on the token key yet
+NOT_READY = "The server is not ready: its instances have not agreed on a token key yet. Try again."
 #: a connection start that cannot be recorded (the backplane is unreachable): the client retries
 BACKPLANE_UNAVAILABLE = "Cannot start the connection now: the backplane is unreachable. Try again."
 

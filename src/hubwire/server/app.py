@@ -36,7 +36,9 @@ from ..transports import websocket
 from ..transports.websocket import reject_websocket
 from .cors import CorsPolicy, OriginPredicate
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
+from .keys import KeyAgreement
 from .lifespan import serve_lifespan
+from .metrics import internal_apps
 from .routes import Router, check_transports
 
 __all__ = ["HubServer"]
@@ -47,15 +49,12 @@ log = logging.getLogger("hubwire.server")
 class HubServer:
     """Serves SignalR hubs over ASGI.
 
-    ``options`` apply to every hub unless ``add_hub`` overrides them;
-    ``backplane`` decides how hubs reach connections on other instances;
-    ``authenticator`` maps a request to a :class:`~hubwire.Principal` (see
-    :mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both protocols to
-    serialize application types; ``app`` receives every request that is not
-    for a hub path. ``cors_origins`` lets browser pages on other origins use
-    the hubs: a list, a predicate or ``"*"`` (without credentials); default off
-    (see :class:`~hubwire.server.cors.CorsPolicy`). ``metrics_path`` serves Prometheus
-    metrics there and ``stats_path`` a JSON snapshot (:mod:`hubwire.server.metrics`).
+    ``options`` apply to every hub unless ``add_hub`` overrides them; ``backplane``: how hubs
+    reach connections on other instances; ``authenticator`` maps a request to a
+    :class:`~hubwire.Principal` (:mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both
+    protocols application types; ``app`` gets every request not for a hub path;
+    ``cors_origins``: browser origins allowed (:class:`~hubwire.server.cors.CorsPolicy`);
+    ``metrics_path`` / ``stats_path`` / ``health_path``: Prometheus, a JSON snapshot, readiness.
     """
 
     def __init__(
@@ -69,6 +68,7 @@ class HubServer:
         cors_origins: Sequence[str] | str | OriginPredicate | None = None,
         metrics_path: str | None = None,
         stats_path: str | None = None,
+        health_path: str | None = None,
     ) -> None:
         self.options = options or HubOptions()
         # ``HUBWIRE_REDIS_URL`` (``hubwire run --redis``) switches on Redis without code changes
@@ -87,8 +87,16 @@ class HubServer:
         )
         self.router = Router()
         self.cors = CorsPolicy(cors_origins)
+        self.keys = KeyAgreement(self.backplane, self.connections.issuer)
         self.http = HttpConnectionDispatcher(
-            self.connections, self.router, self.cors, opts, self.backplane, authenticator, self.startup
+            self.connections,
+            self.router,
+            self.cors,
+            opts,
+            self.backplane,
+            authenticator,
+            self.startup,
+            self.keys,
         )
         #: what hubwire's native WebSocket serving asks for routes and admission
         self.native_gate = self.http
@@ -100,12 +108,8 @@ class HubServer:
         relay = self.backplane.relay
         if relay is not None:
             self.connections.on_end.append(lambda conn: relay.stop_serving(conn.connection_id))
-        if metrics_path:
-            self.router.add_internal(metrics_path, self.metrics_app())
-        if stats_path:
-            from .metrics import stats_app
-
-            self.router.add_internal(stats_path, stats_app(self))
+        for path, internal in internal_apps(self, metrics_path, stats_path, health_path):
+            self.router.add_internal(path, internal)
 
     @property
     def refused(self) -> dict[str, int]:
@@ -209,11 +213,8 @@ class HubServer:
                 return
             for manager in self._managers.values():
                 await manager.start()
-            secret = await self.backplane.token_secret()
-            if secret:
-                self.connections.issuer.secret = secret
-            if self.backplane.relay is not None:  # relay messages are sealed with the app's key
-                self.backplane.relay.set_key(self.connections.issuer.secret)
+            if not await self.keys.agree():  # not ready (503) until the instances agree on the key
+                self.tasks.spawn(self.keys.until_agreed(), name="token key agreement")
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
             install_redaction()
             self._started = True

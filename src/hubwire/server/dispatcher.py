@@ -36,6 +36,7 @@ from ..transports.relayed import LOCAL_ONLY, RELAYED_USER, forward, serve_relaye
 from ..transports.sse import serve_sse
 from ..transports.websocket import reject_websocket, serve_websocket
 from .cors import CorsPolicy, origin_allowed
+from .keys import KeyAgreement
 from .routes import Router
 
 __all__ = ["Authenticator", "HttpConnectionDispatcher", "NegotiateRedirect"]
@@ -68,6 +69,7 @@ class HttpConnectionDispatcher:
         backplane: Backplane,
         authenticator: Authenticator | None,
         start: Callable[[], Awaitable[None]],
+        keys: KeyAgreement,
     ) -> None:
         self.connections = connections
         self.router = router
@@ -76,6 +78,7 @@ class HttpConnectionDispatcher:
         self.backplane = backplane
         self.authenticator = authenticator
         self._start = start
+        self.keys = keys
         self.redirects: dict[ConnectionApplication, NegotiateRedirect] = {}
         #: refused connection attempts by reason (for metrics)
         self.refused: dict[str, int] = {"max_connections": 0, "origin": 0}
@@ -95,6 +98,8 @@ class HttpConnectionDispatcher:
 
         Shared by the ASGI path and the native protocol so both answer alike.
         """
+        if not self.keys.ready:
+            return 503, texts.NOT_READY
         if self._origin_refused(endpoint, request, websocket=True):
             return 403, texts.ORIGIN_NOT_ALLOWED
         if websocket.FEATURES.name not in endpoint.transports:
@@ -363,6 +368,9 @@ class HttpConnectionDispatcher:
             await self.cors.preflight(request, send)
             return None
         cors = self.cors.headers(request)
+        if not self.keys.ready:
+            await respond(send, 503, texts.NOT_READY.encode(), headers=[*cors, ("retry-after", "1")])
+            return None
         if self._origin_refused(endpoint, request):
             await respond(send, 403, texts.ORIGIN_NOT_ALLOWED.encode(), headers=cors)
             return None

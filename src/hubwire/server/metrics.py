@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..connections import connection as _connection
@@ -44,7 +44,7 @@ from ..transports.httpbase import HttpConnectionState
 if TYPE_CHECKING:
     from .app import HubServer
 
-__all__ = ["metrics_app", "rss_bytes", "server_stats", "stats_app"]
+__all__ = ["health_app", "internal_apps", "metrics_app", "rss_bytes", "server_stats", "stats_app"]
 
 
 def rss_bytes() -> int:
@@ -91,6 +91,7 @@ def server_stats(server: HubServer) -> dict[str, Any]:
         tasks = 0
     return {
         "pid": os.getpid(),
+        "ready": server.keys.ready,
         "rss_bytes": rss_bytes(),
         "tasks": tasks,
         "server_tasks": len(server.tasks),
@@ -246,16 +247,43 @@ def metrics_app(server: HubServer) -> ASGIApp:
     return app
 
 
-def stats_app(server: HubServer) -> ASGIApp:
-    """An ASGI app answering every GET with :func:`server_stats` as JSON."""
-
+def _json_app(server: HubServer, snapshot: Callable[[HubServer], tuple[int, dict[str, Any]]]) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         if scope.get("method") not in ("GET", "HEAD"):
             await respond(send, 405, b"")
             return
-        body = json.dumps(server_stats(server)).encode()
-        await respond(send, 200, body, "application/json")
+        status, body = snapshot(server)
+        await respond(send, status, json.dumps(body).encode(), "application/json")
 
     return app
+
+
+def stats_app(server: HubServer) -> ASGIApp:
+    """An ASGI app answering every GET with :func:`server_stats` as JSON."""
+    return _json_app(server, lambda s: (200, server_stats(s)))
+
+
+def health_app(server: HubServer) -> ASGIApp:
+    """Readiness: ``200 {"ready": true}``, or ``503`` with why not (e.g. no agreed token key yet)."""
+    return _json_app(server, lambda s: (200 if s.keys.ready else 503, _readiness(s)))
+
+
+def _readiness(server: HubServer) -> dict[str, Any]:
+    ready = server.keys.ready
+    return {"ready": ready} if ready else {"ready": False, "reason": server.keys.reason}
+
+
+def internal_apps(
+    server: HubServer, metrics_path: str | None, stats_path: str | None, health_path: str | None
+) -> list[tuple[str, ASGIApp]]:
+    """The internal endpoints a server was asked to serve, with their paths."""
+    apps: list[tuple[str, ASGIApp]] = []
+    if metrics_path:
+        apps.append((metrics_path, metrics_app(server)))
+    if stats_path:
+        apps.append((stats_path, stats_app(server)))
+    if health_path:
+        apps.append((health_path, health_app(server)))
+    return apps

@@ -53,8 +53,8 @@ class RequestRelay(Protocol):
     def stop_serving(self, connection_id: str) -> None:
         """Stop answering for a connection that ended here."""
 
-    def set_key(self, secret: bytes) -> None:
-        """Seal relay messages with a key derived from the app's token key (called at startup)."""
+    def set_keys(self, keys: tuple[bytes, ...]) -> None:
+        """Seal relay messages with the app's token keys (the first seals, any opens)."""
 
     @property
     def available(self) -> bool:
