@@ -137,3 +137,17 @@ async def test_per_connection_limits(request: pytest.FixtureRequest) -> None:
             break
     assert message == {"type": 2, "invocationId": "s4", "item": 0}
     await hub.close()
+
+
+@pytest.mark.parametrize("serving", SERVING)
+async def test_a_raw_websocket_closes_with_1000_in_both_modes(
+    request: pytest.FixtureRequest, serving: str
+) -> None:
+    """A plain WebSocket to a raw endpoint (no negotiate): the client's Close(1000) is answered with
+    1000 in native and in ASGI serving mode alike."""
+    server = _start(request, "tests.interop.apps:plain", "--serving", serving)
+    async with connect(ws_url(server.url, "/echo"), open_timeout=10, close_timeout=5) as ws:
+        await ws.send("message")
+        assert await ws.recv() == "message"
+        await ws.close(1000)
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000

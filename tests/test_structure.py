@@ -119,3 +119,13 @@ async def test_messages_before_a_clean_close_are_processed(
     mine = [e[0] + ":" + e[2] for e in await _events(server.url) if e[1] == cid]
     assert mine == ["slow:", "echo:before close", "disconnected:"]
     assert "Traceback" not in server.output()
+
+
+async def test_asgi_mode_bounds_websocket_messages_by_the_hubs_limits(request: pytest.FixtureRequest) -> None:
+    """uvicorn's own WebSocket implementation buffered up to 16 MiB per message for any client; it is
+    bounded by the hubs' largest message (here the /big path's 512 KB, times four) like native mode."""
+    server = _start(request, "asgi")
+    hub = await RawHub.open(server.url, "/hub")
+    await hub.send_raw("x" * (3 * 1024 * 1024))
+    await hub.expect_closed()
+    assert hub.ws.close_code == 1009

@@ -42,10 +42,26 @@ def _run(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         ws_per_message_deflate=False,  # per-socket compression would undo serialize-once broadcasts
         ws=_ws_protocol(args.serving),
+        ws_max_size=_ws_max_size(app),
         lifespan="on",
         **_log_config(args.log_format, args.log_level),
     )
     _server_class(app)(config).run()
+
+
+def _ws_max_size(app: Any) -> int:
+    """The largest WebSocket message uvicorn buffers (ASGI serving mode; native mode bounds frames
+    per hub itself): four of the hubs' largest message, as native mode does, instead of uvicorn's
+    16 MiB for any client. Other WebSocket routes of a wrapped app get the same bound."""
+    from .server import HubServer
+
+    default = 16 * 1024 * 1024
+    if not isinstance(app, HubServer):
+        return default
+    sizes = [endpoint.max_receive_size() for endpoint in app.router.endpoints()]
+    if not sizes or None in sizes:
+        return default
+    return max(max(4 * size, 64 * 1024) for size in sizes if size is not None)
 
 
 def _log_config(fmt: str, level: str) -> dict[str, Any]:

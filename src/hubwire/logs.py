@@ -3,8 +3,10 @@
 Connection tokens travel in the ``id`` query parameter of every transport
 request (and JWTs in ``access_token`` for WebSockets and SSE), so a server's
 access log would record them. :func:`install_redaction` (done by
-``HubServer.startup``) adds a filter to uvicorn's loggers that replaces those
-values with ``[redacted]``. hubwire's own log records name connections by
+``HubServer.startup``) adds a filter to the access and error loggers of
+uvicorn, hypercorn and gunicorn (under their default names) that replaces
+those values with ``[redacted]``; a server logging under other names needs the
+filter (:class:`RedactSecrets`) added to them. hubwire's own log records name connections by
 their public id only, and carry it as ``record.connection_id`` (with
 ``record.event``) for structured logging; :class:`JsonFormatter` writes them
 as one JSON object per line (``hubwire run --log-format json``).
@@ -24,7 +26,16 @@ from typing import Any
 __all__ = ["JsonFormatter", "RedactSecrets", "install_redaction", "redact"]
 
 _SECRET_PARAMS = re.compile(r"((?:^|[?&;\s])(?:id|access_token)=)[^&\s\"']+", re.IGNORECASE)
-_LOGGERS = ("uvicorn.access", "uvicorn.error", "uvicorn")
+#: the access and error loggers of the ASGI servers hubwire runs under (their default names)
+_LOGGERS = (
+    "uvicorn.access",
+    "uvicorn.error",
+    "uvicorn",
+    "hypercorn.access",
+    "hypercorn.error",
+    "gunicorn.access",
+    "gunicorn.error",
+)
 
 
 def redact(text: str) -> str:
