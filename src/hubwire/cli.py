@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import sys
@@ -102,7 +103,18 @@ def _server_class(app: Any) -> Any:
             for listener in self.servers:
                 listener.close()  # first, so clients that are told to reconnect go elsewhere
             if isinstance(app, HubServer):
-                app.close_transports()
+                closing = app.close_transports()
+                # let the Close messages (reconnect allowed) reach ASGI-served WebSockets before
+                # uvicorn closes them itself with 1012 and none (bounded by the close timeout)
+                waiters = [
+                    asyncio.ensure_future(c.closed.wait())
+                    for c in closing
+                    if c.transport_name == "WebSockets"
+                ]
+                if waiters:
+                    await asyncio.wait(waiters, timeout=app.options.websocket_close_timeout)
+                    for waiter in waiters:
+                        waiter.cancel()
             await super().shutdown(sockets)
 
     return Server

@@ -32,7 +32,6 @@ from ..options import HubOptions
 from ..protocol.base import EncHook, HubProtocol, TransferFormat
 from ..protocol.json_protocol import JsonHubProtocol
 from ..protocol.messagepack_protocol import MessagePackHubProtocol
-from ..transports import websocket
 from ..transports.websocket import reject_websocket
 from .cors import CorsPolicy, OriginPredicate
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
@@ -258,17 +257,18 @@ class HubServer:
                     log.exception("heartbeat failed")
             self.connections.sweep(now)
 
-    def close_transports(self) -> None:
-        """The process is about to stop: end every SSE stream and waiting long poll now.
+    def close_transports(self) -> list[Connection]:
+        """The process is about to stop: invite every client to reconnect (elsewhere) now.
 
-        Why: an ASGI server waits for in-flight HTTP responses before the lifespan
-        shutdown, and an event stream never ends by itself. Hub clients are invited
-        to reconnect (elsewhere). ``hubwire run`` calls this once uvicorn stops
-        accepting; under another server call it from its shutdown hook.
+        Why: an ASGI server waits for in-flight HTTP responses before the lifespan shutdown (an
+        event stream never ends by itself) and closes ASGI WebSockets with 1012 and no SignalR
+        Close message. ``hubwire run`` calls this once uvicorn stops accepting (native WebSockets
+        close through their protocol's shutdown). Returns the connections told to close.
         """
-        for conn in self.connections.connections():
-            if conn.features not in (None, websocket.FEATURES) and conn.application is not None:
-                conn.application.server_closing(conn)
+        closing = [c for c in self.connections.connections() if c.application and c.outbox.sink is None]
+        for conn in closing:
+            conn.application.server_closing(conn)
+        return closing
 
     # -- ASGI ------------------------------------------------------------------------------------
 
