@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, ServerProcess
+from tests.requirements import NODE_CLIENT, requires
 
 NODE = shutil.which("node")
 INTEROP = ROOT / "tests" / "interop"
@@ -97,10 +98,7 @@ ONCE_CHECKS = (
     "route_and_method_case_insensitive",
 )
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (ROOT / "node_modules" / "@microsoft" / "signalr").is_dir(),
-    reason="node and the npm packages are needed (./run setup)",
-)
+pytestmark = requires(*NODE_CLIENT)
 
 
 @dataclass
