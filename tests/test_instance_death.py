@@ -30,6 +30,7 @@ import redis
 
 from .conftest import PYTHON, ROOT, RedisServer, ServerProcess, free_port, wait_port
 from .hwtools import APP, stats
+from .requirements import NODE_CLIENT, requires
 
 NODE = shutil.which("node")
 SCRIPT = Path(__file__).parent / "hardening" / "death.cjs"
@@ -37,7 +38,7 @@ CLIENTS = 12
 PREFIX = "Death:"
 HUB = f"{PREFIX}HardHub"
 
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+pytestmark = requires(*NODE_CLIENT)
 
 
 class Clients:
@@ -218,7 +219,7 @@ async def test_kill_9_one_instance(front: Any, redis_server: RedisServer) -> Non
 
         # everyone leaves: only the live instances' own channels remain
         await clients.command("stop")
-        await clients.wait_for("stopped", 15)
+        assert (await clients.wait_for("stopped", 15))["errors"] == []
     deadline = time.monotonic() + 10
     while True:
         subscribed = _subscriptions(r)

@@ -27,6 +27,7 @@ from starlette.routing import Mount, Route
 from hubwire import Hub, HubException, HubServer
 
 from .conftest import free_port
+from .pyclients import stop_pysignalr
 from .rawhub import RawHub, open_ws
 
 WAIT = 10.0
@@ -63,12 +64,9 @@ async def serve(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         try:
-            await asyncio.wait_for(task, WAIT)
+            await asyncio.wait_for(task, WAIT)  # an error of uvicorn's is raised here
         except TimeoutError:
-            server.force_exit = True
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, WAIT)
+            raise AssertionError(f"uvicorn did not shut down within {WAIT} s") from None
 
 
 async def negotiated_hub(base: str, hub_path: str, protocol: str = "json") -> tuple[RawHub, dict[str, Any]]:
@@ -166,9 +164,7 @@ async def test_mounted_hub_with_pysignalr() -> None:
             message = await asyncio.wait_for(done, WAIT)
             assert (message.result, message.error) == ("py", None)
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, WAIT)
+            await stop_pysignalr(task, WAIT)
 
 
 # ------------------------------------------------------------------------------------------------

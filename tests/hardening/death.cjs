@@ -83,8 +83,9 @@ async function main() {
       emit({ event: "report", clients: report() });
     } else if (command === "stop") {
       for (const s of states) s.stopping = true;
-      await Promise.all(states.map((s) => s.connection.stop().catch(() => undefined)));
-      emit({ event: "stopped" });
+      const outcomes = await Promise.allSettled(states.map((s) => s.connection.stop()));
+      const errors = outcomes.filter((o) => o.status === "rejected").map((o) => String(o.reason));
+      emit({ event: "stopped", errors });
       process.exit(0);
     }
   }
