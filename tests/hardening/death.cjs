@@ -2,7 +2,7 @@
 // Clients of tests/test_instance_death.py: N official JS clients with automatic reconnect, through a
 // round-robin front to three instances. One JSON object per stdout line:
 //   {"event": "ready", "clients": [{"client": i, "pid": P, "group": G}, ...]}   all connected
-//   {"event": "reconnecting", "client": i}
+//   {"event": "reconnecting", "client": i, "error": "..." | null}
 //   {"event": "reconnected", "client": i, "pid": P}
 //   {"event": "closed", "client": i, "error": "..."}                           gave up (a failure)
 //   {"event": "report", "clients": [{client, pids, group, broadcasts, groups, reconnects}, ...]}
@@ -32,7 +32,8 @@ async function start(i) {
   state.connection = connection;
   connection.on("Broadcast", (seq) => state.broadcasts.push(seq));
   connection.on("Group", (name, seq) => state.groups.push([name, seq]));
-  connection.onreconnecting(() => emit({ event: "reconnecting", client: i }));
+  // the error the connection was lost with: none when the server closed it with "reconnect allowed"
+  connection.onreconnecting((err) => emit({ event: "reconnecting", client: i, error: err ? String(err) : null }));
   connection.onreconnected(async () => {
     state.reconnects += 1;
     try {
