@@ -130,8 +130,11 @@ async def _burst(hub: RawHub, count: int, target: str = "echo") -> tuple[int, li
 
 async def test_rate_limit(limited: ServerProcess) -> None:
     hub = await RawHub.open(limited.url)
+    started = time.monotonic()
     ok, errors = await _burst(hub, 20)
-    assert 5 <= ok <= 6, (ok, errors)  # the burst, plus maybe a refill while they were processed
+    elapsed = time.monotonic() - started
+    # the burst, plus what refilled (5/s) while they were processed: a loaded machine allows more
+    assert 5 <= ok <= 5 + 5 * elapsed, (ok, elapsed, errors)
     assert errors == [RATE_LIMITED.format(target="echo")] * (20 - ok)
     assert errors[0] == "Failed to invoke 'echo' because the invocation rate limit was exceeded."
     # a streaming call over the limit is refused the same way
