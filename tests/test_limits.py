@@ -28,6 +28,7 @@ from hubwire.hubs import RATE_LIMITED
 from .conftest import ServerProcess
 from .hwtools import (
     APP,
+    SLOW_WEBSOCKET_DROPPED_WITHIN,
     negotiate,
     options_env,
     raw_hub_socket,
@@ -263,7 +264,7 @@ async def test_slow_consumer_is_closed_others_keep_receiving(blaster: ServerProc
     assert elapsed < 15, elapsed  # the slow client did not stall the others
     after = await wait_stats(url, lambda s: s["hub_connections"] == 3, 10, "the slow consumer to be closed")
     assert after["slow_consumer_closes"] == before + 1
-    assert socket_closed_by_peer(slow, 10)
+    assert socket_closed_by_peer(slow, SLOW_WEBSOCKET_DROPPED_WITHIN)
     slow.close()
     assert "closing slow consumer" in blaster.output()
     # the others are still served

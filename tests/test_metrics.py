@@ -17,7 +17,16 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import RedisServer, ServerProcess
-from .hwtools import APP, negotiate, options_env, raw_hub_socket, socket_closed_by_peer, stats, wait_for
+from .hwtools import (
+    APP,
+    SLOW_WEBSOCKET_DROPPED_WITHIN,
+    negotiate,
+    options_env,
+    raw_hub_socket,
+    socket_closed_by_peer,
+    stats,
+    wait_for,
+)
 from .rawhub import RawHub
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -181,7 +190,10 @@ async def test_metrics_move(
     for _ in range(30):
         assert (await http.post("/blast", params={"count": 5, "size": 40000})).status_code == 200
         await asyncio.sleep(0.02)
-    assert socket_closed_by_peer(slow, 10)
+    assert socket_closed_by_peer(slow, SLOW_WEBSOCKET_DROPPED_WITHIN), (
+        await stats(url),
+        server.output()[-3000:],
+    )
     slow.close()
 
     def delta(samples: Samples, name: str) -> float:
