@@ -303,6 +303,12 @@ class Soak:
         self.group_sends = {g: Sends() for g in self.groups}
         self.deliveries = 0
         self.expected = 0
+        #: deliveries the sends actually made were addressed to: the clients connected (for a group
+        #: send, its members) when each send started; what is due is this minus the clients that
+        #: joined during a send or left within GRACE after it
+        self.addressed = 0
+        #: churn cycles run (one client retired, one opened)
+        self.churned = 0
         self.lost = 0
         self.disordered = 0
         self.strays = 0
@@ -387,6 +393,7 @@ class Soak:
             now = time.monotonic()
             if b_interval is not None and now >= next_b:
                 seq = len(self.broadcast_sends.starts) + 1
+                self.addressed += len(self.clients)
                 start = time.monotonic()
                 response = await http.post(f"/broadcast/{seq}")
                 response.raise_for_status()
@@ -397,6 +404,7 @@ class Soak:
                 group = self.groups[group_turn % len(self.groups)]
                 group_turn += 1
                 seq = group_seq[group] + 1
+                self.addressed += sum(1 for c in self.clients.values() if c.group == group)
                 start = time.monotonic()
                 response = await http.post(f"/group/{group}/{seq}")
                 response.raise_for_status()
@@ -417,6 +425,7 @@ class Soak:
                 victim = self.clients[random.choice(list(self.clients))]
                 self.retire(victim, time.monotonic())
             task = asyncio.get_running_loop().create_task(self.open_client())
+            self.churned += 1
             pending.add(task)
             task.add_done_callback(pending.discard)
             await asyncio.sleep(max(0.0, due - time.monotonic()))
@@ -514,6 +523,8 @@ async def run(args: argparse.Namespace, url: str, port: int, redis_url: str) -> 
         "group_sends": sum(len(s.starts) for s in soak.group_sends.values()),
         "deliveries": soak.deliveries,
         "due": soak.expected,
+        "addressed": soak.addressed,
+        "churn_cycles": soak.churned,
         "lost": soak.lost,
         "lost_examples": soak.lost_examples,
         "disordered": soak.disordered,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from .requirements import missing, require_all
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -212,17 +214,24 @@ def run_node_checks(args: list[str], timeout: float) -> tuple[dict[str, dict[str
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Under ``./run test`` (HUBWIRE_REQUIRE_ALL=1) a missing tool fails the run instead of skipping tests.
+    """Under ``./run test`` (HUBWIRE_REQUIRE_ALL=1) a missing tool fails the run before any test.
 
-    The suites that need Node, the npm packages, Chromium or redis-server skip themselves when
-    those are absent (handy on a laptop); CI must never pass by skipping them.
+    The same checks as the suites' own skip marks (tests/requirements.py), so what the guard
+    accepts is exactly what the suites need.
     """
-    if os.environ.get("HUBWIRE_REQUIRE_ALL") != "1":
+    if not require_all():
         return
-    missing = [name for name in ("node", "redis-server") if shutil.which(name) is None]
-    if not Path("/usr/bin/chromium").exists() and shutil.which("chromium") is None:
-        missing.append("chromium")
-    if not (ROOT / "node_modules" / "@microsoft" / "signalr").is_dir():
-        missing.append("node_modules (npm ci)")
-    if missing:
-        pytest.exit(f"missing for the full suite: {', '.join(missing)}", returncode=3)
+    absent = missing()
+    if absent:
+        pytest.exit(f"missing for the full suite: {', '.join(absent)}", returncode=3)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under HUBWIRE_REQUIRE_ALL=1 a skipped test is a failed test: CI never passes by skipping."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.skipped and require_all() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under HUBWIRE_REQUIRE_ALL=1 (./run test), which allows no skip: {reason}"

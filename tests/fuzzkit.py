@@ -479,7 +479,48 @@ def msgpack_cases(draw: st.DrawFn) -> HubCase:
         st.binary(max_size=200),
     )
     records = draw(st.lists(framed, min_size=1, max_size=5))
-    return HubCase(_split(draw, b"".join(records), 0x2), True)
+    data = b"".join(records)
+    return HubCase(_split(draw, data, 0x2), _msgpack_may_block(data))
+
+
+#: the hub's largest message (HubOptions.maximum_receive_message_size, default; FUZZ_OPTIONS keep it)
+_MAX_MESSAGE = 32 * 1024
+
+
+def _msgpack_may_block(data: bytes) -> bool:
+    """Whether the server may legitimately go quiet after ``data``: the last record is incomplete
+    (it waits for the rest, and the probe only adds to it), or a record carries ``streamIds`` (an
+    upload left open holds the invocation slot). Anything else must be answered or closed.
+
+    Reads the stream the way the server frames it (varint length prefix, at most 5 bytes, the
+    message size limit counting prefix and body); where the server would close (a bad prefix, an
+    oversized or undecodable record) nothing after it matters.
+    """
+    pos = 0
+    while pos < len(data):
+        length = shift = 0
+        for used in range(1, 6):
+            if pos + used > len(data):
+                return True  # the prefix itself is incomplete
+            byte = data[pos + used - 1]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        else:
+            return False  # a 6th prefix byte: closed
+        if length > 2**31 - 1 or used + length > _MAX_MESSAGE:
+            return False  # too large: closed
+        if pos + used + length > len(data):
+            return True  # the last record is incomplete
+        try:
+            message = msgspec.msgpack.decode(data[pos + used : pos + used + length])
+        except msgspec.DecodeError:
+            return False  # undecodable: closed
+        if isinstance(message, list) and len(message) > 5 and message[5]:
+            return True  # streamIds (only invocations read them; any non-empty value counts)
+        pos += used + length
+    return False
 
 
 def _split(draw: st.DrawFn, data: bytes, opcode: int) -> list[tuple[int, bytes]]:

@@ -119,6 +119,13 @@ def raw_hub_socket(
     return sock
 
 
+#: how long a server may keep a slow consumer's WebSocket after closing its connection: native serving
+#: drops it after hubwire's websocket_close_timeout, but under ASGI serving, once its Close frame is out,
+#: uvicorn's own close timeout (10 s, not configurable) waits for the client's Close frame, which a
+#: client that stopped reading never sends
+SLOW_WEBSOCKET_DROPPED_WITHIN = 15.0
+
+
 def socket_closed_by_peer(sock: socket.socket, timeout: float) -> bool:
     """Drain ``sock`` until the server closes it (EOF or reset); False if still open at ``timeout``."""
     deadline = time.monotonic() + timeout

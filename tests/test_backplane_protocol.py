@@ -110,3 +110,77 @@ def test_channel_names_follow_signalr() -> None:
 def test_decoders_raise_only_invalid_data(decoder: object, data: bytes) -> None:
     with contextlib.suppress(InvalidDataError):
         decoder(data)  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------------------------------------
+# ASP.NET Core's own test vectors
+# ------------------------------------------------------------------------------------------------
+# Byte for byte from dotnet/aspnetcore, src/SignalR/server/StackExchangeRedis/test/RedisProtocolTests.cs
+# (_ackTestData, _groupCommandTestData and _invocationTestData, the same in the stored revisions
+# 062aa732634389652c6d431d40244484032a1a00 and 6df502e2cba25d45f4208d872dfeae2de3780259;
+# _completionMessageTestData from a later revision of the same file, which added client results).
+# Their invocation vectors use two dummy hub protocols, "p1" and "p2", that serialize any message to
+# the single byte 0x2A: the envelope around the serializations is what they pin.
+
+DOTNET_ACKS = {
+    0: bytes([0x91, 0x00]),
+    42: bytes([0x91, 0x2A]),
+    180: bytes([0x91, 0xCC, 0xB4]),
+    384: bytes([0x91, 0xCD, 0x01, 0x80]),
+    70_000: bytes([0x91, 0xCE, 0x00, 0x01, 0x11, 0x70]),
+}
+DOTNET_GROUP_COMMANDS = {
+    GROUP_ADD: bytes([0x95, 0x2A, 0xA1, ord("S"), 0x01, 0xA1, ord("G"), 0xA1, ord("C")]),
+    GROUP_REMOVE: bytes([0x95, 0x2A, 0xA1, ord("S"), 0x02, 0xA1, ord("G"), 0xA1, ord("C")]),
+}
+_DUMMY_SERIALIZATIONS = bytes([0x82, 0xA2, ord("p"), ord("1"), 0xC4, 0x01, 0x2A, 0xA2, ord("p"), ord("2")])
+_DUMMY_SERIALIZATIONS += bytes([0xC4, 0x01, 0x2A])
+DOTNET_INVOCATIONS = {
+    "NoExcludedIds": ([], bytes([0x92, 0x90]) + _DUMMY_SERIALIZATIONS),
+    "OneExcludedId": (["a"], bytes([0x92, 0x91, 0xA1, ord("a")]) + _DUMMY_SERIALIZATIONS),
+    "ManyExcludedIds": (
+        ["a", "b", "c", "d", "e", "f"],
+        bytes([0x92, 0x96]) + b"".join(bytes([0xA1, ord(c)]) for c in "abcdef") + _DUMMY_SERIALIZATIONS,
+    ),
+}
+_JSON_COMPLETION = b'{"type":3,"invocationId":"1","result":1}'
+_MSGPACK_COMPLETION = bytes([0x95, 0x03, 0x80, 0xA3, ord("x"), ord("y"), ord("z"), 0x03, 0x2A])
+DOTNET_COMPLETIONS = {
+    "JsonMessageForwarded": ("json", _JSON_COMPLETION, bytes([0x92, 0xA4]) + b"json" + bytes([0xC4, 0x28])),
+    "MsgPackMessageForwarded": (
+        "messagepack",
+        _MSGPACK_COMPLETION,
+        bytes([0x92, 0xAB]) + b"messagepack" + bytes([0xC4, 0x09]),
+    ),
+}
+
+
+@pytest.mark.parametrize("ack_id", list(DOTNET_ACKS))
+def test_dotnet_ack_vectors(ack_id: int) -> None:
+    assert encode_ack(ack_id) == DOTNET_ACKS[ack_id]
+    assert decode_ack(DOTNET_ACKS[ack_id]) == ack_id
+
+
+@pytest.mark.parametrize("action", [GROUP_ADD, GROUP_REMOVE], ids=["GroupAdd", "GroupRemove"])
+def test_dotnet_group_command_vectors(action: int) -> None:
+    command = GroupCommand(42, "S", action, "G", "C")
+    assert encode_group_command(command) == DOTNET_GROUP_COMMANDS[action]
+    assert decode_group_command(DOTNET_GROUP_COMMANDS[action]) == command
+
+
+@pytest.mark.parametrize("name", list(DOTNET_INVOCATIONS))
+def test_dotnet_invocation_vectors(name: str) -> None:
+    excluded, encoded = DOTNET_INVOCATIONS[name]
+    serializations = {"p1": b"\x2a", "p2": b"\x2a"}
+    assert encode_invocation(RedisInvocation(serializations, excluded)) == encoded
+    decoded = decode_invocation(encoded)
+    assert decoded.excluded == excluded
+    assert decoded.serializations == serializations
+    assert decoded.invocation_id is None and decoded.return_channel is None
+
+
+@pytest.mark.parametrize("name", list(DOTNET_COMPLETIONS))
+def test_dotnet_completion_vectors(name: str) -> None:
+    protocol, message, head = DOTNET_COMPLETIONS[name]
+    assert encode_completion(protocol, message) == head + message
+    assert decode_completion(head + message) == (protocol, message)

@@ -16,15 +16,13 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.blog import start_demo
 from tests.conftest import ROOT, RedisServer, run_node_checks
+from tests.requirements import BROWSER, chromium_path, requires
 
-NODE = shutil.which("node")
-CHROMIUM = Path(os.environ.get("HUBWIRE_CHROMIUM", "/usr/bin/chromium"))
 SCRIPT = ROOT / "tests" / "blog" / "browser.cjs"
 ARTIFACTS = ROOT / "test-artifacts" / "blog"
 BROWSER_TIMEOUT = 120.0
@@ -43,10 +41,7 @@ CHECKS = (
     "no_page_errors",
 )
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or not CHROMIUM.exists() or not (ROOT / "node_modules" / "playwright-core").is_dir(),
-    reason="needs node, node_modules (./run setup) and Debian's chromium (apt-get install chromium)",
-)
+pytestmark = requires(*BROWSER)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,7 @@ def browser_results(redis_server: RedisServer) -> Iterator[tuple[dict[str, dict[
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     config = {
         "front": demo.url,
-        "chromium": str(CHROMIUM),
+        "chromium": str(chromium_path()),
         "artifacts": str(ARTIFACTS),
         "instances": [{"name": i.name, "url": i.url, "pid": i.pid} for i in demo.instances],
     }

@@ -1,12 +1,15 @@
-"""Instance death: three instances on Redis behind the round-robin front, one killed with SIGKILL.
+"""Instance death: three instances on Redis behind the round-robin front, one killed (SIGKILL) or
+stopped (SIGTERM).
 
 Official JS clients (``withAutomaticReconnect()``, through Node) receive a stream of broadcasts and
-group sends while one instance is killed: its clients reconnect to the survivors and keep receiving
+group sends while one instance dies: its clients reconnect to the survivors and keep receiving
 (their group membership comes back through the rejoin pattern: ``on_connected`` joins the group
 named in the query string), the other clients do not miss a single message, and nothing of the
 dead instance lingers in Redis: its subscriber connection is gone (Redis drops a client's
 subscriptions when its socket closes, which the kernel does for a killed process) and the
-channels subscribed are exactly what the live instances report needing.
+channels subscribed are exactly what the live instances report needing. On SIGTERM the server closes
+each WebSocket with the SignalR Close message "reconnect allowed" (checked on the wire too), so the
+official client reconnects without an error.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +33,18 @@ import redis
 
 from .conftest import PYTHON, ROOT, RedisServer, ServerProcess, free_port, wait_port
 from .hwtools import APP, stats
+from .rawhub import RawHub
+from .requirements import NODE_CLIENT, requires
 
 NODE = shutil.which("node")
 SCRIPT = Path(__file__).parent / "hardening" / "death.cjs"
 CLIENTS = 12
 PREFIX = "Death:"
 HUB = f"{PREFIX}HardHub"
+#: the serving mode of the instances ``hubwire run`` starts (its default, as ./run test's two passes set it)
+SERVING = os.environ.get("HUBWIRE_SERVING", "native")
 
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+pytestmark = requires(*NODE_CLIENT)
 
 
 class Clients:
@@ -135,7 +142,23 @@ def _missing(received: list[int], first: int, last: int) -> list[int]:
     return [seq for seq in range(first, last + 1) if seq not in got]
 
 
-async def test_kill_9_one_instance(front: Any, redis_server: RedisServer) -> None:
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (bounded) for a condition of this test's own state."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def _delivered(client: dict[str, Any], last: int) -> bool:
+    """The client has the last broadcast and its group's last send (each stream arrives in order)."""
+    group = client["group"]
+    mine = [seq for seq in range(1, last + 1) if f"g{seq % 3}" == group]
+    return last in client["broadcasts"] and (not mine or [group, mine[-1]] in client["groups"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+async def test_one_instance_dies(front: Any, redis_server: RedisServer, sig: signal.Signals) -> None:
     instances, front_url = front
     survivor, _, victim = instances
     pids = {i.proc.pid for i in instances}
@@ -162,26 +185,46 @@ async def test_kill_9_one_instance(front: Any, redis_server: RedisServer) -> Non
 
         sender = asyncio.create_task(broadcaster())
         try:
-            await asyncio.sleep(1.0)
+            await _until(lambda: sent >= 20 or sender.done(), 15, "traffic before the death")
             killed_at = sent
-            victim.kill(signal.SIGKILL)
-            assert victim.proc.returncode == -signal.SIGKILL
+            victim.kill(sig)  # SIGTERM: waits (bounded) for the graceful exit
+            # uvicorn re-raises the signal once its graceful shutdown is over; -SIGKILL after a SIGTERM
+            # would mean the shutdown hung and was cut short
+            assert victim.proc.returncode == -sig
             back: dict[int, int] = {}
+            lost_with: dict[int, str | None] = {}
             deadline = time.monotonic() + 30
             while set(back) != on_victim:
                 event = await clients.next_event(max(0.01, deadline - time.monotonic()))
-                if event["event"] == "reconnected":
+                if event["event"] == "reconnecting":
+                    lost_with[event["client"]] = event["error"]
+                elif event["event"] == "reconnected":
                     back[event["client"]] = event["pid"]
             assert set(back.values()) <= pids - {victim.proc.pid}
-            settled = sent + 1  # every client is connected again: nothing from here on may be missed
-            await asyncio.sleep(1.5)
+            assert set(lost_with) == on_victim
+            # every client is connected again: the broadcast after the one that may be in flight is the
+            # first that none may miss
+            settled = sent + 2
+            await _until(lambda: sent >= settled + 20 or sender.done(), 15, "traffic after the recovery")
         finally:
             stop.set()
             await asyncio.wait_for(sender, 10)
         last = sent
-        await asyncio.sleep(1.0)  # deliveries in flight
-        await clients.command("report")
-        report = (await clients.wait_for("report", 10))["clients"]
+        if sig == signal.SIGKILL:
+            # the socket just died: every client saw its connection fail
+            assert all(error is not None for error in lost_with.values()), lost_with
+        elif SERVING == "native":
+            # the server's SignalR Close with "reconnect allowed" and no error: the client reconnects
+            # without an error (ASGI serving: see test_sigterm_closes_websockets_reconnect_allowed)
+            assert all(error is None for error in lost_with.values()), lost_with
+        # deliveries in flight: ask until every client has the last broadcast and its group's last send
+        report_deadline = time.monotonic() + 10
+        while True:
+            await clients.command("report")
+            report = (await clients.wait_for("report", 10))["clients"]
+            if all(_delivered(client, last) for client in report) or time.monotonic() > report_deadline:
+                break
+            await asyncio.sleep(0.1)
         assert len(report) == CLIENTS
         for client in report:
             number = client["client"]
@@ -218,7 +261,7 @@ async def test_kill_9_one_instance(front: Any, redis_server: RedisServer) -> Non
 
         # everyone leaves: only the live instances' own channels remain
         await clients.command("stop")
-        await clients.wait_for("stopped", 15)
+        assert (await clients.wait_for("stopped", 15))["errors"] == []
     deadline = time.monotonic() + 10
     while True:
         subscribed = _subscriptions(r)
@@ -232,4 +275,23 @@ async def test_kill_9_one_instance(front: Any, redis_server: RedisServer) -> Non
     r.close()
     for instance in instances[:2]:
         assert "Traceback" not in instance.output(), instance.output()[-3000:]
-    print(f"killed at broadcast {killed_at}, all back by {settled}, last {last}", file=sys.stderr)
+    print(f"{sig.name}: died at broadcast {killed_at}, all back by {settled}, last {last}", file=sys.stderr)
+
+
+@pytest.mark.parametrize("serving", ["native", "asgi"])
+@pytest.mark.parametrize("protocol", ["json", "messagepack"])
+async def test_sigterm_closes_websockets_reconnect_allowed(
+    start_server: Any, serving: str, protocol: str
+) -> None:
+    """SIGTERM: every hub WebSocket gets the SignalR Close message with allowReconnect true (and no
+    error), then the socket closes: clients reconnect, to another replica behind a balancer."""
+    proc: ServerProcess = start_server(APP, args=["--serving", serving])
+    hubs = [await RawHub.open(proc.url, protocol=protocol) for _ in range(2)]
+    for hub in hubs:
+        assert await hub.invoke("echo", "up") == "up"
+    proc.proc.send_signal(signal.SIGTERM)
+    expected = {"type": 7, "allowReconnect": True} if protocol == "json" else [7, None, True]
+    for hub in hubs:
+        assert await hub.expect_close_message(timeout=10) == expected
+        await hub.expect_closed()
+    await asyncio.to_thread(proc.proc.wait, 10)

@@ -9,17 +9,13 @@ One page per transport x protocol; one pytest test per check.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, ServerProcess, run_node_checks
+from tests.requirements import BROWSER, chromium_path, requires
 
-NODE = shutil.which("node")
-CHROMIUM = Path(os.environ.get("HUBWIRE_CHROMIUM", "/usr/bin/chromium"))
 SCRIPT = ROOT / "tests" / "interop" / "browser.cjs"
 BROWSER_TIMEOUT = 150.0
 
@@ -47,17 +43,14 @@ CHECKS = (
 #: the raw /echo connection has no hub protocol: checked once per transport, with the json page
 JSON_ONLY = ("raw_echo_connection",)
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or not CHROMIUM.exists() or not (ROOT / "node_modules" / "playwright-core").is_dir(),
-    reason="needs node, node_modules (./run setup) and Debian's chromium (apt-get install chromium)",
-)
+pytestmark = requires(*BROWSER)
 
 
 @pytest.fixture(scope="module")
 def browser_results() -> Iterator[tuple[dict[str, dict[str, object]], str]]:
     server = ServerProcess("examples.interop.app:app")
     try:
-        results, err = run_node_checks([str(SCRIPT), str(server.port), str(CHROMIUM)], BROWSER_TIMEOUT)
+        results, err = run_node_checks([str(SCRIPT), str(server.port), str(chromium_path())], BROWSER_TIMEOUT)
         yield results, err
     finally:
         server.close()

@@ -32,7 +32,7 @@ from signalrcore.hub_connection_builder import HubConnectionBuilder
 from signalrcore.types import HttpTransportType, HubProtocolEncoding
 
 from tests.conftest import ServerProcess
-from tests.pyclients import stop_signalrcore
+from tests.pyclients import stop_pysignalr, stop_signalrcore
 
 WAIT = 10.0
 THROWN = (
@@ -98,9 +98,7 @@ async def pysignalr_hub(url: str, protocol: str = "json", token: str | None = No
         assert opened.is_set(), "pysignalr did not connect"
         yield PyHub(client)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, WAIT)
+        await stop_pysignalr(task, WAIT)
 
 
 @pytest.mark.parametrize("protocol", ["json", "messagepack"])

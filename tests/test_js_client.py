@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, ServerProcess
+from tests.requirements import NODE_CLIENT, requires
 
 SCENARIO = ROOT / "tests" / "js" / "scenario.cjs"
 NODE = shutil.which("node")
@@ -89,7 +90,7 @@ CHECKS = (
     "http_broadcast_reaches_all",
 )
 
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+pytestmark = requires(*NODE_CLIENT)
 
 
 @dataclass

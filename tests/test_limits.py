@@ -28,6 +28,7 @@ from hubwire.hubs import RATE_LIMITED
 from .conftest import ServerProcess
 from .hwtools import (
     APP,
+    SLOW_WEBSOCKET_DROPPED_WITHIN,
     negotiate,
     options_env,
     raw_hub_socket,
@@ -130,8 +131,11 @@ async def _burst(hub: RawHub, count: int, target: str = "echo") -> tuple[int, li
 
 async def test_rate_limit(limited: ServerProcess) -> None:
     hub = await RawHub.open(limited.url)
+    started = time.monotonic()
     ok, errors = await _burst(hub, 20)
-    assert 5 <= ok <= 6, (ok, errors)  # the burst, plus maybe a refill while they were processed
+    elapsed = time.monotonic() - started
+    # the burst, plus what refilled (5/s) while they were processed: a loaded machine allows more
+    assert 5 <= ok <= 5 + 5 * elapsed, (ok, elapsed, errors)
     assert errors == [RATE_LIMITED.format(target="echo")] * (20 - ok)
     assert errors[0] == "Failed to invoke 'echo' because the invocation rate limit was exceeded."
     # a streaming call over the limit is refused the same way
@@ -165,15 +169,22 @@ async def test_no_rate_limit_by_default(default_server: ServerProcess) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-async def _upload_then_stream(url: str, items: int) -> tuple[float, int]:
-    """Start an upload nobody reads for 1.5 s, send ``items`` items, then a stream invocation.
+async def _upload_then_stream(url: str, items: int, hold_ms: int) -> tuple[float, bool, int]:
+    """Start an upload nobody reads for ``hold_ms``, send ``items`` items, then a stream invocation.
 
-    Returns how long the stream invocation took to answer, and the upload's sum.
+    Returns how long the stream invocation took to answer, whether it answered before the upload
+    completed, and the upload's sum.
     """
     hub = await RawHub.open(url)
     frames = [
         json.dumps(
-            {"type": 1, "invocationId": "u", "target": "hold_upload", "arguments": [1500], "streamIds": ["s"]}
+            {
+                "type": 1,
+                "invocationId": "u",
+                "target": "hold_upload",
+                "arguments": [hold_ms],
+                "streamIds": ["s"],
+            }
         )
         + RS,
         *(json.dumps({"type": 2, "invocationId": "s", "item": i}) + RS for i in range(items)),
@@ -182,26 +193,31 @@ async def _upload_then_stream(url: str, items: int) -> tuple[float, int]:
     ]
     start = time.monotonic()
     await hub.send_raw("".join(frames))
-    answered = total = None
+    answered: float | None = None
+    total: int | None = None
+    first = False
     while answered is None or total is None:
         message = await hub.next_message()
         if message.get("invocationId") == "c" and answered is None:
             answered = time.monotonic() - start
+            first = total is None
         if message.get("invocationId") == "u" and message.get("type") == 3:
             total = message["result"]
     await hub.close()
-    return answered, total
+    return answered, first, total
 
 
 async def test_upload_stream_buffer_applies_back_pressure(default_server: ServerProcess) -> None:
-    # within the buffer (10 items): the connection keeps reading, the stream call answers at once
-    quick, total = await _upload_then_stream(default_server.url, 5)
+    # within the buffer (10 items): the connection keeps reading, so the stream call is answered
+    # while the upload is still held (for 2 s: the longest the hub method sleeps)
+    _, before_upload, total = await _upload_then_stream(default_server.url, 5, 2000)
     assert total == sum(range(5))
-    assert quick < 0.8, quick
-    # past it: the reader waits until the hub method reads, so the stream call waits too
-    held, total = await _upload_then_stream(default_server.url, 40)
+    assert before_upload, "the stream call waited for the held upload although the buffer had room"
+    # past it: the reader waits until the hub method reads (after its 1.5 s hold), so the stream
+    # call cannot be answered sooner (a lower bound: a loaded machine only makes it later)
+    held, _, total = await _upload_then_stream(default_server.url, 40, 1500)
     assert total == sum(range(40))
-    assert held >= 1.2, held
+    assert held >= 1.4, held
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +264,7 @@ async def test_slow_consumer_is_closed_others_keep_receiving(blaster: ServerProc
     assert elapsed < 15, elapsed  # the slow client did not stall the others
     after = await wait_stats(url, lambda s: s["hub_connections"] == 3, 10, "the slow consumer to be closed")
     assert after["slow_consumer_closes"] == before + 1
-    assert socket_closed_by_peer(slow, 10)
+    assert socket_closed_by_peer(slow, SLOW_WEBSOCKET_DROPPED_WITHIN)
     slow.close()
     assert "closing slow consumer" in blaster.output()
     # the others are still served
@@ -274,10 +290,10 @@ async def test_burst_to_readers_is_not_a_slow_consumer(blaster: ServerProcess) -
     assert (await stats(url))["slow_consumer_closes"] == before
 
 
+@pytest.mark.parametrize("blaster", ["native"], indirect=True)
 async def test_slow_server_sent_events_client_is_closed(blaster: ServerProcess) -> None:
-    """The same policy for an SSE stream whose client stops reading (HTTP, so one serving mode)."""
-    if "asgi" in blaster.proc.args:
-        pytest.skip("SSE is served the same way in both modes")
+    """The same policy for an SSE stream whose client stops reading (plain HTTP, served the same way
+    in both modes: one serving mode only)."""
     url = blaster.url
     before = (await stats(url))["slow_consumer_closes"]
     fast = await RawHub.open(url)

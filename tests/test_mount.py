@@ -5,12 +5,21 @@
 * wrapping FastAPI (``HubServer(app=fastapi_app)``): hub paths served, everything else (HTTP,
   WebSocket, lifespan) forwarded;
 * a hub context used from a FastAPI route handler reaches connected clients (send and client results).
+
+The serving mode (``HUBWIRE_SERVING``, as for the suites that start ``hubwire run``) picks uvicorn's
+WebSocket implementation: ``native`` runs uvicorn with hubwire's protocol
+(``ws=hubwire.transports.native:NativeWebSocketProtocol``), ``asgi`` with uvicorn's own. Each test
+asserts which implementation answered the hub's upgrade: hubwire's native protocol answers hub paths
+itself when the HubServer is the app uvicorn runs (wrapping FastAPI); a HubServer mounted inside
+another app is not found by it, so its upgrades are handed to uvicorn's implementation (served
+through ASGI) in both modes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,11 +34,24 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from hubwire import Hub, HubException, HubServer
+from hubwire.transports.native import NativeWebSocketProtocol
 
 from .conftest import free_port
+from .pyclients import stop_pysignalr
 from .rawhub import RawHub, open_ws
 
 WAIT = 10.0
+SERVING = os.environ.get("HUBWIRE_SERVING", "native")
+assert SERVING in ("native", "asgi"), SERVING
+#: uvicorn's WebSocket implementation in this serving mode: hubwire's native protocol, or uvicorn's own
+WS_IMPLEMENTATION: Any = NativeWebSocketProtocol if SERVING == "native" else "auto"
+
+
+def served_natively(hub: RawHub) -> bool:
+    """Did hubwire's native protocol answer this upgrade? It writes a bare 101; uvicorn's own
+    implementations add ``Server`` and ``Date`` headers."""
+    headers = hub.ws.response.headers if hub.ws.response is not None else {}
+    return "server" not in headers and "date" not in headers
 
 
 class ChatHub(Hub):
@@ -48,7 +70,13 @@ async def serve(app: Any) -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on a free 127.0.0.1 port; yield its base URL."""
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws_per_message_deflate=False
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        ws=WS_IMPLEMENTATION,
+        ws_per_message_deflate=False,
     )
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve())
@@ -63,12 +91,9 @@ async def serve(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         try:
-            await asyncio.wait_for(task, WAIT)
+            await asyncio.wait_for(task, WAIT)  # an error of uvicorn's is raised here
         except TimeoutError:
-            server.force_exit = True
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, WAIT)
+            raise AssertionError(f"uvicorn did not shut down within {WAIT} s") from None
 
 
 async def negotiated_hub(base: str, hub_path: str, protocol: str = "json") -> tuple[RawHub, dict[str, Any]]:
@@ -123,6 +148,8 @@ def fastapi_mounted_app() -> FastAPI:
 async def test_mounted_hub(factory: Any, protocol: str) -> None:
     async with serve(factory()) as base:
         hub, body = await negotiated_hub(base, "/hubs/chat", protocol)
+        # a mounted HubServer is out of the native protocol's sight: uvicorn's implementation serves it
+        assert not served_natively(hub)
         assert await hub.invoke("echo", "through the mount") == "through the mount"
         assert await hub.invoke("get_connection_id") == body["connectionId"]
         # case-insensitive hub path, as ASP.NET routes
@@ -166,9 +193,7 @@ async def test_mounted_hub_with_pysignalr() -> None:
             message = await asyncio.wait_for(done, WAIT)
             assert (message.result, message.error) == ("py", None)
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, WAIT)
+            await stop_pysignalr(task, WAIT)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,8 +263,10 @@ async def test_hubserver_forwards_other_paths_to_fastapi() -> None:
         await ws.send("hi")
         assert await asyncio.wait_for(ws.recv(), WAIT) == "fastapi says hi"
         await ws.close()
-        # and the hub still works on its own path
+        assert ws.response is not None and ws.response.headers["server"] == "uvicorn"  # uvicorn's own
+        # and the hub still works on its own path, natively in native mode
         hub, _ = await negotiated_hub(base, "/chat")
+        assert served_natively(hub) == (SERVING == "native")
         assert await hub.invoke("echo", "hub") == "hub"
         await hub.close()
 
@@ -249,6 +276,7 @@ async def test_hub_context_from_fastapi_route() -> None:
     async with serve(hubs) as base:
         json_hub, _ = await negotiated_hub(base, "/chat")
         msgpack_hub, body = await negotiated_hub(base, "/chat", "messagepack")
+        assert served_natively(json_hub) == served_natively(msgpack_hub) == (SERVING == "native")
         async with httpx.AsyncClient(timeout=WAIT) as http:
             response = await http.post(f"{base}/api/notify/hello")
             assert response.json() == {"sent": "hello"}
@@ -295,6 +323,7 @@ async def test_hub_context_from_mounted_fastapi_route() -> None:
     app.mount("/hubs", hubs)
     async with serve(app) as base:
         hub, _ = await negotiated_hub(base, "/hubs/chat")
+        assert not served_natively(hub)  # mounted: uvicorn's implementation in both modes
         async with httpx.AsyncClient(timeout=WAIT) as http:
             assert (await http.post(f"{base}/notify/mounted")).status_code == 200
         assert await hub.next_message() == {"type": 1, "target": "Notify", "arguments": ["mounted"]}

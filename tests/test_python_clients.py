@@ -25,7 +25,7 @@ from signalrcore.hub_connection_builder import HubConnectionBuilder
 from signalrcore.messages.stream_invocation_message import StreamInvocationMessage
 from signalrcore.types import HttpTransportType, HubProtocolEncoding
 
-from tests.pyclients import stop_signalrcore
+from tests.pyclients import stop_pysignalr, stop_signalrcore
 
 from .conftest import ServerProcess
 
@@ -98,9 +98,7 @@ async def pysignalr_client(
         await asyncio.wait_for(opened.wait(), WAIT)
         yield wrapper
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, WAIT)
+        await stop_pysignalr(task, WAIT)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -212,7 +210,12 @@ async def test_pysignalr_two_clients_see_each_other(server: ServerProcess) -> No
         assert await asyncio.wait_for(second.get(), WAIT) == ["client", "direct"]
         await a.invoke("send_to_others", "others")
         assert await asyncio.wait_for(second.get(), WAIT) == ["others", "others"]
-        assert first.empty()
+        # the barrier: a send to everyone after those two; one connection's messages arrive in order,
+        # so had either reached the sender, it would be in front of this one
+        await a.invoke("send_to_all", "barrier")
+        assert await asyncio.wait_for(first.get(), WAIT) == ["all", "barrier"]
+        assert await asyncio.wait_for(second.get(), WAIT) == ["all", "barrier"]
+        assert first.empty() and second.empty()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from websockets.exceptions import InvalidStatus
 
 from hubwire.connections.tokens import TokenIssuer
 from tests.conftest import ROOT, RedisServer, ServerProcess
+from tests.requirements import NODE_CLIENT, requires
 
 APP = "tests.apps.scaleout:app"
 HUB = "ScaleHub"
@@ -53,7 +54,7 @@ ACK_TIMEOUT = 2  # seconds, for the cluster's instances (HUBWIRE_ACK_TIMEOUT)
 SCENARIO_TIMEOUT = 90.0
 OVERFLOW_TOTAL, OVERFLOW_BUFFER = 12, 5
 
-needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
+needs_node = requires(*NODE_CLIENT)
 
 
 # -- processes ---------------------------------------------------------------------------------------
@@ -150,6 +151,9 @@ class ScenarioRun:
     seconds: float = 0.0
 
     def require(self, name: str) -> None:
+        crashed = self.checks.get("scenario_crashed")
+        if crashed is not None:  # e.g. stopping the clients failed at the end: every check is suspect
+            pytest.fail(f"{self.script} crashed: {crashed['detail']}\nstderr: {self.stderr[-3000:]}")
         result = self.checks.get(name)
         if result is None:
             crashed = {k: v for k, v in self.checks.items() if not v.get("ok")}

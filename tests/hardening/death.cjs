@@ -2,7 +2,7 @@
 // Clients of tests/test_instance_death.py: N official JS clients with automatic reconnect, through a
 // round-robin front to three instances. One JSON object per stdout line:
 //   {"event": "ready", "clients": [{"client": i, "pid": P, "group": G}, ...]}   all connected
-//   {"event": "reconnecting", "client": i}
+//   {"event": "reconnecting", "client": i, "error": "..." | null}
 //   {"event": "reconnected", "client": i, "pid": P}
 //   {"event": "closed", "client": i, "error": "..."}                           gave up (a failure)
 //   {"event": "report", "clients": [{client, pids, group, broadcasts, groups, reconnects}, ...]}
@@ -32,7 +32,8 @@ async function start(i) {
   state.connection = connection;
   connection.on("Broadcast", (seq) => state.broadcasts.push(seq));
   connection.on("Group", (name, seq) => state.groups.push([name, seq]));
-  connection.onreconnecting(() => emit({ event: "reconnecting", client: i }));
+  // the error the connection was lost with: none when the server closed it with "reconnect allowed"
+  connection.onreconnecting((err) => emit({ event: "reconnecting", client: i, error: err ? String(err) : null }));
   connection.onreconnected(async () => {
     state.reconnects += 1;
     try {
@@ -83,8 +84,9 @@ async function main() {
       emit({ event: "report", clients: report() });
     } else if (command === "stop") {
       for (const s of states) s.stopping = true;
-      await Promise.all(states.map((s) => s.connection.stop().catch(() => undefined)));
-      emit({ event: "stopped" });
+      const outcomes = await Promise.allSettled(states.map((s) => s.connection.stop()));
+      const errors = outcomes.filter((o) => o.status === "rejected").map((o) => String(o.reason));
+      emit({ event: "stopped", errors });
       process.exit(0);
     }
   }

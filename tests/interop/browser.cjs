@@ -56,10 +56,17 @@ async function pageChecks({ hubBase, transport, protocol }) {
     } catch (err) {
       results.push({ name, ok: false, detail: String((err && err.message) || err) });
     }
+    const result = results[results.length - 1];
     for (const c of connections) {
-      try { await withTimeout(c.stop(), "stop"); } catch (err) { /* reported by the check itself */ }
+      try {
+        await withTimeout(c.stop(), "stop");
+      } catch (err) {
+        // a connection that cannot be stopped fails the check (it is never swallowed)
+        result.detail = `${result.ok ? "" : `${result.detail}; `}stop failed: ${String((err && err.message) || err)}`;
+        result.ok = false;
+      }
     }
-    results[results.length - 1].ms = Date.now() - started;
+    result.ms = Date.now() - started;
   };
 
   await check("cross_origin_page", async () => {

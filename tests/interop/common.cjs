@@ -102,7 +102,9 @@ async function runChecks(checks, only) {
       try {
         await withTimeout(Promise.resolve().then(fn), WAIT_MS, `cleanup of ${name}`);
       } catch (err) {
-        process.stderr.write(`cleanup of ${name} failed: ${err}\n`);
+        // a connection that cannot be stopped fails the check (it is never swallowed)
+        const why = `cleanup failed: ${(err && err.message) || err}`;
+        result = { name, ok: false, detail: result.ok ? why : `${result.detail}; ${why}` };
       }
     }
     result.ms = Date.now() - started;

@@ -74,6 +74,15 @@ class Client {
     this.connection = connection;
     this.inbox = []; // {method, args}
     this.waiters = new Set();
+    // every hub message the client parsed, in order (pings included), whether a handler took it or not
+    this.received = [];
+    const protocol = connection._protocol;
+    const parse = protocol.parseMessages.bind(protocol);
+    protocol.parseMessages = (data, logger) => {
+      const messages = parse(data, logger);
+      this.received.push(...messages);
+      return messages;
+    };
   }
 
   get id() {
@@ -203,12 +212,20 @@ function check(name, body) {
 /** Runs `body(clients...)` with `n` connected clients (options per client), always stopping them. */
 async function withClients(options, body) {
   const clients = [];
+  let result;
+  let failure = null;
   try {
     for (const opt of options) clients.push(await connect(opt));
-    return await body(...clients);
-  } finally {
-    await Promise.allSettled(clients.map((c) => c.stop()));
+    result = await body(...clients);
+  } catch (err) {
+    failure = err;
   }
+  const stops = await Promise.allSettled(clients.map((c) => c.stop()));
+  if (failure !== null) throw failure;
+  // a client that cannot be stopped fails the check (it is never swallowed)
+  const failed = stops.filter((s) => s.status === "rejected").map((s) => String(s.reason && s.reason.message));
+  if (failed.length) throw new CheckFailed(`stopping clients failed: ${failed.join("; ")}`);
+  return result;
 }
 
 // invoke with results
@@ -292,9 +309,15 @@ check("send_fire_and_forget", async () =>
 
 check("send_unknown_method_is_silent", async () =>
   withClients([{}], async (a) => {
+    const mark = a.received.length;
     await a.connection.send("NoSuchMethod", 1, 2);
     await a.connection.send("Add", 1); // wrong argument count, no invocation id: no answer either
+    // the barrier: the server handles one connection's messages in order, so anything it sent for the
+    // two calls above arrived before the completion of this later invocation
     await assertAlive(a, "after fire-and-forget calls that fail on the server");
+    const after = a.received.slice(mark).filter((m) => m.type !== signalR.MessageType.Ping);
+    eq(after.map((m) => m.type), [signalR.MessageType.Completion], "messages received since the two sends");
+    eq(after[0].error, undefined, "the barrier's completion carries no error");
   }));
 
 check("server_to_client_call_before_completion", async () =>

@@ -182,8 +182,13 @@ async function step(event, data = {}) {
   return line ? JSON.parse(line) : {};
 }
 
+/** Stops every client; a stop that fails or hangs is an error of the scenario (never swallowed). */
 async function stopAll(clients) {
-  await Promise.all(clients.map((c) => withTimeout(c.conn.stop(), WAIT_MS, `stop ${c.tag}`).catch(() => {})));
+  const outcomes = await Promise.allSettled(clients.map((c) => withTimeout(c.conn.stop(), WAIT_MS, `stop ${c.tag}`)));
+  const failed = outcomes
+    .map((o, i) => (o.status === "rejected" ? `${clients[i].tag}: ${o.reason && o.reason.message}` : null))
+    .filter((e) => e !== null);
+  if (failed.length) throw new Error(`stopping clients failed: ${failed.join("; ")}`);
 }
 
 /** Runs `main`; a crash is reported as the check "scenario_crashed". Exits the process. */
