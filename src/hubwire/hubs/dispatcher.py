@@ -290,17 +290,19 @@ class HubDispatcher:
         for sid in stream_ids:
             ctx.upload_streams.pop(sid, None)
 
-    def _span(self, ctx: HubConnectionContext, msg: InvocationMessage | StreamInvocationMessage) -> Any:
-        return tracing.start_invocation_span(
+    def _begin(self, ctx: HubConnectionContext, msg: InvocationMessage | StreamInvocationMessage) -> Any:
+        """In the task of a hub method: whose call it is (client-result checks), and its span."""
+        current_connection.set(ctx)
+        span = tracing.start_invocation_span(
             self.hub_cls.__name__, msg.target, ctx.connection_id, msg.invocation_id, msg.headers
         )
+        tracing.activate(span)
+        return span
 
     async def _run_invocation(
         self, ctx: HubConnectionContext, method: HubMethod, args: list[Any], msg: InvocationMessage
     ) -> None:
-        current_connection.set(ctx)
-        span = self._span(ctx, msg)
-        tracing.activate(span)
+        span = self._begin(ctx, msg)
         target, invocation_id = msg.target, msg.invocation_id
         detailed = self.options.enable_detailed_errors
         try:
@@ -331,9 +333,7 @@ class HubDispatcher:
     async def _run_stream(
         self, ctx: HubConnectionContext, method: HubMethod, args: list[Any], msg: StreamInvocationMessage
     ) -> None:
-        current_connection.set(ctx)
-        span = self._span(ctx, msg)
-        tracing.activate(span)
+        span = self._begin(ctx, msg)
         target, invocation_id = msg.target, msg.invocation_id
         assert invocation_id is not None
         produced = False

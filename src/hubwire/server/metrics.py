@@ -235,6 +235,11 @@ def metrics_app(server: HubServer) -> ASGIApp:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(server))
     ProcessCollector(registry=registry)
+    return _get_app(lambda: (200, generate_latest(registry), CONTENT_TYPE_LATEST))
+
+
+def _get_app(answer: Callable[[], tuple[int, bytes, str]]) -> ASGIApp:
+    """An ASGI app answering GET and HEAD with ``answer()`` (status, body, content type), else 405."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -242,22 +247,18 @@ def metrics_app(server: HubServer) -> ASGIApp:
         if scope.get("method") not in ("GET", "HEAD"):
             await respond(send, 405, b"")
             return
-        await respond(send, 200, generate_latest(registry), CONTENT_TYPE_LATEST)
+        status, body, content_type = answer()
+        await respond(send, status, body, content_type)
 
     return app
 
 
 def _json_app(server: HubServer, snapshot: Callable[[HubServer], tuple[int, dict[str, Any]]]) -> ASGIApp:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        if scope.get("method") not in ("GET", "HEAD"):
-            await respond(send, 405, b"")
-            return
+    def answer() -> tuple[int, bytes, str]:
         status, body = snapshot(server)
-        await respond(send, status, json.dumps(body).encode(), "application/json")
+        return status, json.dumps(body).encode(), "application/json"
 
-    return app
+    return _get_app(answer)
 
 
 def stats_app(server: HubServer) -> ASGIApp:
