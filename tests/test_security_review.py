@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -18,7 +19,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import RedisServer, ServerProcess
+from tests.hwtools import stats
 from tests.rawhub import RS, RawHub, ws_url
+from tests.test_websocket_conformance import RawSocket, frame
 
 SERVING = ["native", "asgi"]
 
@@ -151,3 +154,30 @@ async def test_a_raw_websocket_closes_with_1000_in_both_modes(
         assert await ws.recv() == "message"
         await ws.close(1000)
     assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+
+
+@pytest.mark.parametrize("serving", SERVING)
+async def test_input_after_a_failed_handshake_is_not_kept(
+    request: pytest.FixtureRequest, serving: str
+) -> None:
+    """100 MB sent after a refused handshake: none of it is buffered or parsed again (it used to be
+    appended and rescanned, quadratically). A raw socket keeps sending after the server's Close."""
+    server = _start(request, "tests.apps.structure:app", "--serving", serving)
+    ws = await RawSocket.open(server.port, "/hub")
+    await ws.send(frame(1, json.dumps({"protocol": "nope", "version": 1}).encode() + RS.encode()))
+    opcode, reply = await ws.frame()
+    assert opcode == 1 and b"The protocol 'nope' is not supported." in reply
+    before = (await stats(server.url))["rss_bytes"]
+    chunk = frame(1, b"x" * (64 * 1024)) * 16  # 1 MB of frames per write
+    sent = 0
+    try:
+        while sent < 100 * 1024 * 1024:
+            ws.writer.write(chunk)
+            await asyncio.wait_for(ws.writer.drain(), 5)
+            sent += len(chunk)
+    except (ConnectionError, TimeoutError):
+        pass  # the server dropped the connection after its close timeout, or stopped reading
+    after = (await stats(server.url))["rss_bytes"]
+    await ws.aclose()
+    assert sent > 10 * 1024 * 1024, sent  # the server did take the input (and dropped it)
+    assert after - before < 4 * 1024 * 1024, (before, after, sent)
