@@ -208,7 +208,8 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             self._other.resume_writing()
 
     def shutdown(self) -> None:
-        """uvicorn is stopping: ask the client to reconnect elsewhere (SignalR Close, then 1012)."""
+        """uvicorn is stopping: ask the client to reconnect elsewhere (SignalR Close with reconnect
+        allowed, then a WebSocket close 1000 once it is flushed)."""
         if self._stage == _OPEN and self._conn is not None and self._endpoint is not None:
             self._endpoint.server_closing(self._conn)
         elif self.transport is not None:
