@@ -71,6 +71,7 @@ def test_demo_serves_the_page_and_the_bundle(demo: Demo) -> None:
     assert script.status_code == 200 and "withAutomaticReconnect()" in script.text
     health = httpx.get(f"{demo.url}/healthz", timeout=5).json()
     assert health["status"] == "ok" and health["store"] == "MemoryPostStore"
+    assert health["backplane"] == "in-memory"
 
 
 async def test_demo_hub_requires_a_login(demo: Demo) -> None:

@@ -248,14 +248,14 @@ async def instance() -> dict[str, Any]:
 async def healthz() -> JSONResponse:
     """Readiness: this instance serves HTTP and reaches its store (Redis when configured)."""
     store_ok = await service.store.ping()
-    health = getattr(server.backplane, "health", None)
+    ready = store_ok and server.keys.ready  # keys: the instances agreed on the token key
     body = {
-        "status": "ok" if store_ok else "store unreachable",
+        "status": "ok" if ready else ("store unreachable" if not store_ok else server.keys.reason),
         "instance": INSTANCE,
         "store": type(service.store).__name__,
-        "backplane": health() if callable(health) else "in-memory",
+        "backplane": server.backplane.health() or "in-memory",
     }
-    return JSONResponse(body, status_code=200 if store_ok else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @api.get("/", include_in_schema=False)
