@@ -106,7 +106,10 @@ def start_demo(*args: str, env: dict[str, str] | None = None, ready: str = "hubw
                 break
         wait_port(port, timeout=START_TIMEOUT)
         for url in urls:
-            info = httpx.get(f"{url}/api/instance", timeout=5).json()
+            try:
+                info = httpx.get(f"{url}/api/instance", timeout=5).json()
+            except httpx.HTTPError as exc:  # say what the demo printed (an instance that exited, ...)
+                raise RuntimeError(f"{url}/api/instance: {exc!r}; demo output:\n{demo.output()}") from exc
             demo.instances.append(Instance(str(info["name"]), url, int(info["pid"])))
     except BaseException:
         demo.kill_all()
