@@ -34,7 +34,9 @@ def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            if s.getsockname() == s.getpeername():  # connected to itself (TCP simultaneous open)
+                continue
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {port} after {timeout}s")

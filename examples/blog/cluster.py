@@ -56,8 +56,11 @@ def wait_port(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{what} exited with code {proc.returncode} before listening on port {port}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-            return
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2) as s:
+            # a connect to a free port in the ephemeral range can connect the socket to itself
+            # (TCP simultaneous open): that is not a listener
+            if s.getsockname() != s.getpeername():
+                return
         time.sleep(0.05)
     raise SystemExit(f"{what} is not listening on port {port} after {timeout:.0f} s")
 
