@@ -42,13 +42,14 @@ async def test_subscriber_task_restarted_counted_and_delivering(
         assert await asyncio.wait_for(received.get(), 5) == (b"issue11:one", b"before")
         assert len(_our_subscribers(private_redis.url)) == 1
 
-        first = bus._sub_task
+        (link,) = bus._links.values()  # one redis-server: one node
+        first = link.sub_task
         assert first is not None and not first.done()
         with caplog.at_level(logging.ERROR, logger="hubwire.backplane"):
             first.cancel()
 
             async def restarted() -> bool:
-                return bus._sub_task is not first and bus.subscriber_connected
+                return link.sub_task is not first and bus.subscriber_connected
 
             await wait_for(restarted, 10, "a new subscriber task, connected")
         assert first.cancelled()
@@ -74,5 +75,5 @@ async def test_subscriber_task_restarted_counted_and_delivering(
     finally:
         await bus.close()
     # a closed bus does not restart anything
-    assert bus._sub_task is not None and bus._sub_task.done()
+    assert link.sub_task is not None and link.sub_task.done()
     assert bus.stats.subscriber_restarts == 1

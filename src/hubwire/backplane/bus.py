@@ -1,20 +1,22 @@
-"""The process's link to Redis: one publisher queue, one multiplexed subscriber, never silent.
+"""The process's link to Redis: one in-order outage buffer, subscribers on every node, never silent.
 
 What it guarantees, and why (the failures peers are known for):
 
-* **Outages are buffered, not lost.** ``publish`` appends to a bounded queue
-  and returns at once; one task writes the queue to Redis pipelined. A message
-  leaves the queue only when Redis has answered its PUBLISH, so while Redis is
-  unreachable messages wait and are published **in order** when it returns.
-  Past ``buffer_size`` the oldest are dropped, counted and logged.
-* **After an outage the buffer is flushed with a grace delay**, so that the
-  other instances' subscribers (reconnecting on the same backoff) are back
-  before the buffered messages are published.
-* **The subscriber cannot die silently.** A supervisor reconnects with
-  backoff and re-subscribes every channel; a watchdog PINGs the subscriber
-  connection and aborts it when no byte arrived within ``health_timeout``
-  (a stalled socket or a killed client); if the supervisor task itself ever
-  ends unexpectedly it is restarted and counted.
+* **Every deployment** (:mod:`.deployment`): one Redis, a Sentinel-managed master (followed
+  through failovers) or a Redis Cluster, where channels are published and subscribed with
+  sharded pub/sub (SPUBLISH / SSUBSCRIBE) on the master owning each channel's slot, so traffic
+  spreads over the shards; slot moves and failovers re-route queued messages and subscriptions.
+* **Outages are buffered, not lost.** ``publish`` appends to a bounded queue and returns at
+  once; each node's publisher writes its queue pipelined, and a message leaves the queue only
+  when Redis has answered it, so while Redis is unreachable messages wait and are published
+  **in order** when it returns. The buffer is bounded in messages and in bytes; past either the
+  oldest are dropped, counted and logged.
+* **After an outage the buffer is flushed with a grace delay**, so that the other instances'
+  subscribers (reconnecting on the same backoff) are back before the buffered messages are published.
+* **The subscriber cannot die silently.** A supervisor reconnects with backoff and re-subscribes
+  every channel; a watchdog PINGs it and replaces it when it is silent while Redis answers a fresh
+  connection (a dead socket); a frozen or slow Redis is waited for, not re-published to. A
+  subscriber task that ends unexpectedly is restarted and counted.
 * **Health is visible**: :meth:`health` and :class:`BusStats` counters.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -30,15 +33,24 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
 from ..connections.tasks import BackgroundTasks
-from .resp import RedisAddress, RespConnection, RespError
+from .deployment import NodeSettings, parse_deployment
+from .link import NodeLink, Outgoing
+from .resp import RespError
 
 __all__ = ["BusStats", "RedisBus"]
 
 log = logging.getLogger("hubwire.backplane")
 
 Handler = Callable[[bytes, bytes], None]
-_SUBSCRIBE_CHUNK = 256
+#: how often a Sentinel or Cluster layout is checked even when nothing failed
+_LAYOUT_INTERVAL = 2.0
+#: the shortest time between two layout refreshes asked for by failures
+_REFRESH_MIN_GAP = 0.2
 
 
 @dataclass(slots=True)
@@ -48,31 +60,26 @@ class BusStats:
     published: int = 0
     received: int = 0
     dropped: int = 0
+    dropped_bytes: int = 0
     publish_errors: int = 0
     publisher_reconnects: int = 0
     subscriber_reconnects: int = 0
     subscriber_restarts: int = 0
     stalls_detected: int = 0
     handler_errors: int = 0
+    layout_refreshes: int = 0
     last_publish_lag: float = 0.0
 
 
-@dataclass(slots=True)
-class _Outgoing:
-    channel: bytes
-    payload: bytes
-    enqueued: float
-    future: asyncio.Future[int] | None
-
-
 class RedisBus:
-    """Publisher queue + one subscriber connection shared by every hub of the process."""
+    """Publisher queues + subscribers of every node, shared by every hub of the process."""
 
     def __init__(
         self,
         url: str,
         *,
         buffer_size: int = 10_000,
+        buffer_bytes: int = 64 * 1024 * 1024,
         connect_timeout: float = 2.0,
         command_timeout: float = 5.0,
         health_interval: float = 1.0,
@@ -81,8 +88,13 @@ class RedisBus:
         flush_grace: float | None = None,
         name: str = "hubwire",
     ) -> None:
-        self.address = RedisAddress(url)
+        self.deployment = parse_deployment(
+            url, connect_timeout=connect_timeout, command_timeout=command_timeout
+        )
+        #: the URL with its password redacted: what logs and errors show
+        self.address = self.deployment.url
         self.buffer_size = buffer_size
+        self.buffer_bytes = buffer_bytes
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.health_interval = health_interval
@@ -91,104 +103,238 @@ class RedisBus:
         self.flush_grace = max_backoff + 0.5 if flush_grace is None else flush_grace
         self.name = name
         self.stats = BusStats()
-        self._queue: deque[_Outgoing] = deque()
-        self._queue_event = asyncio.Event()
+        self.running = False
+        self._seq = itertools.count()
+        self._links: dict[str, NodeLink] = {}
+        #: channel -> the link subscribed to it
+        self._channel_links: dict[bytes, NodeLink] = {}
         self._handlers: dict[bytes, Handler] = {}
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._sub: RespConnection | None = None
-        self._pub: RespConnection | None = None
-        self._sub_ready = asyncio.Event()
-        self._pub_task: asyncio.Task[None] | None = None
-        self._sub_task: asyncio.Task[None] | None = None
-        self._running = False
+        #: messages published before the layout is known (or for a slot no master serves)
+        self._unrouted: deque[Outgoing] = deque()
+        self._buffered = 0
+        self._buffered_bytes = 0
         self._last_drop_log = 0.0
-        self._pong: asyncio.Future[None] | None = None
-        self._ever_published = False
+        self._layout_known = False
+        self._layout_error: str | None = None
+        self._refresh_wanted = asyncio.Event()
+        self._refreshed = asyncio.Event()
+        self._maintainer: asyncio.Task[None] | None = None
         self._reconnect_hooks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._hook_tasks = BackgroundTasks("backplane reconnect hooks")
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start both loops; waits briefly for the first connection but never fails on it."""
-        if self._running:
-            return
-        self._running = True
-        loop = asyncio.get_running_loop()
-        self._pub_task = loop.create_task(self._publisher(), name="hubwire-redis-publisher")
-        self._start_subscriber()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._sub_ready.wait(), self.connect_timeout)
+        """Start the links; waits briefly for the first connection but never fails on it.
 
-    def _start_subscriber(self) -> None:
-        self._sub_task = asyncio.get_running_loop().create_task(
-            self._subscriber(), name="hubwire-redis-subscriber"
+        An unreachable deployment is logged as an error naming the URL (password redacted),
+        and retried: while Redis is away messages are buffered, and the server says it is not
+        ready where it needs Redis to answer (the token key).
+        """
+        if self.running:
+            return
+        self.running = True
+        self._maintainer = asyncio.get_running_loop().create_task(
+            self._maintain(), name="hubwire-redis-layout"
         )
-        self._sub_task.add_done_callback(self._subscriber_ended)
-
-    def _subscriber_ended(self, task: asyncio.Task[None]) -> None:
-        if not self._running:
-            return
-        if task.cancelled():
-            log.error("backplane subscriber task was cancelled; restarting it")
-        else:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._until_healthy(), self.connect_timeout)
+        if not self.healthy:
             log.error(
-                "backplane subscriber task ended unexpectedly; restarting it", exc_info=task.exception()
+                "backplane: Redis at %s is not reachable yet (%s); messages are buffered and it is retried",
+                self.address,
+                self._layout_error or "connecting",
             )
-        self.stats.subscriber_restarts += 1
-        self._start_subscriber()
+
+    async def _until_healthy(self) -> None:
+        # health spans every node's two connections (no single event): a short poll, at startup only
+        while not self.healthy:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
-        """Stop the loops and close both connections (queued messages get one last flush attempt)."""
-        if not self._running:
+        """Stop the links and close their connections (queued messages get one last flush attempt)."""
+        if not self.running:
             return
-        if self._queue and self._pub is not None and self._pub.is_open:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._flush_once(self._pub), self.command_timeout)
-        self._running = False
+        for link in list(self._links.values()):
+            pub = link.pub
+            if link.pending() and pub is not None and pub.is_open:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(link.flush_once(pub), self.command_timeout)
+        self.running = False
         await self._hook_tasks.cancel_all()
-        for task in (self._pub_task, self._sub_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        for conn in (self._pub, self._sub):
-            if conn is not None:
-                conn.close()
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._maintainer
+        for link in list(self._links.values()):
+            await link.stop()
+            self._unrouted.extend(link.pending())  # kept for a restart of this bus
+        self._links.clear()
+        self._channel_links.clear()
+        self._layout_known = False
+        with contextlib.suppress(Exception):
+            await self.deployment.aclose()
 
     def on_reconnect(self, hook: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``hook`` (in the background) each time the publisher reconnects after losing Redis."""
+        """Run ``hook`` (in the background) each time a publisher reconnects after losing Redis."""
         self._reconnect_hooks.append(hook)
 
-    def _run_reconnect_hooks(self) -> None:
+    def run_reconnect_hooks(self) -> None:
         for hook in self._reconnect_hooks:
             self._hook_tasks.spawn(hook(), name="backplane reconnect hook")
 
+    def backoff(self, attempt: int) -> float:
+        base: float = min(self.max_backoff, 0.05 * 2.0 ** min(attempt, 10))
+        return base * (0.75 + random.random() * 0.5)
+
+    # -- layout ------------------------------------------------------------------------------------
+
+    def request_refresh(self, why: str) -> None:
+        """Something failed in a way a new layout may explain (a failover, a slot move)."""
+        if self.deployment.kind != "standalone" and not self._refresh_wanted.is_set():
+            log.info("backplane: refreshing the %s layout (%s)", self.deployment.kind, why)
+            self._refresh_wanted.set()
+
+    async def refreshed(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the next layout refresh."""
+        self._refreshed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._refreshed.wait(), timeout)
+
+    def slot_of(self, key: bytes) -> int:
+        return key_slot(key)
+
+    async def _maintain(self) -> None:
+        """Learn the layout, route channels and messages to their nodes, and follow changes."""
+        attempt = 0
+        while self.running:
+            try:
+                await asyncio.wait_for(self.deployment.refresh(), self.command_timeout)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                attempt += 1
+                error = str(exc) or type(exc).__name__
+                if error != self._layout_error or attempt % 30 == 1:
+                    log.error("backplane: cannot reach the Redis deployment at %s: %s", self.address, error)
+                self._layout_error = error
+                await asyncio.sleep(self.backoff(attempt))
+                continue
+            attempt = 0
+            self._layout_error = None
+            self.stats.layout_refreshes += 1
+            self._layout_known = True
+            self._route()
+            self._refreshed.set()
+            if self.deployment.kind == "standalone":
+                return  # one node, for good
+            self._refresh_wanted.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh_wanted.wait(), _LAYOUT_INTERVAL)
+            await asyncio.sleep(_REFRESH_MIN_GAP)
+
+    def _target(self, key: bytes) -> NodeLink | None:
+        try:
+            node: NodeSettings = self.deployment.node_for(key)
+        except RedisError:
+            return None
+        return self._link(node)
+
+    def _link(self, node: NodeSettings) -> NodeLink:
+        link = self._links.get(node.node)
+        if link is None:
+            link = self._links[node.node] = NodeLink(self, node)
+            link.start()
+        return link
+
+    def _route(self) -> None:
+        """Put every channel and queued message on the link of the node that now owns it."""
+        for node in self.deployment.masters():
+            self._link(node)
+        for key in self._handlers:
+            target = self._target(key)
+            current = self._channel_links.get(key)
+            if current is not None and current is not target:
+                current.drop_channel(key)
+                del self._channel_links[key]
+            if target is not None:
+                self._channel_links[key] = target
+                target.add_channel(key)
+        for link in list(self._links.values()):
+            self._reroute(link.pending(), link)
+        unrouted, self._unrouted = list(self._unrouted), deque()
+        self._reroute(unrouted, None)
+        masters = self.deployment.nodes()
+        for name, link in list(self._links.items()):
+            if name not in masters:  # no longer a master: what it carried is on the new owners now
+                del self._links[name]
+                for key in list(link.channels):
+                    link.channels.discard(key)
+                    if self._channel_links.get(key) is link:
+                        del self._channel_links[key]
+                self._reroute(link.pending(), link)
+                asyncio.get_running_loop().create_task(link.stop())
+        if any(key not in self._channel_links for key in self._handlers):
+            self.request_refresh("channels without a node")
+
+    def _reroute(self, items: list[Outgoing], source: NodeLink | None) -> None:
+        moved: dict[NodeLink | None, list[Outgoing]] = {}
+        for item in items:
+            target = self._target(item.channel)
+            if target is source:
+                if source is None:
+                    self._unrouted.append(item)  # still no node for it
+                continue
+            if source is not None:
+                item.done = True  # leaves the old node's queue; a copy goes to the new one
+                item = Outgoing(
+                    item.seq, item.channel, item.payload, item.enqueued, item.future, size=item.size
+                )
+            moved.setdefault(target, []).append(item)
+        for target, batch in moved.items():
+            queue = self._unrouted if target is None else target.queue
+            queue.extendleft(reversed(batch))  # they were published before what is queued there
+            if target is not None:
+                target.queue_event.set()
+        if source is not None:
+            source.trim()
+
     # -- health ------------------------------------------------------------------------------------
+
+    def _active_links(self) -> list[NodeLink]:
+        return [link for link in self._links.values() if link.channels or link.pending()] or list(
+            self._links.values()
+        )
 
     @property
     def publisher_connected(self) -> bool:
-        return self._pub is not None and self._pub.is_open
+        links = self._active_links()
+        return self._layout_known and bool(links) and all(link.publisher_connected for link in links)
 
     @property
     def subscriber_connected(self) -> bool:
-        return self._sub is not None and self._sub.is_open and self._sub_ready.is_set()
+        links = self._active_links()
+        return self._layout_known and bool(links) and all(link.subscriber_connected for link in links)
 
     @property
     def healthy(self) -> bool:
-        return self.publisher_connected and self.subscriber_connected
+        return self.publisher_connected and self.subscriber_connected and not self._unrouted
 
     @property
     def buffered(self) -> int:
-        return len(self._queue)
+        return self._buffered
 
     def health(self) -> dict[str, Any]:
         """A snapshot for health endpoints and logs."""
         return {
             "state": "connected" if self.healthy else "degraded",
+            "deployment": self.deployment.kind,
+            "nodes": sorted(self._links),
             "publisher_connected": self.publisher_connected,
             "subscriber_connected": self.subscriber_connected,
-            "buffered": self.buffered,
+            "buffered": self._buffered,
+            "buffered_bytes": self._buffered_bytes,
             "subscriptions": len(self._handlers),
             **asdict(self.stats),
         }
@@ -198,21 +344,27 @@ class RedisBus:
     async def subscribe(self, channel: str, handler: Handler, wait: float | None = None) -> None:
         """Route messages of ``channel`` to ``handler``; waits for Redis to confirm when connected.
 
-        While Redis is unreachable the subscription is recorded and made on
-        reconnect, so callers are never blocked by an outage.
+        While Redis is unreachable the subscription is recorded and made on reconnect, so
+        callers are never blocked by an outage.
         """
         key = channel.encode()
         already = key in self._handlers
         self._handlers[key] = handler
-        sub = self._sub
-        if already or sub is None or not sub.is_open or not self._sub_ready.is_set():
+        if already:
+            return
+        link = self._target(key) if self._layout_known else None
+        if link is None:
+            return
+        self._channel_links[key] = link
+        if not link.subscriber_connected:
+            link.add_channel(key)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._confirmations.setdefault(key, []).append(future)
         try:
-            sub.write_commands([("SUBSCRIBE", key)], expect_replies=False)
+            link.add_channel(key)
             await asyncio.wait_for(future, wait if wait is not None else self.command_timeout)
-        except (TimeoutError, RespError):
+        except TimeoutError:
             log.warning("subscription to %s not confirmed yet; it will be renewed on reconnect", channel)
         finally:
             waiters = self._confirmations.get(key)
@@ -226,200 +378,106 @@ class RedisBus:
         key = channel.encode()
         if self._handlers.pop(key, None) is None:
             return
-        sub = self._sub
-        if sub is not None and sub.is_open and self._sub_ready.is_set():
-            with contextlib.suppress(RespError):
-                sub.write_commands([("UNSUBSCRIBE", key)], expect_replies=False)
+        link = self._channel_links.pop(key, None)
+        if link is not None:
+            link.drop_channel(key)
 
     def is_subscribed(self, channel: str) -> bool:
         return channel.encode() in self._handlers
 
-    def _on_push(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind == b"message":
-            handler = self._handlers.get(reply[1])
-            if handler is None:
-                return
-            self.stats.received += 1
-            try:
-                handler(reply[1], reply[2])
-            except Exception:
-                self.stats.handler_errors += 1
-                log.exception("backplane handler for %r failed", reply[1])
-        elif kind == b"pong":
-            if self._pong is not None and not self._pong.done():
-                self._pong.set_result(None)
-        elif kind == b"subscribe":
-            for future in self._confirmations.pop(reply[1], ()):
-                if not future.done():
-                    future.set_result(None)
+    def confirmed(self, key: bytes) -> None:
+        for future in self._confirmations.pop(key, ()):
+            if not future.done():
+                future.set_result(None)
 
-    async def _subscriber(self) -> None:
-        attempt = 0
-        while self._running:
-            conn: RespConnection | None = None
-            try:
-                conn = await RespConnection.open(
-                    self.address, self.connect_timeout, on_push=self._on_push, name=f"{self.name}-sub"
-                )
-                conn.subscribed = True
-                self._sub = conn
-                channels = list(self._handlers)
-                for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
-                    conn.write_commands(
-                        [("SUBSCRIBE", *channels[i : i + _SUBSCRIBE_CHUNK])], expect_replies=False
-                    )
-                # the PONG arrives after every SUBSCRIBE reply: then we are really subscribed
-                self._pong = asyncio.get_running_loop().create_future()
-                conn.write_commands([("PING",)], expect_replies=False)
-                await asyncio.wait_for(self._pong, self.command_timeout)
-                if attempt:
-                    self.stats.subscriber_reconnects += 1
-                    log.warning("backplane subscriber reconnected (%d channels)", len(channels))
-                attempt = 0
-                self._sub_ready.set()
-                await self._watch(conn)
-            except asyncio.CancelledError:
-                raise
-            except (OSError, RespError, TimeoutError) as exc:
-                log.warning("backplane subscriber: %s", exc or type(exc).__name__)
-            finally:
-                self._sub_ready.clear()
-                if conn is not None:
-                    conn.abort()
-                if self._sub is conn:
-                    self._sub = None
-            if not self._running:
-                return
-            attempt += 1
-            await asyncio.sleep(self._backoff(attempt))
-
-    async def _watch(self, conn: RespConnection) -> None:
-        """Ping the subscriber and abort it when it stops answering."""
-        while self._running and conn.is_open:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(conn.lost), self.health_interval)
-            if not conn.is_open:
-                return
-            idle = time.monotonic() - conn.last_read
-            if idle > self.health_timeout:
-                self.stats.stalls_detected += 1
-                log.error("backplane subscriber silent for %.1fs; reconnecting", idle)
-                conn.abort()
-                # Redis is frozen or unreachable, so the publisher's unanswered PUBLISHes would be
-                # answered (if ever) while no subscriber is back: keep them queued and resend them
-                # after the reconnect grace instead of letting them complete into the void
-                pub = self._pub
-                if pub is not None:
-                    pub.abort()
-                return
-            if idle >= self.health_interval:
-                with contextlib.suppress(RespError):
-                    conn.write_commands([("PING",)], expect_replies=False)
-
-    def _backoff(self, attempt: int) -> float:
-        base: float = min(self.max_backoff, 0.05 * 2.0 ** min(attempt, 10))
-        return base * (0.75 + random.random() * 0.5)
+    def dispatch(self, channel: bytes, data: bytes) -> None:
+        handler = self._handlers.get(channel)
+        if handler is None:
+            return
+        self.stats.received += 1
+        try:
+            handler(channel, data)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("backplane handler for %r failed", channel)
 
     # -- publishing --------------------------------------------------------------------------------
 
     def publish(
         self, channel: str, payload: bytes, want_receivers: bool = False
     ) -> asyncio.Future[int] | None:
-        """Queue a PUBLISH; never blocks. With ``want_receivers`` a future gets Redis's receiver count."""
+        """Queue a publish; never blocks. With ``want_receivers`` a future gets Redis's receiver count.
+
+        (On a cluster the count is that of the channel's shard, which is where its subscribers are.)
+        """
         future: asyncio.Future[int] | None = None
         if want_receivers:
             future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Outgoing(channel.encode(), payload, time.monotonic(), future))
-        if len(self._queue) > self.buffer_size:
-            dropped = self._queue.popleft()
-            self.stats.dropped += 1
-            if dropped.future is not None and not dropped.future.done():
-                dropped.future.set_exception(RespError("backplane buffer overflow: message dropped"))
-            now = time.monotonic()
-            if now - self._last_drop_log > 5.0:
-                self._last_drop_log = now
-                log.error(
-                    "backplane buffer full (%d messages): dropping the oldest (%d dropped so far)",
-                    self.buffer_size,
-                    self.stats.dropped,
-                )
-        self._queue_event.set()
+        key = channel.encode()
+        item = Outgoing(next(self._seq), key, payload, time.monotonic(), future, size=len(key) + len(payload))
+        link = self._target(key) if self._layout_known else None
+        if link is None:
+            self._unrouted.append(item)
+        else:
+            link.queue.append(item)
+            link.queue_event.set()
+        self._buffered += 1
+        self._buffered_bytes += item.size
+        while self._buffered > self.buffer_size or self._buffered_bytes > self.buffer_bytes:
+            if not self._drop_oldest():
+                break
         return future
 
-    async def command(self, *args: Any) -> Any:
-        """Run one ordinary command on the publisher connection (used for setup, e.g. shared keys)."""
-        conn = self._pub
-        if conn is None or not conn.is_open:
-            conn = await RespConnection.open(self.address, self.connect_timeout)
-            try:
-                return await asyncio.wait_for(conn.command(*args), self.command_timeout)
-            finally:
-                conn.close()
-        return await asyncio.wait_for(conn.command(*args), self.command_timeout)
+    def finished(self, item: Outgoing, result: int | Exception) -> None:
+        """A queued message was answered (or refused for good): it leaves the buffer."""
+        item.done = True
+        self._buffered -= 1
+        self._buffered_bytes -= item.size
+        if isinstance(result, int):
+            self.stats.published += 1
+        if item.future is not None and not item.future.done():
+            if isinstance(result, int):
+                item.future.set_result(result)
+            else:
+                item.future.set_exception(result)
 
-    async def _publisher(self) -> None:
-        attempt = 0
-        while self._running:
-            try:
-                conn = await RespConnection.open(self.address, self.connect_timeout, name=f"{self.name}-pub")
-            except (OSError, RespError, TimeoutError) as exc:
-                attempt += 1
-                if attempt == 1:
-                    log.warning("backplane publisher cannot reach Redis: %s", exc or type(exc).__name__)
-                await asyncio.sleep(self._backoff(attempt))
-                continue
-            self._pub = conn
-            if attempt or self._ever_published:
-                self.stats.publisher_reconnects += 1
-                log.warning(
-                    "backplane publisher reconnected; %d buffered messages to flush", len(self._queue)
-                )
-                self._run_reconnect_hooks()
-                # let every instance's subscriber come back before flushing what piled up
-                await self._wait_subscriber(self.flush_grace)
-            attempt = 0
-            self._ever_published = True
-            try:
-                while self._running and conn.is_open:
-                    if not self._queue:
-                        self._queue_event.clear()
-                        waiter: asyncio.Future[Any] = asyncio.ensure_future(self._queue_event.wait())
-                        lost: asyncio.Future[Any] = conn.lost
-                        done, _ = await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
-                        if waiter not in done:
-                            waiter.cancel()
-                        continue
-                    await self._flush_once(conn)
-            except asyncio.CancelledError:
-                raise
-            except (OSError, RespError, TimeoutError) as exc:
-                self.stats.publish_errors += 1
-                log.warning("backplane publish failed: %s", exc or type(exc).__name__)
-            finally:
-                conn.abort()
-                if self._pub is conn:
-                    self._pub = None
-            attempt = 1
-
-    async def _wait_subscriber(self, grace: float) -> None:
-        start = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._sub_ready.wait(), max(grace, self.command_timeout))
-        remaining = grace - (time.monotonic() - start)
-        if remaining > 0:
-            await asyncio.sleep(remaining)
-
-    async def _flush_once(self, conn: RespConnection) -> None:
-        """Publish up to 1,000 queued messages pipelined; remove them once Redis answered."""
-        batch = [self._queue[i] for i in range(min(len(self._queue), 1000))]
-        futures = conn.write_commands([("PUBLISH", item.channel, item.payload) for item in batch])
-        results = await asyncio.wait_for(asyncio.gather(*futures), self.command_timeout)
+    def _drop_oldest(self) -> bool:
+        queues = [link.queue for link in self._links.values()] + [self._unrouted]
+        heads = []
+        for queue in queues:
+            while queue and queue[0].done:
+                queue.popleft()
+            if queue:
+                heads.append(queue)
+        if not heads:
+            return False
+        queue = min(heads, key=lambda q: q[0].seq)
+        dropped = queue.popleft()
+        self.stats.dropped += 1
+        self.stats.dropped_bytes += dropped.size
+        self.finished(dropped, RespError("backplane buffer overflow: message dropped"))
         now = time.monotonic()
-        for item, receivers in zip(batch, results, strict=True):
-            if self._queue and self._queue[0] is item:
-                self._queue.popleft()
-            if item.future is not None and not item.future.done():
-                item.future.set_result(int(receivers))
-        self.stats.published += len(batch)
-        self.stats.last_publish_lag = now - batch[-1].enqueued
+        if now - self._last_drop_log > 5.0:
+            self._last_drop_log = now
+            log.error(
+                "backplane buffer full (%d messages, %d bytes at most): dropping the oldest "
+                "(%d dropped so far, %d bytes)",
+                self.buffer_size,
+                self.buffer_bytes,
+                self.stats.dropped,
+                self.stats.dropped_bytes,
+            )
+        return True
+
+    async def command(self, *args: Any) -> Any:
+        """Run one keyed command through redis-py (setup and shared keys: token key, claims, leases)."""
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(self.deployment.command(*args), self.command_timeout)
+            except RedisConnectionError as exc:
+                # a pooled connection that Redis closed (a restart): one retry on a fresh one
+                if attempt == 2:
+                    raise RespError(str(exc)) from None
+            except RedisError as exc:
+                raise RespError(str(exc)) from None
+        raise AssertionError("unreachable")

@@ -73,7 +73,7 @@ class RedisBackplane(Backplane):
 
     ``channel_prefix`` isolates apps sharing one Redis (it is prepended to every
     channel, no separator, like StackExchange.Redis's ChannelPrefix).
-    ``buffer_size`` bounds the messages kept while Redis is unreachable;
+    ``buffer_size`` and ``buffer_bytes`` bound what is kept while Redis is unreachable;
     ``ack_timeout`` bounds group changes for connections on other instances.
     ``secret`` (``HUBWIRE_SECRET``) is where the app's token key comes from
     (HKDF per channel prefix; never stored), so any instance accepts a
@@ -88,6 +88,7 @@ class RedisBackplane(Backplane):
         channel_prefix: str = "",
         *,
         buffer_size: int = 10_000,
+        buffer_bytes: int = 64 * 1024 * 1024,
         ack_timeout: float = 30.0,
         secret: bytes | str | None = None,
         previous_secret: bytes | str | None = None,
@@ -97,7 +98,9 @@ class RedisBackplane(Backplane):
         self.channel_prefix = channel_prefix
         self.ack_timeout = ack_timeout
         self.server_name = f"{socket.gethostname()}_{uuid.uuid4().hex}"
-        self.bus = RedisBus(url, buffer_size=buffer_size, name="hubwire", **bus_options)
+        self.bus = RedisBus(
+            url, buffer_size=buffer_size, buffer_bytes=buffer_bytes, name="hubwire", **bus_options
+        )
         #: configured secrets: the current one first, then one still accepted during a rotation
         self._secrets = [s.encode() if isinstance(s, str) else s for s in (secret, previous_secret) if s]
         self._stored_key: bytes | None = None
@@ -109,7 +112,8 @@ class RedisBackplane(Backplane):
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
         """``HUBWIRE_REDIS_URL`` / ``HUBWIRE_CHANNEL_PREFIX`` / ``HUBWIRE_SECRET`` /
-        ``HUBWIRE_BACKPLANE_BUFFER`` (messages) / ``HUBWIRE_ACK_TIMEOUT`` (seconds), or None when unset."""
+        ``HUBWIRE_BACKPLANE_BUFFER`` (messages) / ``HUBWIRE_BACKPLANE_BUFFER_BYTES`` /
+        ``HUBWIRE_ACK_TIMEOUT`` (seconds), or None when unset."""
         url = os.environ.get("HUBWIRE_REDIS_URL")
         if not url:
             return None
@@ -117,6 +121,7 @@ class RedisBackplane(Backplane):
             url,
             os.environ.get("HUBWIRE_CHANNEL_PREFIX", ""),
             buffer_size=int(os.environ.get("HUBWIRE_BACKPLANE_BUFFER") or 10_000),
+            buffer_bytes=int(os.environ.get("HUBWIRE_BACKPLANE_BUFFER_BYTES") or 64 * 1024 * 1024),
             ack_timeout=float(os.environ.get("HUBWIRE_ACK_TIMEOUT") or 30.0),
             secret=os.environ.get("HUBWIRE_SECRET") or None,
             previous_secret=os.environ.get("HUBWIRE_PREVIOUS_SECRET") or None,

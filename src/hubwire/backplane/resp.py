@@ -4,48 +4,33 @@ Why not redis-py's PubSub here: its loop handles one message per await, which
 caps a process at ~35-55k backplane messages/s. This protocol object feeds
 every socket read into hiredis's parser and dispatches all complete replies
 synchronously, so one read of many messages costs one wake-up. Commands are
-written pipelined; replies resolve futures in order. URL parsing comes from
-redis-py so ``redis://`` / ``rediss://`` URLs mean the same as everywhere else.
+written pipelined; replies resolve futures in order. Where to connect and how
+(TCP or unix socket, TLS, credentials, database) comes from redis-py's URL
+parsing and TLS contexts (:mod:`.deployment`), so URLs mean the same as everywhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hiredis
-from redis.asyncio.connection import parse_url
 
-__all__ = ["RedisAddress", "RespConnection", "RespError"]
+if TYPE_CHECKING:
+    from .deployment import NodeSettings
+
+__all__ = ["RespConnection", "RespError"]
 
 CommandArg = bytes | str | int
-_PUSH_KINDS = {b"message", b"subscribe", b"unsubscribe", b"pong"}
+_PUSH_KINDS = {b"message", b"smessage", b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe", b"pong"}
 
 
 class RespError(Exception):
     """An error reply from Redis, or the connection failing under a command."""
-
-
-class RedisAddress:
-    """Where and how to connect, parsed from a Redis URL."""
-
-    def __init__(self, url: str) -> None:
-        params = parse_url(url)
-        self.url = url
-        self.host: str = params.get("host", "127.0.0.1")
-        self.port: int = int(params.get("port", 6379))
-        self.username: str | None = params.get("username")
-        self.password: str | None = params.get("password")
-        self.db: int = int(params.get("db", 0) or 0)
-        self.ssl = url.startswith("rediss://")
-
-    def __repr__(self) -> str:  # never print the password
-        return f"RedisAddress({self.host}:{self.port}/{self.db})"
 
 
 class RespConnection(asyncio.Protocol):
@@ -65,30 +50,38 @@ class RespConnection(asyncio.Protocol):
     @classmethod
     async def open(
         cls,
-        address: RedisAddress,
+        node: NodeSettings,
         timeout: float = 5.0,
         on_push: Callable[[list[Any]], None] | None = None,
         name: str | None = None,
     ) -> RespConnection:
-        """Connect, authenticate and select the database, all within ``timeout``."""
+        """Connect, authenticate and select the database, all within ``timeout``.
+
+        ``name`` is set with CLIENT SETNAME when the user may run it; a least-privilege ACL user
+        that may not is not an error (the name only helps operators reading CLIENT LIST).
+        """
         loop = asyncio.get_running_loop()
-        ctx = ssl.create_default_context() if address.ssl else None
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: cls(on_push), address.host, address.port, ssl=ctx), timeout
-        )
+        if node.path:
+            connecting = loop.create_unix_connection(lambda: cls(on_push), node.path, ssl=node.tls)
+        else:
+            connecting = loop.create_connection(lambda: cls(on_push), node.host, node.port, ssl=node.tls)
+        _, proto = await asyncio.wait_for(connecting, timeout)
         try:
-            if address.password:
-                auth: list[CommandArg] = ["AUTH"]
-                if address.username:
-                    auth.append(address.username)
-                auth.append(address.password)
-                await asyncio.wait_for(proto.command(*auth), timeout)
-            if address.db:
-                await asyncio.wait_for(proto.command("SELECT", address.db), timeout)
+            setup: list[tuple[CommandArg, ...]] = []
+            if node.password:
+                setup.append(
+                    ("AUTH", node.username, node.password) if node.username else ("AUTH", node.password)
+                )
+            if node.db:
+                setup.append(("SELECT", node.db))
+            if setup:
+                await asyncio.wait_for(asyncio.gather(*proto.write_commands(setup)), timeout)
             if name:
-                await asyncio.wait_for(proto.command("CLIENT", "SETNAME", name), timeout)
+                (named,) = proto.write_commands([("CLIENT", "SETNAME", name)])
+                with contextlib.suppress(RespError):
+                    await asyncio.wait_for(named, timeout)
         except BaseException:
-            proto.close()
+            proto.abort()
             raise
         return proto
 
@@ -122,6 +115,13 @@ class RespConnection(asyncio.Protocol):
                 push(reply)
             elif push is not None and reply == b"PONG" and not self._pending:
                 push([b"pong", b""])
+            elif (
+                push is not None
+                and self.subscribed
+                and not self._pending
+                and isinstance(reply, hiredis.ReplyError)
+            ):
+                push([b"error", str(reply).encode()])  # e.g. MOVED for an SSUBSCRIBE on the wrong shard
             elif self._pending:
                 future = self._pending.popleft()
                 if not future.done():

@@ -1,0 +1,324 @@
+"""Which Redis deployment a backplane URL names, and how to reach each of its nodes.
+
+One URL configures everything (README, Scaling out):
+
+* ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS; redis-py's ``ssl_ca_certs``,
+  ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``, ``ssl_check_hostname`` query options) and
+  ``unix:///path/redis.sock[?db=N]``: one Redis (or a managed one behind one address);
+* ``redis+sentinel://[user:password@]h1:26379,h2:26379[/db][/service_name]`` (``rediss+sentinel://``):
+  the master that the sentinels name (python-socketio's convention; ``mymaster`` when no service
+  name is given), followed through failovers;
+* ``redis+cluster://[user:password@]h1:port[,h2:port...]`` (``rediss+cluster://``): a Redis Cluster,
+  where the backplane uses sharded pub/sub (SPUBLISH / SSUBSCRIBE) so traffic spreads over shards.
+
+Why redis-py underneath: URL parsing, TLS contexts, Sentinel's master discovery, the Cluster slot
+map and keyed commands (MOVED / ASK, failovers) are easy to get subtly wrong, and redis-py gets them
+right. The backplane's two hot paths (pipelined publishes and the subscriber's reads) run on
+hubwire's own connections (:mod:`.resp`), opened with the same :class:`NodeSettings`:
+``bench/redis_paths.py`` measures redis-py's pub/sub paths at several times their CPU cost.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import RedisSSLContext, parse_url
+from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+__all__ = ["Deployment", "NodeSettings", "parse_deployment", "redact"]
+
+#: the TLS query options of redis-py's URLs, and their keyword arguments
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_SENTINEL_DEFAULT_SERVICE = "mymaster"
+_COMMON: dict[str, Any] = {"lib_name": None, "lib_version": None}
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for every log line and error message)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """How to open one data connection to one node: address, TLS, credentials, database."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None
+    tls: ssl.SSLContext | None = None
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+
+    @property
+    def node(self) -> str:
+        """The node's name in logs and in the bus's routing table."""
+        return self.path or f"{self.host}:{self.port}"
+
+    def at(self, host: str, port: int) -> NodeSettings:
+        return replace(self, host=host, port=port, path=None)
+
+
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    check = options.get("ssl_check_hostname")
+    context = RedisSSLContext(
+        keyfile=options.get("ssl_keyfile"),
+        certfile=options.get("ssl_certfile"),
+        cert_reqs=options.get("ssl_cert_reqs") or "required",
+        ca_certs=options.get("ssl_ca_certs"),
+        check_hostname=True if check is None else str(check).lower() not in ("0", "false", "no", "n", "f"),
+    )
+    return context.get()
+
+
+def _query(url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items() if v}
+
+
+def _hosts(netloc: str, default_port: int, shown: str) -> list[tuple[str, int]]:
+    hosts = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = item.strip(), str(default_port)
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise ValueError(f"invalid host:port {item!r} in the Redis URL {shown}")
+        hosts.append((host, int(port)))
+    return hosts
+
+
+def _credentials(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    out: dict[str, Any] = {}
+    if parts.username:
+        out["username"] = unquote(parts.username)
+    if parts.password:
+        out["password"] = unquote(parts.password)
+    return out
+
+
+class Deployment:
+    """A Redis deployment: where a channel's traffic goes, and keyed commands through redis-py."""
+
+    #: "standalone", "sentinel" or "cluster"
+    kind = "standalone"
+    #: sharded pub/sub (SPUBLISH / SSUBSCRIBE) instead of PUBLISH / SUBSCRIBE
+    sharded = False
+
+    def __init__(self, url: str, settings: NodeSettings, client: Redis | RedisCluster) -> None:
+        self.url = redact(url)
+        self.settings = settings
+        self.client = client
+
+    async def refresh(self) -> None:
+        """Learn the deployment's current layout (the master, the slot map); a no-op for one Redis."""
+
+    def node_for(self, channel: bytes) -> NodeSettings:
+        """The node whose connections carry ``channel``."""
+        return self.settings
+
+    def masters(self) -> list[NodeSettings]:
+        """The nodes channels are routed to now."""
+        return [self.settings]
+
+    def nodes(self) -> set[str]:
+        """The names of :meth:`masters`."""
+        return {node.node for node in self.masters()}
+
+    async def command(self, *args: Any) -> Any:
+        """One keyed command, routed by redis-py (to the master; by slot on a cluster)."""
+        return await self.client.execute_command(*args)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class SentinelDeployment(Deployment):
+    kind = "sentinel"
+
+    def __init__(self, url: str, settings: NodeSettings, sentinel: Sentinel, service: str) -> None:
+        super().__init__(url, settings, sentinel.master_for(service, **_COMMON))
+        self.sentinel = sentinel
+        self.service = service
+        self.master: NodeSettings | None = None
+
+    async def refresh(self) -> None:
+        host, port = await self.sentinel.discover_master(self.service)
+        self.master = self.settings.at(str(host), int(port))
+
+    def node_for(self, channel: bytes) -> NodeSettings:
+        if self.master is None:
+            raise RedisError(f"no master of {self.service!r} known yet (sentinels at {self.url})")
+        return self.master
+
+    def masters(self) -> list[NodeSettings]:
+        return [] if self.master is None else [self.master]
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        for client in self.sentinel.sentinels:
+            await client.aclose()
+
+
+class ClusterDeployment(Deployment):
+    kind = "cluster"
+    sharded = True
+
+    def __init__(self, url: str, settings: NodeSettings, cluster: RedisCluster) -> None:
+        super().__init__(url, settings, cluster)
+        self.cluster = cluster
+        self._owners: dict[int, NodeSettings] = {}
+
+    async def refresh(self) -> None:
+        await self.cluster.nodes_manager.initialize()
+        owners: dict[int, NodeSettings] = {}
+        known: dict[tuple[str, int], NodeSettings] = {}
+        for slot, nodes in self.cluster.nodes_manager.slots_cache.items():
+            if nodes:
+                address = (nodes[0].host, int(nodes[0].port))
+                if address not in known:
+                    known[address] = self.settings.at(*address)
+                owners[slot] = known[address]
+        self._owners = owners
+
+    def node_for(self, channel: bytes) -> NodeSettings:
+        owner = self._owners.get(key_slot(channel))
+        if owner is None:
+            raise RedisError(f"slot {key_slot(channel)} is not served by any master of {self.url}")
+        return owner
+
+    def masters(self) -> list[NodeSettings]:
+        return list({owner.node: owner for owner in self._owners.values()}.values())
+
+
+def parse_deployment(url: str, *, connect_timeout: float = 2.0, command_timeout: float = 5.0) -> Deployment:
+    """The deployment ``url`` names; ``ValueError`` (password redacted) for a URL that cannot work.
+
+    Nothing is connected here: a bad URL fails at once, an unreachable deployment later, in the
+    bus's own reconnect loop, with the URL in its log lines.
+    """
+    shown = redact(url)
+    scheme = urlsplit(url).scheme.lower()
+    timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout, "socket_timeout": command_timeout}
+    try:
+        if scheme in ("redis", "rediss", "unix"):
+            return _standalone(url, shown, timeouts)
+        if scheme in ("redis+sentinel", "rediss+sentinel"):
+            return _sentinel(url, shown, scheme.startswith("rediss"), timeouts)
+        if scheme in ("redis+cluster", "rediss+cluster"):
+            return _cluster(url, shown, scheme.startswith("rediss"), timeouts)
+    except ValueError:
+        raise
+    except (RedisError, TypeError, OSError, ssl.SSLError) as exc:
+        raise ValueError(f"invalid Redis URL {shown}: {exc}") from None
+    raise ValueError(
+        f"unsupported Redis URL scheme {scheme!r} in {shown} (redis://, rediss://, unix://, "
+        "redis+sentinel://, rediss+sentinel://, redis+cluster://, rediss+cluster://)"
+    )
+
+
+def _standalone(url: str, shown: str, timeouts: dict[str, Any]) -> Deployment:
+    try:
+        params: dict[str, Any] = dict(parse_url(url))
+    except ValueError as exc:
+        raise ValueError(f"invalid Redis URL {shown}: {exc}") from None
+    unknown = set(params) - {"host", "port", "path", "db", "username", "password", "connection_class"}
+    unknown -= set(_TLS_OPTIONS)
+    if unknown:
+        raise ValueError(f"unsupported option(s) {', '.join(sorted(unknown))} in the Redis URL {shown}")
+    if url.lower().startswith("unix:") and not params.get("path"):
+        raise ValueError(f"the Redis URL {shown} names no socket path (unix:///path/redis.sock)")
+    tls = _tls_context(params) if url.lower().startswith("rediss:") else None
+    settings = NodeSettings(
+        host=params.get("host") or "127.0.0.1",
+        port=int(params.get("port") or 6379),
+        path=params.get("path"),
+        tls=tls,
+        username=params.get("username"),
+        password=params.get("password"),
+        db=int(params.get("db") or 0),
+    )
+    client = Redis.from_url(url, **timeouts, **_COMMON)
+    return Deployment(url, settings, client)
+
+
+def _tls_kwargs(url: str, tls: bool, shown: str) -> tuple[dict[str, Any], ssl.SSLContext | None]:
+    query = _query(url)
+    unknown = set(query) - set(_TLS_OPTIONS) - {"sentinel_username", "sentinel_password"}
+    if unknown:
+        raise ValueError(f"unsupported option(s) {', '.join(sorted(unknown))} in the Redis URL {shown}")
+    options = {k: v for k, v in query.items() if k in _TLS_OPTIONS}
+    if options and not tls:
+        raise ValueError(f"TLS options in the Redis URL {shown} need the rediss+ scheme")
+    if not tls:
+        return {}, None
+    kwargs: dict[str, Any] = {"ssl": True, **options}
+    if "ssl_check_hostname" in kwargs:
+        kwargs["ssl_check_hostname"] = kwargs["ssl_check_hostname"].lower() not in ("0", "false", "no")
+    return kwargs, _tls_context(options)
+
+
+def _sentinel(url: str, shown: str, tls: bool, timeouts: dict[str, Any]) -> Deployment:
+    parts = urlsplit(url)
+    sentinels = _hosts(parts.netloc, 26379, shown)
+    segments = [unquote(s) for s in parts.path.split("/")[1:]]
+    db, service = 0, _SENTINEL_DEFAULT_SERVICE
+    if segments and segments[0]:
+        if not segments[0].isdigit():
+            raise ValueError(f"the database in the Redis URL {shown} must be a number")
+        db = int(segments[0])
+    if len(segments) > 1 and segments[1]:
+        service = segments[1]
+    tls_kwargs, context = _tls_kwargs(url, tls, shown)
+    credentials = _credentials(url)
+    query = _query(url)
+    sentinel_kwargs: dict[str, Any] = {**timeouts, **tls_kwargs}
+    if "sentinel_password" in query:
+        sentinel_kwargs["password"] = query["sentinel_password"]
+        if "sentinel_username" in query:
+            sentinel_kwargs["username"] = query["sentinel_username"]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=sentinel_kwargs, db=db, **credentials, **timeouts, **tls_kwargs
+    )
+    settings = NodeSettings(
+        tls=context, db=db, username=credentials.get("username"), password=credentials.get("password")
+    )
+    return SentinelDeployment(url, settings, sentinel, service)
+
+
+def _cluster(url: str, shown: str, tls: bool, timeouts: dict[str, Any]) -> Deployment:
+    parts = urlsplit(url)
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(f"a Redis Cluster has only database 0; the URL {shown} names another")
+    nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, 6379, shown)]
+    tls_kwargs, context = _tls_kwargs(url, tls, shown)
+    credentials = _credentials(url)
+    cluster = RedisCluster(
+        startup_nodes=nodes,
+        require_full_coverage=False,
+        **credentials,
+        **timeouts,
+        **tls_kwargs,
+        **_COMMON,
+    )
+    settings = NodeSettings(
+        tls=context, username=credentials.get("username"), password=credentials.get("password")
+    )
+    return ClusterDeployment(url, settings, cluster)

@@ -1,0 +1,402 @@
+"""One node's pair of connections: a pipelined publisher and a subscriber, each reconnecting.
+
+The bus (:mod:`.bus`) keeps one :class:`NodeLink` per Redis node it talks to: one for a single
+Redis or a Sentinel-managed master, one per master that owns a channel of this process on a
+Redis Cluster. A link never loses a message on its own: a queued message leaves its queue only
+when Redis has answered its PUBLISH, and a connection that stops answering is replaced only
+when Redis itself answers a fresh connection, so a slow or frozen Redis (``DEBUG SLEEP``,
+SIGSTOP, a long fork) causes no re-publish storm: the messages already written are answered
+when it wakes up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .resp import RespConnection, RespError
+
+if TYPE_CHECKING:
+    from .bus import RedisBus
+    from .deployment import NodeSettings
+
+__all__ = ["NodeLink", "Outgoing"]
+
+log = logging.getLogger("hubwire.backplane")
+
+_SUBSCRIBE_CHUNK = 256
+_BATCH = 1000
+#: replies that mean "this node is not (or not yet) the one for that channel": retry after a refresh
+_RETRY_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN")
+
+
+@dataclass(slots=True, eq=False)
+class Outgoing:
+    """One message waiting to be published (it leaves the queue once Redis answered it)."""
+
+    seq: int
+    channel: bytes
+    payload: bytes
+    enqueued: float
+    future: asyncio.Future[int] | None
+    done: bool = False
+    size: int = field(default=0)
+
+
+class NodeLink:
+    """Publisher queue + subscriber of one Redis node, supervised by the bus."""
+
+    def __init__(self, bus: RedisBus, node: NodeSettings) -> None:
+        self.bus = bus
+        self.node = node
+        self.queue: deque[Outgoing] = deque()
+        self.channels: set[bytes] = set()
+        self.pub: RespConnection | None = None
+        self.sub: RespConnection | None = None
+        self.sub_ready = asyncio.Event()
+        self.queue_event = asyncio.Event()
+        self.pub_task: asyncio.Task[None] | None = None
+        self.sub_task: asyncio.Task[None] | None = None
+        self.retired = False
+        self._pong: asyncio.Future[None] | None = None
+        self._ever_published = False
+        self._stall_logged = False
+        sharded = bus.deployment.sharded
+        self.publish_command = b"SPUBLISH" if sharded else b"PUBLISH"
+        self.subscribe_command = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
+        self.unsubscribe_command = b"SUNSUBSCRIBE" if sharded else b"UNSUBSCRIBE"
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.pub_task = loop.create_task(self._publisher(), name=f"hubwire-redis-publisher {self.node.node}")
+        self._start_subscriber()
+
+    def _start_subscriber(self) -> None:
+        self.sub_task = asyncio.get_running_loop().create_task(
+            self._subscriber(), name=f"hubwire-redis-subscriber {self.node.node}"
+        )
+        self.sub_task.add_done_callback(self._subscriber_ended)
+
+    def _subscriber_ended(self, task: asyncio.Task[None]) -> None:
+        """The supervisor: a subscriber task that ends while the link runs is restarted and counted."""
+        if not self.bus.running or self.retired:
+            return
+        if task.cancelled():
+            log.error("backplane subscriber task was cancelled; restarting it")
+        else:
+            log.error(
+                "backplane subscriber task ended unexpectedly; restarting it", exc_info=task.exception()
+            )
+        self.bus.stats.subscriber_restarts += 1
+        self._start_subscriber()
+
+    async def stop(self) -> None:
+        self.retired = True
+        for task in (self.pub_task, self.sub_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for conn in (self.pub, self.sub):
+            if conn is not None:
+                conn.close()
+
+    @property
+    def publisher_connected(self) -> bool:
+        return self.pub is not None and self.pub.is_open
+
+    @property
+    def subscriber_connected(self) -> bool:
+        return self.sub is not None and self.sub.is_open and self.sub_ready.is_set()
+
+    def pending(self) -> list[Outgoing]:
+        return [item for item in self.queue if not item.done]
+
+    def trim(self) -> None:
+        """Forget answered messages at the head of the queue."""
+        queue = self.queue
+        while queue and queue[0].done:
+            queue.popleft()
+
+    # -- subscriptions -----------------------------------------------------------------------------
+
+    def add_channel(self, key: bytes) -> None:
+        if key in self.channels:
+            return
+        self.channels.add(key)
+        sub = self.sub
+        if sub is not None and sub.is_open and self.sub_ready.is_set():
+            with contextlib.suppress(RespError):
+                sub.write_commands([(self.subscribe_command, key)], expect_replies=False)
+
+    def drop_channel(self, key: bytes) -> None:
+        if key not in self.channels:
+            return
+        self.channels.discard(key)
+        sub = self.sub
+        if sub is not None and sub.is_open and self.sub_ready.is_set():
+            with contextlib.suppress(RespError):
+                sub.write_commands([(self.unsubscribe_command, key)], expect_replies=False)
+
+    def _on_push(self, reply: list[Any]) -> None:
+        kind = reply[0]
+        if kind == b"message" or kind == b"smessage":
+            self.bus.dispatch(reply[1], reply[2])
+        elif kind == b"pong":
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(None)
+        elif kind == b"subscribe" or kind == b"ssubscribe":
+            self.bus.confirmed(reply[1])
+        elif kind == b"sunsubscribe" and reply[1] in self.channels:
+            # Redis dropped a channel we still want: its slot moved to another shard
+            self.channels.discard(reply[1])
+            self.bus.request_refresh(f"channel {reply[1]!r} left {self.node.node} (slot moved)")
+        elif kind == b"error":
+            self._on_subscribe_error(reply[1])
+
+    def _on_subscribe_error(self, error: bytes) -> None:
+        text = error.decode(errors="replace")
+        parts = text.split()
+        if parts and parts[0] in ("MOVED", "ASK") and len(parts) > 1 and parts[1].isdigit():
+            slot = int(parts[1])
+            for key in [k for k in self.channels if self.bus.slot_of(k) == slot]:
+                self.channels.discard(key)
+            self.bus.request_refresh(f"{self.node.node}: {text}")
+        else:
+            log.error("backplane subscription refused by %s: %s", self.node.node, text)
+
+    async def _subscriber(self) -> None:
+        attempt = 0
+        while self.bus.running and not self.retired:
+            conn: RespConnection | None = None
+            try:
+                conn = await RespConnection.open(
+                    self.node, self.bus.connect_timeout, on_push=self._on_push, name=f"{self.bus.name}-sub"
+                )
+                conn.subscribed = True
+                self.sub = conn
+                count = self._subscribe_all(conn)
+                # the PONG arrives after every subscribe reply: then we are really subscribed
+                self._pong = asyncio.get_running_loop().create_future()
+                conn.write_commands([(b"PING",)], expect_replies=False)
+                await asyncio.wait_for(self._pong, self.bus.command_timeout + count / 10_000)
+                if attempt:
+                    self.bus.stats.subscriber_reconnects += 1
+                    log.warning("backplane subscriber reconnected to %s (%d channels)", self.node.node, count)
+                attempt = 0
+                self.sub_ready.set()
+                await self._watch(conn)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, RespError, TimeoutError) as exc:
+                log.warning("backplane subscriber (%s): %s", self.node.node, exc or type(exc).__name__)
+                self.bus.request_refresh(f"subscriber of {self.node.node} failed")
+            finally:
+                self.sub_ready.clear()
+                if conn is not None:
+                    conn.abort()
+                if self.sub is conn:
+                    self.sub = None
+            if not self.bus.running or self.retired:
+                return
+            attempt += 1
+            await asyncio.sleep(self.bus.backoff(attempt))
+
+    def _subscribe_all(self, conn: RespConnection) -> int:
+        channels = list(self.channels)
+        if self.bus.deployment.sharded:  # one slot per SSUBSCRIBE: one channel per command, pipelined
+            for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
+                conn.write_commands(
+                    [(self.subscribe_command, key) for key in channels[i : i + _SUBSCRIBE_CHUNK]],
+                    expect_replies=False,
+                )
+        else:
+            for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
+                conn.write_commands(
+                    [(self.subscribe_command, *channels[i : i + _SUBSCRIBE_CHUNK])], expect_replies=False
+                )
+        return len(channels)
+
+    async def _watch(self, conn: RespConnection) -> None:
+        """Ping the subscriber; replace it when it is silent while Redis answers a fresh connection."""
+        bus = self.bus
+        while bus.running and conn.is_open:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(conn.lost), bus.health_interval)
+            if not conn.is_open:
+                return
+            idle = time.monotonic() - conn.last_read
+            if idle > bus.health_timeout:
+                if await self._stalled("subscriber", idle):
+                    conn.abort()
+                    return
+            elif idle >= bus.health_interval:
+                self._stall_logged = False
+                with contextlib.suppress(RespError):
+                    conn.write_commands([(b"PING",)], expect_replies=False)
+
+    async def _stalled(self, which: str, idle: float) -> bool:
+        """A connection of ours is silent: True when it must be replaced (Redis answers others).
+
+        Why not replace it at once: when Redis itself is frozen or slow the connection is fine
+        and everything written on it is answered when Redis wakes up; a new connection would
+        only re-publish (duplicates) and miss messages published meanwhile.
+        """
+        if not self._stall_logged:
+            self.bus.stats.stalls_detected += 1
+        if await self.probe():
+            log.error(
+                "backplane %s to %s silent for %.1fs while Redis answers: reconnecting",
+                which,
+                self.node.node,
+                idle,
+            )
+            self._stall_logged = False
+            return True
+        if not self._stall_logged:
+            self._stall_logged = True
+            log.error("Redis at %s does not answer (%.1fs): waiting for it", self.node.node, idle)
+        return False
+
+    async def probe(self) -> bool:
+        """Does the node answer a PING on a fresh connection, within the health timeout?"""
+        bus = self.bus
+        try:
+            conn = await RespConnection.open(self.node, bus.health_timeout)
+        except (OSError, RespError, TimeoutError):
+            return False
+        try:
+            await asyncio.wait_for(conn.command(b"PING"), bus.health_timeout)
+            return True
+        except (OSError, RespError, TimeoutError):
+            return False
+        finally:
+            conn.abort()
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        attempt = 0
+        bus = self.bus
+        while bus.running and not self.retired:
+            try:
+                conn = await RespConnection.open(self.node, bus.connect_timeout, name=f"{bus.name}-pub")
+            except (OSError, RespError, TimeoutError) as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.warning(
+                        "backplane publisher cannot reach %s: %s", self.node.node, exc or type(exc).__name__
+                    )
+                bus.request_refresh(f"publisher of {self.node.node} cannot connect")
+                await asyncio.sleep(bus.backoff(attempt))
+                continue
+            self.pub = conn
+            if attempt or self._ever_published:
+                bus.stats.publisher_reconnects += 1
+                log.warning(
+                    "backplane publisher reconnected to %s; %d buffered messages to flush",
+                    self.node.node,
+                    len(self.pending()),
+                )
+                bus.run_reconnect_hooks()
+                # let every instance's subscriber come back before flushing what piled up
+                await self._wait_subscriber(bus.flush_grace)
+            attempt = 0
+            self._ever_published = True
+            try:
+                await self._publish_while_open(conn)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, RespError, TimeoutError) as exc:
+                bus.stats.publish_errors += 1
+                log.warning("backplane publish to %s failed: %s", self.node.node, exc or type(exc).__name__)
+            finally:
+                conn.abort()
+                if self.pub is conn:
+                    self.pub = None
+            attempt = 1
+
+    async def _publish_while_open(self, conn: RespConnection) -> None:
+        while self.bus.running and conn.is_open and not self.retired:
+            self.trim()
+            if not self.queue:
+                self.queue_event.clear()
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(self.queue_event.wait())
+                done, _ = await asyncio.wait({waiter, conn.lost}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter not in done:
+                    waiter.cancel()
+                continue
+            if not await self.flush_once(conn):
+                # Redis said "not here" (a slot moved, a failover): wait for the new layout
+                await self.bus.refreshed(self.bus.backoff(1))
+
+    async def _wait_subscriber(self, grace: float) -> None:
+        start = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sub_ready.wait(), max(grace, self.bus.command_timeout))
+        remaining = grace - (time.monotonic() - start)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+    async def flush_once(self, conn: RespConnection) -> bool:
+        """Publish up to 1,000 queued messages pipelined; False when some must wait for a refresh."""
+        batch: list[Outgoing] = []
+        for item in self.queue:
+            if not item.done:
+                batch.append(item)
+                if len(batch) >= _BATCH:
+                    break
+        if not batch:
+            return True
+        command = self.publish_command
+        futures = conn.write_commands([(command, item.channel, item.payload) for item in batch])
+        gathered = asyncio.gather(*futures, return_exceptions=True)
+        results = await self._replies(conn, gathered)
+        return self._settle(batch, results)
+
+    async def _replies(self, conn: RespConnection, gathered: asyncio.Future[list[Any]]) -> list[Any]:
+        """Wait for the batch's replies; give up only when the connection is lost or replaced."""
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(gathered), self.bus.health_timeout)
+            except TimeoutError:
+                idle = time.monotonic() - conn.last_read
+                if idle > self.bus.health_timeout and await self._stalled("publisher", idle):
+                    conn.abort()  # the pending replies fail with "connection lost": kept, resent
+                    return await gathered
+
+    def _settle(self, batch: list[Outgoing], results: list[Any]) -> bool:
+        bus = self.bus
+        now = time.monotonic()
+        complete = True
+        lost = False
+        for item, result in zip(batch, results, strict=True):
+            if item.done:
+                continue  # dropped from a full buffer, or moved to another node meanwhile
+            if isinstance(result, int):
+                bus.finished(item, result)
+                continue
+            text = str(result)
+            if isinstance(result, RespError) and text.split(" ", 1)[0] in _RETRY_ERRORS:
+                complete = False
+                bus.request_refresh(f"{self.node.node}: {text}")
+            elif isinstance(result, RespError) and text.startswith(("connection", "not connected")):
+                lost = True
+            else:  # refused for good (e.g. NOPERM on a channel): never retried
+                bus.stats.publish_errors += 1
+                log.error("Redis at %s refused a publish to %r: %s", self.node.node, item.channel, text)
+                bus.finished(item, RespError(text))
+        self.trim()
+        delivered = [item for item in batch if item.done]
+        if delivered:
+            bus.stats.last_publish_lag = now - delivered[-1].enqueued
+        if lost:
+            raise RespError("connection lost under a batch")
+        return complete
