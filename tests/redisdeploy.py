@@ -1073,3 +1073,26 @@ class SentinelDeployment(_Deployment):
 
         self._wait(f"a replica promoted in place of {old_port}", promoted, timeout)
         return time.monotonic() - self._killed_at[old_port]
+
+    def restart(self, port: int, timeout: float = 20.0) -> float:
+        """Start a killed data node again. A killed master comes back *as a master* (its config
+        says so) until a sentinel tells it to replicate the new one, on its next INFO from the node
+        (every 10 s, not configurable): ~10 s. Wait until it does and is linked; the seconds."""
+        node = self._nodes[port]
+        if node.alive or node.sentinel:
+            raise DeploymentError(f"{port} is running or is a sentinel")
+        started = time.monotonic()
+        self._start(node)
+
+        def following() -> bool:
+            info = self.info(port, "replication")
+            master = self.master_port()
+            return (
+                master != port
+                and info.get("role") == "slave"
+                and info.get("master_port") == str(master)
+                and info.get("master_link_status") == "up"
+            )
+
+        self._wait(f"{port} back as a replica of the current master", following, timeout)
+        return time.monotonic() - started
