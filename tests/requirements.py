@@ -52,6 +52,7 @@ def chromium_path() -> Path:
 CHECKS: dict[str, tuple[Callable[[], bool], str]] = {
     "node": (lambda: node() is not None, "apt-get install nodejs"),
     "redis-server": (lambda: shutil.which("redis-server") is not None, "apt-get install redis-server"),
+    "openssl": (lambda: shutil.which("openssl") is not None, "apt-get install openssl"),
     "@microsoft/signalr": (
         lambda: (NODE_MODULES / "@microsoft" / "signalr" / "package.json").is_file(),
         "npm ci",
