@@ -33,6 +33,7 @@ def _run(args: argparse.Namespace) -> None:
         os.environ["HUBWIRE_REDIS_URL"] = args.redis
     if args.channel_prefix:
         os.environ["HUBWIRE_CHANNEL_PREFIX"] = args.channel_prefix
+    _check_redis_url(os.environ.get("HUBWIRE_REDIS_URL"))
     app = load_app(args.app)
     if callable(app) and getattr(args, "factory", False):
         app = app()
@@ -48,6 +49,19 @@ def _run(args: argparse.Namespace) -> None:
         **_log_config(args.log_format, args.log_level),
     )
     _server_class(app)(config).run()
+
+
+def _check_redis_url(url: str | None) -> None:
+    """A Redis URL that cannot work stops the server here, with one line naming it (password
+    redacted), instead of a traceback from inside the app's import."""
+    if not url:
+        return
+    from .backplane.deployment import parse_deployment
+
+    try:
+        parse_deployment(url)
+    except ValueError as exc:
+        raise SystemExit(f"hubwire: {exc}") from None
 
 
 def _ws_max_size(app: Any) -> int:

@@ -116,6 +116,9 @@ class RedisBus:
         self._buffered_bytes = 0
         self._last_drop_log = 0.0
         self._layout_known = False
+        self.routed = False
+        #: how long a node holds what it publishes after channels moved to it (NodeLink.hold)
+        self.move_grace = self.flush_grace + health_interval
         self._layout_error: str | None = None
         self._refresh_wanted = asyncio.Event()
         self._refreshed = asyncio.Event()
@@ -173,6 +176,7 @@ class RedisBus:
         self._links.clear()
         self._channel_links.clear()
         self._layout_known = False
+        self.routed = False
         with contextlib.suppress(Exception):
             await self.deployment.aclose()
 
@@ -245,6 +249,8 @@ class RedisBus:
         link = self._links.get(node.node)
         if link is None:
             link = self._links[node.node] = NodeLink(self, node)
+            if self.routed:  # a new master (a failover): the others' subscribers are moving too
+                link.hold(self.move_grace)
             link.start()
         return link
 
@@ -258,6 +264,8 @@ class RedisBus:
             if current is not None and current is not target:
                 current.drop_channel(key)
                 del self._channel_links[key]
+                if target is not None:
+                    target.hold(self.move_grace)
             if target is not None:
                 self._channel_links[key] = target
                 target.add_channel(key)
@@ -277,6 +285,7 @@ class RedisBus:
                 asyncio.get_running_loop().create_task(link.stop())
         if any(key not in self._channel_links for key in self._handlers):
             self.request_refresh("channels without a node")
+        self.routed = True
 
     def _reroute(self, items: list[Outgoing], source: NodeLink | None) -> None:
         moved: dict[NodeLink | None, list[Outgoing]] = {}
@@ -296,6 +305,8 @@ class RedisBus:
             queue = self._unrouted if target is None else target.queue
             queue.extendleft(reversed(batch))  # they were published before what is queued there
             if target is not None:
+                if source is not None:
+                    target.hold(self.move_grace)
                 target.queue_event.set()
         if source is not None:
             source.trim()

@@ -37,7 +37,8 @@ __all__ = ["Deployment", "NodeSettings", "parse_deployment", "redact"]
 #: the TLS query options of redis-py's URLs, and their keyword arguments
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 _SENTINEL_DEFAULT_SERVICE = "mymaster"
-_COMMON: dict[str, Any] = {"lib_name": None, "lib_version": None}
+#: no CLIENT SETINFO on connect: a least-privilege user may not run it
+_COMMON: dict[str, Any] = {"driver_info": None}
 
 
 def redact(url: str) -> str:
@@ -187,7 +188,10 @@ class ClusterDeployment(Deployment):
         self._owners: dict[int, NodeSettings] = {}
 
     async def refresh(self) -> None:
-        await self.cluster.nodes_manager.initialize()
+        if self.cluster._initialize:  # first time (or after aclose): the command table too
+            await self.cluster.initialize()
+        else:
+            await self.cluster.nodes_manager.initialize()
         owners: dict[int, NodeSettings] = {}
         known: dict[tuple[str, int], NodeSettings] = {}
         for slot, nodes in self.cluster.nodes_manager.slots_cache.items():
@@ -243,6 +247,8 @@ def _standalone(url: str, shown: str, timeouts: dict[str, Any]) -> Deployment:
     unknown -= set(_TLS_OPTIONS)
     if unknown:
         raise ValueError(f"unsupported option(s) {', '.join(sorted(unknown))} in the Redis URL {shown}")
+    if set(params) & set(_TLS_OPTIONS) and not url.lower().startswith("rediss:"):
+        raise ValueError(f"TLS options in the Redis URL {shown} need the rediss:// scheme")
     if url.lower().startswith("unix:") and not params.get("path"):
         raise ValueError(f"the Redis URL {shown} names no socket path (unix:///path/redis.sock)")
     tls = _tls_context(params) if url.lower().startswith("rediss:") else None

@@ -63,8 +63,11 @@ class NodeLink:
         self.pub_task: asyncio.Task[None] | None = None
         self.sub_task: asyncio.Task[None] | None = None
         self.retired = False
+        #: no publishing before this (monotonic) time: see :meth:`hold`
+        self.held_until = 0.0
         self._pong: asyncio.Future[None] | None = None
-        self._ever_published = False
+        #: a link made after startup (a new master): it may lack what the old one had (the token key)
+        self._ever_published = bus.routed
         self._stall_logged = False
         sharded = bus.deployment.sharded
         self.publish_command = b"SPUBLISH" if sharded else b"PUBLISH"
@@ -115,6 +118,15 @@ class NodeLink:
     @property
     def subscriber_connected(self) -> bool:
         return self.sub is not None and self.sub.is_open and self.sub_ready.is_set()
+
+    def hold(self, seconds: float) -> None:
+        """Publish nothing for ``seconds``: channels just moved here (a failover, a slot move).
+
+        Why: every instance's subscriber follows the move on its own, within about a second of
+        the others; a message published here before they all did would reach only some of them.
+        Held, it behaves as in a short outage: buffered, then sent in order.
+        """
+        self.held_until = max(self.held_until, time.monotonic() + seconds)
 
     def pending(self) -> list[Outgoing]:
         return [item for item in self.queue if not item.done]
@@ -332,6 +344,10 @@ class NodeLink:
                 done, _ = await asyncio.wait({waiter, conn.lost}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter not in done:
                     waiter.cancel()
+                continue
+            delay = self.held_until - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
                 continue
             if not await self.flush_once(conn):
                 # Redis said "not here" (a slot moved, a failover): wait for the new layout
