@@ -423,3 +423,41 @@ async def test_cluster_master_killed_replica_promoted_delivery_continues() -> No
                     assert values == [f"d{i}" for i in range(10)], (client.name, values, group.logs())
             await every_target_once(group, "after")
             print(f"cluster failover took {took:.2f}s")
+
+
+# -- many channels ---------------------------------------------------------------------------------
+
+
+async def test_twenty_thousand_group_channels_restored_after_redis_restarts() -> None:
+    """One instance holds 20,000 group channels; redis-server is killed and started again: every
+    subscription is restored and a send to the last group is delivered (the time it took is printed)."""
+    count = 20_000
+    with StandaloneRedis() as server:
+        prefix = new_prefix("many")
+        group = Cluster(server.url, prefix, 2, env={"SCALEOUT_MAX_GROUPS": str(count + 10)})
+        try:
+            async with connect(group.urls[0], "m", "many") as member:
+                started = time.monotonic()
+                assert await member.invoke("JoinGroups", "big-", count, timeout=120) == count
+                joined = time.monotonic() - started
+                pattern = group.channel("group:big-*")
+                assert len(server.call(server.port, "PUBSUB", "CHANNELS", pattern)) == count
+                server.kill()
+                await asyncio.to_thread(server.restart)
+                restarted = time.monotonic()
+                deadline = restarted + 60
+                while len(server.call(server.port, "PUBSUB", "CHANNELS", pattern)) < count:
+                    assert time.monotonic() < deadline, group.health()
+                    await asyncio.sleep(0.05)
+                restored = time.monotonic() - restarted
+                async with httpx.AsyncClient(timeout=10) as http:
+                    for value in ("last", "end"):
+                        url = f"{group.urls[1]}/group/big-{count - 1}/{value}"
+                        (await http.post(url)).raise_for_status()
+                assert await member.until_end("end", 15.0) == [["group", "last"]]
+            print(f"20,000 groups: joined in {joined:.1f}s; all subscribed again {restored:.2f}s after restart")
+        except BaseException:
+            print(group.logs())
+            raise
+        finally:
+            group.close()

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from hubwire import Hub, HubException, HubServer, Principal, RequestInfo
+from hubwire import Hub, HubException, HubOptions, HubServer, Principal, RequestInfo
 
 
 class ScaleHub(Hub):
@@ -67,6 +67,12 @@ class ScaleHub(Hub):
     async def send_users(self, users: list[str], value: str) -> None:
         await self.clients.users(users).send("Message", "users", value)
 
+    async def join_groups(self, prefix: str, count: int) -> int:
+        """Join ``count`` groups ``{prefix}{i}`` (the many-channels test); how many were joined."""
+        for i in range(count):
+            await self.groups.add(self.context.connection_id, f"{prefix}{i}")
+        return count
+
     async def ask_client(self, connection_id: str) -> str:
         try:
             timeout = float(os.environ.get("SCALEOUT_ASK_TIMEOUT", "10"))
@@ -80,7 +86,12 @@ def authenticate(request: RequestInfo) -> Principal | None:
     return Principal(user, {"sub": user}) if user else None
 
 
-hubs = HubServer(authenticator=authenticate)
+#: SCALEOUT_MAX_GROUPS: groups one connection may join (the many-channels test needs 20,000)
+_max_groups = os.environ.get("SCALEOUT_MAX_GROUPS")
+hubs = HubServer(
+    authenticator=authenticate,
+    options=HubOptions(max_groups_per_connection=int(_max_groups)) if _max_groups else None,
+)
 hubs.add_hub("/hub", ScaleHub)
 
 
