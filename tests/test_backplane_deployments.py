@@ -455,7 +455,7 @@ async def test_twenty_thousand_group_channels_restored_after_redis_restarts() ->
                         url = f"{group.urls[1]}/group/big-{count - 1}/{value}"
                         (await http.post(url)).raise_for_status()
                 assert await member.until_end("end", 15.0) == [["group", "last"]]
-            print(f"20,000 groups: joined in {joined:.1f}s; all subscribed again {restored:.2f}s after restart")
+            print(f"20,000 groups: joined in {joined:.1f}s; subscribed again {restored:.2f}s after a restart")
         except BaseException:
             print(group.logs())
             raise
