@@ -40,6 +40,10 @@ from .redisdeploy import (
 from .test_scaleout import Cluster, new_prefix
 
 RS = "\x1e"
+README = (ROOT / "README.md").read_text()
+#: the commands of the README's least-privilege line (the Redis Cluster one: it has them all)
+README_ACL = next(line for line in README.splitlines() if line.startswith("ACL SETUSER hw on >secret"))
+README_COMMANDS = tuple(word[1:] for word in README_ACL.split() if word.startswith("+"))
 
 
 # -- URL forms, without a server -------------------------------------------------------------------
@@ -273,7 +277,8 @@ async def test_unix_socket() -> None:
 async def test_least_privilege_acl_user_degrades_quietly() -> None:
     """The README's ACL line (no CLIENT SETNAME): everything works, nothing is logged about it."""
     prefix = new_prefix("acl")
-    with StandaloneRedis(acl=AclUser(prefix=prefix)) as server, instances(server.url, 2, prefix) as group:
+    acl = AclUser(prefix=prefix, commands=README_COMMANDS)
+    with StandaloneRedis(acl=acl) as server, instances(server.url, 2, prefix) as group:
         assert server.url.startswith("redis://hw:")
         await every_target_once(group, "acl")
         assert not _problems(group), group.logs()
@@ -336,7 +341,7 @@ async def _wait_nodes(group: Cluster, nodes: list[str], timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def redis_cluster() -> Iterator[RedisClusterDeployment]:
-    with RedisClusterDeployment(acl=AclUser(prefix="")) as cluster:
+    with RedisClusterDeployment(acl=AclUser(prefix="", commands=README_COMMANDS)) as cluster:
         yield cluster
 
 
