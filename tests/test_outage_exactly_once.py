@@ -195,11 +195,13 @@ async def test_debug_sleep_in_a_stream_of_1000_sends_no_duplicate_no_loss() -> N
             everyone = [x for row in rows for x in row]
             sender = group.urls[0]
             want = [("http", f"n-{i}") for i in range(1000)]
-            asleep: asyncio.Task[Any] | None = None
+            asleep: asyncio.Future[Any] | None = None
+            sent: dict[Got, float] = {}
             started = time.monotonic()
             for i in range(1000):
                 if i == 300:
                     asleep = asyncio.ensure_future(asyncio.to_thread(_debug_sleep, server.url, 4))
+                sent[want[i]] = time.monotonic()
                 assert (await http.post(f"{sender}/publish/n-{i}", timeout=2)).status_code == 200
                 await asyncio.sleep(0.004)  # pacing: the stream spans the sleep
             sent_in = time.monotonic() - started
@@ -223,6 +225,14 @@ async def test_debug_sleep_in_a_stream_of_1000_sends_no_duplicate_no_loss() -> N
                 f"instances: {summary}"
             )
             assert not problems, f"{problems}\ninstances: {summary}"
+            for label, row in (("instance 1's clients", rows[0]), ("the others'", rows[1] + rows[2])):
+                delays = sorted(x.at[g] - sent[g] for x in row for g in want)
+                print(
+                    f"{label}: send -> client median {statistics.median(delays) * 1000:.1f} ms, "
+                    f"max {delays[-1]:.2f} s"
+                )
+            local_delays = [x.at[g] - sent[g] for x in rows[0] for g in want]
+            assert max(local_delays) < 1.0, "instance 1's own clients waited for Redis"
     except BaseException:
         if group is not None:
             print(group.logs())
