@@ -11,12 +11,15 @@ receiver remembers the numbers it has seen.
 Bounded memory: per origin a bitmap of ``2 * window`` bits (16 KiB for the
 default 65,536) covering at least the last ``window`` sequence numbers below
 the highest seen; numbers older than that cannot be told apart and are
-accepted (at least once, never lost: a re-published batch is at most a
-thousand messages behind, far inside the window). Origins not heard from for
-``forget_after`` seconds (to a quarter more) are forgotten (an instance that
-stopped, or restarted under a new server name), and at most ``max_origins`` are kept (the least
-recently heard goes first). Gaps in the numbers are normal: an instance only
-receives the channels it subscribes to.
+accepted (at least once, never lost: a re-published batch is at most one batch
+behind, 1,000 messages in today's bus, far inside the window). Origins not
+heard from for ``forget_after`` seconds (to a quarter more) are forgotten (an
+instance that stopped, or restarted under a new server name), so a repeat
+arriving later than that, after an outage of over an hour, would be delivered
+again. At most ``max_origins`` are kept (the least recently heard goes first):
+16 MiB at the very most with the defaults, 16 KiB per live instance in
+practice. Gaps in the numbers are normal: an instance only receives the
+channels it subscribes to.
 
 Sans-I/O except for the injectable clock; one instance per id space (e.g. a
 hub's invocations, a hub's group commands).
@@ -49,7 +52,7 @@ class Deduplicator:
         window: int = 65_536,
         *,
         forget_after: float = 3600.0,
-        max_origins: int = 4096,
+        max_origins: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if window <= 0 or window % 8:

@@ -262,7 +262,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         self._seq = itertools.count(1)
         #: (origin, seq) of invocations and (server name, id) of group commands already handled
         self._seen_invocations = Deduplicator()
-        self._seen_commands = Deduplicator()
+        #: group commands are few: their ids move slowly, a small window reaches as far back
+        self._seen_commands = Deduplicator(window=4096)
 
     @property
     def duplicates_dropped(self) -> int:
