@@ -36,7 +36,9 @@ dropped). Between senders there is no common order any more: a client on
 instance A gets A's message at once and B's when Redis delivers it, while a
 client on instance C gets both in Redis's order, so two clients may see two
 senders' messages interleaved differently. (On one Redis, causality still
-holds: what A sends after receiving B's message is published after it.)
+holds: what A sends after receiving B's message is published after it.) With
+sharded channels on a Redis Cluster the per-sender order holds per shard; the
+dedupe window does not depend on order, only on numbers being unique.
 """
 
 from __future__ import annotations
