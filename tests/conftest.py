@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -122,9 +122,13 @@ def start_server() -> Iterator[object]:
 
 
 class RedisServer:
-    """A private redis-server on a free port (never the shared 6379)."""
+    """A private redis-server on a free port (never the shared 6379).
 
-    def __init__(self, port: int | None = None) -> None:
+    ``options`` are added to its command line, e.g. ``("--enable-debug-command", "yes")`` for a test
+    that sends ``DEBUG SLEEP`` (Redis 7 refuses DEBUG by default).
+    """
+
+    def __init__(self, port: int | None = None, options: Sequence[str] = ()) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not installed (the README test command installs it)")
@@ -132,6 +136,7 @@ class RedisServer:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="hubwire-redis-")
+        self.options = list(options)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -149,6 +154,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.dir,
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -781,6 +781,7 @@ def outage_run() -> ScenarioRun:
         "outage_setup",
         "outage_detected_by_every_instance",
         "outage_http_publish_returns_during_outage",
+        "outage_sender_clients_get_sends_at_once",
         "outage_local_clients_served_during_outage",
         "outage_client_result_times_out_during_outage",
         "outage_health_shows_buffered",
@@ -854,7 +855,8 @@ def overflow_run() -> ScenarioRun:
         "overflow_setup",
         "outage_detected_by_every_instance",
         "overflow_health_counts_drops",
-        "overflow_clients_get_the_last_buffer_messages_in_order",
+        "overflow_remote_clients_get_the_last_buffer_messages_in_order",
+        "overflow_sender_clients_get_every_message",
         "overflow_health_after_recovery",
     ],
 )
@@ -898,7 +900,8 @@ async def test_token_key_survives_redis_restart(private_redis: RedisServer) -> N
 
 async def test_frozen_redis_detected_and_nothing_lost(private_redis: RedisServer) -> None:
     """SIGSTOP on redis-server: sockets stay open but nothing answers. Every instance's watchdog
-    notices (stalls_detected), and messages published meanwhile arrive once, in order, after SIGCONT."""
+    notices (stalls_detected); the sending instance's own client gets the messages sent meanwhile at
+    once, the other instance's client once, in order, after SIGCONT."""
     group = Cluster(private_redis.url, new_prefix("frozen"), 2)
     assert private_redis.proc is not None
     pid = private_redis.proc.pid
@@ -919,6 +922,10 @@ async def test_frozen_redis_detected_and_nothing_lost(private_redis: RedisServer
                     assert (
                         await http.post(f"{group.urls[0]}/publish/frozen-{i}", timeout=2)
                     ).status_code == 200
+            want = [["http", f"frozen-{n}"] for n in range(3)]
+            # instance 1 delivered its sends to its own client when they were made
+            got = [(await hubs[0].until(lambda m: m.get("type") == 1, 1.0))["arguments"] for _ in range(3)]
+            assert got == want, f"instance 1, while Redis is frozen: {got}"
             await asyncio.to_thread(
                 wait_until,
                 lambda: all(h["stalls_detected"] >= 1 for h in group.health()),
@@ -926,11 +933,13 @@ async def test_frozen_redis_detected_and_nothing_lost(private_redis: RedisServer
                 "every instance to detect the stall",
                 group.health,
             )
+            with pytest.raises(TimeoutError):
+                early = await hubs[1].until(lambda m: m.get("type") == 1, 0.1)
+                pytest.fail(f"instance 2 got a message while Redis is frozen: {early}")
             os.kill(pid, signal.SIGCONT)
             frozen = False
-            for i, hub in enumerate(hubs):
-                got = [(await hub.until(lambda m: m.get("type") == 1, 15.0))["arguments"] for _ in range(3)]
-                assert got == [["http", f"frozen-{n}"] for n in range(3)], f"instance {i + 1}: {got}"
+            got = [(await hubs[1].until(lambda m: m.get("type") == 1, 15.0))["arguments"] for _ in range(3)]
+            assert got == want, f"instance 2: {got}"
             for hub in hubs:
                 with pytest.raises(TimeoutError):
                     extra = await hub.until(lambda m: m.get("type") == 1, 0.3)

@@ -102,6 +102,16 @@ async def publish(request: Request) -> JSONResponse:
     return JSONResponse({"sent": value, "pid": os.getpid()})
 
 
+async def burst(request: Request) -> JSONResponse:
+    """``count`` broadcasts ``{prefix}-{i}`` made back to back: nothing in between lets the backplane's
+    publisher run, so they go to Redis as one pipelined batch."""
+    count, prefix = int(request.path_params["count"]), request.path_params["prefix"]
+    clients = hubs.hub_context(ScaleHub).clients
+    for i in range(count):
+        await clients.all.send("Message", "http", f"{prefix}-{i}")
+    return JSONResponse({"sent": count})
+
+
 async def group_send(request: Request) -> JSONResponse:
     group, value = request.path_params["group"], request.path_params["value"]
     await hubs.hub_context(ScaleHub).clients.group(group).send("Message", "group", value)
@@ -122,6 +132,7 @@ web = Starlette(
     routes=[
         Route("/publish/{value}", publish, methods=["POST"]),
         Route("/group/{group}/{value}", group_send, methods=["POST"]),
+        Route("/burst/{count}/{prefix}", burst, methods=["POST"]),
         Route("/health", health),
         Route("/whoami", whoami),
     ]

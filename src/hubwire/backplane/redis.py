@@ -7,10 +7,38 @@ ack and return channels), with the same MessagePack envelopes, so Python and
 has local members for (group and user channels are reference-counted), so no
 instance has to read the whole cluster's traffic.
 
-Routing (as in SignalR): sends to all/groups/users go through Redis and come
-back to every instance, this one included, so every client sees the same
-order and each message once. A send to one connection held locally, and group
-changes for local connections, skip Redis.
+Routing: a send to all / groups / users / connections is delivered to the
+sending instance's own matching connections when it is made (honouring
+excluded ids, group membership and users) and published for the others. So
+while Redis is unreachable an instance's clients still get what that instance
+sends, at once; the other instances get it from the bus's ordered outage
+buffer when Redis returns. Unlike ASP.NET Core (which delivers its own sends
+only when they come back from Redis, and loses them during an outage), the
+sender drops its own copy when it comes back.
+
+Exactly once: every envelope this instance publishes carries its origin (the
+server name) and a per-hub sequence number (``protocol/backplane.py``);
+receivers drop a number they have seen (``dedupe.py``: the last 64k per
+origin), because the bus publishes a batch again when Redis's answer is lost
+and subscribers may have had the first copy. Envelopes without an id (.NET
+servers) are delivered as they come. Group commands are de-duplicated by
+their (server name, ack id), which every sender already makes unique: a late
+repeat of an "add" would otherwise put back a connection that has left the
+group since (and the same for "remove"). Acks and client-result completions
+need nothing: a second ack finds its waiter gone or done, and a second
+completion finds no pending call ("unknown").
+
+Ordering that remains: **per sender**. One instance's sends reach every
+client in the order they were made: locally synchronously, remotely through
+one ordered publisher queue and one subscriber connection per instance (and
+a re-published batch re-sends what is still queued, in order, its repeats
+dropped). Between senders there is no common order any more: a client on
+instance A gets A's message at once and B's when Redis delivers it, while a
+client on instance C gets both in Redis's order, so two clients may see two
+senders' messages interleaved differently. (On one Redis, causality still
+holds: what A sends after receiving B's message is published after it.) With
+sharded channels on a Redis Cluster the per-sender order holds per shard; the
+dedupe window does not depend on order, only on numbers being unique.
 """
 
 from __future__ import annotations
@@ -57,6 +85,7 @@ from ..protocol.errors import InvalidDataError
 from ..protocol.messages import CompletionMessage, InvocationMessage
 from .base import Backplane, BackplaneUnavailable
 from .bus import RedisBus
+from .dedupe import Deduplicator
 from .relay import Relay
 from .resp import RespError
 
@@ -213,7 +242,8 @@ class RedisBackplane(Backplane):
         return previous is None or previous == self.server_name.encode()
 
     def health(self) -> dict[str, Any]:
-        return self.bus.health()
+        duplicates = sum(m.duplicates_dropped for m in self.managers.values())
+        return {**self.bus.health(), "duplicates_dropped": duplicates}
 
 
 class RedisHubLifetimeManager(HubLifetimeManager):
@@ -235,6 +265,17 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         self._return_channel = self.channels.return_results(self.server_name)
         #: group joins acknowledged in the background
         self.tasks = BackgroundTasks(f"backplane {hub_name}")
+        #: sequence numbers of the envelopes this instance publishes for this hub
+        self._seq = itertools.count(1)
+        #: (origin, seq) of invocations and (server name, id) of group commands already handled
+        self._seen_invocations = Deduplicator()
+        #: group commands are few: their ids move slowly, a small window reaches as far back
+        self._seen_commands = Deduplicator(window=4096)
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Backplane messages received a second time and not handled again."""
+        return self._seen_invocations.duplicates + self._seen_commands.duplicates
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -259,11 +300,18 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         await self.tasks.cancel_all()
         await self.backplane.close()
 
-    def _serialize(self, message: InvocationMessage) -> dict[str, bytes]:
-        return SerializedMessage(message).serialize_all(self.protocols)
+    def _serialize(self, message: InvocationMessage) -> tuple[SerializedMessage, dict[str, bytes]]:
+        """Framed once per protocol: the same bytes go to local connections and into the envelopes."""
+        serialized = SerializedMessage(message)
+        return serialized, serialized.serialize_all(self.protocols)
+
+    def _envelope(self, serializations: dict[str, bytes], exclude: Collection[str] = ()) -> RedisInvocation:
+        """An envelope with the next sequence number: one per publish, so that one instance receiving
+        two of them (a member of two groups sent to together) does not take the second for a repeat."""
+        return RedisInvocation(serializations, list(exclude), origin=self.server_name, seq=next(self._seq))
 
     def _publish(self, channel: str, serializations: dict[str, bytes], exclude: Collection[str] = ()) -> None:
-        self.bus.publish(channel, encode_invocation(RedisInvocation(serializations, list(exclude))))
+        self.bus.publish(channel, encode_invocation(self._envelope(serializations, exclude)))
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -294,8 +342,13 @@ class RedisHubLifetimeManager(HubLifetimeManager):
 
     # -- sends -------------------------------------------------------------------------------------
 
+    # Each send is delivered here first (synchronously, so in the order the sends are made) and then
+    # published; the copy coming back from Redis is dropped (its origin is this instance).
+
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
-        self._publish(self.channels.all, self._serialize(InvocationMessage(method, list(args))), exclude)
+        message, serializations = self._serialize(InvocationMessage(method, list(args)))
+        self.local.deliver(list(self.local.connections.values()), message, exclude)
+        self._publish(self.channels.all, serializations, exclude)
 
     async def send_connections(
         self, connection_ids: Collection[str], method: str, args: Sequence[Any]
@@ -303,12 +356,16 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         ids = list(dict.fromkeys(connection_ids))
         if not ids:
             return
-        message = InvocationMessage(method, list(args))
-        if len(ids) == 1 and ids[0] in self.local.connections:
-            self.local.deliver([self.local.connections[ids[0]]], SerializedMessage(message))
+        conns = self.local.connections
+        remote = [cid for cid in ids if cid not in conns]
+        if not remote:  # all local: frame only the protocols these connections use
+            self.local.deliver(
+                [conns[cid] for cid in ids], SerializedMessage(InvocationMessage(method, list(args)))
+            )
             return
-        serializations = self._serialize(message)
-        for cid in ids:
+        message, serializations = self._serialize(InvocationMessage(method, list(args)))
+        self.local.deliver([conns[cid] for cid in ids if cid in conns], message)
+        for cid in remote:
             self._publish(self.channels.connection(cid), serializations)
 
     async def send_groups(
@@ -317,26 +374,38 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         names = [g for g in dict.fromkeys(groups) if g]
         if not names:
             return
-        serializations = self._serialize(InvocationMessage(method, list(args)))
+        message, serializations = self._serialize(InvocationMessage(method, list(args)))
         for group in names:
+            members = self.local.groups.get(group)
+            if members:
+                self.local.deliver(list(members.values()), message, exclude)
             self._publish(self.channels.group(group), serializations, exclude)
 
     async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
         users = list(dict.fromkeys(user_ids))
         if not users:
             return
-        serializations = self._serialize(InvocationMessage(method, list(args)))
+        message, serializations = self._serialize(InvocationMessage(method, list(args)))
         for uid in users:
+            members = self.local.users.get(uid)
+            if members:
+                self.local.deliver(list(members.values()), message)
             self._publish(self.channels.user(uid), serializations)
 
     # -- receiving ---------------------------------------------------------------------------------
 
     def _decode(self, channel: bytes, data: bytes) -> RedisInvocation | None:
+        """The envelope to deliver, or None: malformed, sent by this instance, or already delivered."""
         try:
-            return decode_invocation(data)
+            inv = decode_invocation(data)
         except InvalidDataError as exc:
             log.warning("ignoring a malformed backplane message on %r: %s", channel, exc)
             return None
+        if inv.origin is None or inv.seq is None:
+            return inv  # from .NET (or an older hubwire): no id, delivered as it comes
+        if inv.origin == self.server_name:
+            return None  # delivered to the local connections when it was sent
+        return inv if self._seen_invocations.first_time(inv.origin, inv.seq) else None
 
     def _deliver(
         self, recipients: list[HubConnectionContext], inv: RedisInvocation, honour_excluded: bool
@@ -442,6 +511,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         conn = self.local.connections.get(command.connection_id)
         if conn is None:
             return
+        if not self._seen_commands.first_time(command.server_name, command.id):
+            return  # a repeat: acting again could undo a change made since (and ack twice)
         if command.action == GROUP_ADD:
             self.tasks.spawn(self._ack_after_join(conn, command), name="group join ack")
         else:
@@ -478,10 +549,11 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
-            serializations = self._serialize(
+            _, serializations = self._serialize(
                 InvocationMessage(method, list(args), invocation_id=invocation_id)
             )
-            envelope = RedisInvocation(serializations, [], invocation_id, self._return_channel)
+            envelope = self._envelope(serializations)
+            envelope.invocation_id, envelope.return_channel = invocation_id, self._return_channel
             receivers = self.bus.publish(
                 self.channels.connection(connection_id), encode_invocation(envelope), want_receivers=True
             )

@@ -4,6 +4,17 @@ Sans-I/O: channel names and MessagePack envelopes only. Because the envelope
 carries each hub message already framed for every protocol, a receiving
 instance writes the bytes straight to its clients (no re-serialization), and
 Python and .NET instances can share one Redis.
+
+hubwire adds two trailing elements to invocations, ``origin`` (the sending
+instance's server name) and ``seq`` (its per-origin sequence number), so a
+receiver can drop a copy it already delivered (the bus may publish a batch
+twice) and the sender can skip its own copy (it delivered to its local
+connections when the send was made). ASP.NET Core's ``RedisProtocol.ReadInvocation``
+reads slots 3-4 (``invocationId``, ``returnChannel``) whenever the array has more
+than 3 elements, with ``ReadString`` (nil reads as null), and ignores anything
+after them; so a plain send is written ``[excluded, sers, nil, nil, origin,
+seq]`` and .NET servers see an ordinary send. Envelopes without the pair (from
+.NET or older hubwire) are delivered as before, without de-duplication.
 """
 
 from __future__ import annotations
@@ -68,13 +79,16 @@ class BackplaneChannels:
 class RedisInvocation:
     """A send through the backplane: framed hub message per protocol, minus excluded connections.
 
-    ``invocation_id`` and ``return_channel`` are set only for client-result requests.
+    ``invocation_id`` and ``return_channel`` are set only for client-result requests;
+    ``origin`` and ``seq`` identify the envelope for de-duplication (hubwire senders only).
     """
 
     serializations: dict[str, bytes]
     excluded: list[str] = field(default_factory=list)
     invocation_id: str | None = None
     return_channel: str | None = None
+    origin: str | None = None
+    seq: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,11 +103,15 @@ class GroupCommand:
 
 
 def encode_invocation(inv: RedisInvocation) -> bytes:
-    """``[excluded, {protocol: bin}]`` or, for client results, ``[..., invocationId, returnChannel]``."""
+    """``[excluded, {protocol: bin}]``; for client results ``[..., invocationId, returnChannel]``;
+    with an origin ``[excluded, {protocol: bin}, invocationId|nil, returnChannel|nil, origin, seq]``."""
     body: list[Any] = [inv.excluded, inv.serializations]
-    if inv.invocation_id is not None:
+    if inv.invocation_id is not None or inv.origin is not None:
         body.append(inv.invocation_id)
-        body.append(inv.return_channel)
+        body.append(inv.return_channel if inv.invocation_id is not None else None)
+    if inv.origin is not None:
+        body.append(inv.origin)
+        body.append(inv.seq or 0)
     return _encoder.encode(body)
 
 
@@ -105,7 +123,7 @@ def _decode(data: bytes) -> Any:
 
 
 def decode_invocation(data: bytes) -> RedisInvocation:
-    """Parse an invocation envelope; unknown protocols stay in the map, extra elements are ignored."""
+    """Parse an invocation envelope; unknown protocols stay in the map, unknown extra elements are ignored."""
     arr = _decode(data)
     if not isinstance(arr, list) or len(arr) < 2:
         raise InvalidDataError("Invalid backplane invocation: expected an array of at least 2 elements.")
@@ -123,6 +141,8 @@ def decode_invocation(data: bytes) -> RedisInvocation:
     inv = RedisInvocation(clean, excluded)
     if len(arr) > 3 and isinstance(arr[2], str) and isinstance(arr[3], str):
         inv.invocation_id, inv.return_channel = arr[2], arr[3]
+    if len(arr) > 5 and isinstance(arr[4], str) and type(arr[5]) is int:
+        inv.origin, inv.seq = arr[4], arr[5]
     return inv
 
 

@@ -22,7 +22,7 @@ Metrics (all prefixed ``hubwire_``):
 * ``backplane_published_total``, ``backplane_received_total``,
   ``backplane_dropped_total``, ``backplane_publish_errors_total``,
   ``backplane_reconnects_total{link}``, ``backplane_subscriber_restarts_total``,
-  ``backplane_stalls_total``, ``backplane_buffered``,
+  ``backplane_stalls_total``, ``backplane_duplicates_dropped_total``, ``backplane_buffered``,
   ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
   ``backplane_connected`` (Redis backplane only);
 * ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
@@ -194,6 +194,7 @@ def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
         ("subscriber_restarts", "Subscriber task restarts"),
         ("stalls_detected", "Silent subscriber connections replaced"),
         ("handler_errors", "Backplane messages whose handler failed"),
+        ("duplicates_dropped", "Backplane messages received a second time and dropped"),
     ):
         name = "stalls" if stat == "stalls_detected" else stat
         yield CounterMetricFamily(f"hubwire_backplane_{name}", doc, value=health.get(stat, 0))
