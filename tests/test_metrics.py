@@ -253,6 +253,11 @@ async def test_metrics_move(
     assert value(down, "hubwire_backplane_connected") == 0
     assert value(down, "hubwire_backplane_buffered") == 5
     assert value(down, "hubwire_backplane_dropped_total") == 7
+    # 12 envelopes of about one size (their sequence numbers may differ by a byte): 5 kept, 7 dropped
+    kept = value(down, "hubwire_backplane_buffered_bytes")
+    dropped = value(down, "hubwire_backplane_dropped_bytes_total")
+    assert kept > 0 and 0.9 * 7 / 5 < dropped / kept < 1.1 * 7 / 5, (kept, dropped)
+    assert value(down, "hubwire_backplane_nodes") == 1
     private_redis.start()
     up = await wait_scrape(
         url,

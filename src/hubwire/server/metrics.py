@@ -20,7 +20,8 @@ Metrics (all prefixed ``hubwire_``):
 * ``invocations_total`` / ``invocation_errors_total`` /
   ``invocations_rate_limited_total`` per hub;
 * ``backplane_published_total``, ``backplane_received_total``,
-  ``backplane_dropped_total``, ``backplane_publish_errors_total``,
+  ``backplane_dropped_total``, ``backplane_dropped_bytes_total``, ``backplane_publish_errors_total``,
+  ``backplane_layout_refreshes_total``, ``backplane_buffered_bytes``, ``backplane_nodes``,
   ``backplane_reconnects_total{link}``, ``backplane_subscriber_restarts_total``,
   ``backplane_stalls_total``, ``backplane_duplicates_dropped_total``, ``backplane_buffered``,
   ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
@@ -190,9 +191,11 @@ def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
         ("published", "Messages published to Redis"),
         ("received", "Messages received from Redis"),
         ("dropped", "Messages dropped from the outage buffer"),
+        ("dropped_bytes", "Bytes of the messages dropped from the outage buffer"),
         ("publish_errors", "Failed publish batches"),
         ("subscriber_restarts", "Subscriber task restarts"),
-        ("stalls_detected", "Silent subscriber connections replaced"),
+        ("stalls_detected", "Times a Redis connection fell silent (replaced when Redis answered others)"),
+        ("layout_refreshes", "Sentinel / Cluster layouts learned (the first one, failovers, slot moves)"),
         ("handler_errors", "Backplane messages whose handler failed"),
         ("duplicates_dropped", "Backplane messages received a second time and dropped"),
     ):
@@ -208,6 +211,16 @@ def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
         "hubwire_backplane_buffered", "Messages waiting to be published", value=health.get("buffered", 0)
     )
     yield GaugeMetricFamily(
+        "hubwire_backplane_buffered_bytes",
+        "Bytes waiting to be published",
+        value=health.get("buffered_bytes", 0),
+    )
+    yield GaugeMetricFamily(
+        "hubwire_backplane_nodes",
+        "Redis nodes this instance publishes to",
+        value=len(health.get("nodes", ())),
+    )
+    yield GaugeMetricFamily(
         "hubwire_backplane_subscriptions", "Channels subscribed", value=health.get("subscriptions", 0)
     )
     yield GaugeMetricFamily(
@@ -217,7 +230,7 @@ def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
     )
     yield GaugeMetricFamily(
         "hubwire_backplane_connected",
-        "1 while both Redis links are up",
+        "1 while every Redis node's two links are up",
         value=1 if health.get("state") == "connected" else 0,
     )
 
