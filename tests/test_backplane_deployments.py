@@ -121,6 +121,16 @@ def test_a_bad_url_stops_the_server_at_startup_with_the_url_redacted() -> None:
     assert "topsecret" not in output and "Traceback" not in output, output
 
 
+async def test_an_unreachable_redis_is_an_error_naming_the_url_without_its_password() -> None:
+    url = f"redis://hw:topsecret@127.0.0.1:{free_port()}/0"
+    with instances(url, 1) as group:
+        health = group.health()[0]
+        assert health["state"] == "degraded" and not health["publisher_connected"], health
+        logs = group.logs()
+        assert f"Redis at {redact(url)} is not reachable yet" in logs, logs
+        assert "topsecret" not in logs and "topsecret" not in json.dumps(health)
+
+
 # -- clients ---------------------------------------------------------------------------------------
 
 
