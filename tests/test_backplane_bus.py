@@ -14,10 +14,11 @@ import logging
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from hubwire.backplane.bus import RedisBus
 
-from .conftest import RedisServer
+from .conftest import RedisServer, free_port
 from .hwtools import wait_for
 
 NAME = "issue11-bus"
@@ -77,3 +78,144 @@ async def test_subscriber_task_restarted_counted_and_delivering(
     # a closed bus does not restart anything
     assert link.sub_task is not None and link.sub_task.done()
     assert bus.stats.subscriber_restarts == 1
+
+
+# -- the data path's edges (a review of the per-node links found each of these; each test fails on it) --
+
+
+async def _numsub(url: str, channel: str) -> int:
+    async with aioredis.Redis.from_url(url) as r:
+        return int(dict(await r.pubsub_numsub(channel))[channel.encode()])
+
+
+async def test_a_channel_subscribed_while_the_rest_is_resubscribed_is_subscribed(
+    private_redis: RedisServer,
+) -> None:
+    """20,000 channels take a moment to subscribe again after a reconnect; a group joined meanwhile
+    must reach Redis too, not only the bus's table."""
+    bus = RedisBus(private_redis.url, name=NAME, max_backoff=0.2)
+    await bus.start()
+    try:
+        for i in range(20_000):
+            await bus.subscribe(f"many:{i}", lambda channel, data: None, wait=0)
+        await wait_for(lambda: _async(bus.healthy), 10, "20,000 channels subscribed")
+        (link,) = bus._links.values()
+        old = link.sub
+        async with aioredis.Redis.from_url(private_redis.url) as r:
+            await r.client_kill_filter(_type="pubsub")
+        deadline = asyncio.get_running_loop().time() + 10
+        while link.sub is None or link.sub is old:  # the new connection, before it is confirmed
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0)
+        assert not link.sub_ready.is_set()
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+        await bus.subscribe("late", lambda channel, data: got.put_nowait(data))
+        await wait_for(lambda: _async(bus.healthy), 10, "the bus to be back")
+        assert await _numsub(private_redis.url, "late") == 1
+        bus.publish("late", b"hello")
+        assert await asyncio.wait_for(got.get(), 5) == b"hello"
+    finally:
+        await bus.close()
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_a_busy_redis_is_waited_for_publishes_and_subscriptions() -> None:
+    """A long script makes Redis answer BUSY: a publish waits and arrives once, a subscription made
+    meanwhile is made again; nothing is dropped or refused for good."""
+    server = RedisServer(options=("--busy-reply-threshold", "100"))
+    bus = RedisBus(server.url, name=NAME, max_backoff=0.2)
+    await bus.start()
+    try:
+        got: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+        await bus.subscribe("before", lambda channel, data: got.put_nowait((channel, data)))
+        busy = aioredis.Redis.from_url(server.url)
+        script = asyncio.ensure_future(busy.eval("while true do end", 0))
+        await asyncio.sleep(0.4)  # past the threshold: Redis answers BUSY now
+        receivers = bus.publish("before", b"during-busy", want_receivers=True)
+        await bus.subscribe(
+            "joined-during-busy", lambda channel, data: got.put_nowait((channel, data)), wait=1
+        )
+        await asyncio.sleep(0.5)
+        async with aioredis.Redis.from_url(server.url) as admin:
+            await admin.script_kill()
+        await asyncio.gather(script, return_exceptions=True)
+        await busy.aclose()
+        assert receivers is not None and await asyncio.wait_for(receivers, 10) == 1
+        assert await asyncio.wait_for(got.get(), 5) == (b"before", b"during-busy")
+
+        async def subscribed() -> bool:  # asked again with a backoff (at most max_backoff apart)
+            return await _numsub(server.url, "joined-during-busy") == 1
+
+        await wait_for(subscribed, 10, "the subscription refused with BUSY to be made")
+        bus.publish("joined-during-busy", b"after")
+        assert await asyncio.wait_for(got.get(), 5) == (b"joined-during-busy", b"after")
+        assert bus.stats.publish_errors == 0 and bus.stats.dropped == 0
+    finally:
+        await bus.close()
+        server.close()
+
+
+async def test_close_sends_what_is_queued_once(private_redis: RedisServer) -> None:
+    received: list[bytes] = []
+    async with aioredis.Redis.from_url(private_redis.url) as r:
+        pubsub = r.pubsub()
+        await pubsub.subscribe("closing")
+        await pubsub.get_message(timeout=1)
+        bus = RedisBus(private_redis.url, name=NAME)
+        await bus.start()
+        for i in range(3000):
+            bus.publish("closing", b"%d" % i)
+        await asyncio.sleep(0)  # the publisher has the first batch on the wire
+        await asyncio.sleep(0)
+        await bus.close()
+        while len(received) < 3000:
+            message = await pubsub.get_message(timeout=5)
+            assert message is not None, f"only {len(received)} of 3000 arrived"
+            if message["type"] == "message":
+                received.append(message["data"])
+        assert await pubsub.get_message(timeout=0.3) is None  # and nothing twice
+        await pubsub.aclose()
+    assert received == [b"%d" % i for i in range(3000)]
+    assert bus.stats.published == 3000 and bus.buffered == 0
+
+
+async def test_a_full_buffer_never_drops_a_message_already_written(private_redis: RedisServer) -> None:
+    bus = RedisBus(private_redis.url, name=NAME, buffer_size=100)
+    await bus.start()
+    try:
+        futures = [bus.publish("full", b"%d" % i, want_receivers=True) for i in range(100)]
+        (link,) = bus._links.values()
+        deadline = asyncio.get_running_loop().time() + 5
+        while not any(item.inflight for item in link.queue):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0)
+        futures.append(bus.publish("full", b"100", want_receivers=True))  # one too many
+        results = await asyncio.gather(*[f for f in futures if f is not None], return_exceptions=True)
+        written = [r for r in results[:100] if isinstance(r, int)]
+        assert len(written) == 100, results[:100]  # every message on the wire was answered, not "dropped"
+        assert isinstance(results[100], Exception) and bus.stats.dropped == 1
+    finally:
+        await bus.close()
+
+
+async def test_a_cluster_that_cannot_be_reached_is_retried_not_given_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    bus = RedisBus(f"redis+cluster://hw:pw@127.0.0.1:{port}", name=NAME, connect_timeout=0.3)
+    with caplog.at_level(logging.ERROR, logger="hubwire.backplane"):
+        await bus.start()
+        try:
+            await asyncio.sleep(1.5)
+            assert bus._maintainer is not None and not bus._maintainer.done()
+            assert not bus.healthy and bus.health()["layout_refreshes"] == 0
+        finally:
+            await bus.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("cannot reach the Redis deployment at redis+cluster://hw:***@" in line for line in lines), (
+        lines
+    )
+    assert not any(":pw@" in line for line in lines)

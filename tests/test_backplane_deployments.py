@@ -89,6 +89,8 @@ def test_url_details() -> None:
         ("redis+sentinel://u:secret@h:1/x", "must be a number"),
         ("redis+cluster://u:secret@h:1/3", "only database 0"),
         ("redis+cluster://u:secret@h:1?ssl_ca_certs=/x", "need the rediss\\+ scheme"),
+        (f"redis://u:secret@{'x' * 70}.example:1/0", "invalid host"),
+        (f"redis+cluster://u:secret@{'x' * 70}.example:1", "invalid host"),
     ],
 )
 def test_bad_urls_say_what_and_never_the_password(url: str, says: str) -> None:
@@ -103,6 +105,12 @@ def test_redact() -> None:
     assert redact("redis://:pw@h") == "redis://:***@h"
     assert redact("redis+cluster://u:pw@a:1,b:2") == "redis+cluster://u:***@a:1,b:2"
     assert redact("redis://h:1") == "redis://h:1"
+    assert redact("redis://h:1/0?password=pw&db=1") == "redis://h:1/0?password=***&db=1"
+    assert (
+        redact("redis+sentinel://h:1/0/m?sentinel_password=pw")
+        == "redis+sentinel://h:1/0/m?sentinel_password=***"
+    )
+    assert "pw" not in repr(parse_deployment("redis://u:pw@h:1/0").settings)
 
 
 def test_a_bad_url_stops_the_server_at_startup_with_the_url_redacted() -> None:

@@ -29,7 +29,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ..connections.tasks import BackgroundTasks
-from .deployment import NodeSettings, parse_deployment
+from .deployment import NodeSettings, parse_deployment, redact_text
 from .link import NodeLink, Outgoing
 from .resp import RespError
 
@@ -67,6 +67,8 @@ class BusStats:
     subscriber_restarts: int = 0
     stalls_detected: int = 0
     handler_errors: int = 0
+    malformed: int = 0
+    publisher_restarts: int = 0
     layout_refreshes: int = 0
     last_publish_lag: float = 0.0
 
@@ -121,9 +123,11 @@ class RedisBus:
         self.move_grace = self.flush_grace + health_interval
         self._layout_error: str | None = None
         self._refresh_wanted = asyncio.Event()
+        self._lost_channels = False
         self._refreshed = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
         self._reconnect_hooks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._stopping = BackgroundTasks("backplane links stopping")
         self._hook_tasks = BackgroundTasks("backplane reconnect hooks")
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -138,9 +142,7 @@ class RedisBus:
         if self.running:
             return
         self.running = True
-        self._maintainer = asyncio.get_running_loop().create_task(
-            self._maintain(), name="hubwire-redis-layout"
-        )
+        self._start_maintainer()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._until_healthy(), self.connect_timeout)
         if not self.healthy:
@@ -159,20 +161,22 @@ class RedisBus:
         """Stop the links and close their connections (queued messages get one last flush attempt)."""
         if not self.running:
             return
-        for link in list(self._links.values()):
-            pub = link.pub
-            if link.pending() and pub is not None and pub.is_open:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(link.flush_once(pub), self.command_timeout)
+        # the publishers send what is queued (bounded); never a second writer on their connections
+        await asyncio.gather(*(link.drain(self.command_timeout) for link in list(self._links.values())))
+        self._layout_known = False  # what is published from now on waits in _unrouted
         self.running = False
         await self._hook_tasks.cancel_all()
         if self._maintainer is not None:
             self._maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._maintainer
+        await self._stopping.cancel_all()
         for link in list(self._links.values()):
             await link.stop()
             self._unrouted.extend(link.pending())  # kept for a restart of this bus
+        for item in self._unrouted:
+            if item.future is not None and not item.future.done():
+                item.future.set_exception(RespError("backplane closed before this message was sent"))
         self._links.clear()
         self._channel_links.clear()
         self._layout_known = False
@@ -206,6 +210,11 @@ class RedisBus:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._refreshed.wait(), timeout)
 
+    def channel_lost(self, key: bytes, why: str) -> None:
+        """A node stopped carrying a channel we still want (its slot moved): subscribe it again."""
+        self._lost_channels = True
+        self.request_refresh(why)
+
     def slot_of(self, key: bytes) -> int:
         return key_slot(key)
 
@@ -213,13 +222,14 @@ class RedisBus:
         """Learn the layout, route channels and messages to their nodes, and follow changes."""
         attempt = 0
         while self.running:
+            self._refresh_wanted.clear()  # a failure reported from now on asks for another refresh
             try:
-                await asyncio.wait_for(self.deployment.refresh(), self.command_timeout)
+                changed, gained = await asyncio.wait_for(self.deployment.refresh(), self.command_timeout)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # redis-py's cluster errors are not all RedisErrors: never die here
                 attempt += 1
-                error = str(exc) or type(exc).__name__
+                error = redact_text(str(exc) or type(exc).__name__)
                 if error != self._layout_error or attempt % 30 == 1:
                     log.error("backplane: cannot reach the Redis deployment at %s: %s", self.address, error)
                 self._layout_error = error
@@ -229,14 +239,33 @@ class RedisBus:
             self._layout_error = None
             self.stats.layout_refreshes += 1
             self._layout_known = True
-            self._route()
+            if changed or not self.routed or self._lost_channels:
+                self._lost_channels = False
+                self._route(gained)
             self._refreshed.set()
             if self.deployment.kind == "standalone":
                 return  # one node, for good
-            self._refresh_wanted.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._refresh_wanted.wait(), _LAYOUT_INTERVAL)
             await asyncio.sleep(_REFRESH_MIN_GAP)
+
+    def _maintainer_ended(self, task: asyncio.Task[None]) -> None:
+        """Following the layout must not stop while the bus runs: restart it (after a pause)."""
+        if not self.running or (not task.cancelled() and task.exception() is None):
+            return  # closing, or one Redis: its layout was learned once, for good
+        log.error(
+            "backplane layout task ended unexpectedly; restarting it",
+            exc_info=None if task.cancelled() else task.exception(),
+        )
+        self._start_maintainer(1.0)
+
+    def _start_maintainer(self, delay: float = 0.0) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            await self._maintain()
+
+        self._maintainer = asyncio.get_running_loop().create_task(run(), name="hubwire-redis-layout")
+        self._maintainer.add_done_callback(self._maintainer_ended)
 
     def _target(self, key: bytes) -> NodeLink | None:
         try:
@@ -254,10 +283,16 @@ class RedisBus:
             link.start()
         return link
 
-    def _route(self) -> None:
-        """Put every channel and queued message on the link of the node that now owns it."""
+    def _route(self, gained: Collection[str] = ()) -> None:
+        """Put every channel and queued message on the link of the node that now owns it.
+
+        ``gained``: nodes that took over slots or mastership; they hold what this instance
+        publishes for a moment (:meth:`NodeLink.hold`), even on channels it only publishes to.
+        """
         for node in self.deployment.masters():
-            self._link(node)
+            link = self._link(node)
+            if self.routed and node.node in gained:
+                link.hold(self.move_grace)
         for key in self._handlers:
             target = self._target(key)
             current = self._channel_links.get(key)
@@ -282,7 +317,7 @@ class RedisBus:
                     if self._channel_links.get(key) is link:
                         del self._channel_links[key]
                 self._reroute(link.pending(), link)
-                asyncio.get_running_loop().create_task(link.stop())
+                self._stopping.spawn(link.stop(), name=f"stop backplane link {name}")
         if any(key not in self._channel_links for key in self._handlers):
             self.request_refresh("channels without a node")
         self.routed = True
@@ -376,7 +411,7 @@ class RedisBus:
             link.add_channel(key)
             await asyncio.wait_for(future, wait if wait is not None else self.command_timeout)
         except TimeoutError:
-            log.warning("subscription to %s not confirmed yet; it will be renewed on reconnect", channel)
+            log.warning("subscription to %s not confirmed yet; it is asked again until it is", channel)
         finally:
             waiters = self._confirmations.get(key)
             if waiters and future in waiters:
@@ -453,17 +488,19 @@ class RedisBus:
                 item.future.set_exception(result)
 
     def _drop_oldest(self) -> bool:
-        queues = [link.queue for link in self._links.values()] + [self._unrouted]
-        heads = []
-        for queue in queues:
+        """Drop the oldest message not yet written to Redis (one in flight may well arrive)."""
+        oldest: Outgoing | None = None
+        for queue in [link.queue for link in self._links.values()] + [self._unrouted]:
             while queue and queue[0].done:
                 queue.popleft()
-            if queue:
-                heads.append(queue)
-        if not heads:
+            for item in queue:  # past the in-flight batch (at most one per node) at the head
+                if not item.done and not item.inflight:
+                    if oldest is None or item.seq < oldest.seq:
+                        oldest = item
+                    break
+        if oldest is None:
             return False
-        queue = min(heads, key=lambda q: q[0].seq)
-        dropped = queue.popleft()
+        dropped = oldest
         self.stats.dropped += 1
         self.stats.dropped_bytes += dropped.size
         self.finished(dropped, RespError("backplane buffer overflow: message dropped"))

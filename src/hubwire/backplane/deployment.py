@@ -20,8 +20,9 @@ hubwire's own connections (:mod:`.resp`), opened with the same :class:`NodeSetti
 
 from __future__ import annotations
 
+import re
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -32,7 +33,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-__all__ = ["Deployment", "NodeSettings", "parse_deployment", "redact"]
+__all__ = ["Deployment", "NodeSettings", "parse_deployment", "redact", "redact_text"]
 
 #: the TLS query options of redis-py's URLs, and their keyword arguments
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
@@ -41,18 +42,30 @@ _SENTINEL_DEFAULT_SERVICE = "mymaster"
 _COMMON: dict[str, Any] = {"driver_info": None}
 
 
+_SECRET_QUERY = re.compile(r"((?:^|&)[^=&]*password[^=&]*=)[^&]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for every log line and error message)."""
+    """``url`` with its passwords (userinfo, ``...password=`` options) replaced by ``***``.
+
+    For every log line and error message that names a Redis URL.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable URL>"
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}"
+    query = _SECRET_QUERY.sub(r"\1***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact_text(text: str) -> str:
+    """Redis URLs inside an error text (redis-py's errors may quote one) with their passwords redacted."""
+    return re.sub(r"rediss?(?:\+\w+)?://\S+", lambda m: redact(m.group(0)), text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +77,7 @@ class NodeSettings:
     path: str | None = None
     tls: ssl.SSLContext | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     db: int = 0
 
     @property
@@ -99,10 +112,19 @@ def _hosts(netloc: str, default_port: int, shown: str) -> list[tuple[str, int]]:
         if not sep:
             host, port = item.strip(), str(default_port)
         host = host.strip("[]")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not _valid_host(host):
             raise ValueError(f"invalid host:port {item!r} in the Redis URL {shown}")
         hosts.append((host, int(port)))
     return hosts
+
+
+def _valid_host(host: str) -> bool:
+    """A name the resolver can take (a label over 63 characters fails only when connecting)."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _credentials(url: str) -> dict[str, Any]:
@@ -128,8 +150,13 @@ class Deployment:
         self.settings = settings
         self.client = client
 
-    async def refresh(self) -> None:
-        """Learn the deployment's current layout (the master, the slot map); a no-op for one Redis."""
+    async def refresh(self) -> tuple[bool, set[str]]:
+        """Learn the deployment's current layout (the master, the slot map); a no-op for one Redis.
+
+        Returns whether it changed since the last refresh, and the nodes that gained slots or
+        became master (what is published there is held a moment: bus.py).
+        """
+        return True, set()
 
     def node_for(self, channel: bytes) -> NodeSettings:
         """The node whose connections carry ``channel``."""
@@ -149,6 +176,7 @@ class Deployment:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        self._initialized = False
 
 
 class SentinelDeployment(Deployment):
@@ -160,9 +188,12 @@ class SentinelDeployment(Deployment):
         self.service = service
         self.master: NodeSettings | None = None
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> tuple[bool, set[str]]:
         host, port = await self.sentinel.discover_master(self.service)
-        self.master = self.settings.at(str(host), int(port))
+        master = self.settings.at(str(host), int(port))
+        changed = self.master is None or master.node != self.master.node
+        self.master = master
+        return changed, {master.node} if changed else set()
 
     def node_for(self, channel: bytes) -> NodeSettings:
         if self.master is None:
@@ -186,12 +217,15 @@ class ClusterDeployment(Deployment):
         super().__init__(url, settings, cluster)
         self.cluster = cluster
         self._owners: dict[int, NodeSettings] = {}
+        self._initialized = False
 
-    async def refresh(self) -> None:
-        if self.cluster._initialize:  # first time (or after aclose): the command table too
+    async def refresh(self) -> tuple[bool, set[str]]:
+        if not self._initialized:  # the first time (or after aclose): the command table too
             await self.cluster.initialize()
+            self._initialized = True
         else:
             await self.cluster.nodes_manager.initialize()
+        before = self._owners
         owners: dict[int, NodeSettings] = {}
         known: dict[tuple[str, int], NodeSettings] = {}
         for slot, nodes in self.cluster.nodes_manager.slots_cache.items():
@@ -201,6 +235,10 @@ class ClusterDeployment(Deployment):
                     known[address] = self.settings.at(*address)
                 owners[slot] = known[address]
         self._owners = owners
+        gained = {
+            node.node for slot, node in owners.items() if slot not in before or before[slot].node != node.node
+        }
+        return bool(gained) or len(owners) != len(before), gained
 
     def node_for(self, channel: bytes) -> NodeSettings:
         owner = self._owners.get(key_slot(channel))
@@ -249,6 +287,8 @@ def _standalone(url: str, shown: str, timeouts: dict[str, Any]) -> Deployment:
         raise ValueError(f"unsupported option(s) {', '.join(sorted(unknown))} in the Redis URL {shown}")
     if set(params) & set(_TLS_OPTIONS) and not url.lower().startswith("rediss:"):
         raise ValueError(f"TLS options in the Redis URL {shown} need the rediss:// scheme")
+    if params.get("host") and not _valid_host(params["host"]):
+        raise ValueError(f"invalid host {params['host']!r} in the Redis URL {shown}")
     if url.lower().startswith("unix:") and not params.get("path"):
         raise ValueError(f"the Redis URL {shown} names no socket path (unix:///path/redis.sock)")
     tls = _tls_context(params) if url.lower().startswith("rediss:") else None

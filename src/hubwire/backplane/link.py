@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,10 @@ log = logging.getLogger("hubwire.backplane")
 _SUBSCRIBE_CHUNK = 256
 _BATCH = 1000
 #: replies that mean "this node is not (or not yet) the one for that channel": retry after a refresh
-_RETRY_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN")
+#: (or "not now": BUSY with a long script, LOADING after a restart)
+_RETRY_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN", "BUSY")
+#: the longest pause between two restarts of a task that keeps failing
+_RESTART_BACKOFF_MAX = 5.0
 
 
 @dataclass(slots=True, eq=False)
@@ -46,6 +50,8 @@ class Outgoing:
     future: asyncio.Future[int] | None
     done: bool = False
     size: int = field(default=0)
+    #: written to a connection, its answer not read yet (never dropped from a full buffer then)
+    inflight: bool = False
 
 
 class NodeLink:
@@ -69,6 +75,14 @@ class NodeLink:
         #: a link made after startup (a new master): it may lack what the old one had (the token key)
         self._ever_published = bus.routed
         self._stall_logged = False
+        #: SUNSUBSCRIBEs we sent and whose replies are still to come (not a slot move)
+        self._unsubscribing: dict[bytes, int] = {}
+        #: channels whose subscribe Redis has not confirmed yet on the current connection
+        self._unconfirmed: set[bytes] = set()
+        self._retry_delay = 0.0
+        self._retry: asyncio.TimerHandle | None = None
+        self._restarts = {"publisher": 0, "subscriber": 0}
+        self._last_refusal_log = 0.0
         sharded = bus.deployment.sharded
         self.publish_command = b"SPUBLISH" if sharded else b"PUBLISH"
         self.subscribe_command = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
@@ -77,28 +91,40 @@ class NodeLink:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._start("publisher")
+        self._start("subscriber")
+
+    def _start(self, which: str, delay: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
-        self.pub_task = loop.create_task(self._publisher(), name=f"hubwire-redis-publisher {self.node.node}")
-        self._start_subscriber()
+        body = self._publisher() if which == "publisher" else self._subscriber()
+        task = loop.create_task(self._after(delay, body), name=f"hubwire-redis-{which} {self.node.node}")
+        if which == "publisher":
+            self.pub_task = task
+        else:
+            self.sub_task = task
+        task.add_done_callback(lambda done: self._ended(which, done))
 
-    def _start_subscriber(self) -> None:
-        self.sub_task = asyncio.get_running_loop().create_task(
-            self._subscriber(), name=f"hubwire-redis-subscriber {self.node.node}"
-        )
-        self.sub_task.add_done_callback(self._subscriber_ended)
+    @staticmethod
+    async def _after(delay: float, body: Coroutine[Any, Any, None]) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        await body
 
-    def _subscriber_ended(self, task: asyncio.Task[None]) -> None:
-        """The supervisor: a subscriber task that ends while the link runs is restarted and counted."""
+    def _ended(self, which: str, task: asyncio.Task[None]) -> None:
+        """The supervisor: a loop that ends while the link runs is restarted (with backoff) and counted."""
         if not self.bus.running or self.retired:
             return
         if task.cancelled():
-            log.error("backplane subscriber task was cancelled; restarting it")
+            log.error("backplane %s task was cancelled; restarting it", which)
         else:
-            log.error(
-                "backplane subscriber task ended unexpectedly; restarting it", exc_info=task.exception()
-            )
-        self.bus.stats.subscriber_restarts += 1
-        self._start_subscriber()
+            log.error("backplane %s task ended unexpectedly; restarting it", which, exc_info=task.exception())
+        if which == "subscriber":
+            self.bus.stats.subscriber_restarts += 1
+        else:
+            self.bus.stats.publisher_restarts += 1
+        self._restarts[which] += 1
+        delay = min(_RESTART_BACKOFF_MAX, 0.05 * 2.0 ** min(self._restarts[which] - 1, 10))
+        self._start(which, delay if self._restarts[which] > 1 else 0.0)
 
     async def stop(self) -> None:
         self.retired = True
@@ -128,6 +154,12 @@ class NodeLink:
         """
         self.held_until = max(self.held_until, time.monotonic() + seconds)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the publisher has sent everything queued, or cannot."""
+        deadline = time.monotonic() + timeout
+        while self.pending() and self.publisher_connected and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
     def pending(self) -> list[Outgoing]:
         return [item for item in self.queue if not item.done]
 
@@ -140,38 +172,59 @@ class NodeLink:
     # -- subscriptions -----------------------------------------------------------------------------
 
     def add_channel(self, key: bytes) -> None:
+        """Subscribe ``key`` here (at once when connected, also while the rest is re-subscribed)."""
         if key in self.channels:
             return
         self.channels.add(key)
         sub = self.sub
-        if sub is not None and sub.is_open and self.sub_ready.is_set():
+        if sub is not None and sub.is_open:
             with contextlib.suppress(RespError):
                 sub.write_commands([(self.subscribe_command, key)], expect_replies=False)
+                self._unconfirmed.add(key)
 
     def drop_channel(self, key: bytes) -> None:
         if key not in self.channels:
             return
         self.channels.discard(key)
+        self._unconfirmed.discard(key)
         sub = self.sub
-        if sub is not None and sub.is_open and self.sub_ready.is_set():
+        if sub is not None and sub.is_open:
             with contextlib.suppress(RespError):
                 sub.write_commands([(self.unsubscribe_command, key)], expect_replies=False)
+                self._unsubscribing[key] = self._unsubscribing.get(key, 0) + 1
 
     def _on_push(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind == b"message" or kind == b"smessage":
-            self.bus.dispatch(reply[1], reply[2])
-        elif kind == b"pong":
-            if self._pong is not None and not self._pong.done():
-                self._pong.set_result(None)
-        elif kind == b"subscribe" or kind == b"ssubscribe":
-            self.bus.confirmed(reply[1])
-        elif kind == b"sunsubscribe" and reply[1] in self.channels:
+        """A push on the subscriber connection (bytes from Redis: a malformed one is counted, not raised)."""
+        try:
+            kind = reply[0]
+            if kind == b"message" or kind == b"smessage":
+                self.bus.dispatch(reply[1], reply[2])
+            elif kind == b"pong":
+                if self._pong is not None and not self._pong.done():
+                    self._pong.set_result(None)
+            elif kind == b"subscribe" or kind == b"ssubscribe":
+                self._unconfirmed.discard(reply[1])
+                self._retry_delay = 0.0
+                self.bus.confirmed(reply[1])
+            elif kind == b"sunsubscribe" or kind == b"unsubscribe":
+                self._on_unsubscribed(reply[1])
+            elif kind == b"error":
+                self._on_subscribe_error(reply[1])
+        except (IndexError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            self.bus.stats.malformed += 1
+            log.warning("ignoring a malformed push from Redis at %s: %s", self.node.node, exc)
+
+    def _on_unsubscribed(self, key: bytes) -> None:
+        pending = self._unsubscribing.get(key, 0)
+        if pending:  # the reply to our own unsubscribe
+            if pending == 1:
+                del self._unsubscribing[key]
+            else:
+                self._unsubscribing[key] = pending - 1
+        elif key in self.channels:
             # Redis dropped a channel we still want: its slot moved to another shard
-            self.channels.discard(reply[1])
-            self.bus.request_refresh(f"channel {reply[1]!r} left {self.node.node} (slot moved)")
-        elif kind == b"error":
-            self._on_subscribe_error(reply[1])
+            self.channels.discard(key)
+            self.bus.channel_lost(key, f"channel {key!r} left {self.node.node} (slot moved)")
 
     def _on_subscribe_error(self, error: bytes) -> None:
         text = error.decode(errors="replace")
@@ -180,9 +233,32 @@ class NodeLink:
             slot = int(parts[1])
             for key in [k for k in self.channels if self.bus.slot_of(k) == slot]:
                 self.channels.discard(key)
-            self.bus.request_refresh(f"{self.node.node}: {text}")
-        else:
-            log.error("backplane subscription refused by %s: %s", self.node.node, text)
+                self.bus.confirmed(key)  # its subscriber waits no longer: the new owner gets it
+                self.bus.channel_lost(key, f"{self.node.node}: {text}")
+            return
+        if self._pong is not None and not self._pong.done():  # still connecting: start over
+            self._pong.set_exception(RespError(text))
+            return
+        # anything else (BUSY, LOADING, TRYAGAIN, NOPERM...): the channels not confirmed yet are
+        # asked for again after a backoff; the connection and every confirmed channel stay as they are
+        if self._retry is None:
+            self._retry_delay = min(self.bus.max_backoff, max(0.05, self._retry_delay * 2))
+            log.warning(
+                "backplane subscription refused by %s: %s; asking again in %.2fs",
+                self.node.node,
+                text,
+                self._retry_delay,
+            )
+            self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._resubscribe)
+
+    def _resubscribe(self) -> None:
+        self._retry = None
+        sub = self.sub
+        keys = [key for key in self._unconfirmed if key in self.channels]
+        if sub is None or not sub.is_open or not keys:
+            return
+        with contextlib.suppress(RespError):
+            sub.write_commands([(self.subscribe_command, key) for key in keys], expect_replies=False)
 
     async def _subscriber(self) -> None:
         attempt = 0
@@ -208,7 +284,7 @@ class NodeLink:
             except asyncio.CancelledError:
                 raise
             except (OSError, RespError, TimeoutError) as exc:
-                log.warning("backplane subscriber (%s): %s", self.node.node, exc or type(exc).__name__)
+                log.warning("backplane subscriber (%s): %s", self.node.node, str(exc) or type(exc).__name__)
                 self.bus.request_refresh(f"subscriber of {self.node.node} failed")
             finally:
                 self.sub_ready.clear()
@@ -223,6 +299,7 @@ class NodeLink:
 
     def _subscribe_all(self, conn: RespConnection) -> int:
         channels = list(self.channels)
+        self._unconfirmed = set(channels)
         if self.bus.deployment.sharded:  # one slot per SSUBSCRIBE: one channel per command, pipelined
             for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
                 conn.write_commands(
@@ -304,7 +381,9 @@ class NodeLink:
                 attempt += 1
                 if attempt == 1:
                     log.warning(
-                        "backplane publisher cannot reach %s: %s", self.node.node, exc or type(exc).__name__
+                        "backplane publisher cannot reach %s: %s",
+                        self.node.node,
+                        str(exc) or type(exc).__name__,
                     )
                 bus.request_refresh(f"publisher of {self.node.node} cannot connect")
                 await asyncio.sleep(bus.backoff(attempt))
@@ -328,7 +407,9 @@ class NodeLink:
                 raise
             except (OSError, RespError, TimeoutError) as exc:
                 bus.stats.publish_errors += 1
-                log.warning("backplane publish to %s failed: %s", self.node.node, exc or type(exc).__name__)
+                log.warning(
+                    "backplane publish to %s failed: %s", self.node.node, str(exc) or type(exc).__name__
+                )
             finally:
                 conn.abort()
                 if self.pub is conn:
@@ -373,8 +454,14 @@ class NodeLink:
             return True
         command = self.publish_command
         futures = conn.write_commands([(command, item.channel, item.payload) for item in batch])
-        gathered = asyncio.gather(*futures, return_exceptions=True)
-        results = await self._replies(conn, gathered)
+        for item in batch:
+            item.inflight = True
+        try:
+            gathered = asyncio.gather(*futures, return_exceptions=True)
+            results = await self._replies(conn, gathered)
+        finally:
+            for item in batch:
+                item.inflight = False
         return self._settle(batch, results)
 
     async def _replies(self, conn: RespConnection, gathered: asyncio.Future[list[Any]]) -> list[Any]:
@@ -407,7 +494,9 @@ class NodeLink:
                 lost = True
             else:  # refused for good (e.g. NOPERM on a channel): never retried
                 bus.stats.publish_errors += 1
-                log.error("Redis at %s refused a publish to %r: %s", self.node.node, item.channel, text)
+                if now - self._last_refusal_log > 5.0:
+                    self._last_refusal_log = now
+                    log.error("Redis at %s refused a publish to %r: %s", self.node.node, item.channel, text)
                 bus.finished(item, RespError(text))
         self.trim()
         delivered = [item for item in batch if item.done]
