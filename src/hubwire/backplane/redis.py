@@ -86,6 +86,7 @@ from ..protocol.messages import CompletionMessage, InvocationMessage
 from .base import Backplane, BackplaneUnavailable
 from .bus import RedisBus
 from .dedupe import Deduplicator
+from .lease import InstanceLease, LeaseWatch, claim_key
 from .relay import Relay
 from .resp import RespError
 
@@ -109,6 +110,13 @@ class RedisBackplane(Backplane):
     connection negotiated on another; ``previous_secret`` is still accepted
     during a rotation. Without one the instances agree on a random key stored
     in Redis under the prefix.
+
+    ``lease_interval`` / ``lease_ttl``: the instance's lease in Redis is
+    refreshed every ``lease_interval`` seconds and expires ``lease_ttl``
+    seconds after the last refresh, so other instances know within about
+    ``lease_ttl`` that this one died, and answer the requests they relay to it
+    with 404 (the client reconnects elsewhere) instead of waiting for the relay
+    timeout. They check the leases they wait on every ``lease_interval``.
     """
 
     def __init__(
@@ -121,6 +129,8 @@ class RedisBackplane(Backplane):
         ack_timeout: float = 30.0,
         secret: bytes | str | None = None,
         previous_secret: bytes | str | None = None,
+        lease_interval: float = 1.0,
+        lease_ttl: float = 3.0,
         **bus_options: Any,
     ) -> None:
         self.url = url
@@ -135,14 +145,20 @@ class RedisBackplane(Backplane):
         self._stored_key: bytes | None = None
         self._started = 0
         self.managers: dict[str, RedisHubLifetimeManager] = {}
+        #: this instance's lease: other instances learn in seconds that it died
+        self.lease = InstanceLease(self.bus, channel_prefix, self.server_name, lease_interval, lease_ttl)
+        self.bus.on_reconnect(self._reregister)
         #: relays SSE / long-polling requests to the instance holding the connection
-        self.relay: Relay = Relay(self.bus, channel_prefix, self.server_name)
+        self.relay: Relay = Relay(
+            self.bus, channel_prefix, self.server_name, LeaseWatch(self.bus, channel_prefix, lease_interval)
+        )
 
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
         """``HUBWIRE_REDIS_URL`` / ``HUBWIRE_CHANNEL_PREFIX`` / ``HUBWIRE_SECRET`` /
         ``HUBWIRE_BACKPLANE_BUFFER`` (messages) / ``HUBWIRE_BACKPLANE_BUFFER_BYTES`` /
-        ``HUBWIRE_ACK_TIMEOUT`` (seconds), or None when unset."""
+        ``HUBWIRE_ACK_TIMEOUT`` / ``HUBWIRE_LEASE_INTERVAL`` / ``HUBWIRE_LEASE_TTL`` (seconds), or
+        None when unset."""
         url = os.environ.get("HUBWIRE_REDIS_URL")
         if not url:
             return None
@@ -154,6 +170,8 @@ class RedisBackplane(Backplane):
             ack_timeout=float(os.environ.get("HUBWIRE_ACK_TIMEOUT") or 30.0),
             secret=os.environ.get("HUBWIRE_SECRET") or None,
             previous_secret=os.environ.get("HUBWIRE_PREVIOUS_SECRET") or None,
+            lease_interval=float(os.environ.get("HUBWIRE_LEASE_INTERVAL") or 1.0),
+            lease_ttl=float(os.environ.get("HUBWIRE_LEASE_TTL") or 3.0),
         )
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
@@ -165,12 +183,18 @@ class RedisBackplane(Backplane):
         self._started += 1
         if self._started == 1:
             await self.bus.start()
+            self.lease.start()
 
     async def close(self) -> None:
         self._started -= 1
         if self._started == 0:
+            await self.lease.stop()  # first: the others stop relaying here at once
             await self.relay.close()
             await self.bus.close()
+
+    async def _reregister(self) -> None:
+        """After a reconnect: Redis may have restarted empty, so list this instance again."""
+        self.lease.reregister()
 
     @property
     def _token_key(self) -> str:
@@ -230,7 +254,7 @@ class RedisBackplane(Backplane):
         connection). While Redis cannot be asked, a replay cannot be told apart from
         a first start, so None is returned and the start refused (503).
         """
-        key = f"{self.channel_prefix}hubwire:internal:claim:{connection_id}"
+        key = claim_key(self.channel_prefix, connection_id)
         try:
             # one round trip: set when absent, and say who holds it otherwise (Redis >= 7.0)
             previous = await self.bus.command(
@@ -243,7 +267,7 @@ class RedisBackplane(Backplane):
 
     def health(self) -> dict[str, Any]:
         duplicates = sum(m.duplicates_dropped for m in self.managers.values())
-        return {**self.bus.health(), "duplicates_dropped": duplicates}
+        return {**self.bus.health(), "duplicates_dropped": duplicates, "lease_failures": self.lease.failures}
 
 
 class RedisHubLifetimeManager(HubLifetimeManager):

@@ -141,6 +141,23 @@ class Outbox:
         self._woken = False
         return chunks
 
+    def put_back(self, chunks: list[bytes]) -> None:
+        """Queue again, first, what a long poll took but could not deliver (its client was gone).
+
+        Why: a poll takes everything queued before it writes; when its client turns out to be
+        gone, the bytes belong to the next poll, in their original order.
+        """
+        if not chunks:
+            return
+        self._chunks[:0] = chunks
+        self.buffered += sum(len(c) for c in chunks)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+                self._woken = True
+
     async def take(self) -> list[bytes] | None:
         """Wait for queued bytes and return them all; None once closed and drained."""
         while not self._chunks:

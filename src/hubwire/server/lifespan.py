@@ -1,14 +1,16 @@
 """The ASGI lifespan protocol for the server: start on startup, stop on shutdown.
 
 When the server wraps another app (``HubServer(app=...)``), that app owns the
-protocol (its own startup hooks run), and the server starts and stops around it.
+protocol (its own startup hooks run), and the server starts and stops around it:
+it stops before the app's "shutdown complete" reaches the ASGI server, which
+exits right after it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from ..http import ASGIApp, Receive, Scope, Send
+from ..http import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["serve_lifespan"]
 
@@ -23,10 +25,22 @@ async def serve_lifespan(
 ) -> None:
     if app is not None:
         await startup()
+        stopped = False
+
+        async def send_after_shutdown(message: Message) -> None:
+            # the server stops before the wrapped app reports its shutdown complete: once it is
+            # reported, uvicorn exits, and the backplane would not get to say goodbye (its lease)
+            nonlocal stopped
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and not stopped:
+                stopped = True
+                await shutdown()
+            await send(message)
+
         try:
-            await app(scope, receive, send)
+            await app(scope, receive, send_after_shutdown)
         finally:
-            await shutdown()
+            if not stopped:
+                await shutdown()
         return
     while True:
         message = await receive()

@@ -12,6 +12,9 @@ Semantics (ASP.NET Core's, which the clients are written against):
 * ``204`` means "stop polling": the connection is closing, or a newer poll
   of the same connection replaced this one (already-written data counts as
   delivered, unsent data stays queued for the newer poll).
+* A poll whose client went away takes nothing; one whose response cannot be
+  written (a relayed poll whose relaying instance did not confirm delivery)
+  puts what it took back, first in the queue.
 * ``DELETE`` ends the connection (``202``); the waiting poll ends with ``204``.
 * Between polls the connection is *inactive*; the server heartbeat disposes
   it after the disconnect timeout and the application's ``on_disconnect``
@@ -130,7 +133,11 @@ async def _wait_and_answer(
     chunks = outbox.take_nowait()
     if chunks:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        await respond(send, 200, body, "application/octet-stream", headers)
+        try:
+            await respond(send, 200, body, "application/octet-stream", headers)
+        except Exception as exc:  # the client is gone (a relayed poll's, say): the next poll gets them
+            log.debug("poll of %s not delivered (%s); its data stays queued", conn.connection_id, exc)
+            outbox.put_back(chunks)
         return
     if outbox.closed:
         # the application is done and everything was delivered: stop polling, dispose

@@ -23,8 +23,10 @@ the connection token itself, and the owner knows its connection's token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -34,9 +36,20 @@ from ..connections.connection import Connection, Principal, RequestInfo
 from ..connections.manager import ConnectionManager
 from ..http import BodyTooLarge, ClientGone, Message, Receive, Scope, Send, read_body, respond
 from ..protocol import texts
-from .httpbase import post_limit
+from .httpbase import post_limit, wait_disconnect
 
-__all__ = ["LOCAL_ONLY", "RELAYED_USER", "HttpHandler", "Reply", "RequestRelay", "forward", "serve_relayed"]
+__all__ = [
+    "LOCAL_ONLY",
+    "RELAYED_USER",
+    "Answer",
+    "HttpHandler",
+    "RelayHandler",
+    "RelayedCall",
+    "Reply",
+    "RequestRelay",
+    "forward",
+    "serve_relayed",
+]
 
 #: a relayed reply: status, body, response headers
 Reply = tuple[int, bytes, list[tuple[str, str]]]
@@ -44,10 +57,42 @@ Reply = tuple[int, bytes, list[tuple[str, str]]]
 HttpHandler = Callable[[ConnectionApplication, Scope, Receive, Send], Awaitable[None]]
 
 
+def _settled(delivered: bool) -> None:
+    """Settling an answer that needs no confirmation."""
+
+
+@dataclass(slots=True)
+class Answer:
+    """The owner's reply to a relayed request, as the relaying instance gets it.
+
+    ``settle`` must be called once the reply was written to the client (True) or could not be
+    (False): a long poll's data is committed by the owner only then, and queued again otherwise.
+    """
+
+    status: int
+    body: bytes
+    headers: list[tuple[str, str]]
+    settle: Callable[[bool], None] = _settled
+
+
+class RelayedCall(Protocol):
+    """The owner's side of one relayed request."""
+
+    #: resolved when the relaying instance's client went away (its poll must take nothing)
+    gone: asyncio.Future[None]
+
+    async def deliver(self, reply: Reply) -> bool:
+        """Send ``reply`` now; True once the relaying instance wrote it to its client."""
+
+
+#: the owner's handler of a connection's relayed requests: payload -> reply
+RelayHandler = Callable[[bytes, RelayedCall], Awaitable[Reply]]
+
+
 class RequestRelay(Protocol):
     """Request/reply to the instance that holds a connection (the Redis backplane provides one)."""
 
-    async def serve(self, connection_id: str, handler: Callable[[bytes], Awaitable[Reply]]) -> None:
+    async def serve(self, connection_id: str, handler: RelayHandler) -> None:
         """Answer relayed requests for a connection held here."""
 
     def stop_serving(self, connection_id: str) -> None:
@@ -60,8 +105,14 @@ class RequestRelay(Protocol):
     def available(self) -> bool:
         """False while the backplane is unreachable (a relayed request could not be answered)."""
 
-    async def request(self, connection_id: str, payload: bytes, timeout: float) -> Reply | None:
-        """Relay ``payload`` to the holder of ``connection_id``; None when nobody answers."""
+    async def request(
+        self, connection_id: str, payload: bytes, timeout: float, gone: asyncio.Future[None] | None = None
+    ) -> Answer | None:
+        """Relay ``payload`` to the holder of ``connection_id``.
+
+        None when nobody answers (or ``gone`` resolved first: the client left); a 404 answer when
+        the holder is known to be dead (its lease expired).
+        """
 
 
 log = logging.getLogger("hubwire.relay")
@@ -114,8 +165,21 @@ async def forward(
             return True
     payload = _encode_request(method, request, principal, body)
     timeout = endpoint.options.long_poll_timeout + _SLACK if method == "GET" else 30.0
-    reply = await relay.request(verified.connection_id, payload, timeout)
-    if reply is None:
+    loop = asyncio.get_running_loop()
+    # a poll ends when its client leaves, here as on the owner (a POST or DELETE is acted on anyway)
+    gone = loop.create_task(wait_disconnect(receive)) if method == "GET" else None
+    try:
+        answer = await relay.request(verified.connection_id, payload, timeout, gone)
+        if gone is not None and gone.done():
+            if answer is not None:
+                answer.settle(False)
+            return True  # nobody to answer: what the owner had for this poll stays queued there
+    finally:
+        if gone is not None:
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await gone
+    if answer is None:
         local = manager.get(token)
         if method == "GET" or local is None:
             if method != "GET":
@@ -125,10 +189,14 @@ async def forward(
         # negotiated here and not started anywhere yet: handle it here with the body already read
         await serve_http(endpoint, {**scope, LOCAL_ONLY: True}, _replay(body), send)
         return True
-    status, reply_body, reply_headers = reply
-    content_type = next((v for k, v in reply_headers if k == "content-type"), None)
-    extra = [(k, v) for k, v in reply_headers if k not in ("content-type", "content-length")]
-    await respond(send, status, reply_body, content_type, [*extra, *_without(cors, extra)])
+    content_type = next((v for k, v in answer.headers if k == "content-type"), None)
+    extra = [(k, v) for k, v in answer.headers if k not in ("content-type", "content-length")]
+    delivered = False
+    try:
+        await respond(send, answer.status, answer.body, content_type, [*extra, *_without(cors, extra)])
+        delivered = True
+    finally:
+        answer.settle(delivered)
     return True
 
 
@@ -185,17 +253,17 @@ async def serve_relayed(
     in_flight = 0
     limit = endpoint.options.max_relayed_requests_per_connection
 
-    async def handle(payload: bytes) -> Reply:
+    async def handle(payload: bytes, call: RelayedCall) -> Reply:
         nonlocal in_flight
         if in_flight >= limit:
             return 429, b"Too many requests in flight for this connection.", []
         in_flight += 1
         try:
-            return await _handle(payload)
+            return await _handle(payload, call)
         finally:
             in_flight -= 1
 
-    async def _handle(payload: bytes) -> Reply:
+    async def _handle(payload: bytes, call: RelayedCall) -> Reply:
         decoded = _decode_request(payload)
         if decoded is None:
             return 400, b"", []
@@ -217,24 +285,30 @@ async def serve_relayed(
             LOCAL_ONLY: True,
             RELAYED_USER: principal,
         }
-        return await _capture(serve_http, endpoint, scope, body)
+        return await _capture(serve_http, endpoint, scope, body, call)
 
     await relay.serve(conn.connection_id, handle)
 
 
 async def _capture(
-    serve_http: HttpHandler, endpoint: ConnectionApplication, scope: Scope, body: bytes
+    serve_http: HttpHandler, endpoint: ConnectionApplication, scope: Scope, body: bytes, call: RelayedCall
 ) -> Reply:
-    """Run the ordinary HTTP handler on a relayed request and collect its response."""
+    """Run the ordinary HTTP handler on a relayed request and collect its response.
+
+    The request "disconnects" when the relaying instance's client went away. A poll's data is
+    delivered from inside ``send``: if the relaying instance does not confirm that its client got
+    it, ``send`` raises :class:`ClientGone` and the poll puts the data back in the queue.
+    """
     delivered = False
-    never: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+    poll = scope.get("method") == "GET"
 
     async def receive() -> Message:
         nonlocal delivered
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await never  # the relaying instance keeps the real client; this side never ends early
+        await asyncio.shield(call.gone)  # the relaying instance keeps the real client
+        return {"type": "http.disconnect"}
 
     status = 500
     headers: list[tuple[str, str]] = []
@@ -247,9 +321,9 @@ async def _capture(
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
+            final = poll and status == 200 and not message.get("more_body")
+            if final and any(chunks) and not await call.deliver((status, b"".join(chunks), headers)):
+                raise ClientGone("the relaying instance's client did not get the poll's data")
 
-    try:
-        await serve_http(endpoint, scope, receive, send)
-    finally:
-        never.cancel()
+    await serve_http(endpoint, scope, receive, send)
     return status, b"".join(chunks), headers

@@ -1,0 +1,399 @@
+"""Instance leases: an instance's death is known in seconds, also to requests relayed to it.
+
+Each instance keeps a short lease in Redis (``{prefix}hubwire:internal:lease:{server_name}``,
+refreshed every second, expiring after three) and lists itself in ``{prefix}hubwire:internal:instances``.
+A request relayed to the owner of an SSE / long-polling connection is answered 404 ("no such
+connection") as soon as the owner's lease is gone, instead of after the relay timeout (up to 100 s
+for a poll), so the official client (``withAutomaticReconnect()``) reconnects to a live instance.
+
+Real processes: three instances on Redis behind the round-robin front, official JS clients through
+Node, the owner SIGKILLed or SIGSTOPped (alive, sockets open: Redis still counts its subscriber).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from .conftest import PYTHON, ROOT, RedisServer, ServerProcess, free_port, wait_port
+from .hwtools import APP, stats, wait_for
+from .requirements import NODE_CLIENT, requires
+
+NODE = shutil.which("node")
+SCRIPT = Path(__file__).parent / "hardening" / "leases.cjs"
+PREFIX = "Leases:"
+MODES = ["sse_json", "longpolling_json", "longpolling_messagepack", "websockets_json"]
+#: every client is connected again this long after its instance died
+BACK_WITHIN = 5.0
+RS = "\x1e"
+HANDSHAKE = json.dumps({"protocol": "json", "version": 1}) + RS
+
+
+class Clients:
+    """The Node process: JSON events out, commands in, every read bounded."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+
+    async def next_event(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise AssertionError(f"the Node clients exited ({self.proc.returncode}); events: {self.events}")
+        event: dict[str, Any] = json.loads(line)
+        self.events.append(event)
+        assert event["event"] not in ("error", "closed"), event
+        return event
+
+    async def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.next_event(max(0.01, deadline - time.monotonic()))
+            if event["event"] == kind:
+                return event
+
+    async def command(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+
+@contextlib.asynccontextmanager
+async def node_clients(front_url: str, instances: int) -> AsyncIterator[Clients]:
+    assert NODE is not None
+    proc = await asyncio.create_subprocess_exec(
+        NODE,
+        str(SCRIPT),
+        front_url,
+        str(instances),
+        ",".join(MODES),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        yield Clients(proc)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+def _start_front(urls: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "examples.blog.front", "--port", str(port), *urls],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port(port, proc=proc)
+    except BaseException:
+        _stop_front(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _stop_front(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@pytest.fixture
+def cluster(start_server: Any, redis_server: RedisServer) -> Iterator[tuple[list[ServerProcess], str]]:
+    """Three instances (following HUBWIRE_SERVING) and the round-robin front before them."""
+    instances: list[ServerProcess] = [
+        start_server(APP, args=["--redis", redis_server.url, "--channel-prefix", PREFIX]) for _ in range(3)
+    ]
+    proc, url = _start_front([i.url for i in instances])
+    try:
+        yield instances, url
+    finally:
+        _stop_front(proc)
+
+
+@contextlib.contextmanager
+def resumed_on_exit(instance: ServerProcess) -> Iterator[None]:
+    """A SIGSTOPped instance is continued (then killed by its fixture) however the test ends."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(instance.proc.pid, signal.SIGCONT)
+        instance.kill(signal.SIGKILL)
+
+
+@requires(*NODE_CLIENT)
+async def test_owner_killed_every_client_connected_again_within_seconds(
+    cluster: tuple[list[ServerProcess], str],
+) -> None:
+    """SIGKILL an instance: SSE, long-polling (JSON, MessagePack) and WebSocket clients are all
+    Connected again within 5 s, on a survivor, and get the next broadcast exactly once."""
+    instances, front_url = cluster
+    survivor, _, victim = instances
+    pids = {i.proc.pid for i in instances}
+    async with node_clients(front_url, len(instances)) as clients:
+        ready = (await clients.wait_for("ready", 90))["clients"]
+        mode_of = {c["client"]: c["mode"] for c in ready}
+        on_victim = {c["client"] for c in ready if c["pid"] == victim.proc.pid}
+        assert {c["pid"] for c in ready} == pids
+        assert {mode_of[c] for c in on_victim} == set(MODES)
+        killed = time.time()
+        victim.kill(signal.SIGKILL)
+        lost: dict[int, float] = {}
+        back: dict[int, float] = {}
+        # the victim's clients come back (bounded past the relay timeout, to measure how late they are)
+        deadline = time.monotonic() + 110
+        while not on_victim <= set(back):
+            try:
+                event = await clients.next_event(max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                missing = {c: mode_of[c] for c in on_victim - set(back)}
+                raise AssertionError(f"not connected again: {missing}; back after {back}") from None
+            if event["event"] == "reconnecting":
+                lost[event["client"]] = event["at"] - killed
+            elif event["event"] == "reconnected":
+                back[event["client"]] = event["at"] - killed
+                print(f"{mode_of[event['client']]}: back after {back[event['client']]:.2f}", file=sys.stderr)
+                assert event["pid"] in pids - {victim.proc.pid}, event
+        # a client that lost a request relayed through the victim may reconnect too: all by the limit
+        await asyncio.sleep(max(0.0, killed + BACK_WITHIN - time.time()))
+        await clients.command("report")
+        report = (await clients.wait_for("report", 10))["clients"]
+        for event in clients.events:
+            if event["event"] == "reconnected":
+                back[event["client"]] = event["at"] - killed
+        by_mode: dict[str, list[float]] = {}
+        for client, seconds in sorted(back.items()):
+            by_mode.setdefault(mode_of[client], []).append(round(seconds, 2))
+        print(f"\nconnected again after the kill (s), by mode: {by_mode}", file=sys.stderr)
+        print(f"lost after the kill (s): {sorted(lost.values())}", file=sys.stderr)
+        assert max(back.values()) <= BACK_WITHIN, by_mode
+        assert [c for c in report if c["state"] != "Connected"] == []
+
+        # the next broadcasts reach every client exactly once
+        async with httpx.AsyncClient(base_url=survivor.url, timeout=5) as http:
+            for seq in (1, 2):
+                assert (await http.post(f"/broadcast/{seq}")).status_code == 200
+        report_deadline = time.monotonic() + 10
+        while True:
+            await clients.command("report")
+            report = (await clients.wait_for("report", 10))["clients"]
+            if all(2 in c["broadcasts"] for c in report) or time.monotonic() > report_deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert [c for c in report if c["broadcasts"] != [1, 2]] == []
+        await clients.command("stop")
+        assert (await clients.wait_for("stopped", 15))["errors"] == []
+    for instance in instances[:2]:
+        assert "Traceback" not in instance.output(), instance.output()[-3000:]
+
+
+async def _long_polling_on(owner: str, relayed: str, client: httpx.AsyncClient) -> tuple[str, str]:
+    """A long-polling connection (id, token) started on ``owner``, its handshake through ``relayed``."""
+    negotiated = (await client.post(f"{owner}/hub/negotiate?negotiateVersion=1")).json()
+    token: str = negotiated["connectionToken"]
+    assert (await client.get(f"{owner}/hub?id={token}")).status_code == 200  # the owner starts it
+    assert (await client.post(f"{relayed}/hub?id={token}", content=HANDSHAKE)).status_code == 200
+    poll = await client.get(f"{relayed}/hub?id={token}")
+    assert poll.status_code == 200 and poll.text == "{}" + RS, poll.text
+    return negotiated["connectionId"], token
+
+
+async def test_owner_stopped_relayed_requests_answered_404_within_seconds(
+    start_server: Any, private_redis: RedisServer
+) -> None:
+    """SIGSTOP the owner (alive, sockets open: Redis still counts its subscriber): a poll waiting on
+    it, a new POST and a new poll are answered 404 once its lease expired, not after the relay
+    timeout; on an instance that relayed for the connection before and on one that never did."""
+    args = ["--redis", private_redis.url, "--channel-prefix", "lease-stop:"]
+    owner, relayer, other = (start_server(APP, args=args) for _ in range(3))
+    r = redis.Redis.from_url(private_redis.url)
+    async with httpx.AsyncClient(timeout=120) as client:
+        connection_id, token = await _long_polling_on(owner.url, relayer.url, client)
+        received = await _received(owner.url)
+        waiting = asyncio.create_task(client.get(f"{relayer.url}/hub?id={token}"))
+        channel = f"lease-stop:hubwire:internal:transport:{connection_id}"
+        with resumed_on_exit(owner):
+            await _until_received(owner.url, received + 1)  # the poll waits on the owner
+            stopped = time.monotonic()
+            os.killpg(owner.proc.pid, signal.SIGSTOP)
+            poll = await asyncio.wait_for(waiting, 120)
+            waited = time.monotonic() - stopped
+            assert r.pubsub_numsub(channel)[0][1] == 1  # Redis still counts the stopped owner
+            timings = {"waiting poll": waited}
+            for name, url, method in (
+                ("new POST via relayer", relayer.url, "POST"),
+                ("new poll via relayer", relayer.url, "GET"),
+                ("new POST via other", other.url, "POST"),
+            ):
+                started = time.monotonic()
+                if method == "POST":
+                    response = await client.post(f"{url}/hub?id={token}", content=HANDSHAKE)
+                else:
+                    response = await client.get(f"{url}/hub?id={token}")
+                timings[name] = time.monotonic() - started
+                assert response.status_code == 404, (name, response.status_code, response.text)
+            print(f"\nanswered after SIGSTOP (s): {timings}", file=sys.stderr)
+            assert poll.status_code == 404, poll.text
+            assert waited <= 5.0, timings
+            assert all(t <= 5.0 for t in timings.values()), timings
+    r.close()
+
+
+async def _received(url: str) -> int:
+    """Backplane messages the instance at ``url`` received so far."""
+    count: int = (await stats(url))["backplane"]["received"]
+    return count
+
+
+async def _until_received(url: str, count: int) -> None:
+    async def check() -> bool:
+        return await _received(url) >= count
+
+    await wait_for(check, 10, f"{url} to receive {count} backplane messages", 0.02)
+
+
+@pytest.mark.parametrize("when", ["at-once", "after-cancel"])
+async def test_relayed_poll_whose_client_left_takes_no_data(
+    start_server: Any, private_redis: RedisServer, when: str
+) -> None:
+    """A relayed long poll whose client went away leaves what it would have answered queued for the
+    client's next poll: sent right after the client left (the owner may have taken it: it commits
+    only when the relaying instance confirms), or once the owner ended the poll ("cancel")."""
+    args = ["--redis", private_redis.url, "--channel-prefix", f"lease-gone-{when}:"]
+    owner, relayer, other = (start_server(APP, args=args) for _ in range(3))
+    async with httpx.AsyncClient(timeout=15) as client:
+        _, token = await _long_polling_on(owner.url, relayer.url, client)
+        seen = await _received(owner.url)
+        async with httpx.AsyncClient(timeout=15) as leaving:
+            poll = asyncio.create_task(leaving.get(f"{relayer.url}/hub?id={token}"))
+            await _until_received(owner.url, seen + 1)  # the poll waits on the owner
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+        if when == "after-cancel":
+            await _until_received(owner.url, seen + 2)  # the poll, then its "cancel"
+        assert (await client.post(f"{owner.url}/broadcast/7")).status_code == 200
+        nxt = await client.get(f"{other.url}/hub?id={token}")
+        assert nxt.status_code == 200
+        assert '"target":"Broadcast","arguments":[7]' in nxt.text.replace(" ", ""), nxt.text
+
+
+async def test_relaying_instance_killed_during_a_poll_leaves_its_data_queued(
+    start_server: Any, private_redis: RedisServer
+) -> None:
+    """The relaying instance dies while the owner holds its poll: the data that poll takes finds no
+    one on the reply channel, and stays queued for the client's next poll (through another instance)."""
+    args = ["--redis", private_redis.url, "--channel-prefix", "lease-relayer:"]
+    owner, relayer, other = (start_server(APP, args=args) for _ in range(3))
+    r = redis.Redis.from_url(private_redis.url)
+    async with httpx.AsyncClient(timeout=15) as client:
+        _, token = await _long_polling_on(owner.url, relayer.url, client)
+        replies = {c.decode() for c in r.pubsub_channels("lease-relayer:hubwire:internal:reply:*")}
+        seen = await _received(owner.url)
+        async with httpx.AsyncClient(timeout=15) as doomed:
+            poll = asyncio.create_task(doomed.get(f"{relayer.url}/hub?id={token}"))
+            await _until_received(owner.url, seen + 1)  # the poll waits on the owner
+            relayer.kill(signal.SIGKILL)
+            await asyncio.gather(poll, return_exceptions=True)
+
+        async def relayer_gone() -> bool:
+            left = {c.decode() for c in r.pubsub_channels("lease-relayer:hubwire:internal:reply:*")}
+            return len(left) == len(replies) - 1
+
+        await wait_for(relayer_gone, 10, "Redis to drop the killed relayer's reply channel", 0.02)
+        assert (await client.post(f"{owner.url}/broadcast/8")).status_code == 200
+        nxt = await client.get(f"{other.url}/hub?id={token}")
+        assert nxt.status_code == 200
+        assert '"target":"Broadcast","arguments":[8]' in nxt.text.replace(" ", ""), nxt.text
+    r.close()
+
+
+def _lease_of(r: redis.Redis, prefix: str, known: set[str]) -> str | None:
+    """The server name of the one lease under ``prefix`` not in ``known`` (None: not there yet)."""
+    found = {k.decode().rsplit(":", 1)[1] for k in r.scan_iter(f"{prefix}hubwire:internal:lease:*")} - known
+    assert len(found) <= 1, found
+    return found.pop() if found else None
+
+
+async def test_lease_keys_set_refreshed_expired_after_kill_deleted_on_clean_stop(
+    start_server: Any, private_redis: RedisServer
+) -> None:
+    prefix = "lease-keys:"
+    args = ["--redis", private_redis.url, "--channel-prefix", prefix]
+    r = redis.Redis.from_url(private_redis.url)
+    listing = f"{prefix}hubwire:internal:instances"
+    killed = start_server(APP, args=args)
+    name = None
+
+    async def leased() -> bool:
+        nonlocal name
+        name = _lease_of(r, prefix, set())
+        return name is not None
+
+    await wait_for(leased, 10, "the instance's lease")
+    assert name is not None
+    key = f"{prefix}hubwire:internal:lease:{name}"
+    record = json.loads(r.hget(listing, name) or b"{}")
+    assert abs(record["started"] - time.time()) < 30 and "stopped" not in record
+    first = r.pttl(key)
+    assert 0 < first <= 3000, first
+
+    async def refreshed() -> bool:
+        return bool(r.pttl(key) > first)
+
+    await wait_for(refreshed, 3, "the lease refreshed", 0.05)
+
+    killed.kill(signal.SIGKILL)
+    died = time.monotonic()
+
+    async def expired() -> bool:
+        return not r.exists(key)
+
+    await wait_for(expired, 5, "the killed instance's lease to expire", 0.05)
+    assert time.monotonic() - died <= 3.5
+    assert "stopped" not in json.loads(r.hget(listing, name) or b"{}")  # listed: dead
+
+    stopped = start_server(APP, args=args)
+    other = None
+
+    async def leased_again() -> bool:
+        nonlocal other
+        other = _lease_of(r, prefix, {name})
+        return other is not None
+
+    await wait_for(leased_again, 10, "the second instance's lease")
+    assert other is not None
+    stopped.kill(signal.SIGTERM)  # waits for the exit
+    assert stopped.proc.returncode == -signal.SIGTERM
+    assert not r.exists(f"{prefix}hubwire:internal:lease:{other}")  # deleted at once, not expired
+    assert "stopped" in json.loads(r.hget(listing, other) or b"{}")
+    assert set(r.hkeys(listing)) == {name.encode(), other.encode()}
+    r.close()
