@@ -29,6 +29,9 @@ import httpx
 import pytest
 import redis
 
+from hubwire.backplane import RedisBackplane
+from hubwire.backplane.lease import InstanceLease, LeaseWatch
+
 from .conftest import PYTHON, ROOT, RedisServer, ServerProcess, free_port, wait_port
 from .hwtools import APP, stats, wait_for
 from .requirements import NODE_CLIENT, requires
@@ -397,3 +400,140 @@ async def test_lease_keys_set_refreshed_expired_after_kill_deleted_on_clean_stop
     assert "stopped" in json.loads(r.hget(listing, other) or b"{}")
     assert set(r.hkeys(listing)) == {name.encode(), other.encode()}
     r.close()
+
+
+class FakeBus:
+    """A bus whose commands take ``delay`` seconds, or fail while ``failing``; counts what ran."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.failing = False
+        self.calls: list[tuple[object, ...]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.leases: dict[str, int] = {}  # key -> PTTL answer
+        self.listed: set[str] = set()
+
+    async def command(self, *args: object) -> object:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self.calls.append(args)
+            await asyncio.sleep(self.delay)
+            if self.failing:
+                raise ConnectionRefusedError("redis is down")
+            if args[0] == "PTTL":
+                return self.leases.get(str(args[1]), -2)
+            if args[0] == "HEXISTS":
+                return int(args[2] in self.listed)
+            return 1
+        finally:
+            self.in_flight -= 1
+
+    def count(self, name: str) -> int:
+        return sum(1 for call in self.calls if call[0] == name)
+
+
+async def _until(check: Any, timeout: float, what: str) -> None:
+    async def condition() -> bool:
+        return bool(check())
+
+    await wait_for(condition, timeout, what, 0.01)
+
+
+async def test_lease_refreshes_one_at_a_time_survive_redis_errors_and_delete_on_stop() -> None:
+    bus = FakeBus(delay=0.1)  # slower than the refresh interval
+    lease = InstanceLease(bus, "p:", "me", interval=0.02, ttl=0.1)
+    lease.start()
+    await _until(lambda: bus.count("SET") >= 4, 5, "refreshes of a slow Redis")
+    assert bus.most_in_flight == 1  # never piled up
+    assert bus.calls[0] == (
+        "SET",
+        "p:hubwire:internal:lease:me",
+        json.dumps({"started": lease.started}),
+        "PX",
+        100,
+    )
+    assert bus.calls[1][:3] == ("HSET", "p:hubwire:internal:instances", "me")
+    bus.delay, bus.failing = 0.0, True
+    failures = lease.failures
+    await _until(lambda: lease.failures >= failures + 3, 5, "failed refreshes")
+    assert lease._task is not None and not lease._task.done()  # still refreshing
+    lease.reregister()  # as after a reconnect
+    bus.failing = False
+    listed = bus.count("HSET")
+    await _until(lambda: bus.count("HSET") > listed, 5, "the instance listed again")
+    await lease.stop()
+    assert ("DEL", "p:hubwire:internal:lease:me") in bus.calls
+    assert json.loads(str(bus.calls[-1][3]))["stopped"] > 0
+    calls = len(bus.calls)
+    await asyncio.sleep(0.1)  # stopped: no more refreshes
+    assert len(bus.calls) == calls
+    with pytest.raises(ValueError):
+        InstanceLease(bus, "p:", "me", interval=1.0, ttl=1.0)
+
+
+async def test_lease_watch_shares_checks_and_calls_only_listed_instances_dead() -> None:
+    bus = FakeBus(delay=0.05)
+    watch = LeaseWatch(bus, "p:", interval=0.2)
+    bus.leases["p:hubwire:internal:lease:alive"] = 2500
+    assert await asyncio.gather(*(watch.dead("alive") for _ in range(10))) == [False] * 10
+    assert bus.count("PTTL") == 1  # one round trip for ten concurrent waits
+    assert not await watch.dead("unlisted")  # no lease, never listed (an older version): not dead
+    bus.listed.add("gone")
+    assert await watch.dead("gone") and watch.known_dead("gone")
+    # a watched owner found dead once its lease expires
+    bus.leases["p:hubwire:internal:lease:dying"] = 300
+    bus.listed.add("dying")
+    started = time.monotonic()
+    futures = [watch.watch("dying") for _ in range(3)]
+    del bus.leases["p:hubwire:internal:lease:dying"]
+    await asyncio.wait_for(asyncio.gather(*futures), 2)
+    assert time.monotonic() - started < 1.0
+    bus.failing = True  # Redis cannot tell: not dead
+    assert not await watch.dead("someone")
+    await watch.close()
+
+
+async def test_lease_survives_a_redis_outage_and_is_back_after_it(private_redis: RedisServer) -> None:
+    backplane = RedisBackplane(private_redis.url, "lease-outage:", lease_interval=0.1, lease_ttl=0.5)
+    r = redis.Redis.from_url(private_redis.url)
+    key = f"lease-outage:hubwire:internal:lease:{backplane.server_name}"
+    listing = "lease-outage:hubwire:internal:instances"
+    await backplane.start()
+    try:
+        await _until(lambda: r.exists(key) and r.hexists(listing, backplane.server_name), 5, "the lease")
+        private_redis.kill()  # Redis restarts empty (no persistence)
+        failures = backplane.lease.failures
+        await _until(lambda: backplane.lease.failures >= failures + 3, 10, "refreshes failing")
+        private_redis.start()
+        r = redis.Redis.from_url(private_redis.url)
+        await _until(
+            lambda: r.exists(key) and r.hexists(listing, backplane.server_name), 10, "the lease back"
+        )
+        assert backplane.health()["lease_failures"] >= 3
+    finally:
+        await backplane.close()
+    assert not r.exists(key)
+    r.close()
+
+
+async def test_relay_close_unsubscribes_its_channels(private_redis: RedisServer) -> None:
+    """Shutdown: the relay's reply channel and every connection's relay channel are unsubscribed."""
+    backplane = RedisBackplane(private_redis.url, "relay-close:")
+    relay = backplane.relay
+    relay.set_keys((b"k" * 32,))
+
+    async def handler(payload: bytes, call: Any) -> tuple[int, bytes, list[tuple[str, str]]]:
+        return 200, b"", []
+
+    await backplane.start()
+    try:
+        await relay.serve("c1", handler)
+        transport = f"{relay.prefix}c1"
+        assert backplane.bus.is_subscribed(relay.reply_channel) and backplane.bus.is_subscribed(transport)
+        await relay.close()
+        assert not backplane.bus.is_subscribed(relay.reply_channel)
+        assert not backplane.bus.is_subscribed(transport)
+    finally:
+        await backplane.close()
