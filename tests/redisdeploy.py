@@ -22,7 +22,8 @@ authenticate as ``hw-replication`` (``+psync +replconf +ping``) and sentinels as
 node (P is its prefix)::
 
     user hw on >PASSWORD resetkeys resetchannels ~P* &P* -@all +publish +spublish +subscribe
-        +ssubscribe +unsubscribe +sunsubscribe +ping +get +set +exists +expire +del +hello +auth
+        +ssubscribe +unsubscribe +sunsubscribe +ping +get +set +exists +expire +del +pttl +hset
+        +hgetall +hexists +hdel +hello +auth
         +select +cluster|slots +cluster|shards +cluster|nodes +info +readonly +role +command +asking
 
 ``+command`` because redis-py's ``RedisCluster`` reads the command table (``COMMAND``) when it
@@ -78,6 +79,11 @@ APP_COMMANDS = (
     "exists",
     "expire",
     "del",
+    "pttl",
+    "hset",
+    "hgetall",
+    "hexists",
+    "hdel",
     "hello",
     "auth",
     "select",

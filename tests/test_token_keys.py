@@ -100,7 +100,8 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 #: the README's least-privilege ACL line for an app whose channel prefix is "BlogApp:SignalR:"
 README_ACL = (
     "ACL SETUSER blogapp on >blog-password resetkeys ~BlogApp:SignalR:* resetchannels "
-    "&BlogApp:SignalR:* -@all +publish +subscribe +unsubscribe +ping +set +get +client|setname +select"
+    "&BlogApp:SignalR:* -@all +publish +subscribe +unsubscribe +ping +set +get +exists +del +pttl +hset "
+    "+hgetall +hexists +hdel +client|setname +select"
 )
 
 
@@ -122,6 +123,16 @@ async def test_the_readme_acl_line_confines_an_app_to_its_prefix(
         (await client.post("/broadcast/through-acl")).raise_for_status()
     assert await hub.next_message(timeout=5) == {"type": 1, "target": "Msg", "arguments": ["through-acl"]}
     await hub.close()
+    # the instances hold their leases, and nothing hubwire sends was refused
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        leases = [k async for k in admin.scan_iter("BlogApp:SignalR:hubwire:internal:lease:*")]
+        assert len(leases) == 2, leases
+        log = await admin.execute_command("ACL", "LOG")
+        denied = {dict(zip(e[::2], e[1::2], strict=True))[b"object"] for e in log}
+        assert denied <= {b"client|setinfo"}, denied
+    finally:
+        await admin.aclose()
     # the same user cannot touch another prefix
     other = aioredis.Redis.from_url(url)
     try:
