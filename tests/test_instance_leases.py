@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from hubwire.backplane import RedisBackplane
 from hubwire.backplane.lease import InstanceLease, LeaseWatch
@@ -536,4 +537,40 @@ async def test_relay_close_unsubscribes_its_channels(private_redis: RedisServer)
         assert not backplane.bus.is_subscribed(relay.reply_channel)
         assert not backplane.bus.is_subscribed(transport)
     finally:
+        await backplane.close()
+
+
+async def test_a_request_from_an_earlier_version_gets_no_accepted_and_commits_nothing(
+    private_redis: RedisServer,
+) -> None:
+    """Rolling upgrade: a relayed request without the version marker is answered as before (its
+    sender would neither understand "accepted" nor confirm a poll's data)."""
+    backplane = RedisBackplane(private_redis.url, "relay-compat:")
+    relay = backplane.relay
+    relay.set_keys((b"k" * 32,))
+    delivered: list[bool] = []
+
+    async def handler(payload: bytes, call: Any) -> tuple[int, bytes, list[tuple[str, str]]]:
+        delivered.append(await call.deliver((200, b"data", [])))
+        return 200, b"data", []
+
+    reply_channel = "relay-compat:hubwire:internal:reply:an-older-instance"
+    client = aioredis.Redis.from_url(private_redis.url)
+    pubsub = client.pubsub()
+    await backplane.start()
+    try:
+        await relay.serve("c1", handler)
+        await pubsub.subscribe(reply_channel)
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        channel = relay.prefix + "c1"
+        earlier = relay._seal(channel, ["r1", reply_channel, time.time(), b"payload"])  # no version
+        assert await client.publish(channel, earlier) == 1
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert message is not None
+        assert relay._open(reply_channel.encode(), message["data"]) == ["r1", 200, b"data", [], None]
+        assert delivered == [True]
+        assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
         await backplane.close()

@@ -15,7 +15,7 @@ wrote, or that were copied to another connection's channel, or replayed.
 Bodies:
 
 * on the connection's channel, a request ``[requestId, replyChannel, issued,
-  payload]``, and ``[requestId, "commit" | "cancel", issued]``: the relaying
+  payload, 2]``, and ``[requestId, "commit" | "cancel", issued]``: the relaying
   instance wrote the reply to its client / its client went away;
 * on the relaying instance's reply channel, ``[requestId, "accepted",
   serverName]`` at once (who owns the connection), then the reply
@@ -23,6 +23,10 @@ Bodies:
   a reply with a connection id (a long poll's data) is committed by the owner
   only when the relaying instance answers "commit", and queued again for the
   next poll on "cancel" or when no answer comes within a few seconds.
+
+The trailing ``2`` of a request says that its sender understands "accepted"
+and commits; a request without it (an instance of an earlier version, during
+a rolling upgrade) gets neither, and is answered as before.
 
 The payload is opaque here; the transports put in it only what the owner
 needs (never credentials or connection tokens: the relaying instance checked
@@ -71,6 +75,8 @@ _OWNERS_MAX = 10_000
 #: how long an owner waits for the relaying instance to confirm a poll's data (less than the 5 s a
 #: newer poll waits for the one it replaces, so data put back comes before the newer poll takes any)
 _COMMIT_WAIT = 3.0
+#: a request's trailing version: its sender understands "accepted" and commits
+_VERSION = 2
 _ACCEPTED = "accepted"
 _COMMIT = "commit"
 _CANCEL = "cancel"
@@ -84,10 +90,23 @@ def _no_connection() -> Answer:
 class _Call:
     """One relayed request being answered here: the owner's side (a :class:`RelayedCall`)."""
 
-    __slots__ = ("connection_id", "gone", "relay", "replied", "reply_channel", "request_id", "settled")
+    __slots__ = (
+        "confirms",
+        "connection_id",
+        "gone",
+        "relay",
+        "replied",
+        "reply_channel",
+        "request_id",
+        "settled",
+    )
 
-    def __init__(self, relay: Relay, connection_id: str, request_id: str, reply_channel: str) -> None:
+    def __init__(
+        self, relay: Relay, connection_id: str, request_id: str, reply_channel: str, confirms: bool
+    ) -> None:
         self.relay = relay
+        #: the relaying instance confirms what it wrote (an earlier version does not: no commit)
+        self.confirms = confirms
         self.connection_id = connection_id
         self.request_id = request_id
         self.reply_channel = reply_channel
@@ -104,6 +123,8 @@ class _Call:
         Redis is unreachable: then an empty poll answer ("poll again") goes out instead, so the
         relaying instance never writes data it was not given to commit.
         """
+        if not self.confirms:
+            return True  # answered as by earlier versions: the reply goes out when the poll ends
         if self.replied or self.gone.done():
             return False
         self.replied = True
@@ -263,9 +284,11 @@ class Relay:
         if handler is None:
             self.reply(reply_channel, [request_id, 404, texts.NO_CONNECTION.encode(), []])
             return
-        # who owns it, at once: the relaying instance watches our lease from now on
-        self.reply(reply_channel, [request_id, _ACCEPTED, self.server_name])
-        call = self._calls[request_id] = _Call(self, connection_id, request_id, reply_channel)
+        confirms = len(body) > 4 and body[4] == _VERSION
+        if confirms:  # who owns it, at once: the relaying instance watches our lease from now on
+            self.reply(reply_channel, [request_id, _ACCEPTED, self.server_name])
+        call = _Call(self, connection_id, request_id, reply_channel, confirms)
+        self._calls[request_id] = call
         self._tasks.spawn(self._answer(handler, call, payload), name="relayed request")
 
     def _on_settle(self, connection_id: str, body: list[object]) -> None:
@@ -320,12 +343,12 @@ class Relay:
         waiting = self._waiting[request_id] = _Waiting(connection_id)
         try:
             channel = self.prefix + connection_id
-            sealed = self._seal(channel, [request_id, self.reply_channel, time.time(), payload])
+            sealed = self._seal(channel, [request_id, self.reply_channel, time.time(), payload, _VERSION])
             receivers = self.bus.publish(channel, sealed, want_receivers=True)
             assert receivers is not None
             await _first([receivers, gone], deadline - loop.time())
             if gone is not None and gone.done():
-                self._settle(connection_id, request_id, _CANCEL)
+                self._cancel(waiting, owner, request_id)
                 return None
             if not receivers.done() or receivers.cancelled() or receivers.exception() is not None:
                 return None  # timed out, or dropped from the buffer while Redis is down
@@ -361,7 +384,7 @@ class Relay:
                 if waiting.reply.done():
                     return None if waiting.reply.cancelled() else waiting.reply.result()
                 if gone is not None and gone.done():
-                    self._settle(connection_id, request_id, _CANCEL)
+                    self._cancel(waiting, owner, request_id)
                     return None
                 if death is not None and death.done():
                     return _no_connection()
@@ -404,6 +427,15 @@ class Relay:
             return
         channel = self.prefix + connection_id
         self.bus.publish(channel, self._seal(channel, [request_id, verb, time.time()]))
+
+    def _cancel(self, waiting: _Waiting, owner: str | None, request_id: str) -> None:
+        """The client left: tell the owner to end its poll, when the owner is known.
+
+        (An unknown owner may be of an earlier version, which would not understand. One of this
+        version that takes data for the poll anyway gets "cancel" when its reply finds nobody here.)
+        """
+        if owner is not None or waiting.accepted.done():
+            self._settle(waiting.connection_id, request_id, _CANCEL)
 
     def _settler(self, connection_id: str, request_id: str) -> Callable[[bool], None]:
         """The ``settle`` of an answer whose data the owner commits only when told (once)."""
