@@ -276,10 +276,12 @@ class LeaseWatch:
     async def close(self) -> None:
         """Stop every watch (server shutdown); waiting requests end on their own."""
         watchers, self._watchers = self._watchers, {}
-        for task, futures in watchers.values():
-            task.cancel()
+        tasks = [task for task, _ in watchers.values()] + list(self._checks.values())
+        for _, futures in watchers.values():
             for future in futures:
                 future.cancel()
-        for task, _ in watchers.values():
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
