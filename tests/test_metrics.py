@@ -258,6 +258,12 @@ async def test_metrics_move(
     dropped = value(down, "hubwire_backplane_dropped_bytes_total")
     assert kept > 0 and 0.9 * 7 / 5 < dropped / kept < 1.1 * 7 / 5, (kept, dropped)
     assert value(down, "hubwire_backplane_nodes") == 1
+    await wait_scrape(
+        url,
+        lambda s: value(s, "hubwire_backplane_lease_failures_total") >= 1,
+        10,
+        "a lease refresh to fail while Redis is down",
+    )
     private_redis.start()
     up = await wait_scrape(
         url,

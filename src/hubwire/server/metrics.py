@@ -23,7 +23,8 @@ Metrics (all prefixed ``hubwire_``):
   ``backplane_dropped_total``, ``backplane_dropped_bytes_total``, ``backplane_publish_errors_total``,
   ``backplane_layout_refreshes_total``, ``backplane_buffered_bytes``, ``backplane_nodes``,
   ``backplane_reconnects_total{link}``, ``backplane_subscriber_restarts_total``,
-  ``backplane_stalls_total``, ``backplane_duplicates_dropped_total``, ``backplane_buffered``,
+  ``backplane_stalls_total``, ``backplane_duplicates_dropped_total``,
+  ``backplane_lease_failures_total``, ``backplane_buffered``,
   ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
   ``backplane_connected`` (Redis backplane only);
 * ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
@@ -198,6 +199,7 @@ def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
         ("layout_refreshes", "Sentinel / Cluster layouts learned (the first one, failovers, slot moves)"),
         ("handler_errors", "Backplane messages whose handler failed"),
         ("duplicates_dropped", "Backplane messages received a second time and dropped"),
+        ("lease_failures", "Instance lease refreshes that failed (others take it for dead after the TTL)"),
     ):
         name = "stalls" if stat == "stalls_detected" else stat
         yield CounterMetricFamily(f"hubwire_backplane_{name}", doc, value=health.get(stat, 0))
