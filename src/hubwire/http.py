@@ -11,7 +11,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-__all__ = ["ASGIApp", "Receive", "Scope", "Send", "abort_transport", "read_body", "respond"]
+__all__ = [
+    "ASGIApp",
+    "Receive",
+    "Scope",
+    "Send",
+    "abort_transport",
+    "close_frame_received",
+    "read_body",
+    "respond",
+]
 
 
 class BodyTooLarge(Exception):
@@ -53,6 +62,23 @@ def abort_transport(send: Send) -> bool:
         return False
     abort()
     return True
+
+
+def close_frame_received(receive: Receive, disconnect: Message) -> bool:
+    """Whether a WebSocket ended with the peer's Close frame rather than a dropped socket.
+
+    Stateful reconnect keeps a connection whose socket dropped, never one the
+    client closed. ASGI cannot say which: uvicorn reports a lost socket as
+    1005, the code of a Close frame without a status too. Its ``receive`` is a
+    bound method of the protocol holding the ``websockets`` state, which knows;
+    elsewhere only 1006 ("abnormal closure") is taken as a dropped socket.
+    """
+    state = getattr(getattr(receive, "__self__", None), "conn", None)
+    if state is not None and hasattr(state, "close_rcvd"):
+        close: object = state.close_rcvd
+        return close is not None
+    code: object = disconnect.get("code", 1005)
+    return code != 1006
 
 
 async def read_body(receive: Receive, limit: int | None = None) -> bytes:

@@ -63,6 +63,14 @@ class HubOptions:
     #: requests of one SSE / long-polling connection relayed to it from other instances at once;
     #: past it they get 429 (each holds a task and its body until answered)
     max_relayed_requests_per_connection: int = 8
+    #: stateful reconnect (ASP.NET's ``AllowStatefulReconnects``, on here by default): a client
+    #: that asks for it (``withStatefulReconnect()``) keeps its connection id, groups and every
+    #: message across a dropped WebSocket, if it comes back within ``disconnect_timeout``
+    allow_stateful_reconnect: bool = True
+    #: stateful reconnect: unacknowledged bytes sent to a client past which further messages wait
+    #: for its Acks (ASP.NET's ``StatefulReconnectBufferSize``); messages waiting beyond it count
+    #: against ``max_buffered_bytes`` (the slow-consumer bound)
+    stateful_reconnect_buffer_size: int = 100_000
 
     def copy(self, **changes: object) -> HubOptions:
         """A copy with some options changed (per-hub overrides)."""

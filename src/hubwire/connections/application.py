@@ -1,6 +1,7 @@
 """What runs on top of a connection's byte streams, as transports see it.
 
-A transport starts the application with :meth:`ConnectionApplication.on_connect`,
+A transport starts the application with :meth:`ConnectionApplication.on_connect`
+(or, for a connection resumed by stateful reconnect, :meth:`~ConnectionApplication.on_resume`),
 hands it every inbound chunk with :meth:`~ConnectionApplication.on_receive`,
 and the connection manager calls :meth:`~ConnectionApplication.on_disconnect`
 exactly once when the connection is over. The hub layer implements this
@@ -63,6 +64,14 @@ class ConnectionApplication(abc.ABC):
     @abc.abstractmethod
     async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
         """The connection is over (called exactly once per started connection)."""
+
+    async def on_resume(self, conn: Connection) -> None:
+        """A new transport carries a resumed connection (stateful reconnect); bytes will follow.
+
+        Only connections the application made resumable (``conn.outbox.enable_replay``) are
+        resumed, so an application that never does needs nothing here.
+        """
+        conn.abort("not resumable")
 
     def tick(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called about once a second by the server heartbeat."""

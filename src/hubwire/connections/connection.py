@@ -17,13 +17,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from ..protocol.base import TransferFormat
 from .outbox import Outbox
 
 __all__ = [
+    "Carrier",
     "Connection",
     "ConnectionLayerStats",
     "ConnectionStatus",
@@ -132,6 +133,14 @@ class ConnectionLayerStats:
 stats = ConnectionLayerStats()
 
 
+class Carrier(Protocol):
+    """The transport request serving a connection, as the connection manager sees it."""
+
+    def replaced(self) -> None:
+        """A new request resumed the connection: stop serving it and drop the socket, without
+        ending or suspending the connection."""
+
+
 class ConnectionStatus(enum.Enum):
     """Where a connection is in its life (changed only by the connection manager)."""
 
@@ -139,7 +148,8 @@ class ConnectionStatus(enum.Enum):
     NEW = "new"
     #: a transport request is in flight (a WebSocket, an SSE stream, a waiting long poll)
     ACTIVE = "active"
-    #: between HTTP requests (long polling between polls): disposed after the disconnect timeout
+    #: between HTTP requests (long polling between polls), or a stateful-reconnect WebSocket that
+    #: dropped: disposed after the disconnect timeout unless a request (a resume) comes
     INACTIVE = "inactive"
     #: being ended: the application's disconnect handling runs
     ENDING = "ending"
@@ -153,12 +163,15 @@ class TransportFeatures:
 
     ``inherent_keep_alive``: the transport itself shows the client is there
     (long polling polls), so no keep-alive pings are sent on it;
-    ``binary``: it carries binary frames (SSE is text-only).
+    ``binary``: it carries binary frames (SSE is text-only);
+    ``resumable``: a connection that dropped may be resumed on a new request
+    of this transport (stateful reconnect: WebSockets only, as in ASP.NET).
     """
 
     name: str
     inherent_keep_alive: bool = False
     binary: bool = True
+    resumable: bool = False
 
 
 class Connection:
@@ -175,6 +188,7 @@ class Connection:
         "abort_reason",
         "application",
         "application_state",
+        "carrier",
         "closed",
         "connection_id",
         "created",
@@ -184,6 +198,7 @@ class Connection:
         "negotiate_version",
         "outbox",
         "principal",
+        "stateful",
         "status",
         "token",
         "transfer_format",
@@ -197,6 +212,7 @@ class Connection:
         negotiate_version: int,
         principal: Principal | None = None,
         max_buffered: int | None = None,
+        stateful: bool = False,
     ) -> None:
         self.connection_id = connection_id
         self.token = token
@@ -220,6 +236,11 @@ class Connection:
         self.application_state: Any = None
         #: state a transport keeps across its HTTP requests (SSE / long polling)
         self.transport_state: Any = None
+        #: negotiate granted stateful reconnect (the hub handshake switches it on, version >= 2)
+        self.stateful = stateful
+        #: the transport request serving the connection now (WebSockets), told to stop when a
+        #: stateful-reconnect resume replaces it before it noticed its socket was gone
+        self.carrier: Carrier | None = None
 
     @property
     def transport_name(self) -> str | None:
@@ -252,6 +273,15 @@ class Connection:
     def write(self, data: bytes) -> None:
         """Queue framed bytes for the client; never awaits."""
         self.outbox.write(data)
+
+    def write_control(self, data: bytes) -> None:
+        """Queue framed bytes that stateful reconnect neither numbers nor replays (handshake, Close)."""
+        self.outbox.write_control(data)
+
+    @property
+    def resumable(self) -> bool:
+        """A new transport request may resume this connection (stateful reconnect is on for it)."""
+        return self.outbox.replay is not None and not self.outbox.closed
 
     def abort(self, reason: str | None = None) -> None:
         """End the connection from the server side (transports close once drained)."""

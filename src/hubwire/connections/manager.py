@@ -9,6 +9,12 @@ instance of the app), moves each connection through its
 sweeps connections that have had no transport request for longer than the
 disconnect timeout. Transports get this object, never the server.
 
+Stateful reconnect: a resumable connection whose WebSocket dropped without a
+close handshake is *suspended* (Inactive, its messages kept) instead of ended;
+a new WebSocket with its token *resumes* it (replacing the old transport if
+that is still there); the sweep ends it when the disconnect timeout passes
+first, or as soon as it is aborted meanwhile.
+
 Connections are indexed by connection id. A token is accepted only in the
 exact spelling it was issued in, so one leaked token cannot start a second
 connection with the same id next to the first.
@@ -62,10 +68,16 @@ class ConnectionManager:
 
     # -- creation and lookup -----------------------------------------------------------------------
 
-    def create(self, negotiate_version: int, principal: Principal | None = None) -> Connection:
-        """A new connection with a fresh signed id and token (v0: the id doubles as the token)."""
-        connection_id, token = self.issuer.issue(negotiate_version)
-        conn = Connection(connection_id, token, negotiate_version, principal, self.max_buffered)
+    def create(
+        self, negotiate_version: int, principal: Principal | None = None, stateful: bool = False
+    ) -> Connection:
+        """A new connection with a fresh signed id and token (v0: the id doubles as the token).
+
+        ``stateful``: negotiate granted stateful reconnect (v1 only; the token says so too).
+        """
+        stateful = stateful and negotiate_version > 0
+        connection_id, token = self.issuer.issue(negotiate_version, stateful=stateful)
+        conn = Connection(connection_id, token, negotiate_version, principal, self.max_buffered, stateful)
         self._by_id[connection_id] = conn
         return conn
 
@@ -94,7 +106,14 @@ class ConnectionManager:
             return conn if hmac.compare_digest(conn.token, token) else None
         if verified.connection_id in self._retired:
             return None
-        conn = Connection(verified.connection_id, token, verified.negotiate_version, None, self.max_buffered)
+        conn = Connection(
+            verified.connection_id,
+            token,
+            verified.negotiate_version,
+            None,
+            self.max_buffered,
+            verified.stateful,
+        )
         self._by_id[conn.connection_id] = conn
         return conn
 
@@ -130,6 +149,40 @@ class ConnectionManager:
         if self.is_live(conn):
             conn.status = ConnectionStatus.INACTIVE
             conn.inactive_since = time.monotonic()
+
+    def suspend(self, conn: Connection) -> None:
+        """The WebSocket of a resumable connection dropped without a close handshake.
+
+        The connection stays (Inactive: groups, user, running calls, and every
+        message sent to it, kept for the replay) until a new WebSocket resumes
+        it or the disconnect timeout ends it. ``on_disconnected`` does not run.
+        """
+        if not self.is_live(conn):
+            return
+        conn.carrier = None
+        conn.outbox.detach()
+        self.mark_inactive(conn)
+
+    def resume(self, conn: Connection, request: RequestInfo, principal: Principal | None) -> None:
+        """A new WebSocket with ``conn``'s token carries it again (checked by the caller).
+
+        A transport still serving it (the client saw the drop before the
+        server did) is told to stop first; its bytes in flight are dropped and
+        the replay resends them. ``request`` is not taken as the connection's:
+        hub code keeps seeing the request that started it.
+        """
+        carrier, conn.carrier = conn.carrier, None
+        if carrier is not None:
+            try:
+                carrier.replaced()
+            except Exception:
+                log.exception("stopping the replaced transport of %s failed", conn.connection_id)
+        conn.outbox.detach()
+        conn.status = ConnectionStatus.ACTIVE
+        conn.inactive_since = None
+        if principal is not None:
+            conn.principal = principal  # the same user (checked), perhaps with fresher claims
+        log.debug("resuming %s from %s", conn.connection_id, request.client)
 
     # -- the end -----------------------------------------------------------------------------------
 
@@ -184,16 +237,20 @@ class ConnectionManager:
         """End connections without a transport request for longer than the disconnect timeout.
 
         A connection whose transport is still running (a WebSocket, an SSE
-        stream) is only aborted: its transport loop notices and ends it.
+        stream) is only aborted: its transport loop notices and ends it. A
+        suspended connection (stateful reconnect) that was aborted meanwhile (the
+        app, a slow consumer) ends at once: nothing could resume it.
         """
         now = time.monotonic() if now is None else now
         if self._retired:
             for connection_id in [c for c, until in self._retired.items() if until < now]:
                 del self._retired[connection_id]
+        timeout = self.disconnect_timeout
         expired = [
             c
             for c in self._by_id.values()
-            if c.inactive_since is not None and now - c.inactive_since > self.disconnect_timeout
+            if c.inactive_since is not None
+            and (now - c.inactive_since > timeout or (c.outbox.detached and c.outbox.closed))
         ]
         for conn in expired:
             log.debug("disposing inactive connection %s", conn.connection_id)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from .replay import ReplayBuffer
+
 __all__ = ["Outbox"]
 
 
@@ -43,6 +45,13 @@ class Outbox:
     bytes wait while the writer is stuck sending earlier ones (or, for long
     polling, no poll is waiting), ``on_overflow`` is called and the owner closes
     the connection instead of growing without bound.
+
+    With stateful reconnect (:meth:`enable_replay`) ``write`` is for trackable
+    hub messages (numbered and kept until acknowledged) and ``write_control``
+    for the rest (handshake, Ping, Close, Ack, Sequence). When the transport
+    drops, :meth:`detach` keeps the connection's messages in the replay buffer
+    only (and a new ``epoch`` tells the old writer to stop); :meth:`attach`
+    sends the Sequence and replays them on the new transport.
     """
 
     __slots__ = (
@@ -51,9 +60,12 @@ class Outbox:
         "_waiter",
         "_woken",
         "buffered",
+        "detached",
         "dirty",
+        "epoch",
         "max_buffered",
         "on_overflow",
+        "replay",
         "sent",
         "sent_bytes",
         "sink",
@@ -77,13 +89,38 @@ class Outbox:
         #: records and bytes queued so far (metrics: plain ints, summed at scrape time)
         self.sent = 0
         self.sent_bytes = 0
+        #: stateful reconnect: numbering and the replay buffer (None = the connection does not resume)
+        self.replay: ReplayBuffer | None = None
+        #: stateful reconnect: the transport dropped and no new one carries the connection yet
+        self.detached = False
+        #: bumped on every detach: a writer loop that started on an older epoch stops
+        self.epoch = 0
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def write(self, data: bytes) -> None:
-        """Queue bytes for the transport (dropped silently once the outbox is closed)."""
+        """Queue a framed hub message for the transport (dropped silently once the outbox is closed).
+
+        With stateful reconnect the message is numbered and kept, and goes out
+        now only when the transport is there and the unacknowledged bytes allow.
+        """
+        replay = self.replay
+        if replay is not None and not self._closed and not replay.keep(data, not self.detached):
+            if replay.overflowing and self.on_overflow:
+                callback, self.on_overflow = self.on_overflow, None
+                callback()
+            return
+        self._queue(data)
+
+    def write_control(self, data: bytes) -> None:
+        """Queue a message that is neither numbered nor replayed (handshake, Ping, Close, Ack,
+        Sequence); dropped while no transport carries the connection."""
+        if not self.detached:
+            self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
         if self._closed:
             return
         self._chunks.append(data)
@@ -118,8 +155,52 @@ class Outbox:
             callback, self.on_overflow = self.on_overflow, None
             callback()
 
+    # -- stateful reconnect ------------------------------------------------------------------------
+
+    def enable_replay(self, limit: int, hold_limit: int) -> ReplayBuffer:
+        """Number, keep and replay trackable messages from now on (hub handshake version 2)."""
+        self.replay = ReplayBuffer(limit, hold_limit)
+        return self.replay
+
+    def ack(self, sequence_id: int) -> None:
+        """The client acknowledged up to ``sequence_id``: forget those, send held ones that now fit."""
+        replay = self.replay
+        if replay is None:
+            return
+        released = replay.ack(sequence_id)
+        if not self.detached:
+            for data in released:
+                self._queue(data)
+
+    def detach(self) -> None:
+        """The transport is gone (or being replaced): unsent bytes are dropped (the replay buffer
+        has the messages), the old writer is told to stop, writes are kept until :meth:`attach`."""
+        self.detached = True
+        self.epoch += 1
+        self.sink = None
+        self._chunks = []
+        self.buffered = 0
+        self._woken = False
+        if self.replay is not None:
+            self.replay.rewind()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def attach(self, sequence: bytes) -> None:
+        """A new transport carries the connection: the framed Sequence message, then the replay."""
+        self.detached = False
+        self._queue(sequence)
+        if self.replay is not None:
+            for data in self.replay.replay()[1]:
+                self._queue(data)
+
     def close(self) -> None:
         """No more writes; the writer drains what is queued, then sees the end."""
+        if self.replay is not None:
+            self.replay.clear()
         sink = self.sink
         if sink is not None and not self._closed:
             if self._chunks:
@@ -158,14 +239,17 @@ class Outbox:
                 waiter.set_result(None)
                 self._woken = True
 
-    async def take(self) -> list[bytes] | None:
-        """Wait for queued bytes and return them all; None once closed and drained."""
+    async def take(self, epoch: int | None = None) -> list[bytes] | None:
+        """Wait for queued bytes and return them all; None once closed and drained, or (given the
+        writer's ``epoch``) once the transport it writes to was detached."""
         while not self._chunks:
-            if self._closed:
+            if self._closed or (epoch is not None and epoch != self.epoch):
                 return None
             loop = asyncio.get_running_loop()
             self._waiter = loop.create_future()
             await self._waiter
+        if epoch is not None and epoch != self.epoch:
+            return None  # these bytes are for the transport that replaced this writer's
         return self.take_nowait()
 
     async def wait_readable(self, timeout: float | None) -> bool:

@@ -13,6 +13,9 @@ Formats (base64url, no padding):
   ``connectionToken``: ``id(16) | issued(4) | mac(16)`` (48 chars), secret;
   the connection id is *inside* the token, but the token cannot be derived
   from the id without the secret.
+  A connection granted stateful reconnect at negotiate gets
+  ``id(16) | issued(4) | flags(1) | mac(16)`` (50 chars) instead, so the
+  instance that takes it over knows it may resume (the flag is signed).
 * negotiate v0 (Python clients) uses the id as the token, so the id itself is
   verifiable: ``issued(4) | random(6) | mac(6)`` (22 chars).
 
@@ -54,12 +57,17 @@ def _unb64(text: str) -> bytes | None:
         return None
 
 
+#: token flag: negotiate granted stateful reconnect
+FLAG_STATEFUL = 0x01
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
-    """What a valid token says: which connection, which negotiate version."""
+    """What a valid token says: which connection, which negotiate version, stateful reconnect."""
 
     connection_id: str
     negotiate_version: int
+    stateful: bool = False
 
 
 class TokenIssuer:
@@ -78,12 +86,17 @@ class TokenIssuer:
     def _mac(self, data: bytes, size: int) -> bytes:
         return hmac.new(self.secret, data, hashlib.sha256).digest()[:size]
 
-    def issue(self, negotiate_version: int, now: float | None = None) -> tuple[str, str]:
-        """A fresh ``(connection_id, token)``; for v0 both are the same string."""
+    def issue(
+        self, negotiate_version: int, now: float | None = None, stateful: bool = False
+    ) -> tuple[str, str]:
+        """A fresh ``(connection_id, token)``; for v0 both are the same string.
+
+        ``stateful`` (v1 only) marks the token of a connection granted stateful reconnect.
+        """
         issued = struct.pack(">I", int(now if now is not None else time.time()) & 0xFFFFFFFF)
         if negotiate_version > 0:
             raw_id = secrets.token_bytes(16)
-            body = raw_id + issued
+            body = raw_id + issued + (bytes((FLAG_STATEFUL,)) if stateful else b"")
             return _b64(raw_id), _b64(body + self._mac(body, 16))
         body = issued + secrets.token_bytes(6)
         connection_id = _b64(body + self._mac(body, 6))
@@ -95,14 +108,19 @@ class TokenIssuer:
         ``check_age=False`` only checks the signature: enough to route a request to
         the instance that already holds the connection, never to create one.
         """
-        if len(token) not in (22, 48):
+        if len(token) not in (22, 48, 50):
             return None
         raw = _unb64(token)
         if raw is None or _b64(raw) != token:  # only the canonical spelling: one string per token
             return None
-        if len(raw) == 36:
-            body, mac, issued, version = raw[:20], raw[20:], raw[16:20], 1
+        flags = 0
+        if len(raw) in (36, 37):
+            body, mac, issued, version = raw[:-16], raw[-16:], raw[16:20], 1
             connection_id = _b64(raw[:16])
+            if len(raw) == 37:
+                flags = raw[20]
+                if flags != FLAG_STATEFUL:
+                    return None
         elif len(raw) == 16:
             body, mac, issued, version = raw[:10], raw[10:], raw[:4], 0
             connection_id = token
@@ -116,4 +134,4 @@ class TokenIssuer:
         age = (now if now is not None else time.time()) - struct.unpack(">I", issued)[0]
         if check_age and not -5 <= age <= self.max_age:
             return None
-        return VerifiedToken(connection_id, version)
+        return VerifiedToken(connection_id, version, bool(flags & FLAG_STATEFUL))

@@ -7,6 +7,7 @@ import contextvars
 from typing import TYPE_CHECKING, Any
 
 from ..connections.connection import Connection, Principal, RequestInfo
+from ..connections.replay import TRACKABLE
 from ..protocol.base import HubProtocol
 from ..protocol.messages import CloseMessage, HubMessage
 
@@ -95,8 +96,16 @@ class HubConnectionContext:
         self.outbox.write(data)
 
     def write_message(self, message: HubMessage) -> None:
-        """Frame one message with this connection's protocol and queue it."""
-        self.outbox.write(self.protocol.write_message(message))
+        """Frame one message with this connection's protocol and queue it.
+
+        Trackable messages (types 1-5) go through the outbox's numbering when
+        stateful reconnect is on; the others are control messages.
+        """
+        data = self.protocol.write_message(message)
+        if message.type in TRACKABLE:
+            self.outbox.write(data)
+        else:
+            self.outbox.write_control(data)
 
     def close(self, error: str | None = None, allow_reconnect: bool = False) -> None:
         """Send a Close message and end the connection once it is flushed."""

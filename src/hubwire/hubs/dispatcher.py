@@ -76,6 +76,7 @@ class EndpointStats:
         "messages_received",
         "opened",
         "rate_limited",
+        "resumed",
     )
 
     def __init__(self) -> None:
@@ -88,6 +89,8 @@ class EndpointStats:
         self.rate_limited = 0
         #: client-result Completions refused because another connection's call was named
         self.forged_completions = 0
+        #: connections resumed on a new WebSocket (stateful reconnect)
+        self.resumed = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -147,9 +150,9 @@ class HubDispatcher:
         elif isinstance(message, PingMessage):
             ctx.first_ping_seen = True
         elif isinstance(message, CloseMessage):
-            ctx.connection.write(ctx.protocol.write_message(CloseMessage()))
+            ctx.connection.write_control(ctx.protocol.write_message(CloseMessage()))
             ctx.connection.abort(message.error or "client closed")
-        # Ack / Sequence: stateful reconnect is not enabled; ignore
+        # Ack / Sequence: handled by the connection handler (stateful reconnect), else ignored
 
     def _client_result(self, ctx: HubConnectionContext, message: CompletionMessage) -> None:
         outcome = self.manager.set_connection_result(ctx, message)

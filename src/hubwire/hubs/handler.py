@@ -6,6 +6,12 @@ against what the transport declares it can carry), keeps the connection alive
 (pings, client timeout, handshake timeout), tells the lifetime manager and
 the hub about connects and disconnects, and hands every parsed message to the
 :class:`~hubwire.hubs.dispatcher.HubDispatcher`.
+
+Stateful reconnect (handshake version 2 on a connection negotiate granted it,
+over a resumable transport): the outbox numbers and keeps what is sent, this
+handler acknowledges what was received (at most once a second, from the
+heartbeat), drops what the client resends after a reconnect, and on a resume
+sends the Sequence and the replay (:meth:`HubConnectionHandler.on_resume`).
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from collections.abc import Sequence
 
 from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection
+from ..connections.replay import SequenceError
 from ..connections.tasks import BackgroundTasks
 from ..options import HubOptions
 from ..protocol.base import HubProtocol, MessageParser, TransferFormat
 from ..protocol.errors import HandshakeError, InvalidDataError
 from ..protocol.handshake import HANDSHAKE_CANCELED, handshake_response, parse_handshake
-from ..protocol.messages import PING
+from ..protocol.messages import PING, AckMessage, HubMessage, SequenceMessage
 from .clients import HubCallerClients
 from .context import HubCallerContext, HubConnectionContext
 from .dispatcher import CONNECTION_ERROR, EndpointStats, HubDispatcher, error_text
@@ -128,7 +135,11 @@ class HubConnectionHandler(ConnectionApplication):
         state.ctx = ctx
         state.parser = protocol.parser(limit)
         conn.transfer_format = protocol.transfer_format
-        conn.write(handshake_response())
+        conn.write_control(handshake_response())
+        if request.version >= 2 and self._resumable(conn):
+            opts = self.options
+            size = opts.stateful_reconnect_buffer_size
+            conn.outbox.enable_replay(size, opts.max_buffered_bytes or 10 * size)
         self.pending.pop(conn.connection_id, None)
         self.connected[conn.connection_id] = ctx
         self.stats.opened += 1
@@ -142,6 +153,17 @@ class HubConnectionHandler(ConnectionApplication):
             return
         if rest:
             await self._receive(ctx, state, rest)
+
+    def _resumable(self, conn: Connection) -> bool:
+        """Negotiate granted stateful reconnect, the hub allows it and the transport can resume."""
+        features = conn.features
+        return (
+            conn.stateful
+            and self.options.allow_stateful_reconnect
+            and self.options.stateful_reconnect_buffer_size > 0
+            and features is not None
+            and features.resumable
+        )
 
     @staticmethod
     def _refusal(conn: Connection, protocol: HubProtocol | None, name: str, version: int) -> str | None:
@@ -165,7 +187,7 @@ class HubConnectionHandler(ConnectionApplication):
         state = conn.application_state
         if isinstance(state, _HubConnectionState):
             state.buffer = bytearray()  # what was received is dropped, not kept or searched again
-        conn.write(handshake_response(text))
+        conn.write_control(handshake_response(text))
         conn.abort(text)
 
     async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
@@ -182,6 +204,25 @@ class HubConnectionHandler(ConnectionApplication):
             log.exception("on_disconnected failed for %s", conn.connection_id)
         finally:
             await self.manager.on_disconnected(ctx)
+
+    async def on_resume(self, conn: Connection) -> None:
+        """Stateful reconnect: a new WebSocket carries ``conn``: Sequence, replay, fresh parser.
+
+        What arrives on the new transport is ignored until the client's own
+        Sequence, then duplicates of what was handled before are dropped.
+        """
+        state: _HubConnectionState | None = conn.application_state
+        ctx = state.ctx if state is not None else None
+        replay = conn.outbox.replay
+        if state is None or ctx is None or replay is None:
+            conn.abort("not resumable")
+            return
+        self.stats.resumed += 1
+        conn.outbox.attach(ctx.protocol.write_message(SequenceMessage(replay.first_id)))
+        state.parser = ctx.protocol.parser(self.options.maximum_receive_message_size)
+        replay.expect_sequence()
+        ctx.received = time.monotonic()
+        ctx.received_since_tick = True
 
     def server_closing(self, conn: Connection) -> None:
         ctx = self.connected.get(conn.connection_id)
@@ -202,11 +243,18 @@ class HubConnectionHandler(ConnectionApplication):
             if features is not None and features.inherent_keep_alive:
                 continue  # e.g. long polling: the polls are the keep-alive
             out = ctx.outbox
+            replay = out.replay
+            if replay is not None:
+                if out.detached:
+                    continue  # suspended: the disconnect timeout decides, not pings or the client timeout
+                acked = replay.ack_due()
+                if acked is not None:
+                    out.write_control(ctx.protocol.write_message(AckMessage(acked)))
             if out.wrote:
                 out.wrote = False
                 ctx.last_write = now
             elif now - ctx.last_write >= opts.keep_alive_interval:
-                out.write(self._ping_cache[ctx.protocol.name])
+                out.write_control(self._ping_cache[ctx.protocol.name])
                 out.wrote = False
                 ctx.last_write = now
             if ctx.received_since_tick:
@@ -234,10 +282,32 @@ class HubConnectionHandler(ConnectionApplication):
             ctx.close(error_text(CONNECTION_ERROR, exc, detailed), allow_reconnect=True)
             return
         self.stats.messages_received += len(messages)
+        replay = ctx.outbox.replay
         for message in messages:
             if ctx.connection.outbox.closed:
                 return
-            await self.dispatcher.dispatch(ctx, message)
+            if replay is None:
+                await self.dispatcher.dispatch(ctx, message)
+            elif replay.accept(message.type) and not self._stateful_message(ctx, message):
+                await self.dispatcher.dispatch(ctx, message)
+                replay.processed()  # counted (and acknowledged) only once handled
+
+    def _stateful_message(self, ctx: HubConnectionContext, message: HubMessage) -> bool:
+        """Act on an Ack or Sequence (True), or leave ``message`` to the dispatcher (False)."""
+        if isinstance(message, AckMessage):
+            ctx.outbox.ack(message.sequence_id)
+            return True
+        if isinstance(message, SequenceMessage):
+            replay = ctx.outbox.replay
+            assert replay is not None
+            try:
+                replay.reset_sequence(message.sequence_id)
+            except SequenceError as exc:
+                log.info("closing %s: %s", ctx.connection_id, exc, extra={"connection_id": ctx.connection_id})
+                detailed = self.options.enable_detailed_errors
+                ctx.close(error_text(CONNECTION_ERROR, exc, detailed), allow_reconnect=True)
+            return True
+        return False
 
     def _hub(self, ctx: HubConnectionContext) -> Hub:
         hub = self.hub_cls()

@@ -17,6 +17,7 @@ __all__ = [
     "ORIGIN_NOT_ALLOWED",
     "POST_NOT_ALLOWED_ON_WEBSOCKETS",
     "REQUEST_BODY_TOO_LARGE",
+    "RESUME_OTHER_USER",
     "TOO_MANY_CONNECTIONS",
     "transport_not_supported",
 ]
@@ -34,6 +35,8 @@ DELETE_NOT_ALLOWED = "Cannot terminate this connection using the DELETE endpoint
 NOT_READY = "The server is not ready: its instances have not agreed on a token key yet. Try again."
 #: a connection start that cannot be recorded (the backplane is unreachable): the client retries
 BACKPLANE_UNAVAILABLE = "Cannot start the connection now: the backplane is unreachable. Try again."
+#: a stateful-reconnect resume by a user other than the connection's (hubwire's own text)
+RESUME_OTHER_USER = "The connection belongs to another user."
 
 
 def transport_not_supported(transport: str) -> str:

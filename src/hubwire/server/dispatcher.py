@@ -117,7 +117,7 @@ class HttpConnectionDispatcher:
             if conn.transport_name not in (None, websocket.FEATURES.name):
                 return 400, texts.CANNOT_CHANGE_TRANSPORT
             if conn.transport_name is not None:
-                return 409, ""  # a WebSocket of this connection is already open
+                return self._resume(endpoint, conn, request, principal)
             refusal = await self._take_ownership(endpoint, conn, websocket.FEATURES)
             if refusal is not None:
                 return refusal
@@ -125,6 +125,39 @@ class HttpConnectionDispatcher:
             # skipNegotiation: a connection created on the fly, version-0 style (token == id)
             conn = self.connections.create(0, principal)
         self.connections.activate(conn, websocket.FEATURES, request, principal)
+        return conn
+
+    def _resume(
+        self,
+        endpoint: ConnectionApplication,
+        conn: Connection,
+        request: RequestInfo,
+        principal: Principal | None,
+    ) -> Connection | tuple[int, str]:
+        """A second WebSocket for a started connection: a stateful-reconnect resume, or 409.
+
+        Only a resumable connection (stateful reconnect on, not ended or
+        aborted) of this path is resumed, and only by the user it belongs to:
+        a token is a bearer secret, so a stolen one must not hand another user
+        the connection (its messages, groups and identity). No credentials
+        where the connection has a user is 401; another user is 403. The
+        token's age does not matter here (a resume is not a start).
+        """
+        if not conn.resumable:
+            return 409, ""  # a WebSocket of this connection is already open
+        if conn.application is not endpoint:
+            return 404, texts.NO_CONNECTION  # started on another path
+        owner = conn.principal
+        if owner is not None and principal is None:
+            return 401, ""
+        if principal is not None and (owner is None or owner.identifier != principal.identifier):
+            log.warning(
+                "refused resuming %s as another user",
+                conn.connection_id,
+                extra={"connection_id": conn.connection_id, "event": "resume_refused"},
+            )
+            return 403, texts.RESUME_OTHER_USER
+        self.connections.resume(conn, request, principal)
         return conn
 
     # -- ASGI entry points -------------------------------------------------------------------------
@@ -166,9 +199,27 @@ class HttpConnectionDispatcher:
             body = texts.TOO_MANY_CONNECTIONS.encode()
             await respond(send, 503, body, headers=[*cors, ("retry-after", "1")])
             return
-        conn = self.connections.create(version, principal)
-        body = negotiate_response(version, conn.connection_id, conn.token, endpoint.transports)
+        stateful = self._grants_stateful_reconnect(endpoint, request, version)
+        conn = self.connections.create(version, principal, stateful)
+        body = negotiate_response(
+            version, conn.connection_id, conn.token, endpoint.transports, use_stateful_reconnect=stateful
+        )
         await respond(send, 200, body, "application/json", cors)
+
+    @staticmethod
+    def _grants_stateful_reconnect(
+        endpoint: ConnectionApplication, request: RequestInfo, version: int
+    ) -> bool:
+        """The client asked (``useStatefulReconnect=true``) and the hub allows it, as ASP.NET answers.
+
+        Negotiate version 0 makes the id the token, which has no room for the
+        signed flag another instance needs, so v0 never gets it (the clients
+        that ask for it all negotiate version 1).
+        """
+        asked = (request.query_param("useStatefulReconnect") or "").strip().lower() == "true"
+        opts = endpoint.options
+        allowed = opts.allow_stateful_reconnect and opts.stateful_reconnect_buffer_size > 0
+        return asked and version > 0 and allowed
 
     async def http(self, endpoint: ConnectionApplication, scope: Scope, receive: Receive, send: Send) -> None:
         """Plain HTTP on a hub path: SSE GET, long-poll GET, POST (send) or DELETE (close)."""

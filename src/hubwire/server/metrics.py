@@ -10,7 +10,9 @@ mount :func:`metrics_app` / :func:`stats_app` yourself.
 
 Metrics (all prefixed ``hubwire_``):
 
-* ``connections{hub,path,transport,protocol}`` connected hub clients;
+* ``connections{hub,path,transport,protocol}`` connected hub clients (a stateful-reconnect
+  connection waiting for its client to resume counts as connected);
+  ``connections_resumed_total`` per hub (stateful reconnect);
   ``connections_registered`` every negotiated or connected connection;
   ``connections_opened_total`` / ``connections_closed_total`` /
   ``handshake_failures_total`` per hub; ``connections_refused_total{reason}``
@@ -81,6 +83,8 @@ def server_stats(server: HubServer) -> dict[str, Any]:
         hubs[path] = {
             "hub": endpoint.hub_cls.__name__,
             "connected": len(endpoint.connected),
+            # stateful reconnect: dropped, waiting for the client to resume (disconnect timeout)
+            "suspended": sum(ctx.outbox.detached for ctx in list(endpoint.connected.values())),
             "pending_handshake": len(endpoint.pending),
             "running_tasks": len(endpoint.tasks),
             **endpoint.stats.as_dict(),
@@ -158,6 +162,11 @@ class _Collector:
         yield per_hub("hubwire_invocation_errors", "Hub method calls that failed", "invocation_errors")
         yield per_hub(
             "hubwire_invocations_rate_limited", "Hub method calls refused by the rate limit", "rate_limited"
+        )
+        yield per_hub(
+            "hubwire_connections_resumed",
+            "Connections resumed on a new WebSocket (stateful reconnect)",
+            "resumed",
         )
         yield per_hub(
             "hubwire_forged_completions",

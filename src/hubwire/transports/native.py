@@ -182,10 +182,33 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         conn = self._conn
         if stage == _OPEN and conn is not None and self._gate is not None:
             conn.outbox.sink = None
+            if conn.carrier is self:
+                conn.carrier = None
             if drain and pump is not None:
                 self._gate.connections.tasks.spawn(self._end_after(pump, conn, exc), name="drain then end")
+            elif conn.resumable and self._error is None and not self._closing_handshake():
+                # stateful reconnect: dropped without a close handshake, the client may come back
+                self._gate.connections.suspend(conn)
             else:
                 self._gate.connections.end_soon(conn, self._error or exc)
+
+    def _closing_handshake(self) -> bool:
+        """A Close frame went either way: the WebSocket ended on purpose, not by a dropped socket."""
+        ws = self._ws
+        return ws is not None and (ws.close_received or ws.close_sent)
+
+    def replaced(self) -> None:
+        """Stateful reconnect: a new WebSocket resumed this connection before this one noticed
+        its socket was gone. Stop serving it (what was received but not handled is dropped:
+        the client resends it) and drop the socket; the connection lives on."""
+        self._conn = None
+        self._stage = _CLOSED
+        if self._inbox is not None:
+            self._inbox.clear()
+        if self._pump is not None:
+            self._pump.cancel()
+        if self.transport is not None:
+            self.transport.abort()
 
     async def _end_after(self, pump: asyncio.Task[None], conn: Connection, exc: Exception | None) -> None:
         """End ``conn`` once what arrived before the client's Close was handled (bounded)."""
@@ -300,8 +323,12 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         except Exception:
             log.exception("WebSocket admission failed")
             admitted = (500, "")
+        resuming = isinstance(admitted, Connection) and admitted.application is endpoint
         if self.transport is None:  # the client went away meanwhile
-            if isinstance(admitted, Connection):
+            if resuming:
+                assert isinstance(admitted, Connection)
+                gate.connections.suspend(admitted)
+            elif isinstance(admitted, Connection):
                 gate.connections.end_soon(admitted)
             return
         if isinstance(admitted, tuple):
@@ -309,7 +336,10 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             return
         self._open(endpoint, admitted, key)
         try:
-            await endpoint.on_connect(admitted)
+            if resuming:  # stateful reconnect: a started connection on a new WebSocket
+                await endpoint.on_resume(admitted)
+            else:
+                await endpoint.on_connect(admitted)
         except Exception as exc:
             log.exception("on_connect failed for %s", admitted.connection_id)
             self._error = exc
@@ -340,6 +370,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         self._ws = ServerWebSocket(max_frame, validate_utf8=endpoint.validate_text)
         conn.application = endpoint
         conn.outbox.sink = DirectSink(self, conn)
+        conn.carrier = self
 
     def _reply(self, status: int, body: str) -> None:
         transport = self.transport

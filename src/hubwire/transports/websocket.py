@@ -17,7 +17,7 @@ from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection, TransportFeatures
 from ..connections.inbox import Inbox
 from ..connections.manager import ConnectionManager
-from ..http import Receive, Scope, Send
+from ..http import Receive, Scope, Send, abort_transport, close_frame_received
 from ..protocol.base import TransferFormat
 from .guard import SlowConsumerGuard
 
@@ -25,7 +25,8 @@ __all__ = ["FEATURES", "reject_websocket", "serve_websocket"]
 
 log = logging.getLogger("hubwire.websocket")
 
-FEATURES = TransportFeatures("WebSockets")
+#: a dropped WebSocket may be resumed (stateful reconnect), the only resumable transport as in ASP.NET
+FEATURES = TransportFeatures("WebSockets", resumable=True)
 
 
 async def reject_websocket(scope: Scope, receive: Receive, send: Send, status: int, body: str = "") -> None:
@@ -60,10 +61,21 @@ class _AsgiWebSocket:
     """
 
     def __init__(
-        self, endpoint: ConnectionApplication, conn: Connection, receive: Receive, send: Send
+        self,
+        manager: ConnectionManager,
+        endpoint: ConnectionApplication,
+        conn: Connection,
+        receive: Receive,
+        send: Send,
     ) -> None:
+        self.manager = manager
         self.endpoint = endpoint
         self.conn = conn
+        #: the outbox epoch this request writes for (a resume elsewhere bumps it)
+        self.epoch = conn.outbox.epoch
+        #: stateful reconnect: the connection lives on without this request (suspended or resumed
+        #: elsewhere), so this request neither closes nor ends it
+        self.handoff = False
         self.receive = receive
         self.send = send
         self.client_closed = asyncio.Event()
@@ -79,7 +91,7 @@ class _AsgiWebSocket:
         self._give_up: asyncio.TimerHandle | None = None
 
     async def read_loop(self) -> None:
-        clean = False
+        clean = dropped = False
         try:
             while True:
                 await self.room.wait()
@@ -87,6 +99,7 @@ class _AsgiWebSocket:
                 kind = msg["type"]
                 if kind == "websocket.disconnect":
                     clean = msg.get("code", 1005) in (1000, 1001)
+                    dropped = not close_frame_received(self.receive, msg)
                     break
                 if kind == "websocket.receive":
                     data = msg.get("bytes")
@@ -96,7 +109,11 @@ class _AsgiWebSocket:
                         self.inbox.put(data)
         finally:
             self.client_closed.set()
-            if clean and self.handler is not None and (self.inbox or self.handling):
+            if self.handoff:
+                pass  # resumed on another WebSocket: nothing here concerns the connection any more
+            elif dropped and self.conn.resumable and self.error is None:
+                self.suspend()
+            elif clean and self.handler is not None and (self.inbox or self.handling):
                 # a clean Close: what arrived before it is handled first (bounded), as in ASP.NET
                 self.inbox.put(b"")  # the end mark
                 self.draining = True
@@ -104,6 +121,24 @@ class _AsgiWebSocket:
                 self._give_up = asyncio.get_running_loop().call_later(timeout, self._stop_handling)
             else:
                 self._stop_handling()  # the client vanished: nothing it sent still needs handling
+
+    def suspend(self) -> None:
+        """Stateful reconnect: the socket dropped; the connection waits for the client to resume it."""
+        self.handoff = True
+        self._stop_reading()
+        self.manager.suspend(self.conn)
+
+    def replaced(self) -> None:
+        """A new WebSocket resumed the connection before this one noticed its socket was gone."""
+        self.handoff = True
+        self._stop_reading()
+        abort_transport(self.send)
+
+    def _stop_reading(self) -> None:
+        """What arrived but was not handled is dropped (uncounted, the client sends it again)."""
+        if self.handler is not None:
+            self.handler.cancel()
+        self.inbox.clear()
 
     def _stop_handling(self) -> None:
         if self.handler is not None:
@@ -134,7 +169,7 @@ class _AsgiWebSocket:
         """Send what the outbox holds until it closes; returns the close code to send."""
         conn = self.conn
         while True:
-            chunks = await conn.outbox.take()
+            chunks = await conn.outbox.take(self.epoch)
             if chunks is None:
                 return 1000
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -160,9 +195,14 @@ async def serve_websocket(
     if message["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
+    resuming = conn.application is endpoint
     conn.application = endpoint
-    await endpoint.on_connect(conn)
-    ws = _AsgiWebSocket(endpoint, conn, receive, send)
+    ws = _AsgiWebSocket(manager, endpoint, conn, receive, send)
+    conn.carrier = ws
+    if resuming:  # stateful reconnect: a started connection on a new WebSocket
+        await endpoint.on_resume(conn)
+    else:
+        await endpoint.on_connect(conn)
     loop = asyncio.get_running_loop()
     ws.handler = loop.create_task(ws.handle_loop())
     reader = loop.create_task(ws.read_loop())
@@ -190,21 +230,58 @@ async def serve_websocket(
         ws.error = ws.error or ConnectionError("slow consumer")
     except Exception as exc:  # the socket is gone (OSError, disconnect errors of the server)
         log.debug("send to %s failed: %s", conn.connection_id, exc)
-        ws.error = ws.error or exc
+        if conn.resumable and ws.error is None and not ws.handoff:
+            ws.suspend()
+        else:
+            ws.error = ws.error or exc
     finally:
         writing = False
-        conn.outbox.close()
-        if not ws.client_closed.is_set() and not dropped:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(send({"type": "websocket.close", "code": close_code}), timeout)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ws.client_closed.wait(), timeout)
-        guard.cancel()
-        if ws.draining:  # the client closed cleanly: let what it sent before be handled (bounded)
-            await asyncio.wait({ws.handler}, timeout=timeout)
-        for other in (reader, ws.handler):
-            other.cancel()
-        for other in (reader, ws.handler):
-            with contextlib.suppress(asyncio.CancelledError):
-                await other
-        await manager.end(conn, ws.error)
+        if conn.carrier is ws:
+            conn.carrier = None
+        if ws.handoff:
+            guard.cancel()
+            await _hand_off(ws, reader)
+        else:
+            await _close(manager, ws, reader, guard, close_code, dropped)
+
+
+async def _close(
+    manager: ConnectionManager,
+    ws: _AsgiWebSocket,
+    reader: asyncio.Task[None],
+    guard: SlowConsumerGuard,
+    close_code: int,
+    dropped: bool,
+) -> None:
+    """The connection is over: close the WebSocket (bounded), stop the tasks, end the connection."""
+    conn = ws.conn
+    timeout = ws.endpoint.options.websocket_close_timeout
+    conn.outbox.close()
+    if not ws.client_closed.is_set() and not dropped:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.send({"type": "websocket.close", "code": close_code}), timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ws.client_closed.wait(), timeout)
+    guard.cancel()
+    handler = ws.handler
+    assert handler is not None
+    if ws.draining:  # the client closed cleanly: let what it sent before be handled (bounded)
+        await asyncio.wait({handler}, timeout=timeout)
+    for other in (reader, handler):
+        other.cancel()
+    for other in (reader, handler):
+        with contextlib.suppress(asyncio.CancelledError):
+            await other
+    await manager.end(conn, ws.error)
+
+
+async def _hand_off(ws: _AsgiWebSocket, reader: asyncio.Task[None]) -> None:
+    """Stateful reconnect: the connection lives on elsewhere; end only this request's tasks."""
+    if not ws.client_closed.is_set():
+        abort_transport(ws.send)
+    tasks = [task for task in (reader, ws.handler) if task is not None]
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
