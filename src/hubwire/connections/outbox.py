@@ -189,13 +189,19 @@ class Outbox:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def attach(self, sequence: bytes) -> None:
-        """A new transport carries the connection: the framed Sequence message, then the replay."""
+    def attach(self, sequence: bytes) -> int:
+        """A new transport carries the connection: the framed Sequence message, then the replay.
+
+        Returns how many messages are sent again now (held ones follow as Acks make room).
+        """
         self.detached = False
         self._queue(sequence)
-        if self.replay is not None:
-            for data in self.replay.replay()[1]:
-                self._queue(data)
+        if self.replay is None:
+            return 0
+        resent = self.replay.replay()[1]
+        for data in resent:
+            self._queue(data)
+        return len(resent)
 
     def close(self) -> None:
         """No more writes; the writer drains what is queued, then sees the end."""

@@ -76,6 +76,8 @@ class EndpointStats:
         "messages_received",
         "opened",
         "rate_limited",
+        "replayed",
+        "resent_dropped",
         "resumed",
     )
 
@@ -91,6 +93,10 @@ class EndpointStats:
         self.forged_completions = 0
         #: connections resumed on a new WebSocket (stateful reconnect)
         self.resumed = 0
+        #: messages sent again on resumes (unacknowledged when the WebSocket dropped)
+        self.replayed = 0
+        #: messages a client sent again after a resume that had been handled before (dropped)
+        self.resent_dropped = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection
-from ..connections.replay import SequenceError
+from ..connections.replay import TRACKABLE, SequenceError
 from ..connections.tasks import BackgroundTasks
 from ..options import HubOptions
 from ..protocol.base import HubProtocol, MessageParser, TransferFormat
@@ -218,7 +218,9 @@ class HubConnectionHandler(ConnectionApplication):
             conn.abort("not resumable")
             return
         self.stats.resumed += 1
-        conn.outbox.attach(ctx.protocol.write_message(SequenceMessage(replay.first_id)))
+        self.stats.replayed += conn.outbox.attach(
+            ctx.protocol.write_message(SequenceMessage(replay.first_id))
+        )
         state.parser = ctx.protocol.parser(self.options.maximum_receive_message_size)
         replay.expect_sequence()
         ctx.received = time.monotonic()
@@ -288,7 +290,10 @@ class HubConnectionHandler(ConnectionApplication):
                 return
             if replay is None:
                 await self.dispatcher.dispatch(ctx, message)
-            elif replay.accept(message.type) and not self._stateful_message(ctx, message):
+            elif not replay.accept(message.type):
+                if message.type in TRACKABLE and not replay.waiting_for_sequence:
+                    self.stats.resent_dropped += 1
+            elif not self._stateful_message(ctx, message):
                 await self.dispatcher.dispatch(ctx, message)
                 replay.processed()  # counted (and acknowledged) only once handled
 
