@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,7 +24,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests.conftest import ServerProcess
 from tests.hwtools import options_env, wait_for
-from tests.rawhub import RS, RawHub, open_ws, ws_url
+from tests.rawhub import RawHub, open_ws, ws_url
 from tests.requirements import NODE_CLIENT, requires
 from tests.stateful_tools import CuttingProxy, cutting_proxy, node_client
 
@@ -508,7 +507,3 @@ async def test_suspended_connection_that_overflows_ends(
     with pytest.raises(InvalidStatus) as gone:
         await _open(server, token, "json")
     assert gone.value.response.status_code == 404
-
-
-def test_rs_is_the_json_record_separator() -> None:
-    assert RS == "\x1e" and json.dumps({"a": RS})  # keeps the rawhub import honest for JSON framing
