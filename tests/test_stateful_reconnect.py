@@ -315,8 +315,11 @@ async def test_resume_sends_sequence_and_replay_and_drops_resent_calls(
     second = await again.next_message()
     assert _kind(second) == 3 and (second[2] if again.binary else second["invocationId"]) == "2", second
     assert await _calls(http, "raw") == 2  # message 1 ran once, message 2 once
-    # the server acknowledges what it handled (within about a second)
+    # the server acknowledges what it handled (within about a second; on the new transport it may
+    # first acknowledge message 1 again, in case that Ack was lost with the old one)
     ack = await again.next_message(timeout=5)
+    if _kind(ack) == 8 and _sequence_id(ack) == 1:
+        ack = await again.next_message(timeout=5)
     assert _kind(ack) == 8 and _sequence_id(ack) == 2, ack
     stats = await _hub_stats(http)
     assert stats["resumed"] == 1 and stats["replayed"] == 1 and stats["resent_dropped"] == 1, stats

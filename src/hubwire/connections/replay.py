@@ -223,8 +223,14 @@ class ReplayBuffer:
         self.next_receive_id = sequence_id
 
     def expect_sequence(self) -> None:
-        """A new transport: ignore the peer's messages until its Sequence arrives."""
+        """A new transport: ignore the peer's messages until its Sequence arrives.
+
+        The last Ack may have been lost with the old transport, so what was
+        handled is acknowledged again at the next chance: a peer whose sends
+        wait for Acks (its buffer full) would otherwise wait for ever.
+        """
         self.waiting_for_sequence = True
+        self.last_acked = 0
 
     def ack_due(self) -> int | None:
         """The id to acknowledge now, when something new was processed since the last Ack."""

@@ -142,6 +142,13 @@ class HttpConnectionDispatcher:
         the connection (its messages, groups and identity). No credentials
         where the connection has a user is 401; another user is 403. The
         token's age does not matter here (a resume is not a start).
+
+        Across instances (not yet): a resume reaching an instance that does not
+        hold the connection never gets here; ``resolve`` takes a fresh token
+        over and the start claim refuses it (409), an older one is unknown
+        (404), and the client reconnects as a new connection. Resuming there
+        needs the backplane to find the holding instance and move the
+        connection (its replay buffer, counters, groups) - this is the place.
         """
         if not conn.resumable:
             return 409, ""  # a WebSocket of this connection is already open
