@@ -103,24 +103,10 @@ class Outbox:
     def write(self, data: bytes) -> None:
         """Queue a framed hub message for the transport (dropped silently once the outbox is closed).
 
-        With stateful reconnect the message is numbered and kept, and goes out
-        now only when the transport is there and the unacknowledged bytes allow.
+        With stateful reconnect (:meth:`enable_replay`) the message is also
+        numbered and kept, and goes out now only when the transport is there
+        and the unacknowledged bytes allow (see :class:`_ReplayOutbox`).
         """
-        replay = self.replay
-        if replay is not None and not self._closed and not replay.keep(data, not self.detached):
-            if replay.overflowing and self.on_overflow:
-                callback, self.on_overflow = self.on_overflow, None
-                callback()
-            return
-        self._queue(data)
-
-    def write_control(self, data: bytes) -> None:
-        """Queue a message that is neither numbered nor replayed (handshake, Ping, Close, Ack,
-        Sequence); dropped while no transport carries the connection."""
-        if not self.detached:
-            self._queue(data)
-
-    def _queue(self, data: bytes) -> None:
         if self._closed:
             return
         self._chunks.append(data)
@@ -155,11 +141,21 @@ class Outbox:
             callback, self.on_overflow = self.on_overflow, None
             callback()
 
+    def write_control(self, data: bytes) -> None:
+        """Queue a message that stateful reconnect neither numbers nor replays (handshake, Ping,
+        Close, Ack, Sequence): the same as :meth:`write` unless :meth:`enable_replay` was called."""
+        self.write(data)
+
     # -- stateful reconnect ------------------------------------------------------------------------
 
     def enable_replay(self, limit: int, hold_limit: int) -> ReplayBuffer:
-        """Number, keep and replay trackable messages from now on (hub handshake version 2)."""
+        """Number, keep and replay trackable messages from now on (hub handshake version 2).
+
+        The outbox becomes a :class:`_ReplayOutbox` (same slots, other ``write``), so outboxes
+        without stateful reconnect, nearly all of them, pay nothing for it on the hot path.
+        """
         self.replay = ReplayBuffer(limit, hold_limit)
+        self.__class__ = _ReplayOutbox
         return self.replay
 
     def ack(self, sequence_id: int) -> None:
@@ -170,7 +166,7 @@ class Outbox:
         released = replay.ack(sequence_id)
         if not self.detached:
             for data in released:
-                self._queue(data)
+                Outbox.write(self, data)
 
     def detach(self) -> None:
         """The transport is gone (or being replaced): unsent bytes are dropped (the replay buffer
@@ -195,12 +191,12 @@ class Outbox:
         Returns how many messages are sent again now (held ones follow as Acks make room).
         """
         self.detached = False
-        self._queue(sequence)
+        Outbox.write(self, sequence)
         if self.replay is None:
             return 0
         resent = self.replay.replay()[1]
         for data in resent:
-            self._queue(data)
+            Outbox.write(self, data)
         return len(resent)
 
     def close(self) -> None:
@@ -271,3 +267,30 @@ class Outbox:
                 self._waiter = None
             return False
         return True
+
+
+class _ReplayOutbox(Outbox):
+    """An outbox with stateful reconnect on (:meth:`Outbox.enable_replay` switches the class).
+
+    ``write`` is for trackable hub messages: numbered and kept; sent now only
+    while a transport carries the connection and the unacknowledged bytes
+    allow, else held (past the hold limit ``on_overflow`` fires: a slow
+    consumer). ``write_control`` bypasses the numbering and is dropped while
+    no transport is there.
+    """
+
+    __slots__ = ()
+
+    def write(self, data: bytes) -> None:
+        replay = self.replay
+        assert replay is not None
+        if not self._closed and not replay.keep(data, not self.detached):
+            if replay.overflowing and self.on_overflow:
+                callback, self.on_overflow = self.on_overflow, None
+                callback()
+            return
+        Outbox.write(self, data)
+
+    def write_control(self, data: bytes) -> None:
+        if not self.detached:
+            Outbox.write(self, data)
