@@ -54,6 +54,7 @@ class ServerProcess:
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._last_output = ""
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
             prefix="hubwire-server-", suffix=".log", delete=False
         )
@@ -82,6 +83,9 @@ class ServerProcess:
         )
         try:
             wait_port(self.port, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.close()  # stops it first: its whole output is in the log then
+            raise type(exc)(f"{exc}; its output:\n{self._last_output}") from None
         except BaseException:
             self.close()
             raise
@@ -101,6 +105,8 @@ class ServerProcess:
 
     def close(self) -> None:
         self.kill()
+        with contextlib.suppress(OSError):
+            self._last_output = self.output()[-4000:]
         self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import logging
+from typing import Any
 
 import pytest
 
@@ -126,3 +129,79 @@ async def test_one_connection_per_id_and_token_spelling(version: int) -> None:
     assert there.resolve(conn.token) is taken
     await there.end(taken)
     assert there.resolve(conn.token) is None  # ended here: never started again here
+
+
+# -- lifespan and cancellation edges ---------------------------------------------------------------
+
+
+async def test_a_wrapped_app_that_ignores_lifespan_leaves_the_server_started_until_shutdown() -> None:
+    """Small ASGI apps return at once for a non-HTTP scope; the server then speaks lifespan alone
+    and stays started until the real shutdown (it used to stop the moment the app returned)."""
+    from hubwire import HubServer
+
+    async def plain(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+
+    server = HubServer(app=plain)
+    events: list[str] = []
+    original_startup, original_shutdown = server.startup, server.shutdown
+
+    async def startup() -> None:
+        events.append("startup")
+        await original_startup()
+
+    async def shutdown() -> None:
+        events.append("shutdown")
+        await original_shutdown()
+
+    server.startup, server.shutdown = startup, shutdown  # type: ignore[method-assign]
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    running = asyncio.ensure_future(server({"type": "lifespan"}, inbox.get, outbox.put))
+    assert await asyncio.wait_for(outbox.get(), 5) == {"type": "lifespan.startup.complete"}
+    await asyncio.sleep(0.05)
+    assert events == ["startup"] and not running.done()  # still started: no early shutdown
+    await inbox.put({"type": "lifespan.shutdown"})
+    assert await asyncio.wait_for(outbox.get(), 5) == {"type": "lifespan.shutdown.complete"}
+    await asyncio.wait_for(running, 5)
+    assert events == ["startup", "shutdown"]
+
+
+async def test_cancel_and_wait_ends_a_task_that_swallowed_its_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Python 3.11's wait_for can swallow a cancellation; a loop around it must still end."""
+    from hubwire.connections.tasks import cancel_and_wait
+
+    swallowed = 0
+
+    async def swallows_once() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    stop = False
+
+    async def never_ends() -> None:  # until the test lets it
+        while not stop:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(swallows_once())
+    await asyncio.sleep(0)
+    assert await cancel_and_wait([task], timeout=5) and task.cancelled() and swallowed == 1
+    stubborn = asyncio.ensure_future(never_ends())
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR, logger="hubwire.tasks"):
+        assert not await cancel_and_wait([stubborn], timeout=0.6, what="a test")
+    assert any("tasks of a test still running" in r.getMessage() for r in caplog.records)
+    stop = True
+    stubborn.cancel()
+    await asyncio.wait_for(stubborn, 5)

@@ -123,8 +123,9 @@ async def test_relayed_requests_put_no_credentials_on_redis(
 ) -> None:
     args = ["--redis", private_redis.url, "--channel-prefix", "relay-secrets:"]
     env = {"INTEROP_LONG_POLL_TIMEOUT": "5"}
-    owner, other = (ServerProcess(APP, env=env, args=args) for _ in range(2))
-    request.addfinalizer(owner.close)
+    owner = ServerProcess(APP, env=env, args=args)
+    request.addfinalizer(owner.close)  # before the next start: a failed start must not leak this one
+    other = ServerProcess(APP, env=env, args=args)
     request.addfinalizer(other.close)
     cookie_value = f"cookie-{uuid.uuid4().hex}"
     cookie = f"session={cookie_value}"

@@ -37,7 +37,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from ..connections.tasks import BackgroundTasks
+from ..connections.tasks import BackgroundTasks, cancel_and_wait
 from .deployment import NodeSettings, parse_deployment, redact_text
 from .link import NodeLink, Outgoing
 from .resp import RespError
@@ -167,9 +167,7 @@ class RedisBus:
         self.running = False
         await self._hook_tasks.cancel_all()
         if self._maintainer is not None:
-            self._maintainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._maintainer
+            await cancel_and_wait([self._maintainer], what="the backplane layout")
         await self._stopping.cancel_all()
         for link in list(self._links.values()):
             await link.stop()

@@ -31,6 +31,8 @@ import math
 import time
 from typing import Protocol
 
+from ..connections.tasks import cancel_and_wait
+
 __all__ = ["InstanceLease", "LeaseWatch", "claim_key", "instances_key", "lease_key"]
 
 log = logging.getLogger("hubwire.backplane")
@@ -158,9 +160,7 @@ class InstanceLease:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait([task], what="the instance lease")
         record = json.dumps({"started": self.started, "stopped": time.time()})
         try:
             await asyncio.wait_for(self.bus.command("DEL", self.key), _STOP_WAIT)

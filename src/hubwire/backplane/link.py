@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..connections.tasks import cancel_and_wait
 from .resp import RespConnection, RespError
 
 if TYPE_CHECKING:
@@ -128,11 +129,9 @@ class NodeLink:
 
     async def stop(self) -> None:
         self.retired = True
-        for task in (self.pub_task, self.sub_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(
+            [t for t in (self.pub_task, self.sub_task) if t is not None], what="a Redis link"
+        )
         for conn in (self.pub, self.sub):
             if conn is not None:
                 conn.close()
@@ -316,7 +315,7 @@ class NodeLink:
     async def _watch(self, conn: RespConnection) -> None:
         """Ping the subscriber; replace it when it is silent while Redis answers a fresh connection."""
         bus = self.bus
-        while bus.running and conn.is_open:
+        while bus.running and conn.is_open and not self.retired:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(conn.lost), bus.health_interval)
             if not conn.is_open:

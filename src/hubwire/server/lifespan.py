@@ -24,23 +24,7 @@ async def serve_lifespan(
     send: Send,
 ) -> None:
     if app is not None:
-        await startup()
-        stopped = False
-
-        async def send_after_shutdown(message: Message) -> None:
-            # the server stops before the wrapped app reports its shutdown complete: once it is
-            # reported, uvicorn exits, and the backplane would not get to say goodbye (its lease)
-            nonlocal stopped
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and not stopped:
-                stopped = True
-                await shutdown()
-            await send(message)
-
-        try:
-            await app(scope, receive, send_after_shutdown)
-        finally:
-            if not stopped:
-                await shutdown()
+        await _around(startup, shutdown, app, scope, receive, send)
         return
     while True:
         message = await receive()
@@ -55,3 +39,53 @@ async def serve_lifespan(
             await shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def _around(
+    startup: Callable[[], Awaitable[None]],
+    shutdown: Callable[[], Awaitable[None]],
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Start, run the wrapped app's lifespan, stop; alone when the app does not speak lifespan.
+
+    Many small ASGI apps return at once for a scope that is not HTTP. The server then speaks the
+    protocol itself and stops at the real shutdown, instead of stopping the moment the app
+    returned (its hubs would start again lazily on the first request, and stop never again).
+    """
+    await startup()
+    stopped = False
+    received: list[str] = []
+    sent: list[str] = []
+
+    async def tracked_receive() -> Message:
+        message = await receive()
+        received.append(message["type"])
+        return message
+
+    async def send_after_shutdown(message: Message) -> None:
+        # the server stops before the wrapped app reports its shutdown complete: once it is
+        # reported, uvicorn exits, and the backplane would not get to say goodbye (its lease)
+        nonlocal stopped
+        sent.append(message["type"])
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and not stopped:
+            stopped = True
+            await shutdown()
+        await send(message)
+
+    try:
+        await app(scope, tracked_receive, send_after_shutdown)
+        if not stopped and not sent:  # the app ignored the lifespan scope
+            if "lifespan.startup" not in received:
+                await receive()
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            stopped = True
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+    finally:
+        if not stopped:
+            await shutdown()
