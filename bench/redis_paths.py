@@ -44,6 +44,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from bench.run import _child_setup
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 if __name__ == "__main__" and VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
@@ -337,7 +339,7 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                start_new_session=True,
+                preexec_fn=_child_setup,
             )
 
     def answer(self, timeout: float) -> dict[str, Any]:
@@ -414,7 +416,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     argv += ["--dir", str(workdir), "--client-output-buffer-limit", "pubsub 0 0 0"]
     with open(workdir / "redis.log", "ab") as log:
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_child_setup
         )
     wait_port(port, proc)
     return proc, port
