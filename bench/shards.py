@@ -260,6 +260,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14 and 15 of stat(5)
 
 
+def machine_busy() -> float:
+    """CPU seconds every process of the machine used so far (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def node_counters(cluster: Any, port: int) -> dict[str, int]:
     """Publish commands this node executed, and publish messages it got over the cluster bus."""
     stats = cluster.info(port, "commandstats")
@@ -305,9 +312,11 @@ def run_config(name: str, args: argparse.Namespace, logdir: Path) -> dict[str, A
             for w in workers:
                 w.answer(STEP_TIMEOUT)
             before = {p: (cpu_seconds(pids[p]), node_counters(cluster, p)) for p in ports}
+            busy = machine_busy()
             for w in workers:
                 w.send("go")
             results = [w.answer(args.seconds + STEP_TIMEOUT * 2) for w in pubs]
+            busy = machine_busy() - busy
             after = {p: (cpu_seconds(pids[p]), node_counters(cluster, p)) for p in ports}
             expected = sum(r["to_subscriber"] for r in results)
             sub.send(f"stop {expected}")
@@ -317,15 +326,11 @@ def run_config(name: str, args: argparse.Namespace, logdir: Path) -> dict[str, A
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     w.proc.wait(10)
                 w.stop()
-        channels_per_node = {p: 0 for p in ports}
-        for i in range(args.groups):
-            channels_per_node[cluster.master_for_key(f"p:g:{i}")] += 1
     nodes = [
         {
             "cpu": after[p][0] - before[p][0],
             "commands": after[p][1]["commands"] - before[p][1]["commands"],
             "forwarded": after[p][1]["forwarded"] - before[p][1]["forwarded"],
-            "channels": channels_per_node[p],
         }
         for p in ports
     ]
@@ -336,6 +341,7 @@ def run_config(name: str, args: argparse.Namespace, logdir: Path) -> dict[str, A
         "pubs": results,
         "sub": ingest,
         "nodes": nodes,
+        "busy": busy,
     }
 
 
@@ -361,12 +367,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
         "last answer (all publishers); CPU % = CPU time ÷ that time (100 % = one core). Redis CPU = "
         "utime+stime of each node over the publishing window; per node: CPU s / PUBLISH or SPUBLISH "
         "commands it executed / publish messages it received over the cluster bus. Subscriber = one "
-        f"instance subscribed to every {args.every}th group.",
+        f"instance subscribed to every {args.every}th group. Other processes' CPU % = the machine's busy "
+        "time (/proc/stat) over the window minus this bench's processes: load that was not ours.",
         "",
         "| config | publish msg/s | publishers CPU % | publishers CPU µs/msg | Redis CPU µs/msg (all nodes) "
         "| per node: CPU s / commands / via cluster bus | subscriber msg/s | share of published "
-        "| subscriber CPU µs/msg | subscriber CPU % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| subscriber CPU µs/msg | subscriber CPU % | other processes' CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         published = sum(p["published"] for p in r["pubs"])
@@ -375,6 +382,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
         redis_cpu = sum(n["cpu"] for n in r["nodes"])
         per_node = " · ".join(f"{n['cpu']:.1f} / {n['commands']:,} / {n['forwarded']:,}" for n in r["nodes"])
         sub = r["sub"]
+        others = r["busy"] - pub_cpu - redis_cpu - sub["cpu"]
         label = f"{r['masters']} shard{'s' if r['masters'] > 1 else ''}, " + (
             "classic PUBLISH" if r["classic"] else "sharded SPUBLISH"
         )
@@ -383,7 +391,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
             f"{pub_cpu / published * 1e6:.2f} | "
             f"{redis_cpu / published * 1e6:.2f} | {per_node} | {sub['received'] / sub['wall']:,.0f} | "
             f"{sub['received'] / published:.3f} | {sub['cpu'] / max(1, sub['received']) * 1e6:.2f} | "
-            f"{sub['cpu'] / sub['wall'] * 100:.0f} |"
+            f"{sub['cpu'] / sub['wall'] * 100:.0f} | {max(0.0, others) / wall * 100:.0f} |"
         )
     return "\n".join(lines)
 
