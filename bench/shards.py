@@ -367,7 +367,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
         "last answer (all publishers); CPU % = CPU time ÷ that time (100 % = one core). Redis CPU = "
         "utime+stime of each node over the publishing window; per node: CPU s / PUBLISH or SPUBLISH "
         "commands it executed / publish messages it received over the cluster bus. Subscriber = one "
-        f"instance subscribed to every {args.every}th group. Other processes' CPU % = the machine's busy "
+        f"instance subscribed to 1 group in {args.every}. Other processes' CPU % = the machine's busy "
         "time (/proc/stat) over the window minus this bench's processes: load that was not ours.",
         "",
         "| config | publish msg/s | publishers CPU % | publishers CPU µs/msg | Redis CPU µs/msg (all nodes) "
