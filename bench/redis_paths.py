@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
 """Why hubwire keeps a hand-written Redis data path: redis-py's asyncio pub/sub and pipelines against it.
 
-    .venv/bin/python -m bench.redis_paths                    # 200 B and 2 KB, 200k messages each
-    .venv/bin/python -m bench.redis_paths --messages 50000   # a quicker run
+    .venv/bin/python -m bench.redis_paths                    # 200 B and 2 KB, 200k messages, 3 rounds
+    .venv/bin/python -m bench.redis_paths --messages 50000 --repeat 1   # a quicker run
 
 One private ``redis-server`` (free loopback port, never 6379; pub/sub output buffers unlimited), and
 for every measurement a fresh worker process: only the measuring process's CPU counts
 (``time.process_time()``, all its threads), and the other side runs in a separate process.
 
 * **subscriber ingest**: the worker subscribes to one channel; a producer process then pushes
-  ``--messages`` PUBLISHes into Redis as fast as Redis takes them (pre-encoded, pipelined, raw
-  socket), so Redis holds a backlog and the subscriber reads as fast as it can. CPU and wall time
-  from the first message to the last; every message's payload length is checked. Paths: redis-py's
-  ``PubSub.get_message(timeout=None)`` loop, ``PubSub.listen()``, ``PubSub.run()`` with a handler
-  registered on the channel; hubwire's ``RespConnection`` with an ``on_push`` handler; hubwire's
-  whole ``RedisBus.subscribe`` path (link -> dispatch -> handler).
+  ``--warmup`` + ``--messages`` PUBLISHes into Redis as fast as Redis takes them (pre-encoded,
+  pipelined, raw socket). *backlog*: the subscriber is stopped (SIGSTOP) until the producer is done,
+  so it then reads everything at its own speed; *live*: it reads while the producer runs. CPU and
+  wall time from the last warm-up message to the last one; every payload's length is checked.
+  Paths: redis-py's ``PubSub.get_message(timeout=None)`` loop, ``PubSub.listen()``,
+  ``PubSub.run()`` with a handler registered on the channel; hubwire's ``RespConnection`` with an
+  ``on_push`` handler; hubwire's whole ``RedisBus.subscribe`` path (link -> dispatch -> handler).
 * **publisher**: the worker publishes ``--messages`` messages to a channel, batches of 1,000, one
   batch in flight (what the bus's links do). Paths: redis-py ``pipeline(transaction=False)``;
   hubwire's ``RespConnection.write_commands`` (one future per reply, gathered); hubwire's whole
@@ -22,7 +23,8 @@ for every measurement a fresh worker process: only the measuring process's CPU c
   its receiver count, and the next batch waits for it). Nobody subscribes: Redis only answers.
 
 Every worker runs on uvloop when it is installed (hubwire's server does), warms up with
-``--warmup`` messages first, and is bounded in time. The report (markdown) goes to stdout.
+``--warmup`` messages first, and is bounded in time. Each measurement is made ``--repeat`` times in
+interleaved rounds; the report (markdown, to stdout) shows each cell's median round and the range.
 """
 
 from __future__ import annotations
