@@ -1,9 +1,13 @@
 """A lean asyncio Redis connection for the backplane's two hot paths: PUBLISH and pub/sub reads.
 
-Why not redis-py's PubSub here: its loop handles one message per await, which
-caps a process at ~35-55k backplane messages/s. This protocol object feeds
-every socket read into hiredis's parser and dispatches all complete replies
-synchronously, so one read of many messages costs one wake-up. Commands are
+Why not redis-py here: its PubSub handles one message per await and its
+pipelines build a command object per call. Measured on one machine in one run
+(``bench/redis_paths.py``, bench/RESULTS.md, 200 B messages): redis-py's
+subscriber costs 6-14 us of CPU per message (79-166k msg/s a core), this one
+0.6-0.8 us (~1M msg/s); redis-py's pipelined PUBLISH ~10.6 us, this one ~2 us.
+This protocol object feeds every socket read into hiredis's parser and
+dispatches all complete replies synchronously, so one read of many messages
+costs one wake-up. Commands are
 written pipelined; replies resolve futures in order. Where to connect and how
 (TCP or unix socket, TLS, credentials, database) comes from redis-py's URL
 parsing and TLS contexts (:mod:`.deployment`), so URLs mean the same as everywhere else.
