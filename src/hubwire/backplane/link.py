@@ -283,7 +283,11 @@ class NodeLink:
             except asyncio.CancelledError:
                 raise
             except (OSError, RespError, TimeoutError) as exc:
-                log.warning("backplane subscriber (%s): %s", self.node.node, str(exc) or type(exc).__name__)
+                # the first failure of a streak is a warning; its retries (every backoff) are not news
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                log.log(
+                    level, "backplane subscriber (%s): %s", self.node.node, str(exc) or type(exc).__name__
+                )
                 self.bus.request_refresh(f"subscriber of {self.node.node} failed")
             finally:
                 self.sub_ready.clear()

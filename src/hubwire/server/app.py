@@ -22,7 +22,7 @@ from ..backplane.redis import RedisBackplane
 from ..connections.application import RawEndpoint
 from ..connections.connection import Connection
 from ..connections.manager import ConnectionManager
-from ..connections.tasks import BackgroundTasks
+from ..connections.tasks import BackgroundTasks, cancel_and_wait
 from ..http import ASGIApp, Receive, Scope, Send, respond
 from ..hubs.handler import HubConnectionHandler
 from ..hubs.hub import Hub, HubContext
@@ -213,7 +213,7 @@ class HubServer:
             for manager in self._managers.values():
                 await manager.start()
             if not await self.keys.agree():  # not ready (503) until the instances agree on the key
-                self.tasks.spawn(self.keys.until_agreed(), name="token key agreement")
+                self.keys.retry_in_background()
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
             install_redaction()
             self._started = True
@@ -223,10 +223,8 @@ class HubServer:
         if not self._started:
             return
         self._started = False
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await self.keys.stop()  # no waiting on Redis at shutdown
+        await cancel_and_wait([self._heartbeat] if self._heartbeat is not None else [], what="heartbeat")
         self.connections.abort_all("server shutting down")
         await self.tasks.wait(self.options.websocket_close_timeout)
         await self.tasks.cancel_all()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from ..backplane.base import Backplane, BackplaneUnavailable
+from ..connections.tasks import cancel_and_wait
 from ..connections.tokens import TokenIssuer
 
 __all__ = ["KeyAgreement"]
@@ -30,6 +31,7 @@ class KeyAgreement:
         self.ready = True
         #: why not ready (empty when ready)
         self.reason = ""
+        self._retrying: asyncio.Task[None] | None = None
 
     async def agree(self) -> bool:
         """Get the keys and use them; False (and not ready) when the backplane cannot tell now."""
@@ -50,7 +52,23 @@ class KeyAgreement:
         self.ready, self.reason = True, ""
         return True
 
+    def retry_in_background(self) -> None:
+        """Keep asking until the keys are agreed; :meth:`stop` ends it (shutdown waits on no Redis)."""
+        if self._retrying is None or self._retrying.done():
+            loop = asyncio.get_running_loop()
+            self._retrying = loop.create_task(self.until_agreed(), name="token key agreement")
+
+    async def stop(self) -> None:
+        if self._retrying is not None:
+            await cancel_and_wait([self._retrying], what="token key agreement")
+            self._retrying = None
+
     async def until_agreed(self) -> None:
         """Retry until the keys are agreed (a background task of a server that is not ready)."""
-        while not await self.agree():  # noqa: ASYNC110 - polling Redis, nothing to wait on
+        while True:
+            try:
+                if await self.agree():
+                    return
+            except Exception:  # never end silently: the server would stay not ready for good
+                log.exception("token key agreement failed; retrying")
             await asyncio.sleep(self.retry_interval)
