@@ -15,15 +15,11 @@ official client reconnects without an error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +27,12 @@ import httpx
 import pytest
 import redis
 
-from .conftest import PYTHON, ROOT, RedisServer, ServerProcess, free_port, wait_port
+from .conftest import RedisServer, ServerProcess
 from .hwtools import APP, stats
+from .nodeclients import node_clients, round_robin_front
 from .rawhub import RawHub
 from .requirements import NODE_CLIENT, requires
 
-NODE = shutil.which("node")
 SCRIPT = Path(__file__).parent / "hardening" / "death.cjs"
 CLIENTS = 12
 PREFIX = "Death:"
@@ -47,86 +43,14 @@ SERVING = os.environ.get("HUBWIRE_SERVING", "native")
 pytestmark = requires(*NODE_CLIENT)
 
 
-class Clients:
-    """The Node process: JSON events out, commands in, every read bounded."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-
-    async def next_event(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise AssertionError(f"the Node clients exited ({self.proc.returncode}); events: {self.events}")
-        event: dict[str, Any] = json.loads(line)
-        self.events.append(event)
-        assert event["event"] not in ("error", "closed"), event
-        return event
-
-    async def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            event = await self.next_event(max(0.01, deadline - time.monotonic()))
-            if event["event"] == kind:
-                return event
-
-    async def command(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-        await self.proc.stdin.drain()
-
-
-@contextlib.asynccontextmanager
-async def node_clients(front_url: str) -> AsyncIterator[Clients]:
-    assert NODE is not None
-    proc = await asyncio.create_subprocess_exec(
-        NODE,
-        str(SCRIPT),
-        front_url,
-        str(CLIENTS),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        yield Clients(proc)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await asyncio.wait_for(proc.wait(), 10)
-
-
 @pytest.fixture
 def front(start_server: Any, redis_server: RedisServer) -> Any:
     """Three instances (native serving) and the round-robin front before them."""
     instances: list[ServerProcess] = [
         start_server(APP, args=["--redis", redis_server.url, "--channel-prefix", PREFIX]) for _ in range(3)
     ]
-    port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "examples.blog.front", "--port", str(port), *(i.url for i in instances)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(port, proc=proc)
-        yield instances, f"http://127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    with round_robin_front([i.url for i in instances]) as url:
+        yield instances, url
 
 
 def _subscriptions(r: redis.Redis) -> dict[str, int]:
@@ -164,7 +88,7 @@ async def test_one_instance_dies(front: Any, redis_server: RedisServer, sig: sig
     pids = {i.proc.pid for i in instances}
     r = redis.Redis.from_url(redis_server.url)
     async with (
-        node_clients(front_url) as clients,
+        node_clients(SCRIPT, front_url, str(CLIENTS)) as clients,
         httpx.AsyncClient(base_url=survivor.url, timeout=5) as http,
     ):
         ready = await clients.wait_for("ready", 30)

@@ -16,12 +16,10 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +31,11 @@ import redis.asyncio as aioredis
 from hubwire.backplane import RedisBackplane
 from hubwire.backplane.lease import InstanceLease, LeaseWatch
 
-from .conftest import PYTHON, ROOT, RedisServer, ServerProcess, free_port, wait_port
+from .conftest import RedisServer, ServerProcess
 from .hwtools import APP, stats, wait_for
+from .nodeclients import node_clients, round_robin_front
 from .requirements import NODE_CLIENT, requires
 
-NODE = shutil.which("node")
 SCRIPT = Path(__file__).parent / "hardening" / "leases.cjs"
 PREFIX = "Leases:"
 MODES = ["sse_json", "longpolling_json", "longpolling_messagepack", "websockets_json"]
@@ -47,100 +45,14 @@ RS = "\x1e"
 HANDSHAKE = json.dumps({"protocol": "json", "version": 1}) + RS
 
 
-class Clients:
-    """The Node process: JSON events out, commands in, every read bounded."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-
-    async def next_event(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise AssertionError(f"the Node clients exited ({self.proc.returncode}); events: {self.events}")
-        event: dict[str, Any] = json.loads(line)
-        self.events.append(event)
-        assert event["event"] not in ("error", "closed"), event
-        return event
-
-    async def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            event = await self.next_event(max(0.01, deadline - time.monotonic()))
-            if event["event"] == kind:
-                return event
-
-    async def command(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-        await self.proc.stdin.drain()
-
-
-@contextlib.asynccontextmanager
-async def node_clients(front_url: str, instances: int) -> AsyncIterator[Clients]:
-    assert NODE is not None
-    proc = await asyncio.create_subprocess_exec(
-        NODE,
-        str(SCRIPT),
-        front_url,
-        str(instances),
-        ",".join(MODES),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        yield Clients(proc)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await asyncio.wait_for(proc.wait(), 10)
-
-
-def _start_front(urls: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "examples.blog.front", "--port", str(port), *urls],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(port, proc=proc)
-    except BaseException:
-        _stop_front(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _stop_front(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
 @pytest.fixture
 def cluster(start_server: Any, redis_server: RedisServer) -> Iterator[tuple[list[ServerProcess], str]]:
     """Three instances (following HUBWIRE_SERVING) and the round-robin front before them."""
     instances: list[ServerProcess] = [
         start_server(APP, args=["--redis", redis_server.url, "--channel-prefix", PREFIX]) for _ in range(3)
     ]
-    proc, url = _start_front([i.url for i in instances])
-    try:
+    with round_robin_front([i.url for i in instances]) as url:
         yield instances, url
-    finally:
-        _stop_front(proc)
 
 
 @contextlib.contextmanager
@@ -163,7 +75,7 @@ async def test_owner_killed_every_client_connected_again_within_seconds(
     instances, front_url = cluster
     survivor, _, victim = instances
     pids = {i.proc.pid for i in instances}
-    async with node_clients(front_url, len(instances)) as clients:
+    async with node_clients(SCRIPT, front_url, str(len(instances)), ",".join(MODES)) as clients:
         ready = (await clients.wait_for("ready", 90))["clients"]
         mode_of = {c["client"]: c["mode"] for c in ready}
         on_victim = {c["client"] for c in ready if c["pid"] == victim.proc.pid}

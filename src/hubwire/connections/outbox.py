@@ -234,6 +234,10 @@ class Outbox:
             return
         self._chunks[:0] = chunks
         self.buffered += sum(len(c) for c in chunks)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the waiting writer (``write`` does the same inline: it is the hot path)."""
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
