@@ -7,7 +7,8 @@ query parameter makes ``on_connected`` join that group.
 
 What the tests read back: ``GET /debug/lifecycle`` (``on_connected`` / ``on_disconnected`` runs per
 connection id), ``GET /debug/calls`` (how often each ``CountCall`` key ran), ``POST /pump`` (send
-numbered messages to one connection, cycling direct / its group / everyone).
+numbered messages to one connection, cycling direct / its group / everyone, or the ``kinds``
+given, numbered from ``first``).
 """
 
 from __future__ import annotations
@@ -73,18 +74,18 @@ server = HubServer(_options(), authenticator=authenticate, stats_path="/debug/st
 server.add_hub("/hub", StatefulHub)
 
 
-async def _pump(connection_id: str, group: str, count: int, interval: float, size: int) -> None:
+async def _pump(
+    connection_id: str, group: str, count: int, interval: float, size: int, kinds: list[str], first: int
+) -> None:
     hub = server.hub_context(StatefulHub)
     pad = "x" * size
-    for i in range(count):
-        target = (
-            hub.clients.client(connection_id)
-            if i % 3 == 0
-            else hub.clients.group(group)
-            if i % 3 == 1
-            else hub.clients.all
-        )
-        await target.send("Num", i, pad)
+    targets = {
+        "direct": hub.clients.client(connection_id),
+        "group": hub.clients.group(group),
+        "all": hub.clients.all,
+    }
+    for i in range(first, first + count):
+        await targets[kinds[i % len(kinds)]].send("Num", i, pad)
         if interval:
             await asyncio.sleep(interval)
 
@@ -98,6 +99,8 @@ async def pump(request: Request) -> JSONResponse:
             int(body["count"]),
             float(body.get("intervalMs", 0)) / 1000,
             int(body.get("size", 0)),
+            list(body.get("kinds") or ["direct", "group", "all"]),
+            int(body.get("first", 0)),
         )
     )
     PUMPS.add(task)

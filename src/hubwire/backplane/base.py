@@ -9,10 +9,13 @@ claiming connection starts, and reporting health.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..hubs.lifetime import HubLifetimeManager, InMemoryLifetimeManager
 from ..transports.relayed import RequestRelay
+
+if TYPE_CHECKING:
+    from .takeover import Takeovers
 
 __all__ = ["Backplane", "BackplaneUnavailable", "InMemoryBackplane"]
 
@@ -26,6 +29,8 @@ class Backplane:
 
     #: relays HTTP-transport requests to the instance holding the connection (None: one instance)
     relay: RequestRelay | None = None
+    #: moves resumable connections between instances (None: one instance, nothing to move)
+    takeovers: Takeovers | None = None
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
         """The lifetime manager of one hub (called once per hub name)."""
@@ -46,6 +51,13 @@ class Backplane:
         refused then, with 503: a replayed token could not be told apart).
         """
         return True
+
+    async def reclaim_connection(self, connection_id: str) -> None:
+        """A connection moved here: its start claim, while it lasts, names this instance now.
+
+        Why: a fresh token of it reaching the old holder must not look like a first start there.
+        """
+        return None
 
     def health(self) -> dict[str, Any] | None:
         """State and counters for stats and metrics (None: nothing to report)."""

@@ -445,6 +445,22 @@ class RedisBus:
             self.stats.handler_errors += 1
             log.exception("backplane handler for %r failed", channel)
 
+    async def barrier(self, timeout: float) -> bool:
+        """Wait until every node has pushed us what it had for us before now (False on timeout).
+
+        Why: an instance handing a connection over must have seen every message
+        published before the new owner subscribed; with sharded channels those
+        come from several nodes, in no common order with the handover's own messages.
+        """
+        links = [link for link in self._links.values() if link.channels]
+        if not links:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.gather(*(link.barrier() for link in links)), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     # -- publishing --------------------------------------------------------------------------------
 
     def publish(

@@ -73,6 +73,9 @@ class NodeLink:
         #: no publishing before this (monotonic) time: see :meth:`hold`
         self.held_until = 0.0
         self._pong: asyncio.Future[None] | None = None
+        #: one entry per PING written on the subscriber connection, in order: the waiter its PONG
+        #: resolves (None for the watchdog's): PONGs come back in the order of the PINGs
+        self._pings: deque[asyncio.Future[None] | None] = deque()
         #: a link made after startup (a new master): it may lack what the old one had (the token key)
         self._ever_published = bus.routed
         self._stall_logged = False
@@ -199,8 +202,9 @@ class NodeLink:
             if kind == b"message" or kind == b"smessage":
                 self.bus.dispatch(reply[1], reply[2])
             elif kind == b"pong":
-                if self._pong is not None and not self._pong.done():
-                    self._pong.set_result(None)
+                waiter = self._pings.popleft() if self._pings else None
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
             elif kind == b"subscribe" or kind == b"ssubscribe":
                 self._unconfirmed.discard(reply[1])
                 self._retry_delay = 0.0
@@ -272,6 +276,7 @@ class NodeLink:
                 count = self._subscribe_all(conn)
                 # the PONG arrives after every subscribe reply: then we are really subscribed
                 self._pong = asyncio.get_running_loop().create_future()
+                self._pings = deque([self._pong])
                 conn.write_commands([(b"PING",)], expect_replies=False)
                 await asyncio.wait_for(self._pong, self.bus.command_timeout + count / 10_000)
                 if attempt:
@@ -333,6 +338,7 @@ class NodeLink:
                 self._stall_logged = False
                 with contextlib.suppress(RespError):
                     conn.write_commands([(b"PING",)], expect_replies=False)
+                    self._pings.append(None)
 
     async def _stalled(self, which: str, idle: float) -> bool:
         """A connection of ours is silent: True when it must be replaced (Redis answers others).
@@ -356,6 +362,20 @@ class NodeLink:
             self._stall_logged = True
             log.error("Redis at %s does not answer (%.1fs): waiting for it", self.node.node, idle)
         return False
+
+    async def barrier(self) -> None:
+        """Return once every message Redis pushed to our subscriber before now was dispatched.
+
+        A PING on the subscriber connection is answered after everything Redis
+        queued on it before; nothing to wait for while it is not connected.
+        """
+        sub = self.sub
+        if sub is None or not sub.is_open or not self.sub_ready.is_set():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sub.write_commands([(b"PING",)], expect_replies=False)
+        self._pings.append(waiter)
+        await waiter
 
     async def probe(self) -> bool:
         """Does the node answer a PING on a fresh connection, within the health timeout?"""

@@ -55,6 +55,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..connections.outbox import set_delivery_tag
 from ..connections.tasks import BackgroundTasks
 from ..connections.tokens import derive_key
 from ..exceptions import HubException
@@ -89,6 +90,7 @@ from .dedupe import Deduplicator
 from .lease import InstanceLease, LeaseWatch, claim_key
 from .relay import Relay
 from .resp import RespError
+from .takeover import Takeovers
 
 if TYPE_CHECKING:
     from ..hubs.context import HubConnectionContext
@@ -111,6 +113,10 @@ class RedisBackplane(Backplane):
     during a rotation. Without one the instances agree on a random key stored
     in Redis under the prefix.
 
+    ``takeover_timeout``: how long a stateful-reconnect resume waits for the
+    instance holding the connection to hand it over (``takeover.py``); past it
+    the resume is refused and the client starts a new connection.
+
     ``lease_interval`` / ``lease_ttl``: the instance's lease in Redis is
     refreshed every ``lease_interval`` seconds and expires ``lease_ttl``
     seconds after the last refresh, so other instances know within about
@@ -131,6 +137,7 @@ class RedisBackplane(Backplane):
         previous_secret: bytes | str | None = None,
         lease_interval: float = 1.0,
         lease_ttl: float = 3.0,
+        takeover_timeout: float = 2.0,
         **bus_options: Any,
     ) -> None:
         self.url = url
@@ -152,12 +159,15 @@ class RedisBackplane(Backplane):
         self.relay: Relay = Relay(
             self.bus, channel_prefix, self.server_name, LeaseWatch(self.bus, channel_prefix, lease_interval)
         )
+        #: stateful reconnect across instances: resumable connections move to where the client lands
+        self.takeovers: Takeovers = Takeovers(self.bus, channel_prefix, self.server_name, takeover_timeout)
 
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
         """``HUBWIRE_REDIS_URL`` / ``HUBWIRE_CHANNEL_PREFIX`` / ``HUBWIRE_SECRET`` /
         ``HUBWIRE_BACKPLANE_BUFFER`` (messages) / ``HUBWIRE_BACKPLANE_BUFFER_BYTES`` /
-        ``HUBWIRE_ACK_TIMEOUT`` / ``HUBWIRE_LEASE_INTERVAL`` / ``HUBWIRE_LEASE_TTL`` (seconds), or
+        ``HUBWIRE_ACK_TIMEOUT`` / ``HUBWIRE_LEASE_INTERVAL`` / ``HUBWIRE_LEASE_TTL`` /
+        ``HUBWIRE_TAKEOVER_TIMEOUT`` (seconds), or
         None when unset."""
         url = os.environ.get("HUBWIRE_REDIS_URL")
         if not url:
@@ -172,6 +182,7 @@ class RedisBackplane(Backplane):
             previous_secret=os.environ.get("HUBWIRE_PREVIOUS_SECRET") or None,
             lease_interval=float(os.environ.get("HUBWIRE_LEASE_INTERVAL") or 1.0),
             lease_ttl=float(os.environ.get("HUBWIRE_LEASE_TTL") or 3.0),
+            takeover_timeout=float(os.environ.get("HUBWIRE_TAKEOVER_TIMEOUT") or 2.0),
         )
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
@@ -183,12 +194,14 @@ class RedisBackplane(Backplane):
         self._started += 1
         if self._started == 1:
             await self.bus.start()
+            await self.takeovers.start()
             self.lease.start()
 
     async def close(self) -> None:
         self._started -= 1
         if self._started == 0:
             await self.lease.stop()  # first: the others stop relaying here at once
+            await self.takeovers.close()
             await self.relay.close()
             await self.bus.close()
 
@@ -265,9 +278,22 @@ class RedisBackplane(Backplane):
             return None
         return previous is None or previous == self.server_name.encode()
 
+    async def reclaim_connection(self, connection_id: str) -> None:
+        key = claim_key(self.channel_prefix, connection_id)
+        try:
+            await self.bus.command("SET", key, self.server_name, "XX", "KEEPTTL")
+        except Exception as exc:
+            log.warning("cannot record that connection %s moved here: %s", connection_id, exc)
+
     def health(self) -> dict[str, Any]:
         duplicates = sum(m.duplicates_dropped for m in self.managers.values())
-        return {**self.bus.health(), "duplicates_dropped": duplicates, "lease_failures": self.lease.failures}
+        moves = {"moved_in": self.takeovers.moved_in, "moved_out": self.takeovers.moved_out}
+        return {
+            **self.bus.health(),
+            "duplicates_dropped": duplicates,
+            "lease_failures": self.lease.failures,
+            **moves,
+        }
 
 
 class RedisHubLifetimeManager(HubLifetimeManager):
@@ -329,13 +355,41 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         serialized = SerializedMessage(message)
         return serialized, serialized.serialize_all(self.protocols)
 
-    def _envelope(self, serializations: dict[str, bytes], exclude: Collection[str] = ()) -> RedisInvocation:
+    def _envelope(
+        self, serializations: dict[str, bytes], exclude: Collection[str] = (), seq: int | None = None
+    ) -> RedisInvocation:
         """An envelope with the next sequence number: one per publish, so that one instance receiving
         two of them (a member of two groups sent to together) does not take the second for a repeat."""
-        return RedisInvocation(serializations, list(exclude), origin=self.server_name, seq=next(self._seq))
+        number = next(self._seq) if seq is None else seq
+        return RedisInvocation(serializations, list(exclude), origin=self.server_name, seq=number)
 
-    def _publish(self, channel: str, serializations: dict[str, bytes], exclude: Collection[str] = ()) -> None:
-        self.bus.publish(channel, encode_invocation(self._envelope(serializations, exclude)))
+    def _publish(
+        self,
+        channel: str,
+        serializations: dict[str, bytes],
+        exclude: Collection[str] = (),
+        seq: int | None = None,
+    ) -> None:
+        self.bus.publish(channel, encode_invocation(self._envelope(serializations, exclude, seq)))
+
+    def _deliver_local(
+        self,
+        recipients: list[HubConnectionContext],
+        message: SerializedMessage,
+        exclude: Collection[str] = (),
+    ) -> int:
+        """Deliver to local connections what is about to be published; returns the envelope's number.
+
+        The deliveries are tagged with the envelope's id, so a connection moving
+        to another instance just now gets this message once (``takeover.py``).
+        """
+        seq = next(self._seq)
+        set_delivery_tag((self.server_name, seq))
+        try:
+            self.local.deliver(recipients, message, exclude)
+        finally:
+            set_delivery_tag(None)
+        return seq
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -371,8 +425,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
 
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
         message, serializations = self._serialize(InvocationMessage(method, list(args)))
-        self.local.deliver(list(self.local.connections.values()), message, exclude)
-        self._publish(self.channels.all, serializations, exclude)
+        seq = self._deliver_local(list(self.local.connections.values()), message, exclude)
+        self._publish(self.channels.all, serializations, exclude, seq)
 
     async def send_connections(
         self, connection_ids: Collection[str], method: str, args: Sequence[Any]
@@ -401,9 +455,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         message, serializations = self._serialize(InvocationMessage(method, list(args)))
         for group in names:
             members = self.local.groups.get(group)
-            if members:
-                self.local.deliver(list(members.values()), message, exclude)
-            self._publish(self.channels.group(group), serializations, exclude)
+            seq = self._deliver_local(list(members.values()) if members else [], message, exclude)
+            self._publish(self.channels.group(group), serializations, exclude, seq)
 
     async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
         users = list(dict.fromkeys(user_ids))
@@ -412,9 +465,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         message, serializations = self._serialize(InvocationMessage(method, list(args)))
         for uid in users:
             members = self.local.users.get(uid)
-            if members:
-                self.local.deliver(list(members.values()), message)
-            self._publish(self.channels.user(uid), serializations)
+            seq = self._deliver_local(list(members.values()) if members else [], message)
+            self._publish(self.channels.user(uid), serializations, (), seq)
 
     # -- receiving ---------------------------------------------------------------------------------
 
@@ -436,6 +488,17 @@ class RedisHubLifetimeManager(HubLifetimeManager):
     ) -> None:
         excluded = set(inv.excluded) if honour_excluded and inv.excluded else ()
         sers = inv.serializations
+        if inv.origin is not None and inv.seq is not None:
+            set_delivery_tag((inv.origin, inv.seq))
+        try:
+            self._write_all(recipients, sers, excluded)
+        finally:
+            set_delivery_tag(None)
+
+    @staticmethod
+    def _write_all(
+        recipients: list[HubConnectionContext], sers: dict[str, bytes], excluded: Collection[str]
+    ) -> None:
         for conn in recipients:
             if excluded and conn.connection_id in excluded:
                 continue

@@ -73,6 +73,25 @@ class ConnectionApplication(abc.ABC):
         """
         conn.abort("not resumable")
 
+    # -- moving a resumable connection to another instance (stateful reconnect across instances) ----
+
+    def export_for_move(self, conn: Connection) -> dict[str, Any] | str:
+        """What another instance needs to carry ``conn`` on (plain MessagePack-able values),
+        or why it cannot move (the client then starts a new connection)."""
+        return "this path does not move connections"
+
+    async def import_moved(self, conn: Connection, state: dict[str, Any]) -> None:
+        """Carry on a connection moved here: register it (groups, user) before its replay arrives.
+
+        Raises ``ValueError`` when ``state`` is not usable (it came from another instance)."""
+        raise ValueError("this path does not move connections")
+
+    async def release_moved(self, conn: Connection) -> None:  # noqa: B027 - optional hook
+        """``conn`` moved to another instance: unregister it here, without ``on_disconnect``."""
+
+    async def abandon_moved(self, conn: Connection) -> None:  # noqa: B027 - optional hook
+        """Undo :meth:`import_moved` (the move failed half-way; the client starts afresh)."""
+
     def tick(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called about once a second by the server heartbeat."""
 

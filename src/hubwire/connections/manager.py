@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from .connection import Connection, ConnectionStatus, Principal, RequestInfo, TransportFeatures
 from .tasks import BackgroundTasks
-from .tokens import TokenIssuer
+from .tokens import TokenIssuer, VerifiedToken
 
 __all__ = ["ConnectionManager"]
 
@@ -117,6 +117,10 @@ class ConnectionManager:
         self._by_id[conn.connection_id] = conn
         return conn
 
+    def lookup(self, connection_id: str) -> Connection | None:
+        """The connection registered here under ``connection_id`` (for the backplane; no token check)."""
+        return self._by_id.get(connection_id)
+
     def is_live(self, conn: Connection) -> bool:
         """True while ``conn`` is registered here and is not ending or over."""
         return self._by_id.get(conn.connection_id) is conn and conn.status not in _OVER
@@ -183,6 +187,76 @@ class ConnectionManager:
         if principal is not None:
             conn.principal = principal  # the same user (checked), perhaps with fresher claims
         log.debug("resuming %s from %s", conn.connection_id, request.client)
+
+    # -- moving between instances (stateful reconnect across instances) -----------------------------
+
+    def resumable_token(self, token: str) -> VerifiedToken | None:
+        """What ``token`` says when it is validly signed and its connection may resume, at any age,
+        unless it ended here (then it is over everywhere).
+
+        Why any age: a resume is not a start, and a connection may live for hours.
+        """
+        verified = self.issuer.verify(token, check_age=False)
+        if verified is None or not verified.stateful or verified.connection_id in self._retired:
+            return None
+        return verified
+
+    def freeze(self, conn: Connection) -> None:
+        """``conn`` is being moved to another instance: stop its transport, keep what is sent to it.
+
+        Its messages are kept and tagged (the new owner drops the copies it got
+        itself), and the sweep leaves it alone until :meth:`release` or :meth:`thaw`.
+        """
+        carrier, conn.carrier = conn.carrier, None
+        if carrier is not None:
+            try:
+                carrier.replaced()
+            except Exception:
+                log.exception("stopping the transport of moving %s failed", conn.connection_id)
+        conn.outbox.detach()
+        conn.outbox.tags = []
+        conn.status = ConnectionStatus.INACTIVE
+        conn.inactive_since = None  # not swept while moving
+
+    def thaw(self, conn: Connection) -> None:
+        """The move did not happen: ``conn`` is suspended here again (the disconnect timeout runs)."""
+        conn.outbox.tags = None
+        if self.is_live(conn) and self._by_id.get(conn.connection_id) is conn:
+            self.mark_inactive(conn)
+
+    def release(self, conn: Connection, forward: Callable[[bytes], None]) -> None:
+        """``conn`` moved to another instance: forget it here without ending it.
+
+        No ``on_disconnect``: the connection lives on elsewhere. Its id is not
+        retired, so it may come back here by the same route. What hub code
+        still running here writes to it goes to ``forward``.
+        """
+        if self._by_id.get(conn.connection_id) is conn:
+            del self._by_id[conn.connection_id]
+        conn.outbox.moved(forward)
+        conn.status = ConnectionStatus.DISPOSED
+        conn.inactive_since = None
+        conn.closed.set()
+
+    def adopt(self, verified: VerifiedToken, token: str, principal: Principal | None) -> Connection:
+        """A connection moving here from another instance, registered before its state arrives.
+
+        A stale entry for the same id (negotiated here, started elsewhere) is replaced.
+        """
+        conn = Connection(
+            verified.connection_id, token, verified.negotiate_version, principal, self.max_buffered, True
+        )
+        conn.inactive_since = None  # not swept while its state arrives
+        self._by_id[conn.connection_id] = conn
+        return conn
+
+    def drop_adopted(self, conn: Connection) -> None:
+        """The move failed before the connection was served here: forget it (nothing started)."""
+        if self._by_id.get(conn.connection_id) is conn:
+            del self._by_id[conn.connection_id]
+        conn.outbox.close()
+        conn.status = ConnectionStatus.DISPOSED
+        conn.closed.set()
 
     # -- the end -----------------------------------------------------------------------------------
 

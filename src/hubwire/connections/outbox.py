@@ -10,15 +10,27 @@ piled up into one frame / event / poll response.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from .replay import ReplayBuffer
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "set_delivery_tag"]
 
 
 #: outboxes with a sink and unsent records, flushed together at the end of the loop iteration
 _dirty: list[Outbox] = []
+
+
+#: the backplane id (origin, seq) of the message being delivered right now, None for other writes.
+#: Deliveries are synchronous, so one module-level value set around each is exact; only outboxes
+#: of moving connections read it (:attr:`Outbox.tags`), to tell the two instances' copies apart.
+_delivery_tag: list[tuple[str, int] | None] = [None]
+
+
+def set_delivery_tag(tag: tuple[str, int] | None) -> None:
+    """Tag the writes that follow with a backplane message id (None: untagged)."""
+    _delivery_tag[0] = tag
 
 
 def _flush_dirty() -> None:
@@ -63,12 +75,14 @@ class Outbox:
         "detached",
         "dirty",
         "epoch",
+        "forward",
         "max_buffered",
         "on_overflow",
         "replay",
         "sent",
         "sent_bytes",
         "sink",
+        "tags",
         "wrote",
     )
 
@@ -95,6 +109,10 @@ class Outbox:
         self.detached = False
         #: bumped on every detach: a writer loop that started on an older epoch stops
         self.epoch = 0
+        #: while the connection moves between instances: the delivery tag of every kept message
+        self.tags: list[tuple[str, int] | None] | None = None
+        #: after it moved: where later writes go (the new owner, through the backplane)
+        self.forward: Callable[[bytes], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -199,6 +217,18 @@ class Outbox:
             Outbox.write(self, data)
         return len(resent)
 
+    def moved(self, forward: Callable[[bytes], None]) -> None:
+        """The connection moved to another instance: later hub messages go to ``forward``.
+
+        Why: a hub method still running here (its completion, its stream items)
+        must reach the client on the instance that took the connection over.
+        """
+        self.replay = None
+        self.tags = None
+        self.detached = True
+        self.forward = forward
+        self.__class__ = _ForwardOutbox
+
     def close(self) -> None:
         """No more writes; the writer drains what is queued, then sees the end."""
         if self.replay is not None:
@@ -288,7 +318,11 @@ class _ReplayOutbox(Outbox):
     def write(self, data: bytes) -> None:
         replay = self.replay
         assert replay is not None
-        if not self._closed and not replay.keep(data, not self.detached):
+        if self._closed:
+            return
+        if self.tags is not None:
+            self.tags.append(_delivery_tag[0])
+        if not replay.keep(data, not self.detached):
             if replay.overflowing and self.on_overflow:
                 callback, self.on_overflow = self.on_overflow, None
                 callback()
@@ -298,3 +332,16 @@ class _ReplayOutbox(Outbox):
     def write_control(self, data: bytes) -> None:
         if not self.detached:
             Outbox.write(self, data)
+
+
+class _ForwardOutbox(Outbox):
+    """The outbox of a connection that moved away: hub messages are forwarded, the rest dropped."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes) -> None:
+        if not self._closed and self.forward is not None:
+            self.forward(data)
+
+    def write_control(self, data: bytes) -> None:
+        return None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["TRACKABLE", "ReplayBuffer", "SequenceError"]
+__all__ = ["TRACKABLE", "ReplayBuffer", "ReplayState", "SequenceError"]
 
 #: message types that are numbered, kept and acknowledged (Invocation .. CancelInvocation)
 TRACKABLE = frozenset((1, 2, 3, 4, 5))
@@ -47,6 +47,24 @@ class SequenceError(Exception):
 
     def __init__(self) -> None:
         super().__init__("Sequence ID greater than amount of messages we've received.")
+
+
+class ReplayState:
+    """Everything a :class:`ReplayBuffer` knows, to move a connection to another instance.
+
+    ``kept`` are the framed messages the client has not acknowledged (sent or
+    held), numbered from ``first_id``; ``next_receive_id`` / ``latest_received``
+    say which of the client's messages were handled, so the new owner drops
+    what the client resends after the move as the old one would have.
+    """
+
+    __slots__ = ("first_id", "kept", "latest_received", "next_receive_id")
+
+    def __init__(self, first_id: int, kept: list[bytes], next_receive_id: int, latest_received: int) -> None:
+        self.first_id = first_id
+        self.kept = kept
+        self.next_receive_id = next_receive_id
+        self.latest_received = latest_received
 
 
 class ReplayBuffer:
@@ -180,6 +198,34 @@ class ReplayBuffer:
         """
         self.rewind()
         return self.first_id, self._release()
+
+    def export(self) -> ReplayState:
+        """A copy of the state (the frames are shared, not copied) for the instance taking over."""
+        kept = list(self._kept) if self._kept is not None else []
+        return ReplayState(self.first_id, kept, self.next_receive_id, self.latest_received)
+
+    def restore(self, state: ReplayState, later: list[bytes]) -> None:
+        """Take over a moved connection: the old owner's ``state``, then ``later``.
+
+        ``later`` are messages this instance kept for the connection while the
+        move was under way and that the old owner did not have; they follow the
+        old owner's in the numbering. Nothing is on a wire yet: everything is
+        held until the client's transport arrives (:meth:`replay`).
+        """
+        frames = [*state.kept, *later]
+        self._kept = deque(frames) if frames else None
+        self.first_id = state.first_id
+        self._sent = 0
+        self.unacked_bytes = 0
+        self.held_bytes = sum(len(f) for f in frames)
+        self.next_receive_id = state.next_receive_id
+        self.latest_received = state.latest_received
+        self.last_acked = 0
+        self._pending = 0
+
+    def taken(self) -> list[bytes]:
+        """Every kept message, in order (this instance's own, before a :meth:`restore` merges)."""
+        return list(self._kept) if self._kept is not None else []
 
     def clear(self) -> None:
         """The connection is over: let go of every kept message."""

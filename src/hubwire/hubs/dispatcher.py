@@ -74,6 +74,8 @@ class EndpointStats:
         "invocation_errors",
         "invocations",
         "messages_received",
+        "moved_in",
+        "moved_out",
         "opened",
         "rate_limited",
         "replayed",
@@ -97,6 +99,9 @@ class EndpointStats:
         self.replayed = 0
         #: messages a client sent again after a resume that had been handled before (dropped)
         self.resent_dropped = 0
+        #: resumable connections taken over from another instance / handed over to one
+        self.moved_in = 0
+        self.moved_out = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

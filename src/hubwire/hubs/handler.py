@@ -19,6 +19,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
+
+import msgspec
 
 from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection
@@ -38,6 +41,9 @@ from .lifetime import HubLifetimeManager
 __all__ = ["HubConnectionHandler"]
 
 log = logging.getLogger("hubwire.hub")
+
+_items_encoder = msgspec.msgpack.Encoder()
+_items_decoder = msgspec.msgpack.Decoder()
 
 _CLIENT_TIMEOUT_DETAIL = (
     " OperationCanceledException: Client hasn't sent a message/ping within the configured "
@@ -124,14 +130,7 @@ class HubConnectionHandler(ConnectionApplication):
             return
         rest = bytes(state.buffer[used:])
         state.buffer.clear()
-        ctx = HubConnectionContext(
-            conn, protocol, request.version, self.options.maximum_parallel_invocations_per_client
-        )
-        ctx.max_groups = self.options.max_groups_per_connection
-        ctx.max_group_name_length = self.options.max_group_name_length
-        ctx.max_streams = self.options.max_streams_per_connection
-        ctx.received = ctx.rate_stamp = time.monotonic()
-        ctx.rate_tokens = self.dispatcher.burst
+        ctx = self._context(conn, protocol, request.version)
         state.ctx = ctx
         state.parser = protocol.parser(limit)
         conn.transfer_format = protocol.transfer_format
@@ -153,6 +152,17 @@ class HubConnectionHandler(ConnectionApplication):
             return
         if rest:
             await self._receive(ctx, state, rest)
+
+    def _context(self, conn: Connection, protocol: HubProtocol, version: int) -> HubConnectionContext:
+        """The hub context of a connection whose handshake chose ``protocol`` / ``version``."""
+        opts = self.options
+        ctx = HubConnectionContext(conn, protocol, version, opts.maximum_parallel_invocations_per_client)
+        ctx.max_groups = opts.max_groups_per_connection
+        ctx.max_group_name_length = opts.max_group_name_length
+        ctx.max_streams = opts.max_streams_per_connection
+        ctx.received = ctx.rate_stamp = time.monotonic()
+        ctx.rate_tokens = self.dispatcher.burst
+        return ctx
 
     def _resumable(self, conn: Connection) -> bool:
         """Negotiate granted stateful reconnect, the hub allows it and the transport can resume."""
@@ -225,6 +235,100 @@ class HubConnectionHandler(ConnectionApplication):
         replay.expect_sequence()
         ctx.received = time.monotonic()
         ctx.received_since_tick = True
+
+    # -- moving a connection between instances --------------------------------------------------
+
+    def export_for_move(self, conn: Connection) -> dict[str, Any] | str:
+        """Protocol, user, groups and items of a resumable connection, for the instance taking it.
+
+        Items must be MessagePack-able to move (anything else cannot cross a
+        process boundary); upload streams in progress cannot follow either.
+        Both refusals make the client start a new connection instead.
+        """
+        state: _HubConnectionState | None = conn.application_state
+        ctx = state.ctx if state is not None else None
+        if ctx is None or self.connected.get(conn.connection_id) is not ctx:
+            return "no hub connection"
+        if ctx.upload_streams:
+            return "client-to-server streams are in progress"
+        try:
+            items = _items_encoder.encode(conn.items)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return f"its items cannot be serialized ({exc})"
+        return {
+            "protocol": ctx.protocol.name,
+            "version": ctx.handshake_version,
+            "user": ctx.user_identifier,
+            "groups": sorted(ctx.groups),
+            "items": items,
+        }
+
+    async def import_moved(self, conn: Connection, state: dict[str, Any]) -> None:
+        """Register a connection moved here (its context, user and groups) before its replay.
+
+        It is suspended (no transport yet): what is sent to it from now on is kept.
+        ``on_connected`` does not run again: for hub code this is the same connection.
+        """
+        protocol = self.protocols.get(state.get("protocol"))  # type: ignore[arg-type]
+        version = state.get("version")
+        user = state.get("user")
+        groups = state.get("groups")
+        items = state.get("items")
+        if (
+            protocol is None
+            or not isinstance(version, int)
+            or not 2 <= version <= protocol.version
+            or not (user is None or isinstance(user, str))
+            or not isinstance(groups, list)
+            or not all(isinstance(g, str) for g in groups)
+            or not isinstance(items, bytes)
+        ):
+            raise ValueError("malformed state of a moved connection")
+        owner = conn.principal.identifier if conn.principal is not None else None
+        if user != owner:
+            raise ValueError("the moved connection belongs to another user")
+        decoded = _items_decoder.decode(items)
+        if not isinstance(decoded, dict):
+            raise ValueError("malformed items of a moved connection")
+        conn.items = decoded
+        ctx = self._context(conn, protocol, version)
+        hub_state = _HubConnectionState()
+        hub_state.ctx = ctx
+        hub_state.parser = protocol.parser(self.options.maximum_receive_message_size)
+        conn.application_state = hub_state
+        conn.application = self
+        conn.transfer_format = protocol.transfer_format
+        opts = self.options
+        size = opts.stateful_reconnect_buffer_size
+        conn.outbox.enable_replay(size, opts.max_buffered_bytes or 10 * size)
+        conn.outbox.detach()
+        conn.outbox.tags = []  # told apart from the old owner's copies when its replay arrives
+        self.connected[conn.connection_id] = ctx
+        self.stats.moved_in += 1
+        await self.manager.on_connected(ctx)
+        for group in groups:
+            await self.manager.add_to_group(conn.connection_id, group)
+
+    async def release_moved(self, conn: Connection) -> None:
+        """``conn`` moved away: unregister it here; hub methods still running keep running
+        (what they send is forwarded to the new owner)."""
+        state: _HubConnectionState | None = conn.application_state
+        ctx = state.ctx if state is not None else None
+        if ctx is None or self.connected.get(conn.connection_id) is not ctx:
+            return
+        del self.connected[conn.connection_id]
+        self.stats.moved_out += 1
+        ctx.disconnected = True  # nothing new starts here for it
+        await self.manager.on_disconnected(ctx)
+
+    async def abandon_moved(self, conn: Connection) -> None:
+        state: _HubConnectionState | None = conn.application_state
+        ctx = state.ctx if state is not None else None
+        if ctx is None or self.connected.get(conn.connection_id) is not ctx:
+            return
+        del self.connected[conn.connection_id]
+        ctx.disconnected = True
+        await self.manager.on_disconnected(ctx)
 
     def server_closing(self, conn: Connection) -> None:
         ctx = self.connected.get(conn.connection_id)

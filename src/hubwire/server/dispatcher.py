@@ -37,6 +37,7 @@ from ..transports.sse import serve_sse
 from ..transports.websocket import reject_websocket, serve_websocket
 from .cors import CorsPolicy, origin_allowed
 from .keys import KeyAgreement
+from .moves import ConnectionMoves
 from .routes import Router
 
 __all__ = ["Authenticator", "HttpConnectionDispatcher", "NegotiateRedirect"]
@@ -80,6 +81,9 @@ class HttpConnectionDispatcher:
         self._start = start
         self.keys = keys
         self.redirects: dict[ConnectionApplication, NegotiateRedirect] = {}
+        takeovers = backplane.takeovers
+        #: stateful reconnect across instances (None: one instance)
+        self.moves = ConnectionMoves(connections, router, backplane, takeovers) if takeovers else None
         #: refused connection attempts by reason (for metrics)
         self.refused: dict[str, int] = {"max_connections": 0, "origin": 0}
 
@@ -112,13 +116,20 @@ class HttpConnectionDispatcher:
             return 401, ""
         if token:
             conn = self.connections.resolve(token)
-            if conn is None or not self.connections.is_live(conn):
+            if conn is None:
+                # not here and too old to start anywhere: a resume of a connection held elsewhere?
+                return await self._take_over(endpoint, token, request, principal)
+            if not self.connections.is_live(conn):
                 return 404, texts.NO_CONNECTION
             if conn.transport_name not in (None, websocket.FEATURES.name):
                 return 400, texts.CANNOT_CHANGE_TRANSPORT
             if conn.transport_name is not None:
                 return self._resume(endpoint, conn, request, principal)
             refusal = await self._take_ownership(endpoint, conn, websocket.FEATURES)
+            if refusal == (409, "") and conn.stateful and self.moves is not None:
+                # started on another instance: this is a resume landing here
+                self.connections.drop_adopted(conn)
+                return await self._take_over(endpoint, token, request, principal)
             if refusal is not None:
                 return refusal
         else:
@@ -126,6 +137,19 @@ class HttpConnectionDispatcher:
             conn = self.connections.create(0, principal)
         self.connections.activate(conn, websocket.FEATURES, request, principal)
         return conn
+
+    async def _take_over(
+        self,
+        endpoint: ConnectionApplication,
+        token: str,
+        request: RequestInfo,
+        principal: Principal | None,
+    ) -> Connection | tuple[int, str]:
+        """A resume of a connection this instance does not hold: take it over from its holder."""
+        verified = self.connections.resumable_token(token)
+        if verified is None or self.moves is None:
+            return 404, texts.NO_CONNECTION
+        return await self.moves.take_over(endpoint, verified, token, request, principal)
 
     def _resume(
         self,
@@ -143,12 +167,8 @@ class HttpConnectionDispatcher:
         where the connection has a user is 401; another user is 403. The
         token's age does not matter here (a resume is not a start).
 
-        Across instances (not yet): a resume reaching an instance that does not
-        hold the connection never gets here; ``resolve`` takes a fresh token
-        over and the start claim refuses it (409), an older one is unknown
-        (404), and the client reconnects as a new connection. Resuming there
-        needs the backplane to find the holding instance and move the
-        connection (its replay buffer, counters, groups) - this is the place.
+        A resume reaching an instance that does not hold the connection never
+        gets here: :meth:`_take_over` moves it from its holder (``moves.py``).
         """
         if not conn.resumable:
             return 409, ""  # a WebSocket of this connection is already open

@@ -1,0 +1,301 @@
+"""Stateful reconnect across instances: a resume lands on another instance and takes the connection over.
+
+Three real instances of ``tests.apps.stateful:app`` share a private ``redis-server`` and a channel
+prefix. The official JS client (``withStatefulReconnect()`` + ``withAutomaticReconnect()``) goes
+through a loopback proxy (``CuttingProxy``) whose target the test moves before each cut, so every
+resume reaches another instance than the one holding the connection: the proxy plays a load
+balancer without sticky sessions, where the resume lands wherever it lands. A successful resume
+never calls ``onreconnecting`` / ``onreconnected`` (checked against the client's code in
+``test_stateful_reconnect.py``). Raw clients check the wire and the user check across instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import RedisServer, ServerProcess
+from tests.requirements import NODE_CLIENT, requires
+from tests.stateful_tools import cutting_proxy, node_client
+from tests.test_scaleout import new_prefix
+from tests.test_stateful_reconnect import (
+    _drop,
+    _kind,
+    _negotiate,
+    _open,
+    _sequence,
+    _sequence_id,
+    _suspended,
+    _until,
+)
+
+APP = "tests.apps.stateful:app"
+PUMPED = 100
+
+
+class Trio:
+    """Three instances on one Redis and prefix, and an HTTP client for each."""
+
+    def __init__(self, redis_url: str, env: dict[str, str] | None = None) -> None:
+        args = ["--redis", redis_url, "--channel-prefix", new_prefix("moves")]
+        self.servers: list[ServerProcess] = []
+        try:
+            for _ in range(3):
+                self.servers.append(ServerProcess(APP, env=env, args=args))
+        except BaseException:
+            self.close()
+            raise
+        self.http = [httpx.AsyncClient(base_url=s.url, timeout=5) for s in self.servers]
+
+    async def stats(self, i: int) -> dict[str, Any]:
+        response = await self.http[i].get("/debug/stats")
+        response.raise_for_status()
+        hub: dict[str, Any] = response.json()["hubs"]["/hub"]
+        return hub
+
+    async def total(self, key: str, alive: tuple[int, ...] = (0, 1, 2)) -> int:
+        return sum([int((await self.stats(i))[key]) for i in alive])
+
+    async def lifecycle(self, connection_id: str, alive: tuple[int, ...] = (0, 1, 2)) -> dict[str, int]:
+        """on_connected / on_disconnected runs for a connection, summed over the instances."""
+        total = {"connected": 0, "disconnected": 0}
+        for i in alive:
+            entry = (await self.http[i].get("/debug/lifecycle")).json().get(connection_id, {})
+            for key in total:
+                total[key] += int(entry.get(key, 0))
+        return total
+
+    async def calls(self, key: str) -> int:
+        return sum([int((await h.get("/debug/calls")).json().get(key, 0)) for h in self.http])
+
+    async def pump(self, i: int, connection_id: str, count: int, **extra: Any) -> None:
+        body = {"connectionId": connection_id, "group": "g1", "count": count, "intervalMs": 20, **extra}
+        assert (await self.http[i].post("/pump", json=body)).status_code == 202
+
+    async def holder(self) -> int:
+        """The instance whose hub holds the one connection (connected and not suspended)."""
+        for i in range(3):
+            stats = await self.stats(i)
+            if stats["connected"] == 1:
+                return i
+        raise AssertionError("no instance holds the connection")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- instance {i} ---\n{s.output()[-3000:]}" for i, s in enumerate(self.servers))
+
+    async def aclose(self) -> None:
+        for client in self.http:
+            await client.aclose()
+        self.close()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+@pytest.fixture
+def redis_url(private_redis: RedisServer) -> Iterator[str]:
+    yield private_redis.url
+
+
+@pytest.fixture
+async def trio(redis_url: str) -> AsyncIterator[Trio]:
+    instances = Trio(redis_url)
+    try:
+        yield instances
+    finally:
+        await instances.aclose()
+
+
+@requires(*NODE_CLIENT)
+@pytest.mark.parametrize("protocol", ["json", "messagepack"])
+async def test_js_client_resumes_on_other_instances_with_every_message(trio: Trio, protocol: str) -> None:
+    ports = [s.port for s in trio.servers]
+    async with (
+        cutting_proxy(ports[0]) as proxy,
+        node_client(f"{proxy.url}/hub?user=alice&group=g1", protocol) as client,
+    ):
+        ready = await client.wait_for("ready", 20)
+        assert ready["features"]["reconnect"] is True
+        cid = ready["connectionId"]
+        assert await trio.holder() == 0
+        # a third instance sends (direct, to its group, to all) while the connection moves around
+        await trio.pump(2, cid, PUMPED)
+        route = [1, 2, 0, 1, 2]
+        for round_, target in enumerate(route):
+            await asyncio.sleep(0.3)
+            proxy.target = ports[target]
+            before = proxy.accepted
+            assert proxy.cut(server_side=round_ % 2 == 0) >= 1
+            await _until(lambda b=before: proxy.accepted > b and proxy.open_connections > 0, 10, "a resume")
+            await _until(lambda t=target: _holds(trio, t), 10, f"instance {target} to take the connection")
+
+        async def all_arrived() -> bool:
+            return len((await client.report())["nums"]) >= PUMPED
+
+        await _until(all_arrived, 20, f"the {PUMPED} messages")
+        report = await client.report()
+        assert [n for n, _ in report["nums"]] == list(range(PUMPED)), trio.logs()  # all, in order, once
+        assert report["connectionId"] == cid and report["state"] == "Connected"
+        assert client.lifecycle_events() == []  # resumed every time: no automatic reconnect
+        assert await trio.total("moved_in") == len(route)
+        assert await trio.total("moved_out") == len(route)
+        assert await trio.lifecycle(cid) == {"connected": 1, "disconnected": 0}
+
+        # its group membership moved with it: a send to g1 from another instance reaches it once
+        holder = route[-1]
+        sender = (holder + 1) % 3
+        await trio.pump(sender, cid, 3, kinds=["group"], first=PUMPED)
+        await _until(all_arrived_n(client, PUMPED + 3), 10, "the group sends")
+        report = await client.report()
+        assert [n for n, _ in report["nums"]] == list(range(PUMPED + 3))
+
+        # a call in flight when the connection moves: it runs once, its result is forwarded
+        call = await client.invoke("CountCall", "inflight", 1500)
+        await _until(lambda: trio.calls("inflight"), 10, "the call to start")
+        proxy.target = ports[sender]
+        assert proxy.cut() >= 1
+        await _until(lambda: _holds(trio, sender), 10, "the move during the call")
+        result = await client.wait_for("result", 20, lambda e: e["id"] == call)
+        assert result.get("result") == 1, result
+        assert await trio.calls("inflight") == 1
+        who = await client.invoke("Whoami")
+        result = await client.wait_for("result", 10, lambda e: e["id"] == who)
+        assert result["result"] == {"connectionId": cid, "user": "alice"}
+        assert client.lifecycle_events() == []
+
+        await client.command(cmd="stop")
+        await client.wait_for("stopped", 10)
+
+    async def ended() -> bool:
+        return (await trio.lifecycle(cid))["disconnected"] == 1
+
+    await _until(ended, 10, "on_disconnected, once, where the connection ended")
+    assert await trio.lifecycle(cid) == {"connected": 1, "disconnected": 1}
+
+
+def all_arrived_n(client: Any, n: int) -> Any:
+    async def check() -> bool:
+        return len((await client.report())["nums"]) >= n
+
+    return check
+
+
+async def _holds(trio: Trio, i: int) -> bool:
+    stats = await trio.stats(i)
+    return bool(stats["connected"] == 1 and stats["suspended"] == 0)
+
+
+@requires(*NODE_CLIENT)
+async def test_owner_killed_the_client_starts_afresh(trio: Trio) -> None:
+    """The holder is SIGKILLed while a survivor sends to the connection, its group and all.
+
+    Its unacknowledged messages and the sends during the gap died with it (hubwire keeps no
+    durable per-connection log yet, see the README), so the resume must not succeed silently:
+    the survivor gets no answer to its takeover request within the takeover timeout and refuses
+    the resume (404); the client's automatic reconnect then starts a new connection - the app
+    hears ``onreconnecting`` / ``onreconnected`` and knows to refetch what it shows.
+    """
+    ports = [s.port for s in trio.servers]
+    async with (
+        cutting_proxy(ports[0]) as proxy,
+        node_client(f"{proxy.url}/hub?user=alice&group=g1", "json") as client,
+    ):
+        cid = (await client.wait_for("ready", 20))["connectionId"]
+        assert await trio.holder() == 0
+        await trio.pump(1, cid, 150)
+        await asyncio.sleep(0.5)
+        proxy.target = ports[1]
+        trio.servers[0].kill(signal.SIGKILL)
+        reconnecting = await client.wait_for("reconnecting", 15)
+        assert reconnecting["error"], reconnecting
+        back = await client.wait_for("reconnected", 20)
+        assert back["connectionId"] != cid  # a new connection: the gap is not hidden
+        # what arrived came once and in order; the new connection joined g1 again and gets the rest
+        await _until(all_arrived_n(client, 1), 10, "messages")
+        nums = [n for n, _ in (await client.report())["nums"]]
+        assert nums == sorted(set(nums)), nums
+        assert nums[-1] < 149 or len(nums) < 150, nums  # something was missed, and the client was told
+        assert await trio.total("moved_in", alive=(1, 2)) == 0
+        refused = "no instance handed over " + cid
+        assert refused in trio.servers[1].output() + trio.servers[2].output(), trio.logs()
+        await client.command(cmd="stop")
+        await client.wait_for("stopped", 10)
+
+
+@requires(*NODE_CLIENT)
+async def test_js_client_without_stateful_reconnect_is_unchanged(trio: Trio) -> None:
+    ports = [s.port for s in trio.servers]
+    async with (
+        cutting_proxy(ports[0]) as proxy,
+        node_client(f"{proxy.url}/hub?user=alice", "json", "plain") as client,
+    ):
+        ready = await client.wait_for("ready", 20)
+        assert ready["features"]["reconnect"] is False
+        proxy.target = ports[1]
+        assert proxy.cut() >= 1
+        await client.wait_for("reconnecting", 10)
+        back = await client.wait_for("reconnected", 20)
+        assert back["connectionId"] != ready["connectionId"]
+        assert await trio.total("moved_in") == 0
+        await client.command(cmd="stop")
+        await client.wait_for("stopped", 10)
+
+
+# -- raw clients: the wire and the checks ---------------------------------------------------------
+
+
+async def test_resume_on_another_instance_replays_and_checks_the_user(trio: Trio) -> None:
+    a, b = trio.servers[0], trio.servers[1]
+    negotiated = await _negotiate(trio.http[0], "user=alice&useStatefulReconnect=true")
+    token, cid = negotiated["connectionToken"], negotiated["connectionId"]
+    hub = await _open(a, token, "json")
+    assert await hub.handshake("json", 2) == {}
+    assert await hub.invoke("Echo", "before") == "before"  # server message 1, unacknowledged
+    await _drop(hub)
+    await _suspended(trio.http[0])
+
+    # another user, or none, cannot take it over from another instance either
+    for user, status in (("bob", 403), (None, 401)):
+        with pytest.raises(InvalidStatus) as refused:
+            await _open(b, token, "json", user=user)
+        assert refused.value.response.status_code == status, user
+    # a token for the same id that is not the connection's: nobody answers, 404
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(InvalidStatus) as refused:
+        await _open(b, forged, "json")
+    assert refused.value.response.status_code == 404
+    assert (await trio.stats(0))["suspended"] == 1  # still held by the first instance
+
+    again = await _open(b, token, "json")
+    sequence = await again.next_message()
+    assert _kind(sequence) == 9 and _sequence_id(sequence) == 1, sequence
+    assert await again.next_message() == {"type": 3, "invocationId": "1", "result": "before"}
+    await again.send(_sequence(again, 1))
+    await again.send(again.invocation("Echo", ["before"], "1"))  # resent: handled already, dropped
+    assert await again.invoke("Whoami") == {"connectionId": cid, "user": "alice"}
+    assert (await trio.stats(1))["moved_in"] == 1 and (await trio.stats(0))["moved_out"] == 1
+    assert (await trio.stats(0))["connected"] == 0
+    assert await trio.lifecycle(cid) == {"connected": 1, "disconnected": 0}
+
+    # and back to the first instance, with a socket the second one still holds (replaced)
+    third = await _open(a, token, "json")
+    sequence = await third.next_message()
+    assert _kind(sequence) == 9 and _sequence_id(sequence) == 1, sequence  # nothing acknowledged yet
+    assert (await third.next_message())["result"] == "before"
+    assert (await third.next_message())["result"] == {"connectionId": cid, "user": "alice"}
+    await again.expect_closed(10)
+    await third.send(_sequence(third, 3))
+    assert await third.invoke("Echo", "back") == "back"
+    await third.close()
+
+    async def ended() -> bool:
+        return (await trio.lifecycle(cid))["disconnected"] == 1
+
+    await _until(ended, 10, "the end, once")
