@@ -113,6 +113,15 @@ async def trio(redis_url: str) -> AsyncIterator[Trio]:
         await instances.aclose()
 
 
+@pytest.fixture
+async def durable_trio(redis_url: str) -> AsyncIterator[Trio]:
+    instances = Trio(redis_url, env={"HUBWIRE_DURABLE_RESUME": "1"})
+    try:
+        yield instances
+    finally:
+        await instances.aclose()
+
+
 @requires(*NODE_CLIENT)
 @pytest.mark.parametrize("protocol", ["json", "messagepack"])
 async def test_js_client_resumes_on_other_instances_with_every_message(trio: Trio, protocol: str) -> None:
@@ -225,6 +234,54 @@ async def test_owner_killed_the_client_starts_afresh(trio: Trio) -> None:
         assert await trio.total("moved_in", alive=(1, 2)) == 0
         refused = "no instance handed over " + cid
         assert refused in trio.servers[1].output() + trio.servers[2].output(), trio.logs()
+        await client.command(cmd="stop")
+        await client.wait_for("stopped", 10)
+
+
+@requires(*NODE_CLIENT)
+@pytest.mark.parametrize("protocol", ["json", "messagepack"])
+async def test_durable_owner_killed_the_client_resumes_on_a_survivor(
+    durable_trio: Trio, protocol: str
+) -> None:
+    """Durable resume: the holder is SIGKILLed while the others send to the connection directly,
+    to its group, to all and to its user; the client resumes on a survivor, same connection id,
+    no automatic reconnect, and has every message exactly once, in order per sender."""
+    trio = durable_trio
+    ports = [s.port for s in trio.servers]
+    async with (
+        cutting_proxy(ports[0]) as proxy,
+        node_client(f"{proxy.url}/hub?user=alice&group=g1", protocol) as client,
+    ):
+        cid = (await client.wait_for("ready", 20))["connectionId"]
+        assert await trio.holder() == 0
+        kinds = ["direct", "group", "all", "user"]
+        await trio.pump(1, cid, 120, kinds=kinds)  # two senders, 240 messages over ~2.4 s
+        await trio.pump(2, cid, 120, kinds=kinds, first=1000)
+        await asyncio.sleep(0.8)
+        proxy.target = ports[1]
+        trio.servers[0].kill(signal.SIGKILL)
+        expected = list(range(120)) + list(range(1000, 1120))
+        try:
+            await _until(all_arrived_n(client, len(expected)), 30, "every message after the resume")
+        except AssertionError:
+            report = await client.report()
+            nums = [n for n, _ in report["nums"]]
+            missing = sorted(set(expected) - set(nums))
+            raise AssertionError(
+                f"{len(nums)} arrived, missing {missing}; events {client.events[-5:]}\n{trio.logs()}"
+            ) from None
+        report = await client.report()
+        nums = [n for n, _ in report["nums"]]
+        assert sorted(nums) == expected, trio.logs()  # each exactly once
+        assert [n for n in nums if n < 1000] == list(range(120))  # in order per sender
+        assert [n for n in nums if n >= 1000] == list(range(1000, 1120))
+        assert report["connectionId"] == cid and report["state"] == "Connected"
+        assert client.lifecycle_events() == [], trio.logs()
+        assert "resumed here after its instance died" in trio.servers[1].output(), trio.logs()
+        assert await trio.lifecycle(cid, alive=(1, 2)) == {"connected": 0, "disconnected": 0}
+        who = await client.invoke("Whoami")
+        result = await client.wait_for("result", 10, lambda e: e["id"] == who)
+        assert result["result"] == {"connectionId": cid, "user": "alice"}
         await client.command(cmd="stop")
         await client.wait_for("stopped", 10)
 

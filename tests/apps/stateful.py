@@ -75,7 +75,14 @@ server.add_hub("/hub", StatefulHub)
 
 
 async def _pump(
-    connection_id: str, group: str, count: int, interval: float, size: int, kinds: list[str], first: int
+    connection_id: str,
+    group: str,
+    count: int,
+    interval: float,
+    size: int,
+    kinds: list[str],
+    first: int,
+    user: str,
 ) -> None:
     hub = server.hub_context(StatefulHub)
     pad = "x" * size
@@ -83,6 +90,7 @@ async def _pump(
         "direct": hub.clients.client(connection_id),
         "group": hub.clients.group(group),
         "all": hub.clients.all,
+        "user": hub.clients.user(user),
     }
     for i in range(first, first + count):
         await targets[kinds[i % len(kinds)]].send("Num", i, pad)
@@ -101,6 +109,7 @@ async def pump(request: Request) -> JSONResponse:
             int(body.get("size", 0)),
             list(body.get("kinds") or ["direct", "group", "all"]),
             int(body.get("first", 0)),
+            str(body.get("user", "alice")),
         )
     )
     PUMPS.add(task)

@@ -15,6 +15,7 @@ from ..hubs.lifetime import HubLifetimeManager, InMemoryLifetimeManager
 from ..transports.relayed import RequestRelay
 
 if TYPE_CHECKING:
+    from .durable import DurableStore
     from .takeover import Takeovers
 
 __all__ = ["Backplane", "BackplaneUnavailable", "InMemoryBackplane"]
@@ -31,6 +32,10 @@ class Backplane:
     relay: RequestRelay | None = None
     #: moves resumable connections between instances (None: one instance, nothing to move)
     takeovers: Takeovers | None = None
+    #: durable resume: connections survive their holder's death (None: off)
+    durable: DurableStore | None = None
+    #: seconds after which a dead instance's lease is gone
+    lease_ttl: float = 0.0
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
         """The lifetime manager of one hub (called once per hub name)."""
@@ -58,6 +63,10 @@ class Backplane:
         Why: a fresh token of it reaching the old holder must not look like a first start there.
         """
         return None
+
+    async def instance_alive(self, server_name: str) -> bool:
+        """Whether another instance's lease is still in force (False when unknown: one instance)."""
+        return False
 
     def health(self) -> dict[str, Any] | None:
         """State and counters for stats and metrics (None: nothing to report)."""

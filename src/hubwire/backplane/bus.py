@@ -42,7 +42,7 @@ from .deployment import NodeSettings, parse_deployment, redact_text
 from .link import NodeLink, Outgoing
 from .resp import RespError
 
-__all__ = ["BusStats", "RedisBus"]
+__all__ = ["BusStats", "RedisBus", "history_key"]
 
 log = logging.getLogger("hubwire.backplane")
 
@@ -68,9 +68,29 @@ class BusStats:
     stalls_detected: int = 0
     handler_errors: int = 0
     malformed: int = 0
+    #: durable resume: history writes Redis refused (the publish itself went out)
+    history_errors: int = 0
     publisher_restarts: int = 0
     layout_refreshes: int = 0
     last_publish_lag: float = 0.0
+
+
+def history_key(channel: bytes) -> bytes:
+    """The stream of a channel's recent messages (durable resume), in the channel's own hash slot.
+
+    Why the slot: on a Redis Cluster the history write and the publish go to
+    the same node in one pipeline, in that order. A channel with a hash tag
+    keeps it (its name is a prefix of the key); any other is wrapped in one
+    (the tag is then the whole channel name: the same slot). A channel whose
+    braces make neither possible gets a key in another slot; the bus then
+    writes its history on its own (:meth:`RedisBus.publish`).
+    """
+    start = channel.find(b"{")
+    if start >= 0:
+        end = channel.find(b"}", start + 1)
+        if end > start + 1:
+            return channel + b":history"
+    return b"{" + channel + b"}:history"
 
 
 class RedisBus:
@@ -104,6 +124,8 @@ class RedisBus:
         self.max_backoff = max_backoff
         self.flush_grace = max_backoff + 0.5 if flush_grace is None else flush_grace
         self.name = name
+        #: durable resume: how long channel histories keep messages (0: no histories)
+        self.history_window_ms = 0
         self.stats = BusStats()
         self.running = False
         self._seq = itertools.count()
@@ -215,6 +237,11 @@ class RedisBus:
 
     def slot_of(self, key: bytes) -> int:
         return key_slot(key)
+
+    def history_command(self, key: bytes, payload: bytes) -> tuple[bytes, ...]:
+        """XADD of one message to a channel's history, trimming what is older than the window."""
+        oldest = int(time.time() * 1000) - self.history_window_ms
+        return (b"XADD", key, b"MINID", b"~", str(max(oldest, 0)).encode(), b"*", b"e", payload)
 
     async def _maintain(self) -> None:
         """Learn the layout, route channels and messages to their nodes, and follow changes."""
@@ -464,17 +491,26 @@ class RedisBus:
     # -- publishing --------------------------------------------------------------------------------
 
     def publish(
-        self, channel: str, payload: bytes, want_receivers: bool = False
+        self, channel: str, payload: bytes, want_receivers: bool = False, history: bool = False
     ) -> asyncio.Future[int] | None:
         """Queue a publish; never blocks. With ``want_receivers`` a future gets Redis's receiver count.
 
         (On a cluster the count is that of the channel's shard, which is where its subscribers are.)
+        ``history``: also append the payload to the channel's recent history (durable resume:
+        see :func:`history_key`), written just before the publish on the same node.
         """
         future: asyncio.Future[int] | None = None
         if want_receivers:
             future = asyncio.get_running_loop().create_future()
         key = channel.encode()
         item = Outgoing(next(self._seq), key, payload, time.monotonic(), future, size=len(key) + len(payload))
+        if history and self.history_window_ms:
+            hkey = history_key(key)
+            if self.deployment.sharded and key_slot(hkey) != key_slot(key):
+                self._hook_tasks.spawn(self._history_alone(hkey, payload), name="history write")
+            else:
+                item.history = hkey
+                item.size += len(hkey) + len(payload)
         link = self._target(key) if self._layout_known else None
         if link is None:
             self._unrouted.append(item)
@@ -530,6 +566,13 @@ class RedisBus:
                 self.stats.dropped_bytes,
             )
         return True
+
+    async def _history_alone(self, key: bytes, payload: bytes) -> None:
+        """A history write that cannot share its channel's node (braces in the channel name)."""
+        try:
+            await self.command(*self.history_command(key, payload))
+        except Exception:
+            self.stats.history_errors += 1
 
     async def command(self, *args: Any) -> Any:
         """Run one keyed command through redis-py (setup and shared keys: token key, claims, leases)."""

@@ -53,6 +53,8 @@ class Outgoing:
     size: int = field(default=0)
     #: written to a connection, its answer not read yet (never dropped from a full buffer then)
     inflight: bool = False
+    #: durable resume: the channel's history stream, written just before the publish (same node)
+    history: bytes | None = None
 
 
 class NodeLink:
@@ -476,7 +478,16 @@ class NodeLink:
         if not batch:
             return True
         command = self.publish_command
-        futures = conn.write_commands([(command, item.channel, item.payload) for item in batch])
+        commands: list[tuple[bytes, ...]] = []
+        with_history = False
+        for item in batch:
+            if item.history is not None:
+                # first the history, then the publish: a new owner that subscribed after this
+                # publish finds the message in the history it reads after subscribing
+                with_history = True
+                commands.append(self.bus.history_command(item.history, item.payload))
+            commands.append((command, item.channel, item.payload))
+        futures = conn.write_commands(commands)
         for item in batch:
             item.inflight = True
         try:
@@ -485,7 +496,23 @@ class NodeLink:
         finally:
             for item in batch:
                 item.inflight = False
+        if with_history:
+            results = self._publish_results(batch, results)
         return self._settle(batch, results)
+
+    def _publish_results(self, batch: list[Outgoing], results: list[Any]) -> list[Any]:
+        """The publishes' replies of a batch with history writes; a failed history write is counted."""
+        picked: list[Any] = []
+        index = 0
+        for item in batch:
+            if item.history is not None:
+                history = results[index]
+                index += 1
+                if isinstance(history, Exception) and not str(history).startswith(("connection", "not conn")):
+                    self.bus.stats.history_errors += 1
+            picked.append(results[index])
+            index += 1
+        return picked
 
     async def _replies(self, conn: RespConnection, gathered: asyncio.Future[list[Any]]) -> list[Any]:
         """Wait for the batch's replies; give up only when the connection is lost or replaced."""

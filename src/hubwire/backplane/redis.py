@@ -87,7 +87,8 @@ from ..protocol.messages import CompletionMessage, InvocationMessage
 from .base import Backplane, BackplaneUnavailable
 from .bus import RedisBus
 from .dedupe import Deduplicator
-from .lease import InstanceLease, LeaseWatch, claim_key
+from .durable import ConnectionJournal, DurableStore, mark_key
+from .lease import InstanceLease, LeaseWatch, claim_key, lease_key
 from .relay import Relay
 from .resp import RespError
 from .takeover import Takeovers
@@ -117,6 +118,12 @@ class RedisBackplane(Backplane):
     instance holding the connection to hand it over (``takeover.py``); past it
     the resume is refused and the client starts a new connection.
 
+    ``durable_resume`` (``HUBWIRE_DURABLE_RESUME=1``): resumable connections
+    survive the death of the instance holding them (``durable.py``): their
+    messages are journaled in Redis before they are sent and every publish is
+    kept in its channel's history for ``durable_window`` seconds
+    (``HUBWIRE_DURABLE_WINDOW``), the longest gap a resume can cover.
+
     ``lease_interval`` / ``lease_ttl``: the instance's lease in Redis is
     refreshed every ``lease_interval`` seconds and expires ``lease_ttl``
     seconds after the last refresh, so other instances know within about
@@ -138,6 +145,8 @@ class RedisBackplane(Backplane):
         lease_interval: float = 1.0,
         lease_ttl: float = 3.0,
         takeover_timeout: float = 2.0,
+        durable_resume: bool = False,
+        durable_window: float = 60.0,
         **bus_options: Any,
     ) -> None:
         self.url = url
@@ -161,6 +170,13 @@ class RedisBackplane(Backplane):
         )
         #: stateful reconnect across instances: resumable connections move to where the client lands
         self.takeovers: Takeovers = Takeovers(self.bus, channel_prefix, self.server_name, takeover_timeout)
+        self.lease_ttl = lease_ttl
+        #: durable resume: journals, records and channel histories in Redis (``durable.py``)
+        self.durable: DurableStore | None = (
+            DurableStore(self.bus, channel_prefix, self.server_name, durable_window)
+            if durable_resume
+            else None
+        )
 
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
@@ -183,6 +199,8 @@ class RedisBackplane(Backplane):
             lease_interval=float(os.environ.get("HUBWIRE_LEASE_INTERVAL") or 1.0),
             lease_ttl=float(os.environ.get("HUBWIRE_LEASE_TTL") or 3.0),
             takeover_timeout=float(os.environ.get("HUBWIRE_TAKEOVER_TIMEOUT") or 2.0),
+            durable_resume=(os.environ.get("HUBWIRE_DURABLE_RESUME") or "").strip().lower() in ("1", "true"),
+            durable_window=float(os.environ.get("HUBWIRE_DURABLE_WINDOW") or 60.0),
         )
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
@@ -202,6 +220,8 @@ class RedisBackplane(Backplane):
         if self._started == 0:
             await self.lease.stop()  # first: the others stop relaying here at once
             await self.takeovers.close()
+            if self.durable is not None:
+                await self.durable.close()
             await self.relay.close()
             await self.bus.close()
 
@@ -277,6 +297,13 @@ class RedisBackplane(Backplane):
             log.warning("cannot claim connection %s (%s); refusing its start", connection_id, exc)
             return None
         return previous is None or previous == self.server_name.encode()
+
+    async def instance_alive(self, server_name: str) -> bool:
+        """True while the instance's lease exists (or Redis cannot tell: then it may be alive)."""
+        try:
+            return bool(await self.bus.command("EXISTS", lease_key(self.channel_prefix, server_name)))
+        except Exception:
+            return True
 
     async def reclaim_connection(self, connection_id: str) -> None:
         key = claim_key(self.channel_prefix, connection_id)
@@ -370,10 +397,12 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         exclude: Collection[str] = (),
         seq: int | None = None,
     ) -> None:
-        self.bus.publish(channel, encode_invocation(self._envelope(serializations, exclude, seq)))
+        envelope = encode_invocation(self._envelope(serializations, exclude, seq))
+        self.bus.publish(channel, envelope, history=self.backplane.durable is not None)
 
     def _deliver_local(
         self,
+        channel: str,
         recipients: list[HubConnectionContext],
         message: SerializedMessage,
         exclude: Collection[str] = (),
@@ -384,7 +413,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         to another instance just now gets this message once (``takeover.py``).
         """
         seq = next(self._seq)
-        set_delivery_tag((self.server_name, seq))
+        set_delivery_tag((self.server_name, seq, channel))
         try:
             self.local.deliver(recipients, message, exclude)
         finally:
@@ -396,11 +425,78 @@ class RedisHubLifetimeManager(HubLifetimeManager):
     async def on_connected(self, connection: HubConnectionContext) -> None:
         first_of_user = self.local.add(connection)
         cid = connection.connection_id
+        self._journal(connection)
         await self.bus.subscribe(self.channels.connection(cid), self._on_connection_message)
         if first_of_user and connection.user_identifier is not None:
             await self.bus.subscribe(self.channels.user(connection.user_identifier), self._on_user)
 
+    def _journal(self, connection: HubConnectionContext) -> ConnectionJournal | None:
+        """Durable resume: journal a resumable connection (not one moving in: its new holder
+        attaches the journal once the old holder's messages are in)."""
+        store = self.backplane.durable
+        outbox = connection.outbox
+        if store is None or outbox.replay is None or outbox.journal is not None or outbox.tags is not None:
+            return None
+        conn = connection.connection
+
+        def source() -> dict[str, Any] | None:
+            state = conn.application.export_for_move(conn) if conn.application is not None else None
+            return state if isinstance(state, dict) else None
+
+        journal = store.attach(conn.connection_id, conn.token, self.hub_name, outbox, source)
+        self.journal_channels(connection, journal)
+        return journal
+
+    def journal_channels(self, connection: HubConnectionContext, journal: ConnectionJournal) -> None:
+        """The channels a durable connection hears from now on (its history starts there)."""
+        journal.joined_channel(self.channels.all)
+        journal.joined_channel(self.channels.connection(connection.connection_id))
+        if connection.user_identifier is not None:
+            journal.joined_channel(self.channels.user(connection.user_identifier))
+        for group in connection.groups:
+            journal.joined_channel(self.channels.group(group))
+
+    async def on_moved_in(
+        self, connection: HubConnectionContext, delivered: Collection[tuple[str, int, str]]
+    ) -> None:
+        """Durable resume: journal a connection moved here, continuing its old holder's record."""
+        store = self.backplane.durable
+        outbox = connection.outbox
+        replay = outbox.replay
+        if store is None or replay is None:
+            return
+        outbox.tags = None
+        previous = await store.read_record(connection.connection_id)
+        journal = self._journal(connection)
+        if journal is None:
+            return
+        if previous is not None:
+            for key, seq in previous.marks.items():
+                if seq > journal.marks.get(key, 0):
+                    journal.marks[key] = seq
+            for channel, since in previous.joined.items():
+                if channel in journal.joined:
+                    journal.joined[channel] = min(journal.joined[channel], since)
+        for origin, seq, channel in delivered:
+            key = mark_key(origin, channel)
+            if seq > journal.marks.get(key, 0):
+                journal.marks[key] = seq
+        journal.trimmed = replay.first_id - 1
+        kept = replay.taken()
+        await store.rewrite(journal, [(replay.first_id + i, data, None) for i, data in enumerate(kept)])
+
+    def channels_of(self, connection_id: str, user: str | None, groups: Collection[str]) -> list[str]:
+        """Every channel a connection hears: all, its own, its user's, its groups'."""
+        names = [self.channels.all, self.channels.connection(connection_id)]
+        if user is not None:
+            names.append(self.channels.user(user))
+        names.extend(self.channels.group(g) for g in groups)
+        return names
+
     async def on_disconnected(self, connection: HubConnectionContext) -> None:
+        journal = connection.outbox.journal
+        if isinstance(journal, ConnectionJournal):
+            journal.store.detach(journal, delete=True)  # over: nothing will resume it
         emptied, user_gone = self.local.remove(connection)
         cid = connection.connection_id
         self.bus.unsubscribe(self.channels.connection(cid))
@@ -425,8 +521,9 @@ class RedisHubLifetimeManager(HubLifetimeManager):
 
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
         message, serializations = self._serialize(InvocationMessage(method, list(args)))
-        seq = self._deliver_local(list(self.local.connections.values()), message, exclude)
-        self._publish(self.channels.all, serializations, exclude, seq)
+        channel = self.channels.all
+        seq = self._deliver_local(channel, list(self.local.connections.values()), message, exclude)
+        self._publish(channel, serializations, exclude, seq)
 
     async def send_connections(
         self, connection_ids: Collection[str], method: str, args: Sequence[Any]
@@ -455,8 +552,9 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         message, serializations = self._serialize(InvocationMessage(method, list(args)))
         for group in names:
             members = self.local.groups.get(group)
-            seq = self._deliver_local(list(members.values()) if members else [], message, exclude)
-            self._publish(self.channels.group(group), serializations, exclude, seq)
+            channel = self.channels.group(group)
+            seq = self._deliver_local(channel, list(members.values()) if members else [], message, exclude)
+            self._publish(channel, serializations, exclude, seq)
 
     async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
         users = list(dict.fromkeys(user_ids))
@@ -465,8 +563,9 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         message, serializations = self._serialize(InvocationMessage(method, list(args)))
         for uid in users:
             members = self.local.users.get(uid)
-            seq = self._deliver_local(list(members.values()) if members else [], message)
-            self._publish(self.channels.user(uid), serializations, (), seq)
+            channel = self.channels.user(uid)
+            seq = self._deliver_local(channel, list(members.values()) if members else [], message)
+            self._publish(channel, serializations, (), seq)
 
     # -- receiving ---------------------------------------------------------------------------------
 
@@ -484,12 +583,16 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         return inv if self._seen_invocations.first_time(inv.origin, inv.seq) else None
 
     def _deliver(
-        self, recipients: list[HubConnectionContext], inv: RedisInvocation, honour_excluded: bool
+        self,
+        channel: bytes,
+        recipients: list[HubConnectionContext],
+        inv: RedisInvocation,
+        honour_excluded: bool,
     ) -> None:
         excluded = set(inv.excluded) if honour_excluded and inv.excluded else ()
         sers = inv.serializations
         if inv.origin is not None and inv.seq is not None:
-            set_delivery_tag((inv.origin, inv.seq))
+            set_delivery_tag((inv.origin, inv.seq, channel.decode()))
         try:
             self._write_all(recipients, sers, excluded)
         finally:
@@ -515,7 +618,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
     def _on_all(self, channel: bytes, data: bytes) -> None:
         inv = self._decode(channel, data)
         if inv is not None:
-            self._deliver(list(self.local.connections.values()), inv, True)
+            self._deliver(channel, list(self.local.connections.values()), inv, True)
 
     def _on_group_message(self, channel: bytes, data: bytes) -> None:
         inv = self._decode(channel, data)
@@ -524,7 +627,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         group = channel.decode()[len(self.channels.prefix) + len(":group:") :]
         members = self.local.groups.get(group)
         if members:
-            self._deliver(list(members.values()), inv, True)
+            self._deliver(channel, list(members.values()), inv, True)
 
     def _on_user(self, channel: bytes, data: bytes) -> None:
         inv = self._decode(channel, data)
@@ -533,7 +636,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         uid = channel.decode()[len(self.channels.prefix) + len(":user:") :]
         members = self.local.users.get(uid)
         if members:
-            self._deliver(list(members.values()), inv, False)
+            self._deliver(channel, list(members.values()), inv, False)
 
     def _on_connection_message(self, channel: bytes, data: bytes) -> None:
         inv = self._decode(channel, data)
@@ -545,16 +648,24 @@ class RedisHubLifetimeManager(HubLifetimeManager):
             return
         if inv.invocation_id is not None and inv.return_channel is not None:
             self._remote_results[inv.invocation_id] = (inv.return_channel, cid)
-        self._deliver([conn], inv, False)
+        self._deliver(channel, [conn], inv, False)
 
     # -- groups ------------------------------------------------------------------------------------
 
     async def _join_local(self, conn: HubConnectionContext, group: str) -> None:
-        if self.local.join(conn, group):
+        first = self.local.join(conn, group)
+        journal = conn.outbox.journal
+        if isinstance(journal, ConnectionJournal):
+            journal.joined_channel(self.channels.group(group))
+        if first:
             await self.bus.subscribe(self.channels.group(group), self._on_group_message)
 
     def _leave_local(self, conn: HubConnectionContext, group: str) -> None:
-        if self.local.leave(conn, group):
+        left_last = self.local.leave(conn, group)
+        journal = conn.outbox.journal
+        if isinstance(journal, ConnectionJournal):
+            journal.left_channel(self.channels.group(group))
+        if left_last:
             self.bus.unsubscribe(self.channels.group(group))
 
     async def add_to_group(self, connection_id: str, group: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..options import HubOptions
@@ -91,6 +91,18 @@ class ConnectionApplication(abc.ABC):
 
     async def abandon_moved(self, conn: Connection) -> None:  # noqa: B027 - optional hook
         """Undo :meth:`import_moved` (the move failed half-way; the client starts afresh)."""
+
+    async def finish_moved_in(  # noqa: B027 - optional hook
+        self, conn: Connection, delivered: Collection[tuple[str, int, str]]
+    ) -> None:
+        """A connection moved here has its messages (see ``HubLifetimeManager.on_moved_in``)."""
+
+    #: the name this path's messages carry on the backplane (None: no backplane)
+    backplane_name: str | None = None
+
+    def channels_of(self, connection_id: str, user: str | None, groups: Collection[str]) -> list[str]:
+        """The backplane channels a connection of this path hears (durable resume reads them)."""
+        return []
 
     def tick(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called about once a second by the server heartbeat."""

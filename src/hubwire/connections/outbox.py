@@ -10,12 +10,34 @@ piled up into one frame / event / poll response.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .replay import ReplayBuffer
 
-__all__ = ["Outbox", "set_delivery_tag"]
+__all__ = ["Journal", "Outbox", "set_delivery_tag"]
+
+#: what a delivery is tagged with: (origin instance, its sequence number, the channel it came on)
+Tag = tuple[str, int, str]
+
+
+class Journal(Protocol):
+    """Where a connection's kept messages are written before they go out (durable resume).
+
+    Why: for a connection to resume on another instance after its holder died,
+    every message the client may have received must be readable elsewhere, so
+    none is sent before it is written (``confirmed`` is the last id written).
+    """
+
+    confirmed: int
+
+    def append(self, seq: int, data: bytes, tag: Tag | None) -> None: ...
+
+    def trim(self, acked: int) -> None: ...
+
+    def touch(self) -> None:
+        """What the connection's record says changed (the client's counters, its groups)."""
 
 
 #: outboxes with a sink and unsent records, flushed together at the end of the loop iteration
@@ -25,10 +47,10 @@ _dirty: list[Outbox] = []
 #: the backplane id (origin, seq) of the message being delivered right now, None for other writes.
 #: Deliveries are synchronous, so one module-level value set around each is exact; only outboxes
 #: of moving connections read it (:attr:`Outbox.tags`), to tell the two instances' copies apart.
-_delivery_tag: list[tuple[str, int] | None] = [None]
+_delivery_tag: list[Tag | None] = [None]
 
 
-def set_delivery_tag(tag: tuple[str, int] | None) -> None:
+def set_delivery_tag(tag: Tag | None) -> None:
     """Tag the writes that follow with a backplane message id (None: untagged)."""
     _delivery_tag[0] = tag
 
@@ -71,11 +93,13 @@ class Outbox:
         "_closed",
         "_waiter",
         "_woken",
+        "awaiting",
         "buffered",
         "detached",
         "dirty",
         "epoch",
         "forward",
+        "journal",
         "max_buffered",
         "on_overflow",
         "replay",
@@ -110,7 +134,11 @@ class Outbox:
         #: bumped on every detach: a writer loop that started on an older epoch stops
         self.epoch = 0
         #: while the connection moves between instances: the delivery tag of every kept message
-        self.tags: list[tuple[str, int] | None] | None = None
+        self.tags: list[Tag | None] | None = None
+        #: durable resume: kept messages are written here before they are sent
+        self.journal: Journal | None = None
+        #: durable resume: (id, bytes) to send once the journal has them, in order
+        self.awaiting: deque[tuple[int, bytes]] | None = None
         #: after it moved: where later writes go (the new owner, through the backplane)
         self.forward: Callable[[bytes], None] | None = None
 
@@ -182,8 +210,38 @@ class Outbox:
         if replay is None:
             return
         released = replay.ack(sequence_id)
-        if not self.detached:
-            for data in released:
+        if self.journal is not None:
+            self.journal.trim(replay.first_id - 1)
+        if not self.detached and released:
+            self._send_kept(replay.first_id + replay.sent_count - len(released), released)
+
+    def _send_kept(self, first: int, frames: list[bytes]) -> None:
+        """Send kept messages numbered from ``first``: now, or once the journal has them."""
+        journal = self.journal
+        if journal is None:
+            for data in frames:
+                Outbox.write(self, data)
+            return
+        awaiting = self.awaiting
+        if awaiting is None:
+            awaiting = self.awaiting = deque()
+        for offset, data in enumerate(frames):
+            seq = first + offset
+            if awaiting or seq > journal.confirmed:
+                awaiting.append((seq, data))
+            else:
+                Outbox.write(self, data)
+
+    def journaled(self) -> None:
+        """The journal confirmed more: send what waited for it, in order."""
+        awaiting = self.awaiting
+        journal = self.journal
+        if not awaiting or journal is None:
+            return
+        confirmed = journal.confirmed
+        while awaiting and awaiting[0][0] <= confirmed:
+            data = awaiting.popleft()[1]
+            if not self.detached and not self._closed:
                 Outbox.write(self, data)
 
     def detach(self) -> None:
@@ -195,6 +253,8 @@ class Outbox:
         self._chunks = []
         self.buffered = 0
         self._woken = False
+        if self.awaiting:
+            self.awaiting.clear()  # kept in the replay buffer: sent again on the next transport
         if self.replay is not None:
             self.replay.rewind()
         waiter = self._waiter
@@ -212,9 +272,8 @@ class Outbox:
         Outbox.write(self, sequence)
         if self.replay is None:
             return 0
-        resent = self.replay.replay()[1]
-        for data in resent:
-            Outbox.write(self, data)
+        first, resent = self.replay.replay()
+        self._send_kept(first, resent)
         return len(resent)
 
     def moved(self, forward: Callable[[bytes], None]) -> None:
@@ -225,6 +284,8 @@ class Outbox:
         """
         self.replay = None
         self.tags = None
+        self.journal = None
+        self.awaiting = None
         self.detached = True
         self.forward = forward
         self.__class__ = _ForwardOutbox
@@ -320,14 +381,22 @@ class _ReplayOutbox(Outbox):
         assert replay is not None
         if self._closed:
             return
+        tag = _delivery_tag[0]
         if self.tags is not None:
-            self.tags.append(_delivery_tag[0])
+            self.tags.append(tag)
+        journal = self.journal
+        seq = replay.next_id
+        if journal is not None:
+            journal.append(seq, data, tag)
         if not replay.keep(data, not self.detached):
             if replay.overflowing and self.on_overflow:
                 callback, self.on_overflow = self.on_overflow, None
                 callback()
             return
-        Outbox.write(self, data)
+        if journal is not None:
+            self._send_kept(seq, [data])
+        else:
+            Outbox.write(self, data)
 
     def write_control(self, data: bytes) -> None:
         if not self.detached:

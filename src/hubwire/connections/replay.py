@@ -122,6 +122,11 @@ class ReplayBuffer:
         return len(self._kept) if self._kept is not None else 0
 
     @property
+    def sent_count(self) -> int:
+        """How many kept messages (a prefix) went out on the current transport."""
+        return self._sent
+
+    @property
     def next_id(self) -> int:
         """The id the next trackable message gets."""
         return self.first_id + self.kept

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -82,6 +82,7 @@ class HubConnectionHandler(ConnectionApplication):
         self.transports = tuple(transports)
         self.policies = hub_cls.__dict__.get("__hub_authorization__")
         self.context = HubContext(manager, options.max_group_name_length)
+        self.backplane_name: str | None = getattr(manager, "hub_name", None)
         self.groups = GroupManager(manager, options.max_group_name_length)
         self.pending: dict[str, Connection] = {}
         self.connected: dict[str, HubConnectionContext] = {}
@@ -321,6 +322,14 @@ class HubConnectionHandler(ConnectionApplication):
         ctx.disconnected = True  # nothing new starts here for it
         await self.manager.on_disconnected(ctx)
 
+    async def finish_moved_in(self, conn: Connection, delivered: Collection[tuple[str, int, str]]) -> None:
+        state: _HubConnectionState | None = conn.application_state
+        if state is not None and state.ctx is not None:
+            await self.manager.on_moved_in(state.ctx, delivered)
+
+    def channels_of(self, connection_id: str, user: str | None, groups: Collection[str]) -> list[str]:
+        return self.manager.channels_of(connection_id, user, groups)
+
     async def abandon_moved(self, conn: Connection) -> None:
         state: _HubConnectionState | None = conn.application_state
         ctx = state.ctx if state is not None else None
@@ -356,6 +365,8 @@ class HubConnectionHandler(ConnectionApplication):
                 acked = replay.ack_due()
                 if acked is not None:
                     out.write_control(ctx.protocol.write_message(AckMessage(acked)))
+                    if out.journal is not None:
+                        out.journal.touch()  # the handled count is part of the durable record
             if out.wrote:
                 out.wrote = False
                 ctx.last_write = now

@@ -169,6 +169,18 @@ class HubLifetimeManager(abc.ABC):
     async def on_disconnected(self, connection: HubConnectionContext) -> None:
         """A local connection ended: forget it, its groups and its user subscription."""
 
+    async def on_moved_in(  # noqa: B027 - optional hook
+        self, connection: HubConnectionContext, delivered: Collection[tuple[str, int, str]]
+    ) -> None:
+        """A connection moved here has its messages: keep them durable if the backplane does.
+
+        ``delivered``: the backplane ids of the messages it has (or had) from here and before.
+        """
+
+    def channels_of(self, connection_id: str, user: str | None, groups: Collection[str]) -> list[str]:
+        """Every backplane channel a connection hears (none without a backplane)."""
+        return []
+
     @abc.abstractmethod
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
         """Every connection of the hub except ``exclude`` (connection ids)."""

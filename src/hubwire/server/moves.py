@@ -19,22 +19,30 @@ their results are forwarded.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import heapq
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from ..backplane.base import Backplane
+from ..backplane.durable import ConnectionJournal, DurableStore, Record, mark_key
 from ..backplane.takeover import Offer, TakeoverRequest, Takeovers
 from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection, Principal, RequestInfo
 from ..connections.manager import ConnectionManager
+from ..connections.outbox import Tag
 from ..connections.replay import ReplayState
 from ..connections.tokens import VerifiedToken
 from ..protocol import texts
+from ..protocol.backplane import decode_invocation
+from ..protocol.errors import InvalidDataError
 from ..transports import websocket
 from .routes import Router
 
@@ -53,12 +61,20 @@ class _Final(msgspec.Struct, array_like=True):
     next_receive_id: int
     latest_received: int
     #: backplane ids (origin, seq) the old holder delivered after its offer
-    ids: list[tuple[str, int]]
+    ids: list[tuple[str, int, str]]
 
 
 _encoder = msgspec.msgpack.Encoder()
 _offer_decoder = msgspec.msgpack.Decoder(_Offered)
 _final_decoder = msgspec.msgpack.Decoder(_Final)
+
+
+#: history read before the record's last write: what the dead holder may not have had yet
+_HISTORY_MARGIN_MS = 10_000
+
+
+class _Unrecoverable(Exception):
+    """A durable resume that could not be exact (the text says why)."""
 
 
 def token_digest(token: str) -> bytes:
@@ -80,6 +96,8 @@ class ConnectionMoves:
         self._frozen: dict[str, Connection] = {}
         #: connections taken over here -> the instance they came from (its forwards are accepted)
         self._moved_from: dict[str, str] = {}
+        #: connections resumed here after their instance died (durable resume)
+        self.recovered = 0
         takeovers.holder = self
         connections.on_end.append(self._ended)
 
@@ -125,6 +143,13 @@ class ConnectionMoves:
         if replay is None:
             return None
         application: ConnectionApplication = conn.application
+        journal = conn.outbox.journal
+        store = self.backplane.durable
+        if journal is not None and store is not None and isinstance(journal, ConnectionJournal):
+            # its record in Redis says everything delivered so far; the new holder goes on from it
+            journal.touch()
+            await store.drain()
+            store.detach(journal, delete=False)
         # unregistered first: from here on nothing reaches it but what running hub methods send
         await application.release_moved(conn)
         tags = conn.outbox.tags or ()
@@ -176,6 +201,8 @@ class ConnectionMoves:
         user = principal.identifier if principal is not None else None
         answer = await self.takeovers.request(cid, token_digest(token), user, path)
         if answer is None:
+            if self.backplane.durable is not None:
+                return await self.recover(endpoint, verified, token, request, principal)
             log.warning(
                 "no instance handed over %s: resume refused, the client starts afresh",
                 cid,
@@ -217,12 +244,14 @@ class ConnectionMoves:
             await self._undo(endpoint, conn)
             return 404, texts.NO_CONNECTION
         # the old holder's messages, then those that reached only this instance meanwhile
-        theirs = {(origin, seq) for origin, seq in final.ids}
+        theirs = {(origin, seq, channel) for origin, seq, channel in final.ids}
         mine = replay.taken()
         tags = conn.outbox.tags or [None] * len(mine)
         later = [data for data, tag in zip(mine, tags, strict=False) if tag is None or tag not in theirs]
         state = ReplayState(final.first_id, final.kept, final.next_receive_id, final.latest_received)
         replay.restore(state, later)
+        delivered = theirs | {tag for tag in tags if tag is not None}
+        await endpoint.finish_moved_in(conn, delivered)
         conn.outbox.tags = None
         self.connections.activate(conn, websocket.FEATURES, request, principal)
         await self.backplane.reclaim_connection(cid)
@@ -233,6 +262,209 @@ class ConnectionMoves:
             extra={"connection_id": cid, "event": "moved_in"},
         )
         return conn
+
+    # -- durable resume: the holder died ------------------------------------------------------------
+
+    async def recover(
+        self,
+        endpoint: ConnectionApplication,
+        verified: VerifiedToken,
+        token: str,
+        request: RequestInfo,
+        principal: Principal | None,
+    ) -> Connection | tuple[int, str]:
+        """Resume a connection whose holder died, from its journal, record and channel histories.
+
+        Refused (404, the client starts a new connection) whenever the result
+        could not be exact: no record (the gap outlived it), a journal with a
+        hole, a holder still alive, a history longer than the read bound.
+        """
+        store = self.backplane.durable
+        assert store is not None
+        cid = verified.connection_id
+
+        def refuse(why: str, status: int = 404) -> tuple[int, str]:
+            log.warning(
+                "cannot resume %s after its instance died (%s): the client starts afresh",
+                cid,
+                why,
+                extra={"connection_id": cid, "event": "resume_refused"},
+            )
+            return status, texts.NO_CONNECTION if status == 404 else ""
+
+        try:
+            record = await store.read_record(cid)
+        except Exception as exc:
+            return refuse(f"Redis: {exc}")
+        if record is None:
+            return refuse("no durable record: never durable, ended, or the gap outlived it")
+        if (
+            not hmac.compare_digest(record.digest, token_digest(token))
+            or record.hub != endpoint.backplane_name
+        ):
+            return refuse("the record is another connection's")
+        state = record.state
+        owner = state.get("user") if state is not None else None
+        user = principal.identifier if principal is not None else None
+        if owner is not None and user is None:
+            return 401, ""
+        if user is not None and owner != user:
+            return 403, texts.RESUME_OTHER_USER
+        if state is None:
+            return refuse("its state could not be written", 409)
+        if record.gapped:
+            return refuse("its journal has a hole (Redis was unreachable while it was written)")
+        if record.holder != self.takeovers.server_name and not await self._holder_gone(record.holder):
+            return refuse("its instance is alive but did not hand it over", 409)
+        if not await store.lock(cid):
+            return refuse("another instance is recovering it", 409)
+        try:
+            return await self._recover_locked(endpoint, verified, token, request, principal, record)
+        finally:
+            with contextlib.suppress(Exception):
+                await store.unlock(cid)
+
+    async def _holder_gone(self, holder: str) -> bool:
+        """Wait (bounded by the lease TTL) until the holder's lease is gone: never two holders."""
+        deadline = time.monotonic() + self.backplane.lease_ttl + 1.0
+        while await self.backplane.instance_alive(holder):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    async def _recover_locked(
+        self,
+        endpoint: ConnectionApplication,
+        verified: VerifiedToken,
+        token: str,
+        request: RequestInfo,
+        principal: Principal | None,
+        record: Record,
+    ) -> Connection | tuple[int, str]:
+        store = self.backplane.durable
+        assert store is not None and record.state is not None
+        cid = verified.connection_id
+        conn = self.connections.adopt(verified, token, principal)
+        try:
+            # subscribed first: what is published from now on arrives live; before, it is in a history
+            await endpoint.import_moved(conn, record.state)
+            replay = conn.outbox.replay
+            assert replay is not None
+            entries = await store.read_journal(cid, 1_000_000)
+            if any(seq != entries[0][0] + i for i, (seq, _, _) in enumerate(entries)):
+                raise _Unrecoverable("its journal has a hole")
+            first_id = entries[0][0] if entries else record.acked + 1
+            marks = dict(record.marks)
+            delivered: set[Tag] = set()
+            for _, _, tag in entries:
+                if tag is not None:
+                    delivered.add(tag)
+                    key = mark_key(tag[0], tag[2])
+                    marks[key] = max(marks.get(key, 0), tag[1])
+            user = record.state.get("user")
+            groups = record.state.get("groups") or []
+            channels = endpoint.channels_of(cid, user if isinstance(user, str) else None, groups)
+            protocol = str(record.state.get("protocol"))
+            since = record.written_ms - _HISTORY_MARGIN_MS
+            has_user = isinstance(user, str)
+            missed = await self._missed(store, cid, channels, protocol, since, marks, record.joined, has_user)
+            delivered.update(tag for tag, _ in missed)
+            mine = replay.taken()
+            tags = conn.outbox.tags or [None] * len(mine)
+            later = [
+                data for data, tag in zip(mine, tags, strict=False) if tag is None or tag not in delivered
+            ]
+            delivered.update(tag for tag in tags if tag is not None)
+            frames = [data for _, data, _ in entries] + [data for _, data in missed]
+            replay.restore(
+                ReplayState(first_id, frames, record.next_receive_id, record.latest_received), later
+            )
+            await endpoint.finish_moved_in(conn, delivered)
+            conn.outbox.tags = None
+        except Exception as exc:  # what Redis holds is untrusted: anything unexpected is a refusal
+            if not isinstance(exc, (_Unrecoverable, ValueError)):
+                log.exception("durable resume of %s failed", cid)
+            await self._undo(endpoint, conn)
+            log.warning(
+                "cannot resume %s after its instance died (%s): the client starts afresh",
+                cid,
+                exc,
+                extra={"connection_id": cid, "event": "resume_refused"},
+            )
+            return 404, texts.NO_CONNECTION
+        except BaseException:
+            await self._undo(endpoint, conn)
+            raise
+        self.connections.activate(conn, websocket.FEATURES, request, principal)
+        await self.backplane.reclaim_connection(cid)
+        self.recovered += 1
+        log.warning(
+            "connection %s resumed here after its instance died (%d journaled, %d from channel histories)",
+            cid,
+            len(entries),
+            len(missed),
+            extra={"connection_id": cid, "event": "recovered"},
+        )
+        return conn
+
+    @staticmethod
+    async def _missed(
+        store: DurableStore,
+        connection_id: str,
+        channels: list[str],
+        protocol: str,
+        since_ms: int,
+        marks: dict[str, int],
+        joined: dict[str, int],
+        has_user: bool,
+    ) -> list[tuple[Tag, bytes]]:
+        """History messages of the connection's channels its dead holder never delivered.
+
+        A (sender, channel) pair's messages reached the holder in order, so the
+        ones after the last delivered were not; for a pair never delivered from,
+        those after the connection joined the channel. In order per sender.
+        """
+        per_origin: dict[str, list[tuple[int, int, Tag, bytes]]] = {}
+        # the connection's own channel and its user's (exclusions name other connections of sends
+        # to all or to groups only)
+        personal = set(channels[1 : 3 if has_user else 2])
+        for channel in channels:
+            history = await store.read_history(channel, since_ms)
+            if history is None:
+                raise _Unrecoverable(f"the history of {channel} since then is longer than the read bound")
+            individual = channel in personal
+            for ms, envelope in history:
+                try:
+                    inv = decode_invocation(envelope)
+                except InvalidDataError:
+                    continue
+                if inv.origin is None or inv.seq is None or inv.invocation_id is not None:
+                    continue  # no id to tell (a .NET sender), or a client-result request (timed out)
+                if connection_id in inv.excluded and not individual:
+                    continue
+                mark = marks.get(mark_key(inv.origin, channel))
+                if mark is not None and inv.seq <= mark:
+                    continue
+                if mark is None and ms < joined.get(channel, 0):
+                    continue  # sent before the connection joined the channel
+                data = inv.serializations.get(protocol)
+                if data is None:
+                    continue
+                tag = (inv.origin, inv.seq, channel)
+                per_origin.setdefault(inv.origin, []).append((ms, inv.seq, tag, data))
+        # each sender's messages in its own order; senders interleaved by time
+        queues = [sorted(items, key=lambda item: item[1]) for items in per_origin.values()]
+        out: list[tuple[Tag, bytes]] = []
+        heads = [(queue[0][0], n, 0) for n, queue in enumerate(queues) if queue]
+        heapq.heapify(heads)
+        while heads:
+            _, n, i = heapq.heappop(heads)
+            item = queues[n][i]
+            out.append((item[2], item[3]))
+            if i + 1 < len(queues[n]):
+                heapq.heappush(heads, (queues[n][i + 1][0], n, i + 1))
+        return out
 
     async def _undo(self, endpoint: ConnectionApplication, conn: Connection) -> None:
         self._moved_from.pop(conn.connection_id, None)
