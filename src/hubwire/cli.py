@@ -1,10 +1,12 @@
-"""``hubwire`` command: run an app (``hubwire run module:attr``) or the demo (``hubwire demo``)."""
+"""``hubwire`` command: run an app (``hubwire run module:attr``), the demo (``hubwire demo``), or send to
+a hub's clients from a shell (``hubwire emit``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -178,6 +180,80 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _emit(args: argparse.Namespace) -> None:
+    """Send one message through the servers' Redis (:class:`hubwire.emitter.Emitter`): no event loop,
+    nothing subscribed. Bad input exits 2, Redis unreachable 1, each with one line (password redacted)."""
+    from redis.exceptions import RedisError
+
+    from .backplane.deployment import redact_text
+    from .emitter import Emitter
+
+    def fail(code: int, text: str) -> None:
+        print(f"hubwire emit: {text}", file=sys.stderr)
+        raise SystemExit(code)
+
+    values = []
+    for i, text in enumerate(args.args, 1):
+        try:
+            values.append(json.loads(text))
+        except ValueError as exc:
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            fail(2, f"argument {i} is not JSON ({exc}): {shown!r} (a string is written '\"text\"')")
+    if not args.redis:
+        fail(2, "no Redis URL: pass --redis or set HUBWIRE_REDIS_URL")
+    try:
+        emitter = Emitter(args.redis, args.channel_prefix, hub=args.hub)
+    except ValueError as exc:
+        fail(2, str(exc))
+    if args.all:
+        target, what = emitter.all, "all"
+    elif args.group is not None:
+        target, what = emitter.group(args.group), f"group {args.group!r}"
+    elif args.user is not None:
+        target, what = emitter.user(args.user), f"user {args.user!r}"
+    else:
+        target, what = emitter.client(args.client), f"connection {args.client!r}"
+    try:
+        with emitter:
+            receivers = target.send(args.method, *values)
+    except RedisError as exc:
+        # redis-py appends its client's repr to some errors (no master found): the words before it
+        reason = redact_text(str(exc)).split(" : <", 1)[0] or type(exc).__name__
+        fail(1, f"cannot publish through Redis at {emitter.url}: {reason}")
+    except (TypeError, ValueError) as exc:
+        fail(2, str(exc))
+    print(f"sent {args.method} to {what}: {receivers} server subscription(s) took it")
+
+
+def _emit_parser(sub: Any) -> None:
+    emit = sub.add_parser(
+        "emit",
+        help="send a message to a hub's clients through the servers' Redis backplane",
+        description="Send METHOD(ARG...) to clients of every instance, as hub_context(...).clients would.",
+    )
+    emit.add_argument(
+        "--redis",
+        default=os.environ.get("HUBWIRE_REDIS_URL"),
+        help="the servers' Redis URL (HUBWIRE_REDIS_URL)",
+    )
+    emit.add_argument(
+        "--channel-prefix",
+        default=os.environ.get("HUBWIRE_CHANNEL_PREFIX", ""),
+        help="the servers' channel prefix (HUBWIRE_CHANNEL_PREFIX)",
+    )
+    emit.add_argument(
+        "--hub", required=True, help="the hub's backplane name (add_hub's name=, else its class name)"
+    )
+    to = emit.add_mutually_exclusive_group(required=True)
+    to.add_argument("--all", action="store_true", help="every connection")
+    to.add_argument("--group", help="members of a group")
+    to.add_argument("--user", help="every connection of a user")
+    to.add_argument("--client", metavar="ID", help="one connection")
+    emit.add_argument("method", metavar="METHOD", help="the client method to call")
+    emit.add_argument("args", metavar="JSON_ARG", nargs="*", help="its arguments, each a JSON value")
+    emit.set_defaults(func=_emit)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hubwire", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--channel-prefix", help="backplane channel prefix (default BlogApp:SignalR:)")
     demo.add_argument("--app", default="examples.blog.app:app", help=argparse.SUPPRESS)
     demo.set_defaults(func=_demo)
+    _emit_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

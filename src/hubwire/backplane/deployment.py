@@ -20,12 +20,18 @@ hubwire's own connections (:mod:`.resp`), opened with the same :class:`NodeSetti
 
 from __future__ import annotations
 
+import functools
 import re
 import ssl
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
+import redis
+import redis.cluster
+import redis.sentinel
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import RedisSSLContext, parse_url
@@ -33,13 +39,46 @@ from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-__all__ = ["Deployment", "NodeSettings", "parse_deployment", "redact", "redact_text"]
+__all__ = [
+    "BlockingDeployment",
+    "Deployment",
+    "NodeSettings",
+    "blocking_deployment",
+    "parse_deployment",
+    "redact",
+    "redact_text",
+]
 
 #: the TLS query options of redis-py's URLs, and their keyword arguments
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 _SENTINEL_DEFAULT_SERVICE = "mymaster"
 #: no CLIENT SETINFO on connect: a least-privilege user may not run it
 _COMMON: dict[str, Any] = {"driver_info": None}
+
+
+@dataclass(frozen=True, slots=True)
+class _Flavour:
+    """redis-py's client classes of one kind: asyncio (the backplane) or blocking (``hubwire.emitter``'s
+    ``Emitter``, for processes without an event loop). One parser builds either, so a URL means the
+    same to both."""
+
+    redis: Any
+    sentinel: Any
+    cluster: Any
+    cluster_node: Any
+
+
+_ASYNCIO = _Flavour(Redis, Sentinel, RedisCluster, ClusterNode)
+
+
+def _later(cls: Any) -> Callable[..., functools.partial[Any]]:
+    """``cls(**kwargs)`` made later (:class:`BlockingDeployment`)."""
+    return lambda **kwargs: functools.partial(cls, **kwargs)
+
+
+_BLOCKING = _Flavour(
+    redis.Redis, redis.sentinel.Sentinel, _later(redis.cluster.RedisCluster), redis.cluster.ClusterNode
+)
 
 
 _SECRET_QUERY = re.compile(r"((?:^|&)[^=&]*password[^=&]*=)[^&]*", re.IGNORECASE)
@@ -256,16 +295,71 @@ def parse_deployment(url: str, *, connect_timeout: float = 2.0, command_timeout:
     Nothing is connected here: a bad URL fails at once, an unreachable deployment later, in the
     bus's own reconnect loop, with the URL in its log lines.
     """
+    return _parse(url, connect_timeout, command_timeout, _ASYNCIO)
+
+
+class BlockingDeployment:
+    """redis-py's blocking client for a backplane URL, for processes without an event loop
+    (``hubwire.emitter.Emitter``): ``redis.Redis`` (for Sentinel the master's, following failovers)
+    or ``redis.cluster.RedisCluster``. ``sharded``: channels are published with SPUBLISH there, as
+    the backplane's bus does (a cluster).
+
+    The client is made on first use: redis-py's blocking cluster client connects in its
+    constructor, and an emitter created at import time must not fail (or wait) there while Redis
+    is away. Thread-safe, like redis-py's clients.
+    """
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.kind = deployment.kind
+        self.sharded = deployment.sharded
+        #: the URL with its password redacted
+        self.url = deployment.url
+        made: Any = deployment.client
+        self._make: Callable[[], Any] | None = made if isinstance(made, functools.partial) else None
+        self._client: Any = None if self._make is not None else made
+        #: a Sentinel deployment's connections to the sentinels (closed with the client)
+        self._sentinels: list[Any] = (
+            list(deployment.sentinel.sentinels) if isinstance(deployment, SentinelDeployment) else []
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None and self._make is not None:
+                    self._client = self._make()
+        return self._client
+
+    def close(self) -> None:
+        """Close the connections (a later call opens new ones)."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                if self._make is not None:
+                    self._client = None
+            for sentinel in self._sentinels:
+                sentinel.close()
+
+
+def blocking_deployment(
+    url: str, *, connect_timeout: float = 2.0, command_timeout: float = 5.0
+) -> BlockingDeployment:
+    """:func:`parse_deployment` with blocking clients: the same URLs, options and errors."""
+    return BlockingDeployment(_parse(url, connect_timeout, command_timeout, _BLOCKING))
+
+
+def _parse(url: str, connect_timeout: float, command_timeout: float, flavour: _Flavour) -> Deployment:
     shown = redact(url)
     scheme = urlsplit(url).scheme.lower()
     timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout, "socket_timeout": command_timeout}
     try:
         if scheme in ("redis", "rediss", "unix"):
-            return _standalone(url, shown, timeouts)
+            return _standalone(url, shown, timeouts, flavour)
         if scheme in ("redis+sentinel", "rediss+sentinel"):
-            return _sentinel(url, shown, scheme.startswith("rediss"), timeouts)
+            return _sentinel(url, shown, scheme.startswith("rediss"), timeouts, flavour)
         if scheme in ("redis+cluster", "rediss+cluster"):
-            return _cluster(url, shown, scheme.startswith("rediss"), timeouts)
+            return _cluster(url, shown, scheme.startswith("rediss"), timeouts, flavour)
     except ValueError:
         raise
     except (RedisError, TypeError, OSError, ssl.SSLError) as exc:
@@ -276,7 +370,7 @@ def parse_deployment(url: str, *, connect_timeout: float = 2.0, command_timeout:
     )
 
 
-def _standalone(url: str, shown: str, timeouts: dict[str, Any]) -> Deployment:
+def _standalone(url: str, shown: str, timeouts: dict[str, Any], flavour: _Flavour) -> Deployment:
     try:
         params: dict[str, Any] = dict(parse_url(url))
     except ValueError as exc:
@@ -301,7 +395,7 @@ def _standalone(url: str, shown: str, timeouts: dict[str, Any]) -> Deployment:
         password=params.get("password"),
         db=int(params.get("db") or 0),
     )
-    client = Redis.from_url(url, **timeouts, **_COMMON)
+    client = flavour.redis.from_url(url, **timeouts, **_COMMON)
     return Deployment(url, settings, client)
 
 
@@ -321,7 +415,7 @@ def _tls_kwargs(url: str, tls: bool, shown: str) -> tuple[dict[str, Any], ssl.SS
     return kwargs, _tls_context(options)
 
 
-def _sentinel(url: str, shown: str, tls: bool, timeouts: dict[str, Any]) -> Deployment:
+def _sentinel(url: str, shown: str, tls: bool, timeouts: dict[str, Any], flavour: _Flavour) -> Deployment:
     parts = urlsplit(url)
     sentinels = _hosts(parts.netloc, 26379, shown)
     segments = [unquote(s) for s in parts.path.split("/")[1:]]
@@ -340,7 +434,7 @@ def _sentinel(url: str, shown: str, tls: bool, timeouts: dict[str, Any]) -> Depl
         sentinel_kwargs["password"] = query["sentinel_password"]
         if "sentinel_username" in query:
             sentinel_kwargs["username"] = query["sentinel_username"]
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = flavour.sentinel(
         sentinels, sentinel_kwargs=sentinel_kwargs, db=db, **credentials, **timeouts, **tls_kwargs
     )
     settings = NodeSettings(
@@ -349,14 +443,14 @@ def _sentinel(url: str, shown: str, tls: bool, timeouts: dict[str, Any]) -> Depl
     return SentinelDeployment(url, settings, sentinel, service)
 
 
-def _cluster(url: str, shown: str, tls: bool, timeouts: dict[str, Any]) -> Deployment:
+def _cluster(url: str, shown: str, tls: bool, timeouts: dict[str, Any], flavour: _Flavour) -> Deployment:
     parts = urlsplit(url)
     if parts.path not in ("", "/", "/0"):
         raise ValueError(f"a Redis Cluster has only database 0; the URL {shown} names another")
-    nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, 6379, shown)]
+    nodes = [flavour.cluster_node(host, port) for host, port in _hosts(parts.netloc, 6379, shown)]
     tls_kwargs, context = _tls_kwargs(url, tls, shown)
     credentials = _credentials(url)
-    cluster = RedisCluster(
+    cluster = flavour.cluster(
         startup_nodes=nodes,
         require_full_coverage=False,
         **credentials,
