@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hubwire.connections.outbox import Outbox
+from hubwire.connections.outbox import Outbox, set_delivery_tag
 from hubwire.connections.replay import ReplayBuffer, SequenceError
 from hubwire.connections.tokens import TokenIssuer
 
@@ -244,3 +244,91 @@ def test_a_token_whose_flags_were_changed_is_refused() -> None:
     raw = bytearray(base64.urlsafe_b64decode(plain + "=="))
     forged = base64.urlsafe_b64encode(bytes(raw[:20] + b"\x01" + raw[20:])).rstrip(b"=").decode()
     assert issuer.verify(forged) is None  # a flag cannot be added to a plain token either
+
+
+# -- moving between instances and durable resume ----------------------------------------------------
+
+
+def test_export_and_restore_carry_the_numbering_and_the_counters() -> None:
+    old = ReplayBuffer(limit=1000, hold_limit=10_000)
+    for i in range(1, 5):
+        old.keep(msg(i))
+    old.ack(1)
+    for message_type in (INVOCATION, INVOCATION):
+        assert old.accept(message_type)
+        old.processed()
+    state = old.export()
+    assert (state.first_id, state.kept, state.next_receive_id, state.latest_received) == (
+        2,
+        [msg(2), msg(3), msg(4)],
+        3,
+        2,
+    )
+    new = ReplayBuffer(limit=1000, hold_limit=10_000)
+    new.keep(msg(100))  # what the new holder got meanwhile (numbered 1 there, renumbered now)
+    new.restore(state, new.taken())
+    assert (new.first_id, new.kept, new.next_id, new.unacked_bytes, new.held_bytes) == (2, 4, 6, 0, 40)
+    assert new.replay() == (2, [msg(2), msg(3), msg(4), msg(100)])
+    new.expect_sequence()
+    assert new.accept(SEQUENCE)
+    new.reset_sequence(2)  # the client resends its message 2: handled by the old holder, dropped
+    assert not new.accept(INVOCATION)
+    assert new.accept(INVOCATION)  # its message 3 is new
+
+
+class _Journal:
+    """The journal side of the outbox contract: what was appended, what Redis confirmed."""
+
+    def __init__(self) -> None:
+        self.confirmed = 0
+        self.appended: list[tuple[int, bytes, object]] = []
+        self.trimmed = 0
+        self.touched = 0
+
+    def append(self, seq: int, data: bytes, tag: object) -> None:
+        self.appended.append((seq, data, tag))
+
+    def trim(self, acked: int) -> None:
+        self.trimmed = acked
+
+    def touch(self) -> None:
+        self.touched += 1
+
+
+def test_durable_outbox_sends_nothing_before_the_journal_has_it() -> None:
+    box = Outbox()
+    box.enable_replay(1000, 10_000)
+    journal = _Journal()
+    box.journal = journal
+    set_delivery_tag(("i1", 7, "hub:all"))
+    box.write(msg(1))
+    set_delivery_tag(None)
+    box.write(msg(2))
+    assert journal.appended == [(1, msg(1), ("i1", 7, "hub:all")), (2, msg(2), None)]
+    assert box.take_nowait() == []  # write-ahead: nothing goes out yet
+    journal.confirmed = 1
+    box.journaled()
+    assert box.take_nowait() == [msg(1)]
+    journal.confirmed = 2
+    box.journaled()
+    box.write(msg(3))
+    assert box.take_nowait() == [msg(2)]  # 3 waits for its own write
+    box.ack(2)
+    assert journal.trimmed == 2
+    # a detach drops what waited (it is kept); the replay goes out once journaled, in order
+    box.detach()
+    box.attach(b"SEQ")
+    assert box.take_nowait() == [b"SEQ"]
+    journal.confirmed = 3
+    box.journaled()
+    assert box.take_nowait() == [msg(3)]
+
+
+def test_a_moved_outbox_forwards_hub_messages_only() -> None:
+    box = Outbox()
+    box.enable_replay(1000, 10_000)
+    forwarded: list[bytes] = []
+    box.moved(forwarded.append)
+    box.write(msg(1))
+    box.write_control(b"PING")
+    assert forwarded == [msg(1)] and box.take_nowait() == [] and box.replay is None

@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
+import redis
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import RedisServer, ServerProcess
@@ -43,7 +45,8 @@ class Trio:
     """Three instances on one Redis and prefix, and an HTTP client for each."""
 
     def __init__(self, redis_url: str, env: dict[str, str] | None = None) -> None:
-        args = ["--redis", redis_url, "--channel-prefix", new_prefix("moves")]
+        self.prefix = new_prefix("moves")
+        args = ["--redis", redis_url, "--channel-prefix", self.prefix]
         self.servers: list[ServerProcess] = []
         try:
             for _ in range(3):
@@ -356,3 +359,109 @@ async def test_resume_on_another_instance_replays_and_checks_the_user(trio: Trio
         return (await trio.lifecycle(cid))["disconnected"] == 1
 
     await _until(ended, 10, "the end, once")
+
+
+# -- durable resume on the wire ---------------------------------------------------------------------
+
+
+async def _nums_until(hub: Any, count: int) -> list[int]:
+    """Read ``count`` Num invocations (their first argument), skipping anything else."""
+    nums: list[int] = []
+    for _ in range(count * 3 + 10):
+        if len(nums) >= count:
+            break
+        message = await hub.next_message(timeout=10)
+        if _kind(message) == 1 and message["target"] == "Num":
+            nums.append(int(message["arguments"][0]))
+    return nums
+
+
+async def test_durable_resume_replays_the_journal_then_the_gap(durable_trio: Trio) -> None:
+    trio = durable_trio
+    negotiated = await _negotiate(trio.http[0], "user=alice&useStatefulReconnect=true")
+    token, cid = negotiated["connectionToken"], negotiated["connectionId"]
+    hub = await _open(trio.servers[0], token, "json")  # joins group "g"
+    assert await hub.handshake("json", 2) == {}
+    await trio.pump(1, cid, 6, group="g", kinds=["direct", "group", "all"])
+    assert await _nums_until(hub, 6) == list(range(6))  # numbered 1-6, never acknowledged
+    trio.servers[0].kill(signal.SIGKILL)
+    # the gap: sends to it while no instance holds it
+    await trio.pump(2, cid, 6, group="g", kinds=["direct", "group", "all", "user"], first=100)
+    await asyncio.sleep(0.5)
+
+    again = await _open(trio.servers[1], token, "json")
+    sequence = await again.next_message(timeout=15)
+    assert _kind(sequence) == 9 and _sequence_id(sequence) == 1, sequence  # as the client numbered them
+    assert await _nums_until(again, 12) == [*range(6), *range(100, 106)]
+    await again.send(_sequence(again, 1))
+    assert await again.invoke("Whoami") == {"connectionId": cid, "user": "alice"}
+    # it is a member of "g" here now: a group send from the third instance reaches it once
+    await trio.pump(2, cid, 1, group="g", kinds=["group"], first=200)
+    assert await _nums_until(again, 1) == [200]
+    await again.close()
+
+
+@pytest.fixture
+async def short_window_trio(redis_url: str) -> AsyncIterator[Trio]:
+    instances = Trio(redis_url, env={"HUBWIRE_DURABLE_RESUME": "1", "HUBWIRE_DURABLE_WINDOW": "1.5"})
+    try:
+        yield instances
+    finally:
+        await instances.aclose()
+
+
+async def test_durable_resume_after_a_gap_longer_than_the_window_is_refused(
+    short_window_trio: Trio,
+) -> None:
+    """Past the window the record and the history are gone: the resume is refused (404) so the
+    client starts a new connection, never resumes with a silent hole."""
+    trio = short_window_trio
+    negotiated = await _negotiate(trio.http[0], "user=alice&useStatefulReconnect=true")
+    token = negotiated["connectionToken"]
+    hub = await _open(trio.servers[0], token, "json")
+    assert await hub.handshake("json", 2) == {}
+    assert await hub.invoke("Echo", 1) == 1
+    trio.servers[0].kill(signal.SIGKILL)
+    await asyncio.sleep(3.5)
+    with pytest.raises(InvalidStatus) as refused:
+        await _open(trio.servers[1], token, "json")
+    assert refused.value.response.status_code == 404
+    assert "no durable record" in trio.servers[1].output(), trio.logs()
+
+
+async def test_takeover_messages_from_redis_are_untrusted(trio: Trio, redis_url: str) -> None:
+    """Garbage and forged takeover messages on Redis are dropped: no crash, no forged delivery."""
+    negotiated = await _negotiate(trio.http[0], "user=alice&useStatefulReconnect=true")
+    token, cid = negotiated["connectionToken"], negotiated["connectionId"]
+    hub = await _open(trio.servers[0], token, "json")
+    assert await hub.handshake("json", 2) == {}
+    assert await hub.invoke("Echo", 1) == 1
+    await _drop(hub)
+    await _suspended(trio.http[0])
+    again = await _open(trio.servers[1], token, "json")  # moved to instance 1
+    assert _sequence_id(await again.next_message()) == 1
+    assert (await again.next_message())["result"] == 1
+    await again.send(_sequence(again, 2))  # its message 1 was handled: the next one is 2
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        names = [n.decode() for n in client.hkeys(f"{trio.prefix}hubwire:internal:instances")]
+        assert len(names) == 3
+        requests = f"{trio.prefix}hubwire:internal:takeover"
+        frame = b'{"type":1,"target":"Num","arguments":[999,""]}\x1e'
+        for name in names:
+            own = f"{requests}:{name}"
+            client.publish(own, b"\xc1 not msgpack")
+            client.publish(own, msgspec.msgpack.encode(["fwd", "someone-else", cid, frame]))
+            client.publish(own, msgspec.msgpack.encode(["final", 12345, names[0], b"x"]))
+        client.publish(requests, b"\x93\x01\x02")
+        # a request with the right id but not the token's digest: never answered
+        forged = ["req", 1, "attacker", cid, b"\x00" * 32, "alice", "/hub"]
+        client.publish(requests, msgspec.msgpack.encode(forged))
+    finally:
+        client.close()
+    assert await again.invoke("Echo", "still") == "still"  # no Num 999 came before the answer
+    health = [(await h.get("/debug/stats")).json()["backplane"] for h in trio.http]
+    assert sum(h["takeover_malformed"] for h in health) >= 4, health
+    assert (await trio.stats(1))["connected"] == 1
+    await again.close()

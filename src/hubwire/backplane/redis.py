@@ -314,7 +314,14 @@ class RedisBackplane(Backplane):
 
     def health(self) -> dict[str, Any]:
         duplicates = sum(m.duplicates_dropped for m in self.managers.values())
-        moves = {"moved_in": self.takeovers.moved_in, "moved_out": self.takeovers.moved_out}
+        moves = {
+            "moved_in": self.takeovers.moved_in,
+            "moved_out": self.takeovers.moved_out,
+            "takeover_malformed": self.takeovers.malformed,
+        }
+        if self.durable is not None:
+            moves["journal_writes"] = self.durable.journal_writes
+            moves["journal_failures"] = self.durable.write_failures
         return {
             **self.bus.health(),
             "duplicates_dropped": duplicates,

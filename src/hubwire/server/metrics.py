@@ -26,7 +26,9 @@ Metrics (all prefixed ``hubwire_``):
   ``backplane_layout_refreshes_total``, ``backplane_buffered_bytes``, ``backplane_nodes``,
   ``backplane_reconnects_total{link}``, ``backplane_subscriber_restarts_total``,
   ``backplane_stalls_total``, ``backplane_duplicates_dropped_total``,
-  ``backplane_lease_failures_total``, ``backplane_buffered``,
+  ``backplane_lease_failures_total``, ``backplane_moved_in_total``, ``backplane_moved_out_total``,
+  ``backplane_takeover_malformed_total``, ``backplane_journal_writes_total``,
+  ``backplane_journal_failures_total``, ``backplane_history_errors_total``, ``backplane_buffered``,
   ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
   ``backplane_connected`` (Redis backplane only);
 * ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
@@ -209,6 +211,12 @@ def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
         ("handler_errors", "Backplane messages whose handler failed"),
         ("duplicates_dropped", "Backplane messages received a second time and dropped"),
         ("lease_failures", "Instance lease refreshes that failed (others take it for dead after the TTL)"),
+        ("moved_in", "Resumable connections taken over from another instance"),
+        ("moved_out", "Resumable connections handed over to another instance"),
+        ("takeover_malformed", "Malformed connection-takeover messages from Redis (dropped)"),
+        ("journal_writes", "Durable resume: messages journaled in Redis before being sent"),
+        ("journal_failures", "Durable resume: journal write batches Redis did not take"),
+        ("history_errors", "Durable resume: channel history writes Redis refused"),
     ):
         name = "stalls" if stat == "stalls_detected" else stat
         yield CounterMetricFamily(f"hubwire_backplane_{name}", doc, value=health.get(stat, 0))
