@@ -23,7 +23,7 @@ class MemoryHub(Hub):
         return 1
 
 
-server = HubServer()
+server = HubServer(stats_path="/debug/stats")
 server.add_hub("/hub", MemoryHub)
 
 

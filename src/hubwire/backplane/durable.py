@@ -293,14 +293,15 @@ class DurableStore:
 
     def queue(self, journal: ConnectionJournal, command: tuple[Any, ...] | None) -> None:
         self._queued.append((journal, command))
-        if not self._scheduled:
+        running = self._flushing is not None and not self._flushing.done()
+        if not self._scheduled and not running:  # a running flush starts the next one itself
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start_flush)
 
     def _start_flush(self) -> None:
-        if self._flushing is not None and not self._flushing.done():
-            return  # the running flush starts the next one when it ends
         self._scheduled = False
+        if self._flushing is not None and not self._flushing.done():
+            return  # it starts the next one when it ends
         if self._queued:
             self._flushing = asyncio.get_running_loop().create_task(self._flush(), name="hubwire-journal")
 
@@ -346,7 +347,7 @@ class DurableStore:
             for key, journal in journals.items():
                 journal.written(ok, upto.get(key, 0))
         finally:
-            if self._queued:
+            if self._queued and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._start_flush)
 

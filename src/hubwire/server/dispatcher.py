@@ -379,7 +379,8 @@ class HttpConnectionDispatcher:
         if claimed is None:
             return 503, texts.BACKPLANE_UNAVAILABLE
         if not claimed:
-            log.warning("connection %s was already started on another instance", conn.connection_id)
+            if not conn.stateful:  # a resumable one is a resume landing here: it is taken over
+                log.warning("connection %s was already started on another instance", conn.connection_id)
             return 409, ""
         relay = self.backplane.relay
         if relay is not None and features is not websocket.FEATURES:
