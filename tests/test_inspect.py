@@ -37,7 +37,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hubwire.backplane.bus import RedisBus
-from hubwire.backplane.inspect import Entry, Inspector, InstanceInfo, bounded, entry_size
+from hubwire.backplane.inspect import Entry, Inspector, InstanceInfo, bounded
 from tests.conftest import ROOT, RedisServer, ServerProcess
 from tests.rawhub import RawHub
 from tests.test_scaleout import APP, Cluster, new_prefix
@@ -348,7 +348,7 @@ async def test_answers_are_bounded_in_bytes(redis_server: RedisServer) -> None:
         assert gathered.live == {"b": 2.0} and gathered.missing == []
         answer = gathered.answers["b"]
         assert answer.truncated and 0 < len(answer.entries) < 5000
-        assert sum(entry_size(e) for e in answer.entries) <= 20_000
+        assert 19_000 < len(msgspec.msgpack.encode(answer.entries)) <= 20_000
         assert [e.connection_id for e in answer.entries] == [
             f"connection-{i:06d}" for i in range(len(answer.entries))
         ]
@@ -380,13 +380,14 @@ async def test_answers_are_bounded_in_bytes(redis_server: RedisServer) -> None:
 
 
 def test_bounded_keeps_order_and_stops_at_the_limit() -> None:
-    entries = [Entry("H", f"c{i}", None, "LongPolling") for i in range(100)]
-    kept, cut = bounded(entries, 10 * entry_size(entries[0]))
-    assert kept == entries[:10] and cut
-    assert bounded(entries, 10**9) == (entries, False)
+    entries = [Entry("H", f"c{i}", None, "LongPolling", groups=["g"] * (i % 7)) for i in range(1000)]
+    for limit in (0, 7, 100, 1000, 12_345):
+        kept, cut = bounded(iter(entries), limit)
+        size = len(msgspec.msgpack.encode(kept))
+        assert kept == entries[: len(kept)] and cut and size <= max(limit, 1)  # [] takes 1 byte
+        assert len(msgspec.msgpack.encode(entries[: len(kept) + 1])) > limit * 0.9  # not cut much short
+    assert bounded(iter(entries), 10**9) == (entries, False)
     assert bounded([], 0) == ([], False)
-    for entry in entries[:3]:
-        assert len(msgspec.msgpack.encode(entry)) <= entry_size(entry)
 
 
 @settings(max_examples=300, deadline=None)

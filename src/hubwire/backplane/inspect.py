@@ -44,7 +44,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
@@ -93,8 +93,12 @@ _LEASE_CHECKS = 16
 # -- what answers carry (and what the API returns) ---------------------------------------------------
 
 
-class Entry(msgspec.Struct, array_like=True, frozen=True):
-    """One connection in an answer (its instance is the answer's origin)."""
+class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One connection in an answer (its instance is the answer's origin).
+
+    ``gc=False``: it holds only strings, so it is never in a reference cycle; untracked, the
+    thousands of entries of a large group do not set off the cycle collector.
+    """
 
     hub: _Key
     connection_id: _Key
@@ -140,6 +144,8 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     started: float
     backplane: BackplaneStatus | None
     connections: list[HubTransport]
+    #: hub messages queued to this instance's clients since it started (a rate when read twice)
+    messages_sent: _Count = 0
 
     @property
     def total(self) -> int:
@@ -177,31 +183,26 @@ _query_decoder = msgspec.msgpack.Decoder(_Query)
 _answer_decoder = msgspec.msgpack.Decoder(_Answer)
 
 
-def _str_size(value: str | None) -> int:
-    if value is None:
-        return 1
-    return 5 + (len(value) if value.isascii() else len(value.encode()))
-
-
-def entry_size(entry: Entry) -> int:
-    """An upper bound of the entry's MessagePack size (a str header is at most 5 bytes)."""
-    size = 5 + _str_size(entry.hub) + _str_size(entry.connection_id) + _str_size(entry.user)
-    size += _str_size(entry.transport) + _str_size(entry.protocol)
-    if entry.groups is not None:
-        size += 5 + sum(_str_size(g) for g in entry.groups)
-    return size + 1
-
-
 def bounded(entries: Iterable[Entry], limit: int) -> tuple[list[Entry], bool]:
-    """The first entries that fit in ``limit`` bytes, and whether any were left out."""
-    out: list[Entry] = []
-    size = 0
-    for entry in entries:
-        size += entry_size(entry)
-        if size > limit:
-            return out, True
-        out.append(entry)
-    return out, False
+    """The first entries whose MessagePack fits in ``limit`` bytes, and whether any were left out.
+
+    Encoding the list is cheaper than adding up sizes in Python (measured: 0.3 ms against 7 ms for
+    3,300 entries), so the list is encoded, and cut and encoded again only when it is too large.
+    """
+    # an entry takes at least 7 bytes: never more than that many are even looked at
+    items = list(itertools.islice(entries, limit // 7 + 1))
+    cut = len(items) > limit // 7
+    if cut:
+        items.pop()
+    size = len(_encoder.encode(items))
+    if size <= limit or not items:
+        return items, cut
+    keep = len(items) * limit // size
+    while keep > 0:  # each round keeps at most 90% of the last: a few rounds at worst
+        if len(_encoder.encode(items[:keep])) <= limit:
+            return items[:keep], True
+        keep = min(keep - 1, keep * 9 // 10)
+    return [], True
 
 
 # -- what the server gives the answering side ---------------------------------------------------------
@@ -213,7 +214,7 @@ class LocalSource(Protocol):
     def info(self) -> InstanceInfo:
         """What this instance says about itself."""
 
-    def find(self, what: PresenceKind, hub: str | None, key: str) -> Iterator[Entry]:
+    def find(self, what: PresenceKind, hub: str | None, key: str) -> Iterable[Entry]:
         """The local connections of a group / user / with an id (of one hub, or of every hub)."""
 
     def count(self, hub: str | None, group: str) -> int:
@@ -307,7 +308,9 @@ class Inspector:
 
     ``name``: this process's server name (an instance) or any unique name (a
     standalone inspector); its answers come on ``{prefix}hubwire:internal:inspect:{name}``.
-    ``answer_bytes``: the largest answer this process sends or accepts (per instance).
+    ``answer_bytes``: the largest answer this process sends or accepts (per instance);
+    ``total_bytes``: what the answers to one query may take together; ``answer_rate``: answer bytes
+    this process sends per second at most (past it, queries go unanswered and are counted).
     """
 
     def __init__(
@@ -318,6 +321,7 @@ class Inspector:
         timeout: float = 2.0,
         *,
         answer_bytes: int = 4 * 1024 * 1024,
+        total_bytes: int = 64 * 1024 * 1024,
         answer_rate: float = 32 * 1024 * 1024,
     ) -> None:
         self.bus = bus
@@ -325,6 +329,7 @@ class Inspector:
         self.server_name = name
         self.timeout = timeout
         self.answer_bytes = answer_bytes
+        self.total_bytes = total_bytes
         self.requests_channel = f"{channel_prefix}hubwire:internal:inspect"
         self._reply_prefix = self.requests_channel + ":"
         self.own_channel = self._reply_prefix + name
@@ -359,8 +364,10 @@ class Inspector:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        if not self.bus.publisher_connected:  # a query waiting in the outage buffer would come too late
+            raise BackplaneUnavailable(f"Redis at {self.bus.address} is not reachable now")
         rid = next(self._ids)
-        pending = self._pending[rid] = _Pending(self.answer_bytes * 64)
+        pending = self._pending[rid] = _Pending(self.total_bytes)
         query = _Query(rid, self.server_name, what, hub, key, self.answer_bytes)
         self.bus.publish(self.requests_channel, _encoder.encode(query))
         try:
@@ -386,9 +393,7 @@ class Inspector:
         finally:
             self._pending.pop(rid, None)
         if pending.overflowed:
-            log.warning(
-                "the answers to an inspection exceeded %d bytes; some were dropped", self.answer_bytes * 64
-            )
+            log.warning("the answers to an inspection exceeded %d bytes; some were dropped", self.total_bytes)
         answers = {name: answer for name, answer in pending.answers.items() if name in live}
         missing = sorted(set(live) - answers.keys())
         return Gathered(answers, live, missing)
@@ -546,14 +551,15 @@ class ClusterView:
             answer = gathered.answers[name]
             truncated = truncated or answer.truncated
             found.extend(
+                # positional: a quarter of the CPU a 10k-member answer costs here with keywords
                 ConnectionInfo(
-                    connection_id=e.connection_id,
-                    user=e.user,
-                    instance=name,
-                    hub=e.hub,
-                    transport=e.transport,
-                    protocol=e.protocol,
-                    groups=tuple(e.groups) if e.groups is not None else None,
+                    e.connection_id,
+                    e.user,
+                    name,
+                    e.hub,
+                    e.transport,
+                    e.protocol,
+                    None if e.groups is None else tuple(e.groups),
                 )
                 for e in answer.entries
             )

@@ -33,10 +33,12 @@ __all__ = ["ConnectionInfo", "Presence", "PresenceKind", "PresenceResult", "Pres
 PresenceKind = Literal["group", "user", "connection"]
 
 
-class ConnectionInfo(msgspec.Struct, frozen=True, kw_only=True):
+class ConnectionInfo(msgspec.Struct, frozen=True, gc=False):
     """One connection as presence and ``hubwire inspect`` show it: never its token or credentials.
 
     ``groups`` is filled only when one connection is asked for (``presence.connection(id)``).
+    (``gc=False``: only strings inside, never in a cycle; a large answer does not set off the
+    cycle collector.)
     """
 
     connection_id: str

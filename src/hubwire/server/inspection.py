@@ -31,6 +31,7 @@ from ..backplane.inspect import (
 from ..hubs.handler import HubConnectionHandler
 from ..hubs.lifetime import HubLifetimeManager, LocalConnections
 from ..hubs.presence import PresenceKind
+from .metrics import sent_totals
 
 if TYPE_CHECKING:
     from ..http import Scope
@@ -91,20 +92,26 @@ class ServerInspection:
                 if local is not None:
                     yield name, local
 
-    def find(self, what: PresenceKind, hub: str | None, key: str) -> Iterator[Entry]:
+    def find(self, what: PresenceKind, hub: str | None, key: str) -> list[Entry]:
+        found: list[Entry] = []
         for name, local in self._tables(hub):
             if what == "connection":
-                conn = local.connections.get(key)
-                found = [conn] if conn is not None else []
-            else:
-                members = (local.groups if what == "group" else local.users).get(key)
-                found = list(members.values()) if members else []
-            for ctx in found:
-                groups = sorted(ctx.groups) if what == "connection" else None
-                transport = ctx.connection.transport_name
-                yield Entry(
-                    name, ctx.connection_id, ctx.user_identifier, transport, ctx.protocol_name, groups
-                )
+                c = local.connections.get(key)
+                if c is not None:
+                    transport, groups = c.connection.transport_name, sorted(c.groups)
+                    found.append(
+                        Entry(name, c.connection_id, c.user_identifier, transport, c.protocol_name, groups)
+                    )
+                continue
+            members = (local.groups if what == "group" else local.users).get(key)
+            if members:  # one comprehension: this loop is most of what a large group's answer costs
+                found += [
+                    Entry(
+                        name, c.connection_id, c.user_identifier, c.connection.transport_name, c.protocol_name
+                    )
+                    for c in list(members.values())
+                ]
+        return found
 
     def count(self, hub: str | None, group: str) -> int:
         return sum(len(local.groups.get(group) or ()) for _, local in self._tables(hub))
@@ -130,6 +137,7 @@ class ServerInspection:
             connections=[
                 HubTransport(hub=h, transport=t, connections=n) for (h, t), n in sorted(counts.items())
             ],
+            messages_sent=sent_totals(self.server)[0],
         )
 
 
