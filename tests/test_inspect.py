@@ -102,11 +102,15 @@ async def members(cluster: Cluster, label: str) -> AsyncIterator[Members]:
             params={"id": found.token, **sse_user},
             headers={"accept": "text/event-stream"},
         )
-        await stack.enter_async_context(sse)
+        stream = await stack.enter_async_context(sse)
         post = await http.post(
             f"{cluster.urls[0]}/hub", params={"id": found.token, **sse_user}, content=HANDSHAKE
         )
         assert post.status_code == 200
+        async with asyncio.timeout(10):  # the handshake answered: the connection is registered
+            lines = stream.aiter_lines()
+            while not (await anext(lines)).startswith("data:"):
+                pass
         assert await found.hubs[0].invoke("add_to_group", negotiated["connectionId"], GROUP) == "ok"
         found.room.append([negotiated["connectionId"], f"{label}-sse", instance_names[0]])
         found.room.sort()
