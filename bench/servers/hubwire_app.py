@@ -14,6 +14,10 @@ Hub methods (what the load generator calls):
 - ``ConnectionId()``: the caller's connection id (the ingest phase targets ``:connection:<id>``)
 
 A ``user`` query parameter names the connection's user (``clients.user``), for the ingest phase.
+
+``GET /presence/{kind}/{key}?repeat=R`` (bench/presence.py) asks cluster-wide presence R times in a
+row from this instance (``hub_context(BenchHub).presence.group`` / ``.count`` / ``.user``) and
+answers each call's milliseconds, measured here, and what the last call found.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -63,7 +68,23 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(info)
 
 
-hubs.app = Starlette(routes=[Route("/health", health)])
+async def presence(request: Request) -> JSONResponse:
+    kind, key = request.path_params["kind"], request.path_params["key"]
+    repeat = max(1, min(1000, int(request.query_params.get("repeat", "10"))))
+    context = hubs.hub_context(BenchHub).presence
+    times, found, complete = [], 0, True
+    for _ in range(repeat):
+        start = time.perf_counter()
+        if kind == "count":
+            found = await context.count(key)
+        else:
+            result = await (context.group(key) if kind == "group" else context.user(key))
+            found, complete = len(result), result.complete
+        times.append((time.perf_counter() - start) * 1000)
+    return JSONResponse({"ms": times, "found": found, "complete": complete})
+
+
+hubs.app = Starlette(routes=[Route("/health", health), Route("/presence/{kind}/{key}", presence)])
 app = hubs
 
 

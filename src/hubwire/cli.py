@@ -1,5 +1,5 @@
-"""``hubwire`` command: run an app (``hubwire run module:attr``), the demo (``hubwire demo``), or send to
-a hub's clients from a shell (``hubwire emit``)."""
+"""``hubwire`` command: run an app (``hubwire run module:attr``), the demo (``hubwire demo``), send to
+a hub's clients from a shell (``hubwire emit``), or look at a running cluster (``hubwire inspect``)."""
 
 from __future__ import annotations
 
@@ -254,6 +254,160 @@ def _emit_parser(sub: Any) -> None:
     emit.set_defaults(func=_emit)
 
 
+# -- hubwire inspect ---------------------------------------------------------------------------------
+
+
+def _add_inspect(sub: Any) -> None:
+    inspect = sub.add_parser(
+        "inspect",
+        help="list a cluster's live instances, or the connections of a group, a user or one id",
+        description="Ask every live instance of a cluster over Redis (instances without a lease are "
+        "dead and left out; live ones that do not answer in time are named). Shows connection ids, "
+        "users, groups and transports, never tokens. Exit status 1 when Redis cannot be reached or "
+        "--connection finds nothing.",
+    )
+    inspect.add_argument("--redis", default=os.environ.get("HUBWIRE_REDIS_URL"), help="Redis URL")
+    inspect.add_argument("--channel-prefix", default=os.environ.get("HUBWIRE_CHANNEL_PREFIX", ""))
+    target = inspect.add_mutually_exclusive_group()
+    target.add_argument("--group", help="the group's connections on every instance")
+    target.add_argument("--user", help="the user's connections on every instance")
+    target.add_argument("--connection", help="one connection, with its groups")
+    inspect.add_argument("--hub", help="only this hub (its backplane name) for --group / --user")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    inspect.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for answers")
+    inspect.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import json
+    import logging
+
+    if not args.redis:
+        raise SystemExit("hubwire inspect: --redis (or HUBWIRE_REDIS_URL) is required")
+    _check_redis_url(args.redis)
+    logging.basicConfig(level=logging.ERROR, format="hubwire inspect: %(message)s")
+    try:
+        report, found = asyncio.run(_inspect_cluster(args))
+    except Exception as exc:  # Redis unreachable or refusing: one line, no traceback
+        raise SystemExit(f"hubwire inspect: {exc}") from None
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_inspect_text(args, report))
+    if not found:
+        raise SystemExit(1)
+
+
+async def _inspect_cluster(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """What was asked, as JSON-able data; False when ``--connection`` found nothing."""
+    import msgspec
+
+    from .backplane.inspect import ClusterInspector
+
+    async with ClusterInspector(args.redis, args.channel_prefix, timeout=args.timeout) as cluster:
+        if args.group is not None or args.user is not None or args.connection is not None:
+            if args.connection is not None:
+                result = await cluster.connection(args.connection)
+            elif args.group is not None:
+                result = await cluster.group(args.group, args.hub)
+            else:
+                result = await cluster.user(args.user, args.hub)
+            report = {
+                "connections": msgspec.to_builtins(list(result)),
+                "missing": list(result.missing),
+                "truncated": result.truncated,
+            }
+            return report, args.connection is None or len(result) > 0
+        instances = await cluster.instances()
+    missing = [i.name for i in instances if i.info is None]
+    return {"instances": msgspec.to_builtins(instances), "missing": missing}, True
+
+
+def _inspect_text(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "instances" in report:
+        lines += _instances_text(report["instances"], args.channel_prefix)
+    else:
+        rows = [
+            [c["connection_id"], c["user"] or "-", c["transport"] or "-", c["hub"], c["instance"]]
+            for c in report["connections"]
+        ]
+        lines += _table(["CONNECTION", "USER", "TRANSPORT", "HUB", "INSTANCE"], rows)
+        if args.connection is not None:
+            for c in report["connections"]:
+                lines += [f"protocol: {c['protocol']}", f"groups: {', '.join(c['groups'] or []) or '-'}"]
+            where = f"connection {args.connection!r}"
+        else:
+            where = f"group {args.group!r}" if args.group is not None else f"user {args.user!r}"
+        lines.append(f"{len(rows)} connection{'s' if len(rows) != 1 else ''} of {where}")
+        if report["truncated"]:
+            lines.append("truncated: an instance had more than fits in one answer")
+    if report["missing"]:
+        lines.append(f"no answer within {args.timeout:g}s from: {', '.join(report['missing'])}")
+    return "\n".join(lines)
+
+
+def _instances_text(instances: list[dict[str, Any]], prefix: str) -> list[str]:
+    import time
+
+    now = time.time()
+    rows, per_hub = [], []
+    for item in instances:
+        info = item["info"]
+        if info is None:
+            rows.append([item["name"], "-", _when(item["started"], now), "-", "no answer", "-", "-", "-"])
+            continue
+        backplane = info["backplane"] or {}
+        rows.append(
+            [
+                item["name"],
+                info["address"] or "-",
+                _when(info["started"], now),
+                info["version"],
+                backplane.get("state", "in-memory"),
+                str(backplane.get("buffered", "-")),
+                str(backplane.get("subscriptions", "-")),
+                str(sum(c["connections"] for c in info["connections"])),
+            ]
+        )
+        per_hub += [
+            [item["name"], c["hub"], c["transport"], str(c["connections"])] for c in info["connections"]
+        ]
+    header = [
+        "INSTANCE",
+        "ADDRESS",
+        "STARTED",
+        "VERSION",
+        "BACKPLANE",
+        "BUFFERED",
+        "SUBSCRIPTIONS",
+        "CONNECTIONS",
+    ]
+    lines = [f"{len(instances)} live instance{'s' if len(instances) != 1 else ''} (prefix {prefix!r})", ""]
+    lines += _table(header, rows)
+    if per_hub:
+        lines += ["", *_table(["INSTANCE", "HUB", "TRANSPORT", "CONNECTIONS"], per_hub)]
+    return lines
+
+
+def _when(started: float | None, now: float) -> str:
+    import time
+
+    if started is None:
+        return "-"
+    up = max(0, int(now - started))
+    ago = f"{up // 86400}d{up % 86400 // 3600}h" if up >= 86400 else f"{up // 3600}h{up % 3600 // 60:02d}m"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) + f" ({ago} ago)"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hubwire", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--app", default="examples.blog.app:app", help=argparse.SUPPRESS)
     demo.set_defaults(func=_demo)
     _emit_parser(sub)
+    _add_inspect(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

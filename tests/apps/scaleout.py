@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from hubwire import Hub, HubException, HubOptions, HubServer, Principal, RequestInfo
+from hubwire.hubs.presence import PresenceResult
 
 
 class ScaleHub(Hub):
@@ -73,12 +75,34 @@ class ScaleHub(Hub):
             await self.groups.add(self.context.connection_id, f"{prefix}{i}")
         return count
 
+    async def presence_group(self, group: str) -> dict[str, Any]:
+        """Cluster-wide presence from hub code: the group's connections as [id, user, instance]."""
+        return _presence(await self.clients.group(group).connections())
+
+    async def presence_user(self, user: str) -> dict[str, Any]:
+        return _presence(await self.clients.user(user).connections())
+
+    async def presence_count(self, group: str) -> int:
+        return await self.clients.group(group).count()
+
+    async def presence_connection(self, connection_id: str) -> dict[str, Any] | None:
+        found = await hubs.hub_context(ScaleHub).presence.connection(connection_id)
+        return None if found is None else msgspec.to_builtins(found)
+
     async def ask_client(self, connection_id: str) -> str:
         try:
             timeout = float(os.environ.get("SCALEOUT_ASK_TIMEOUT", "10"))
             return str(await self.clients.client(connection_id).invoke("Result", timeout=timeout))
         except HubException as exc:
             return f"error: {exc}"
+
+
+def _presence(found: PresenceResult) -> dict[str, Any]:
+    return {
+        "connections": sorted([c.connection_id, c.user, c.instance] for c in found),
+        "missing": list(found.missing),
+        "complete": found.complete,
+    }
 
 
 def authenticate(request: RequestInfo) -> Principal | None:
@@ -128,6 +152,20 @@ async def whoami(request: Request) -> PlainTextResponse:
     return PlainTextResponse(str(os.getpid()))
 
 
+async def instance(request: Request) -> PlainTextResponse:
+    """This instance's server name (what presence and ``hubwire inspect`` call it)."""
+    return PlainTextResponse(hubs.inspection.name)
+
+
+async def presence(request: Request) -> JSONResponse:
+    """Presence from outside hub code: ``hub_context(...).presence``, by group or user, and the count."""
+    kind, key = request.path_params["kind"], request.path_params["key"]
+    context = hubs.hub_context(ScaleHub)
+    found = await (context.presence.group(key) if kind == "group" else context.presence.user(key))
+    count = await context.presence.count(key) if kind == "group" else None
+    return JSONResponse({**_presence(found), "count": count})
+
+
 web = Starlette(
     routes=[
         Route("/publish/{value}", publish, methods=["POST"]),
@@ -135,6 +173,8 @@ web = Starlette(
         Route("/burst/{count}/{prefix}", burst, methods=["POST"]),
         Route("/health", health),
         Route("/whoami", whoami),
+        Route("/instance", instance),
+        Route("/presence/{kind}/{key}", presence),
     ]
 )
 hubs.app = web

@@ -4,7 +4,8 @@ Every capability the server uses is declared here with a default, so the
 server never probes a backplane with ``getattr``: creating each hub's
 lifetime manager, relaying SSE / long-polling requests to the instance that
 holds a connection, agreeing on the key that signs connection tokens,
-claiming connection starts, and reporting health.
+claiming connection starts, asking every instance (inspection, presence),
+and reporting health.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..transports.relayed import RequestRelay
 
 if TYPE_CHECKING:
     from .durable import DurableStore
+    from .inspect import Inspector
     from .takeover import Takeovers
 
 __all__ = ["Backplane", "BackplaneUnavailable", "InMemoryBackplane"]
@@ -36,6 +38,8 @@ class Backplane:
     durable: DurableStore | None = None
     #: seconds after which a dead instance's lease is gone
     lease_ttl: float = 0.0
+    #: asks every live instance (inspection, presence); None: one instance, it answers itself
+    inspector: Inspector | None = None
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
         """The lifetime manager of one hub (called once per hub name)."""

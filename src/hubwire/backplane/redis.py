@@ -88,6 +88,7 @@ from .base import Backplane, BackplaneUnavailable
 from .bus import RedisBus
 from .dedupe import Deduplicator
 from .durable import ConnectionJournal, DurableStore, mark_key
+from .inspect import Inspector
 from .lease import InstanceLease, LeaseWatch, claim_key, lease_key
 from .relay import Relay
 from .resp import RespError
@@ -177,6 +178,8 @@ class RedisBackplane(Backplane):
             if durable_resume
             else None
         )
+        #: cluster inspection and presence: asks every live instance, answers for this one
+        self.inspector: Inspector = Inspector(self.bus, channel_prefix, self.server_name)
 
     @classmethod
     def from_env(cls) -> RedisBackplane | None:
@@ -213,6 +216,7 @@ class RedisBackplane(Backplane):
         if self._started == 1:
             await self.bus.start()
             await self.takeovers.start()
+            await self.inspector.start()
             self.lease.start()
 
     async def close(self) -> None:
@@ -222,6 +226,7 @@ class RedisBackplane(Backplane):
             await self.takeovers.close()
             if self.durable is not None:
                 await self.durable.close()
+            await self.inspector.close()
             await self.relay.close()
             await self.bus.close()
 
@@ -355,6 +360,9 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         self._seen_invocations = Deduplicator()
         #: group commands are few: their ids move slowly, a small window reaches as far back
         self._seen_commands = Deduplicator(window=4096)
+
+    def local_connections(self) -> LocalConnections:
+        return self.local
 
     @property
     def duplicates_dropped(self) -> int:

@@ -7,19 +7,22 @@ context, the connection handler (handshake, keep-alive) and the dispatcher
 deliver sends. Import the modules of this package directly from inside it.
 """
 
-from .clients import ClientProxy, HubCallerClients, HubClients, SingleClientProxy
+from .clients import ClientProxy, GroupProxy, HubCallerClients, HubClients, SingleClientProxy, UserProxy
 from .context import HubCallerContext, HubConnectionContext
 from .dispatcher import RATE_LIMITED, EndpointStats, HubDispatcher
 from .handler import HubConnectionHandler
 from .hub import GroupManager, Hub, HubContext, authorize, hub_method
 from .lifetime import HubLifetimeManager, InMemoryLifetimeManager, SerializedMessage
+from .presence import ConnectionInfo, Presence, PresenceResult
 from .streams import UploadStream
 
 __all__ = [
     "RATE_LIMITED",
     "ClientProxy",
+    "ConnectionInfo",
     "EndpointStats",
     "GroupManager",
+    "GroupProxy",
     "Hub",
     "HubCallerClients",
     "HubCallerContext",
@@ -30,9 +33,12 @@ __all__ = [
     "HubDispatcher",
     "HubLifetimeManager",
     "InMemoryLifetimeManager",
+    "Presence",
+    "PresenceResult",
     "SerializedMessage",
     "SingleClientProxy",
     "UploadStream",
+    "UserProxy",
     "authorize",
     "hub_method",
 ]

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import HubException
 from ..protocol.messages import InvocationMessage
 from .context import current_connection
+from .presence import Presence, PresenceResult
 
 if TYPE_CHECKING:
     from .context import HubConnectionContext
     from .lifetime import HubLifetimeManager
 
-__all__ = ["ClientProxy", "HubCallerClients", "HubClients", "SingleClientProxy"]
+__all__ = ["ClientProxy", "GroupProxy", "HubCallerClients", "HubClients", "SingleClientProxy", "UserProxy"]
 
 
 class ClientProxy:
@@ -66,6 +67,20 @@ class _GroupsProxy(ClientProxy):
         await self._manager.send_groups(self._groups, method, args, self._exclude)
 
 
+class GroupProxy(_GroupsProxy):
+    """One group: ``send`` to it, or ask who is in it across the cluster (``connections``, ``count``)."""
+
+    __slots__ = ()
+
+    async def connections(self, *, timeout: float | None = None) -> PresenceResult:
+        """The group's connections on every live instance, each with id, user and instance."""
+        return await Presence(self._manager).group(self._groups[0], timeout=timeout)
+
+    async def count(self, *, timeout: float | None = None) -> int:
+        """How many connections the group has across the cluster."""
+        return await Presence(self._manager).count(self._groups[0], timeout=timeout)
+
+
 class _UsersProxy(ClientProxy):
     __slots__ = ("_manager", "_users")
 
@@ -75,6 +90,16 @@ class _UsersProxy(ClientProxy):
 
     async def send(self, method: str, *args: Any) -> None:
         await self._manager.send_users(self._users, method, args)
+
+
+class UserProxy(_UsersProxy):
+    """One user: ``send`` to every connection of theirs, or list them across the cluster."""
+
+    __slots__ = ()
+
+    async def connections(self, *, timeout: float | None = None) -> PresenceResult:
+        """The user's connections on every live instance, each with id and instance."""
+        return await Presence(self._manager).user(self._users[0], timeout=timeout)
 
 
 class SingleClientProxy(ClientProxy):
@@ -145,8 +170,8 @@ class HubClients:
     def clients(self, connection_ids: Iterable[str]) -> ClientProxy:
         return _ConnectionsProxy(self._manager, _ids(connection_ids))
 
-    def group(self, name: str) -> ClientProxy:
-        return _GroupsProxy(self._manager, (name,))
+    def group(self, name: str) -> GroupProxy:
+        return GroupProxy(self._manager, (name,))
 
     def groups(self, names: Iterable[str]) -> ClientProxy:
         return _GroupsProxy(self._manager, _ids(names))
@@ -154,9 +179,9 @@ class HubClients:
     def group_except(self, name: str, connection_ids: Iterable[str]) -> ClientProxy:
         return _GroupsProxy(self._manager, (name,), _ids(connection_ids))
 
-    def user(self, user_id: str) -> ClientProxy:
+    def user(self, user_id: str) -> UserProxy:
         """Every connection of one user (by ``user_identifier``)."""
-        return _UsersProxy(self._manager, (user_id,))
+        return UserProxy(self._manager, (user_id,))
 
     def users(self, user_ids: Iterable[str]) -> ClientProxy:
         return _UsersProxy(self._manager, _ids(user_ids))

@@ -27,6 +27,7 @@ import msgspec
 from ..connections.application import Policy, check_policies
 from .clients import HubCallerClients, HubClients
 from .lifetime import check_group_name
+from .presence import Presence
 
 if TYPE_CHECKING:
     from .context import HubCallerContext
@@ -62,15 +63,17 @@ class HubContext:
     """Send to a hub's clients from outside hub methods (HTTP handlers, background tasks).
 
     Get it with ``server.hub_context(ChatHub)``; it is valid for the process
-    lifetime and works the same with or without a backplane.
+    lifetime and works the same with or without a backplane. ``presence`` asks
+    which connections a group or user has on every live instance.
     """
 
-    __slots__ = ("clients", "groups", "manager")
+    __slots__ = ("clients", "groups", "manager", "presence")
 
     def __init__(self, manager: HubLifetimeManager, max_group_name_length: int = 1024) -> None:
         self.manager = manager
         self.clients = HubClients(manager)
         self.groups = GroupManager(manager, max_group_name_length)
+        self.presence = Presence(manager)
 
 
 class Hub:

@@ -22,6 +22,7 @@ from ..protocol.messages import CompletionMessage, HubMessage, InvocationMessage
 
 if TYPE_CHECKING:
     from .context import HubConnectionContext
+    from .presence import PresenceSource
 
 __all__ = [
     "ClientResults",
@@ -154,6 +155,8 @@ class HubLifetimeManager(abc.ABC):
 
     #: protocols of this hub (set by the server); a backplane serializes for all of them
     protocols: Sequence[HubProtocol] = ()
+    #: where cluster-wide presence is asked (set by the server; None: presence is unavailable)
+    presence: PresenceSource | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called once when the server starts (connect to a backplane, ...)."""
@@ -220,6 +223,10 @@ class HubLifetimeManager(abc.ABC):
         self, connection: HubConnectionContext, completion: CompletionMessage
     ) -> CompletionOutcome:
         """A Completion arrived from ``connection``: did it answer a client-result call sent to it?"""
+
+    def local_connections(self) -> LocalConnections | None:
+        """This instance's membership tables, where presence and inspection look (None: none kept)."""
+        return None
 
     # conveniences built on the primitives ------------------------------------------------------
 
@@ -326,6 +333,9 @@ class InMemoryLifetimeManager(HubLifetimeManager):
     def __init__(self) -> None:
         self.local = LocalConnections()
         self.results = ClientResults("s")
+
+    def local_connections(self) -> LocalConnections:
+        return self.local
 
     async def on_connected(self, connection: HubConnectionContext) -> None:
         self.local.add(connection)

@@ -35,9 +35,10 @@ from ..protocol.messagepack_protocol import MessagePackHubProtocol
 from ..transports.websocket import reject_websocket
 from .cors import CorsPolicy, OriginPredicate
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
+from .inspection import ServerInspection
 from .keys import KeyAgreement
 from .lifespan import serve_lifespan
-from .metrics import internal_apps
+from .metrics import internal_apps, metrics_app, server_stats
 from .routes import Router, check_transports
 
 __all__ = ["HubServer"]
@@ -100,6 +101,8 @@ class HubServer:
         #: what hubwire's native WebSocket serving asks for routes and admission
         self.native_gate = self.http
         self._managers: dict[str, HubLifetimeManager] = {}
+        #: this instance's answers to cluster inspection, and ``inspection.view``: the cluster as data
+        self.inspection = ServerInspection(self, self._managers)
         self._hub_names: dict[type[Hub], str] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._started = False
@@ -143,6 +146,7 @@ class HubServer:
         manager = self._managers.get(hub_name)
         if manager is None:
             manager = self._managers[hub_name] = self.backplane.create_manager(hub_name)
+            manager.presence = manager.presence or self.inspection.presence(hub_name)
         protocols = [self.protocols[p] for p in opts.supported_protocols]
         # a hub served at several paths is reached through one manager: it serializes for the
         # protocols of every path, not only the last one's
@@ -189,14 +193,10 @@ class HubServer:
 
     def metrics_app(self) -> ASGIApp:
         """An ASGI app serving this server's Prometheus metrics (needs ``prometheus-client``)."""
-        from .metrics import metrics_app
-
         return metrics_app(self)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of connections, tasks, subscriptions, memory and counters."""
-        from .metrics import server_stats
-
         return server_stats(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -277,6 +277,7 @@ class HubServer:
             return
         if not self._started:
             await self.startup()
+        self.inspection.seen(scope)
         match = self.router.match(scope)
         if match is None:
             await self._not_ours(scope, receive, send)

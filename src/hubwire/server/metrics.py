@@ -50,7 +50,15 @@ from ..transports.httpbase import HttpConnectionState
 if TYPE_CHECKING:
     from .app import HubServer
 
-__all__ = ["health_app", "internal_apps", "metrics_app", "rss_bytes", "server_stats", "stats_app"]
+__all__ = [
+    "health_app",
+    "internal_apps",
+    "metrics_app",
+    "rss_bytes",
+    "sent_totals",
+    "server_stats",
+    "stats_app",
+]
 
 
 def rss_bytes() -> int:
@@ -70,7 +78,8 @@ def _backplane_health(server: HubServer) -> dict[str, Any] | None:
     return server.backplane.health()
 
 
-def _sent(server: HubServer) -> tuple[int, int]:
+def sent_totals(server: HubServer) -> tuple[int, int]:
+    """Records and bytes queued to clients since the start (connections gone included)."""
     messages, size = server.connections.retired_sent
     for conn in server.connections.connections():
         messages += conn.outbox.sent
@@ -91,7 +100,7 @@ def server_stats(server: HubServer) -> dict[str, Any]:
             "running_tasks": len(endpoint.tasks),
             **endpoint.stats.as_dict(),
         }
-    messages, size = _sent(server)
+    messages, size = sent_totals(server)
     backplane = _backplane_health(server)
     try:
         tasks = len(asyncio.all_tasks())
@@ -186,7 +195,7 @@ class _Collector:
             "Connections closed because their client did not read fast enough",
             value=_connection.stats.slow_consumer_closes,
         )
-        messages, size = _sent(server)
+        messages, size = sent_totals(server)
         yield CounterMetricFamily("hubwire_messages_sent", "Records queued to clients", value=messages)
         yield CounterMetricFamily("hubwire_sent_bytes", "Bytes queued to clients", value=size)
         yield GaugeMetricFamily("hubwire_asyncio_tasks", "Tasks of the event loop", value=_task_count())
