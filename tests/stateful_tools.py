@@ -38,6 +38,10 @@ class CuttingProxy:
 
     def __init__(self, target: int) -> None:
         self.target = target
+        #: round robin: each new connection goes to the next of these ports (a load balancer
+        #: without sticky sessions); empty: every connection goes to ``target``
+        self.rotation: list[int] = []
+        self._turn = 0
         self.port = 0
         #: connections accepted so far (a resume shows up as one more)
         self.accepted = 0
@@ -50,6 +54,13 @@ class CuttingProxy:
         self._zombies: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _next_target(self) -> int:
+        if not self.rotation:
+            return self.target
+        port = self.rotation[self._turn % len(self.rotation)]
+        self._turn += 1
+        return port
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -69,7 +80,7 @@ class CuttingProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._next_target())
         except OSError:
             writer.transport.abort()
             return
