@@ -135,6 +135,7 @@ async def _deliveries(
     port: int, pid: int, rclient: redis.Redis, n: int, messages: int, size: int
 ) -> dict[str, float]:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        rss0 = (await http.get("/gc")).json()["rss_kb"]
         mem0 = int(rclient.info("memory")["used_memory"])
         clients: list[_Client] = []
         for start in range(0, n, 100):
@@ -144,6 +145,7 @@ async def _deliveries(
         total = [0]
         tasks = [asyncio.create_task(c.run(total)) for c in clients]
         await asyncio.sleep(1.5)
+        rss1 = (await http.get("/gc")).json()["rss_kb"]
         mem1 = int(rclient.info("memory")["used_memory"])
         durable_keys = [k for k in rclient.scan_iter(match="*hubwire:internal:record:*", count=1000)]
         durable_keys += [k for k in rclient.scan_iter(match="*hubwire:internal:journal:*", count=1000)]
@@ -167,6 +169,7 @@ async def _deliveries(
             "redis_cmds": (cmd1 - cmd0) / deliveries,
             "redis_bytes_per_conn": (mem1 - mem0) / n,
             "durable_key_bytes_per_conn": key_bytes / n,
+            "server_kb_per_conn": (rss1 - rss0) / n,
         }
 
 
@@ -218,7 +221,7 @@ def main() -> None:
             print(
                 f"{'mode':8} | {'server µs/delivery':>18} | {'Redis µs/delivery':>17} | "
                 f"{'Redis cmds/delivery':>19} | {'Redis B/idle conn':>17} | "
-                f"{'of it durable keys':>18} | received"
+                f"{'of it durable keys':>18} | {'server KB/idle conn':>19} | received"
             )
             for mode in ("redis", "durable"):
                 port = _free_port()
@@ -233,7 +236,7 @@ def main() -> None:
                 print(
                     f"{mode:8} | {r['server_us']:18.1f} | {r['redis_us']:17.2f} | {r['redis_cmds']:19.3f} | "
                     f"{r['redis_bytes_per_conn']:17.0f} | {r['durable_key_bytes_per_conn']:18.0f} | "
-                    f"{r['received']:.3f}"
+                    f"{r['server_kb_per_conn']:19.2f} | {r['received']:.3f}"
                 )
             print(f"\n{args.moves} resumes of a dropped connection on the other of two instances")
             print(f"{'mode':8} | {'upgrade to Sequence, median':>27} | {'p90':>8} | Redis commands per move")

@@ -28,17 +28,25 @@ lands. The exchange (B takes over from A; all messages MessagePack, on
 
 No answer within ``timeout`` (the holder died, or nobody holds the
 connection) and B refuses the resume (404): the client's automatic reconnect
-then starts a new connection, never a silent gap. Every message is untrusted:
-malformed ones are counted and dropped, answers are accepted only from the
-instance a request is waiting for, forwards only from the instance a
-connection moved from (checked by the caller).
+then starts a new connection, never a silent gap. Every message is untrusted: each is sealed
+(HMAC-SHA256 over its channel and body, with a key derived from the app's
+token key, as the relay's), so only instances of this app can ask, offer or
+forward; malformed or unsealed ones are counted and dropped; a request older
+than the timeout (held in an outage buffer) or seen before (a batch published
+twice) is not answered; commits and finals are accepted only from the
+instance that offered, forwards only from the instance a connection moved
+from (checked by the caller).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import logging
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,6 +68,8 @@ class _Request(msgspec.Struct, tag="req", array_like=True):
     digest: bytes
     user: str | None
     path: str
+    #: wall-clock time it was made: one held in an outage buffer past the timeout is stale
+    ts: float
 
 
 class _Offer(msgspec.Struct, tag="offer", array_like=True):
@@ -95,6 +105,7 @@ class _Forward(msgspec.Struct, tag="fwd", array_like=True):
 _Message = _Request | _Offer | _Refuse | _Commit | _Final | _Forward
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(_Message)
+_sealed_decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes])
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,13 +157,18 @@ class Takeovers:
         self._prefix = f"{channel_prefix}hubwire:internal:takeover:"
         self.own_channel = self._prefix + server_name
         self.holder: TakeoverHolder | None = None
-        self._ids = itertools.count(1)
+        #: request ids start at random: a restarted instance's new ids are not its old ones
+        self._ids = itertools.count(secrets.randbelow(1 << 40) + 1)
         #: request id -> (the instance answering, once known; the answer waited for)
         self._waiting: dict[int, tuple[str | None, asyncio.Future[_Offer | _Refuse | _Final]]] = {}
         #: connections offered and not committed yet: id -> (taker, request id, commit timer)
         self._offered: dict[str, tuple[str, int, asyncio.TimerHandle]] = {}
         self.tasks = BackgroundTasks("takeovers")
         self.malformed = 0
+        self._last_warning = 0.0
+        self._keys: tuple[bytes, ...] = ()
+        #: requests answered lately (asker, request id): a repeat is not answered twice
+        self._seen: dict[tuple[str, int], float] = {}
         self.moved_in = 0
         self.moved_out = 0
 
@@ -171,8 +187,26 @@ class Takeovers:
         self._offered.clear()
         await self.tasks.cancel_all()
 
+    def set_keys(self, keys: tuple[bytes, ...]) -> None:
+        """Seal with (a key derived from) the app's first token key; accept any of them.
+
+        Why: only instances of this app may ask for, offer or forward into a
+        connection; anything else on Redis (another app sharing it, a client of
+        Redis that is not hubwire) is dropped.
+        """
+        self._keys = tuple(hmac.new(k, b"hubwire takeover v1", hashlib.sha256).digest() for k in keys)
+
+    def _seal(self, channel: str, message: _Message) -> bytes:
+        raw = _encoder.encode(message)
+        mac = hmac.new(self._keys[0], channel.encode() + b"\n" + raw, hashlib.sha256).digest()
+        return _encoder.encode((raw, mac))
+
+    def _publish(self, channel: str, message: _Message) -> None:
+        if self._keys:
+            self.bus.publish(channel, self._seal(channel, message))
+
     def _send(self, server_name: str, message: _Message) -> None:
-        self.bus.publish(self._prefix + server_name, _encoder.encode(message))
+        self._publish(self._prefix + server_name, message)
 
     # -- taking a connection over ------------------------------------------------------------------
 
@@ -183,8 +217,8 @@ class Takeovers:
         rid = next(self._ids)
         future: asyncio.Future[_Offer | _Refuse | _Final] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = (None, future)
-        message = _Request(rid, self.server_name, connection_id, token_digest, user, path)
-        self.bus.publish(self.requests_channel, _encoder.encode(message))
+        message = _Request(rid, self.server_name, connection_id, token_digest, user, path, time.time())
+        self._publish(self.requests_channel, message)
         try:
             answer = await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
@@ -215,19 +249,35 @@ class Takeovers:
 
     # -- receiving ---------------------------------------------------------------------------------
 
-    def _decode(self, data: bytes) -> _Message | None:
+    def _decode(self, channel: bytes, data: bytes) -> _Message | None:
+        """The message, or None when it is malformed or not sealed by an instance of this app."""
         try:
-            return _decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raw, mac = _sealed_decoder.decode(data)
+            signed = channel + b"\n" + raw
+            if not any(
+                hmac.compare_digest(mac, hmac.new(key, signed, hashlib.sha256).digest()) for key in self._keys
+            ):
+                raise ValueError("not sealed by this app")
+            return _decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             self.malformed += 1
-            log.warning("ignoring a malformed takeover message: %s", exc)
+            now = time.monotonic()
+            if now - self._last_warning > 5.0:
+                self._last_warning = now
+                log.warning("ignoring a malformed or unsealed takeover message: %s", exc)
             return None
 
     def _on_request(self, channel: bytes, data: bytes) -> None:
-        message = self._decode(data)
+        message = self._decode(channel, data)
         holder = self.holder
         if not isinstance(message, _Request) or holder is None or message.origin == self.server_name:
             return
+        if abs(time.time() - message.ts) > self.timeout:
+            return  # stale (it waited out an outage): its asker gave up long ago
+        key = (message.origin, message.rid)
+        if key in self._seen:
+            return  # a repeat (the bus publishes a batch again when Redis's answer was lost)
+        self._remember(key)
         if message.cid in self._offered:
             self._send(message.origin, _Refuse(message.rid, self.server_name, 409))  # already moving
             return
@@ -253,8 +303,15 @@ class Takeovers:
             log.info("connection %s was offered to another instance that never committed", connection_id)
             self.holder.abandon(connection_id)
 
+    def _remember(self, key: tuple[str, int]) -> None:
+        now = time.monotonic()
+        self._seen[key] = now
+        if len(self._seen) > 4096:
+            for old in [k for k, at in self._seen.items() if now - at > 4 * self.timeout]:
+                del self._seen[old]
+
     def _on_own(self, channel: bytes, data: bytes) -> None:
-        message = self._decode(data)
+        message = self._decode(channel, data)
         if message is None:
             return
         if isinstance(message, _Commit):
@@ -281,7 +338,7 @@ class Takeovers:
         holder = self.holder
         if holder is None:
             return
-        if not await self.bus.barrier(self.timeout):
+        if not await self.bus.barrier(self.timeout / 2):
             # without it a message published just before the taker subscribed could be missed
             log.warning("not handing %s over: Redis did not answer the barrier in time", commit.cid)
             holder.abandon(commit.cid)

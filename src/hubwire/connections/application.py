@@ -86,6 +86,9 @@ class ConnectionApplication(abc.ABC):
         Raises ``ValueError`` when ``state`` is not usable (it came from another instance)."""
         raise ValueError("this path does not move connections")
 
+    async def refresh_moved(self, conn: Connection, state: dict[str, Any]) -> None:  # noqa: B027
+        """The state at hand-over time (groups or items changed on the old holder meanwhile)."""
+
     async def release_moved(self, conn: Connection) -> None:  # noqa: B027 - optional hook
         """``conn`` moved to another instance: unregister it here, without ``on_disconnect``."""
 

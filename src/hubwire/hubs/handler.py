@@ -27,6 +27,7 @@ from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection
 from ..connections.replay import TRACKABLE, SequenceError
 from ..connections.tasks import BackgroundTasks
+from ..exceptions import HubException
 from ..options import HubOptions
 from ..protocol.base import HubProtocol, MessageParser, TransferFormat
 from ..protocol.errors import HandshakeError, InvalidDataError
@@ -250,8 +251,8 @@ class HubConnectionHandler(ConnectionApplication):
         ctx = state.ctx if state is not None else None
         if ctx is None or self.connected.get(conn.connection_id) is not ctx:
             return "no hub connection"
-        if ctx.upload_streams:
-            return "client-to-server streams are in progress"
+        if ctx.upload_streams or ctx.active_streams:
+            return "streams are in progress (their cancels and items could not follow)"
         try:
             items = _items_encoder.encode(conn.items)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -308,7 +309,31 @@ class HubConnectionHandler(ConnectionApplication):
         self.stats.moved_in += 1
         await self.manager.on_connected(ctx)
         for group in groups:
-            await self.manager.add_to_group(conn.connection_id, group)
+            try:
+                await self.manager.add_to_group(conn.connection_id, group)
+            except HubException as exc:  # this instance's limits: it stays out of that group
+                log.warning("moved connection %s not put back in a group: %s", conn.connection_id, exc)
+
+    async def refresh_moved(self, conn: Connection, state: dict[str, Any]) -> None:
+        """Groups and items as the old holder had them when it let go (changed since its offer)."""
+        hub_state: _HubConnectionState | None = conn.application_state
+        ctx = hub_state.ctx if hub_state is not None else None
+        groups = state.get("groups")
+        items = state.get("items")
+        if ctx is None or not isinstance(groups, list) or not isinstance(items, bytes):
+            raise ValueError("malformed state of a moved connection")
+        decoded = _items_decoder.decode(items)
+        if not isinstance(decoded, dict):
+            raise ValueError("malformed items of a moved connection")
+        conn.items = decoded
+        wanted = {g for g in groups if isinstance(g, str)}
+        for group in sorted(ctx.groups - wanted):
+            await self.manager.remove_from_group(conn.connection_id, group)
+        for group in sorted(wanted - ctx.groups):
+            try:
+                await self.manager.add_to_group(conn.connection_id, group)
+            except HubException as exc:  # this instance's limits: it stays out of that group
+                log.warning("moved connection %s not put back in a group: %s", conn.connection_id, exc)
 
     async def release_moved(self, conn: Connection) -> None:
         """``conn`` moved away: unregister it here; hub methods still running keep running

@@ -121,6 +121,8 @@ class HttpConnectionDispatcher:
                 return await self._take_over(endpoint, token, request, principal)
             if not self.connections.is_live(conn):
                 return 404, texts.NO_CONNECTION
+            if self.moves is not None and self.moves.is_moving(conn.connection_id):
+                return 409, ""  # another resume of it is moving it right now
             if conn.transport_name not in (None, websocket.FEATURES.name):
                 return 400, texts.CANNOT_CHANGE_TRANSPORT
             if conn.transport_name is not None:

@@ -47,6 +47,9 @@ class KeyAgreement:
         relay = self.backplane.relay
         if relay is not None:  # relay messages are sealed with the app's key
             relay.set_keys((self.issuer.secret, *self.issuer.previous))
+        takeovers = self.backplane.takeovers
+        if takeovers is not None:  # and so are connection take-overs
+            takeovers.set_keys((self.issuer.secret, *self.issuer.previous))
         if not self.ready:
             log.warning("ready: the token key is agreed")
         self.ready, self.reason = True, ""

@@ -62,6 +62,8 @@ class _Final(msgspec.Struct, array_like=True):
     latest_received: int
     #: backplane ids (origin, seq) the old holder delivered after its offer
     ids: list[tuple[str, int, str]]
+    #: the hub state when it was handed over (groups or items may have changed since the offer)
+    hub: dict[str, Any]
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -71,6 +73,8 @@ _final_decoder = msgspec.msgpack.Decoder(_Final)
 
 #: history read before the record's last write: what the dead holder may not have had yet
 _HISTORY_MARGIN_MS = 10_000
+#: seconds a connection that moved on is remembered, so results of calls still running follow it
+_FORWARD_FOR = 600.0
 
 
 class _Unrecoverable(Exception):
@@ -98,22 +102,33 @@ class ConnectionMoves:
         self._moved_from: dict[str, str] = {}
         #: connections resumed here after their instance died (durable resume)
         self.recovered = 0
+        #: connections being taken over to here (a second resume of one is refused meanwhile)
+        self._adopting: set[str] = set()
+        #: connections handed over from here -> (the released connection, since): forwards follow them
+        self._released: dict[str, tuple[Connection, float]] = {}
         takeovers.holder = self
         connections.on_end.append(self._ended)
 
     def _ended(self, conn: Connection) -> None:
-        self._moved_from.pop(conn.connection_id, None)
+        if conn.connection_id not in self._released:
+            self._moved_from.pop(conn.connection_id, None)
 
     # -- holder side -------------------------------------------------------------------------------
+
+    def is_moving(self, connection_id: str) -> bool:
+        """Being handed over from here, or taken over to here: no other resume may touch it."""
+        return connection_id in self._frozen or connection_id in self._adopting
 
     def offer(self, request: TakeoverRequest) -> bytes | int | None:
         conn = self.connections.lookup(request.connection_id)
         if conn is None or not self.connections.is_live(conn):
             return None  # not held here
+        application: ConnectionApplication | None = conn.application
+        if application is None:
+            return None  # negotiated here but started elsewhere: the holder answers
         if not hmac.compare_digest(token_digest(conn.token), request.token_digest):
             return None  # another token for this id: a forgery, never answered
-        application: ConnectionApplication | None = conn.application
-        if application is None or self.router.route(request.path) is not application:
+        if self.router.route(request.path) is not application:
             return 404
         owner = conn.principal.identifier if conn.principal is not None else None
         if owner is not None and request.user is None:
@@ -125,45 +140,65 @@ class ConnectionMoves:
                 extra={"connection_id": conn.connection_id, "event": "resume_refused"},
             )
             return 403
-        if not conn.resumable:
-            return 409
+        if not conn.resumable or self.is_moving(conn.connection_id):
+            return 409  # ending, or another resume of it is under way
         state = application.export_for_move(conn)
         if isinstance(state, str):
             log.info("connection %s cannot move to another instance: %s", conn.connection_id, state)
             return 409
+        try:
+            offered = _encoder.encode(_Offered(state))
+        except (TypeError, ValueError, OverflowError):
+            return 409
         self.connections.freeze(conn)
         self._frozen[conn.connection_id] = conn
-        return _encoder.encode(_Offered(state))
+        return offered
 
     async def finish(self, connection_id: str, forward: Callable[[bytes], None]) -> bytes | None:
-        conn = self._frozen.pop(connection_id, None)
-        if conn is None or not self.connections.is_live(conn):
+        conn = self._frozen.get(connection_id)
+        if conn is None or not self.connections.is_live(conn) or conn.outbox.closed:
+            # ended or closed while frozen (a slow consumer, the app's abort): nothing to hand over
+            self._frozen.pop(connection_id, None)
             return None
         replay = conn.outbox.replay
-        if replay is None:
+        application: ConnectionApplication | None = conn.application
+        if replay is None or application is None:
+            self._frozen.pop(connection_id, None)
             return None
-        application: ConnectionApplication = conn.application
+        state_now = application.export_for_move(conn)
+        if isinstance(state_now, str):  # e.g. an upload stream started meanwhile
+            self.abandon(connection_id)
+            return None
         journal = conn.outbox.journal
         store = self.backplane.durable
         if journal is not None and store is not None and isinstance(journal, ConnectionJournal):
             # its record in Redis says everything delivered so far; the new holder goes on from it
             journal.touch()
-            await store.drain()
+            try:
+                await asyncio.wait_for(store.drain(), self.takeovers.timeout / 2)
+            except TimeoutError:
+                self.abandon(connection_id)
+                return None
             store.detach(journal, delete=False)
+        self._frozen.pop(connection_id, None)
         # unregistered first: from here on nothing reaches it but what running hub methods send
         await application.release_moved(conn)
         tags = conn.outbox.tags or ()
         state = replay.export()
         ids = [tag for tag in tags if tag is not None]
         self.connections.release(conn, forward)
-        self._moved_from.pop(connection_id, None)
+        # what hub methods still running for it here send goes on (and a forward from a holder
+        # before this one, for a call still running there, follows it)
+        self._released[connection_id] = (conn, time.monotonic())
         log.info(
             "connection %s handed over to another instance (%d messages unacknowledged)",
             connection_id,
             len(state.kept),
             extra={"connection_id": connection_id, "event": "moved_out"},
         )
-        final = _Final(state.first_id, state.kept, state.next_receive_id, state.latest_received, ids)
+        final = _Final(
+            state.first_id, state.kept, state.next_receive_id, state.latest_received, ids, state_now
+        )
         return _encoder.encode(final)
 
     def abandon(self, connection_id: str) -> None:
@@ -177,6 +212,18 @@ class ConnectionMoves:
         conn = self.connections.lookup(connection_id)
         if conn is not None and self.connections.is_live(conn):
             conn.outbox.write(data)
+            return
+        released = self._released.get(connection_id)
+        if released is not None:
+            released[0].outbox.write(data)  # it moved on from here: forwarded to its holder
+
+    def _prune(self) -> None:
+        """Forget connections that moved on long ago (their hub methods here are done by now)."""
+        limit = time.monotonic() - _FORWARD_FOR
+        for cid in [c for c, (_, since) in self._released.items() if since < limit]:
+            del self._released[cid]
+            if self.connections.lookup(cid) is None:
+                self._moved_from.pop(cid, None)
 
     # -- taker side --------------------------------------------------------------------------------
 
@@ -197,6 +244,25 @@ class ConnectionMoves:
         path = next((p for p, e in self.router.items() if e is endpoint), None)
         if path is None:
             return 404, texts.NO_CONNECTION
+        cid = verified.connection_id
+        self._prune()
+        if self.is_moving(cid):
+            return 409, ""  # another resume of it is under way here
+        self._adopting.add(cid)
+        try:
+            return await self._take_over(endpoint, verified, token, request, principal, path)
+        finally:
+            self._adopting.discard(cid)
+
+    async def _take_over(
+        self,
+        endpoint: ConnectionApplication,
+        verified: VerifiedToken,
+        token: str,
+        request: RequestInfo,
+        principal: Principal | None,
+        path: str,
+    ) -> Connection | tuple[int, str]:
         cid = verified.connection_id
         user = principal.identifier if principal is not None else None
         answer = await self.takeovers.request(cid, token_digest(token), user, path)
@@ -228,31 +294,52 @@ class ConnectionMoves:
         try:
             hub_state = _offer_decoder.decode(offer.state).hub
             await endpoint.import_moved(conn, hub_state)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        except Exception as exc:  # the offer is untrusted input; our limits may be lower (groups)
             log.warning("cannot take %s over: %s", cid, exc)
             await self._undo(endpoint, conn)
             return 404, texts.NO_CONNECTION  # the holder's offer times out: it keeps the connection
         raw = await self.takeovers.commit(offer)
-        replay = conn.outbox.replay
         final: _Final | None = None
         if raw is not None:
             try:
                 final = _final_decoder.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("malformed hand-over of %s: %s", cid, exc)
-        if final is None or replay is None or conn.outbox.closed or not self.connections.is_live(conn):
+        replay = conn.outbox.replay
+        if final is None or replay is None:
             await self._undo(endpoint, conn)
             return 404, texts.NO_CONNECTION
-        # the old holder's messages, then those that reached only this instance meanwhile
-        theirs = {(origin, seq, channel) for origin, seq, channel in final.ids}
-        mine = replay.taken()
-        tags = conn.outbox.tags or [None] * len(mine)
-        later = [data for data, tag in zip(mine, tags, strict=False) if tag is None or tag not in theirs]
-        state = ReplayState(final.first_id, final.kept, final.next_receive_id, final.latest_received)
-        replay.restore(state, later)
-        delivered = theirs | {tag for tag in tags if tag is not None}
-        await endpoint.finish_moved_in(conn, delivered)
-        conn.outbox.tags = None
+        # from here the old holder has let go: a failure ends the connection properly (its
+        # on_disconnected runs here) instead of losing it between two instances
+        try:
+            if conn.outbox.closed or not self.connections.is_live(conn):
+                raise _Unrecoverable("it was closed while it moved")
+            await endpoint.refresh_moved(conn, final.hub)
+            # the old holder's messages, then those that reached only this instance meanwhile
+            theirs = {(origin, seq, channel) for origin, seq, channel in final.ids}
+            mine = replay.taken()
+            tags = conn.outbox.tags if conn.outbox.tags is not None else [None] * len(mine)
+            if len(tags) != len(mine):
+                raise _Unrecoverable("its messages and their ids do not match")
+            later = [data for data, tag in zip(mine, tags, strict=True) if tag is None or tag not in theirs]
+            state = ReplayState(final.first_id, final.kept, final.next_receive_id, final.latest_received)
+            replay.restore(state, later)
+            delivered = theirs | {tag for tag in tags if tag is not None}
+            conn.outbox.tags = None
+            try:
+                await endpoint.finish_moved_in(conn, delivered)
+            except Exception as exc:  # durable resume only: it goes on without its journal
+                log.warning("connection %s moved here without a durable journal: %s", cid, exc)
+        except Exception as exc:
+            log.warning(
+                "connection %s could not be carried on after its hand-over (%s): ended",
+                cid,
+                exc,
+                extra={"connection_id": cid, "event": "moved_in_failed"},
+            )
+            conn.abort("hand-over failed")
+            await self.connections.end(conn, exc)
+            return 404, texts.NO_CONNECTION
         self.connections.activate(conn, websocket.FEATURES, request, principal)
         await self.backplane.reclaim_connection(cid)
         log.info(
