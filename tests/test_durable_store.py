@@ -112,3 +112,31 @@ def test_history_keys_share_their_channels_hash_slot() -> None:
         assert key_slot(key) == key_slot(channel), channel
     # braces that make no tag: no key can share the slot by name (the bus writes it on its own)
     assert key_slot(history_key(b"x:{}:y")) != key_slot(b"x:{}:y")
+
+
+async def test_a_quiet_connection_stays_recoverable_and_nothing_outlives_it(
+    private_redis: RedisServer,
+) -> None:
+    bus = RedisBus(private_redis.url)
+    await bus.start()
+    store = DurableStore(bus, "t:", "me", 1.5)
+    client = redis.Redis.from_url(private_redis.url)
+    try:
+        box = _outbox()
+        journal = store.attach("c4", "token", "Hub", box, lambda: {"user": None})
+        box.write(b"once")
+        await store.drain()
+        await asyncio.sleep(2.5)  # longer than the window without a message or an ack
+        assert client.exists(store.record_key("c4"))  # refreshed while the connection lives
+        assert 0 < client.pttl(store.journal_key("c4")) <= 1500  # the journal expires with it
+        store.detach(journal, delete=False)  # it moved or its instance stops: the keys expire
+        await asyncio.sleep(2.0)
+        assert not client.exists(store.record_key("c4"), store.journal_key("c4"))
+        bus.history_window_ms = 1500
+        bus.publish("t:Hub:all", b"x", history=True)
+        await asyncio.sleep(0.3)
+        assert 0 < client.pttl(history_key(b"t:Hub:all")) <= 1500  # histories expire too
+    finally:
+        client.close()
+        await store.close()
+        await bus.close()

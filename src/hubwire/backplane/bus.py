@@ -238,10 +238,15 @@ class RedisBus:
     def slot_of(self, key: bytes) -> int:
         return key_slot(key)
 
-    def history_command(self, key: bytes, payload: bytes) -> tuple[bytes, ...]:
-        """XADD of one message to a channel's history, trimming what is older than the window."""
+    def history_commands(self, key: bytes, payload: bytes) -> list[tuple[bytes, ...]]:
+        """XADD of one message to a channel's history, trimming what is older than the window, and
+        the key's expiry (a channel nobody publishes to any more leaves nothing behind)."""
         oldest = int(time.time() * 1000) - self.history_window_ms
-        return (b"XADD", key, b"MINID", b"~", str(max(oldest, 0)).encode(), b"*", b"e", payload)
+        window = str(self.history_window_ms).encode()
+        return [
+            (b"XADD", key, b"MINID", b"~", str(max(oldest, 0)).encode(), b"*", b"e", payload),
+            (b"PEXPIRE", key, window),
+        ]
 
     async def _maintain(self) -> None:
         """Learn the layout, route channels and messages to their nodes, and follow changes."""
@@ -570,7 +575,8 @@ class RedisBus:
     async def _history_alone(self, key: bytes, payload: bytes) -> None:
         """A history write that cannot share its channel's node (braces in the channel name)."""
         try:
-            await self.command(*self.history_command(key, payload))
+            for command in self.history_commands(key, payload):
+                await self.command(*command)
         except Exception:
             self.stats.history_errors += 1
 

@@ -245,6 +245,8 @@ class DurableStore:
         self._flushing: asyncio.Task[None] | None = None
         #: journals of this instance by connection id: hub name, token digest
         self._meta: dict[str, tuple[str, bytes]] = {}
+        self._journals: dict[str, ConnectionJournal] = {}
+        self._refresher: asyncio.Task[None] | None = None
         self.write_failures = 0
         self.journal_writes = 0
         self.record_writes = 0
@@ -277,6 +279,9 @@ class DurableStore:
         """Journal a durable connection's messages from now on (its outbox waits for the writes)."""
         journal = ConnectionJournal(self, connection_id, outbox, source)
         self._meta[connection_id] = (hub, hashlib.sha256(token.encode()).digest())
+        self._journals[connection_id] = journal
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh(), name="hubwire-records")
         outbox.journal = journal
         journal.touch()
         return journal
@@ -287,6 +292,8 @@ class DurableStore:
             journal.outbox.journal = None
             journal.outbox.journaled()
         self._meta.pop(journal.connection_id, None)
+        if self._journals.get(journal.connection_id) is journal:
+            del self._journals[journal.connection_id]
         if delete:
             cid = journal.connection_id
             self.queue(journal, (b"DEL", self.journal_key(cid), self.record_key(cid)))
@@ -318,7 +325,9 @@ class DurableStore:
                     if command[0] == b"XADD":
                         self.journal_writes += 1
                         upto[id(journal)] = int(str(command[2]).split("-", 1)[0])
-            for journal in journals.values():
+            for key, journal in journals.items():
+                if key in upto:  # the journal expires with its record, never before it is written
+                    pipe.execute_command(b"PEXPIRE", self.journal_key(journal.connection_id), self.ttl_ms)
                 meta = self._meta.get(journal.connection_id)
                 if meta is not None and journal.take_dirty():
                     record = journal.record(meta[0], self.server_name, meta[1])
@@ -351,6 +360,13 @@ class DurableStore:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._start_flush)
 
+    async def _refresh(self) -> None:
+        """Rewrite every record a few times per window, so a quiet connection stays recoverable."""
+        while self._journals:
+            await asyncio.sleep(max(self.window / 3, 0.2))
+            for journal in list(self._journals.values()):
+                journal.touch()
+
     async def drain(self) -> None:
         """Return once everything queued so far was written (or failed)."""
         for _ in range(100):
@@ -364,6 +380,10 @@ class DurableStore:
                 await asyncio.sleep(0)
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
         await self.drain()
 
     # -- reading (recovery) --------------------------------------------------------------------------

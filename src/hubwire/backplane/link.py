@@ -32,6 +32,8 @@ __all__ = ["NodeLink", "Outgoing"]
 log = logging.getLogger("hubwire.backplane")
 
 _SUBSCRIBE_CHUNK = 256
+#: commands written before a publish that keeps a history (``RedisBus.history_commands``)
+_HISTORY_COMMANDS = 2
 _BATCH = 1000
 #: replies that mean "this node is not (or not yet) the one for that channel": retry after a refresh
 #: (or "not now": BUSY with a long script, LOADING after a restart)
@@ -485,7 +487,7 @@ class NodeLink:
                 # first the history, then the publish: a new owner that subscribed after this
                 # publish finds the message in the history it reads after subscribing
                 with_history = True
-                commands.append(self.bus.history_command(item.history, item.payload))
+                commands.extend(self.bus.history_commands(item.history, item.payload))
             commands.append((command, item.channel, item.payload))
         futures = conn.write_commands(commands)
         for item in batch:
@@ -506,10 +508,12 @@ class NodeLink:
         index = 0
         for item in batch:
             if item.history is not None:
-                history = results[index]
-                index += 1
-                if isinstance(history, Exception) and not str(history).startswith(("connection", "not conn")):
-                    self.bus.stats.history_errors += 1
+                for history in results[index : index + _HISTORY_COMMANDS]:
+                    if isinstance(history, Exception) and not str(history).startswith(
+                        ("connection", "not conn")
+                    ):
+                        self.bus.stats.history_errors += 1
+                index += _HISTORY_COMMANDS
             picked.append(results[index])
             index += 1
         return picked

@@ -73,6 +73,8 @@ _final_decoder = msgspec.msgpack.Decoder(_Final)
 
 #: history read before the record's last write: what the dead holder may not have had yet
 _HISTORY_MARGIN_MS = 10_000
+#: bytes read at most (journal and histories) to recover one connection
+_RECOVERY_READ_BYTES = 64 * 1024 * 1024
 #: seconds a connection that moved on is remembered, so results of calls still running follow it
 _FORWARD_FOR = 600.0
 
@@ -406,7 +408,11 @@ class ConnectionMoves:
         if not await store.lock(cid):
             return refuse("another instance is recovering it", 409)
         try:
-            return await self._recover_locked(endpoint, verified, token, request, principal, record)
+            # read again: it may have changed while the lease ran out (never act on an old one)
+            fresh = await store.read_record(cid)
+            if fresh is None or fresh.holder != record.holder or fresh.gapped or fresh.state is None:
+                return refuse("its record changed while its instance's lease ran out")
+            return await self._recover_locked(endpoint, verified, token, request, principal, fresh)
         finally:
             with contextlib.suppress(Exception):
                 await store.unlock(cid)
@@ -438,7 +444,7 @@ class ConnectionMoves:
             await endpoint.import_moved(conn, record.state)
             replay = conn.outbox.replay
             assert replay is not None
-            entries = await store.read_journal(cid, 1_000_000)
+            entries = await store.read_journal(cid, 100_000)
             if any(seq != entries[0][0] + i for i, (seq, _, _) in enumerate(entries)):
                 raise _Unrecoverable("its journal has a hole")
             first_id = entries[0][0] if entries else record.acked + 1
@@ -455,18 +461,29 @@ class ConnectionMoves:
             protocol = str(record.state.get("protocol"))
             since = record.written_ms - _HISTORY_MARGIN_MS
             has_user = isinstance(user, str)
-            missed = await self._missed(store, cid, channels, protocol, since, marks, record.joined, has_user)
-            delivered.update(tag for tag, _ in missed)
-            mine = replay.taken()
-            tags = conn.outbox.tags or [None] * len(mine)
-            later = [
-                data for data, tag in zip(mine, tags, strict=False) if tag is None or tag not in delivered
-            ]
-            delivered.update(tag for tag in tags if tag is not None)
-            frames = [data for _, data, _ in entries] + [data for _, data in missed]
-            replay.restore(
-                ReplayState(first_id, frames, record.next_receive_id, record.latest_received), later
+            budget = _RECOVERY_READ_BYTES - sum(len(data) for _, data, _ in entries)
+            per_origin = await self._missed(
+                store, cid, channels, protocol, since, marks, record.joined, has_user, budget
             )
+            # what arrived live meanwhile, unless a history or the journal had it: the newest of all
+            mine = replay.taken()
+            tags = conn.outbox.tags if conn.outbox.tags is not None else [None] * len(mine)
+            if len(tags) != len(mine):
+                raise _Unrecoverable("its live messages and their ids do not match")
+            seen = delivered | {item[2] for items in per_origin.values() for item in items}
+            now_ms = int(time.time() * 1000)
+            untagged: list[bytes] = []
+            for data, tag in zip(mine, tags, strict=True):
+                if tag is None:
+                    untagged.append(data)  # no id (a .NET sender): as it came
+                elif tag not in seen:
+                    seen.add(tag)
+                    per_origin.setdefault(tag[0], []).append((now_ms, tag[1], tag, data))
+            # each sender's messages in its own order whichever way they came; senders by time
+            missed = self._merge(per_origin)
+            delivered = seen
+            frames = [data for _, data, _ in entries] + [data for _, data in missed] + untagged
+            replay.restore(ReplayState(first_id, frames, record.next_receive_id, record.latest_received), [])
             await endpoint.finish_moved_in(conn, delivered)
             conn.outbox.tags = None
         except Exception as exc:  # what Redis holds is untrusted: anything unexpected is a refusal
@@ -505,7 +522,8 @@ class ConnectionMoves:
         marks: dict[str, int],
         joined: dict[str, int],
         has_user: bool,
-    ) -> list[tuple[Tag, bytes]]:
+        budget: int,
+    ) -> dict[str, list[tuple[int, int, Tag, bytes]]]:
         """History messages of the connection's channels its dead holder never delivered.
 
         A (sender, channel) pair's messages reached the holder in order, so the
@@ -520,6 +538,9 @@ class ConnectionMoves:
             history = await store.read_history(channel, since_ms)
             if history is None:
                 raise _Unrecoverable(f"the history of {channel} since then is longer than the read bound")
+            budget -= sum(len(envelope) for _, envelope in history)
+            if budget < 0:
+                raise _Unrecoverable("its journal and histories are larger than the read bound")
             individual = channel in personal
             for ms, envelope in history:
                 try:
@@ -540,7 +561,11 @@ class ConnectionMoves:
                     continue
                 tag = (inv.origin, inv.seq, channel)
                 per_origin.setdefault(inv.origin, []).append((ms, inv.seq, tag, data))
-        # each sender's messages in its own order; senders interleaved by time
+        return per_origin
+
+    @staticmethod
+    def _merge(per_origin: dict[str, list[tuple[int, int, Tag, bytes]]]) -> list[tuple[Tag, bytes]]:
+        """Each sender's messages in the order of its numbers; senders interleaved by time."""
         queues = [sorted(items, key=lambda item: item[1]) for items in per_origin.values()]
         out: list[tuple[Tag, bytes]] = []
         heads = [(queue[0][0], n, 0) for n, queue in enumerate(queues) if queue]
