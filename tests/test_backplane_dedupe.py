@@ -181,7 +181,9 @@ class FakeBus:
         self.handlers: dict[bytes, Callable[[bytes, bytes], None]] = {}
         redis.handlers.append(self.handlers)
 
-    def publish(self, channel: str, payload: bytes, want_receivers: bool = False) -> None:
+    def publish(
+        self, channel: str, payload: bytes, want_receivers: bool = False, history: bool = False
+    ) -> None:
         self.redis.held.append((channel.encode(), payload))
         if self.redis.up:
             self.redis.flush()
@@ -194,6 +196,11 @@ class FakeBus:
 
 
 class FakeOutbox:
+    #: no stateful reconnect (no replay, journal or move tags)
+    replay = None
+    journal = None
+    tags = None
+
     def __init__(self) -> None:
         self.got: list[bytes] = []
 
