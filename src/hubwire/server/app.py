@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -37,13 +35,11 @@ from .cors import CorsPolicy, OriginPredicate
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
 from .inspection import ServerInspection
 from .keys import KeyAgreement
-from .lifespan import serve_lifespan
+from .lifespan import heartbeat, serve_lifespan
 from .metrics import internal_apps, metrics_app, server_stats
 from .routes import Router, check_transports
 
 __all__ = ["HubServer"]
-
-log = logging.getLogger("hubwire.server")
 
 
 class HubServer:
@@ -214,7 +210,7 @@ class HubServer:
                 await manager.start()
             if not await self.keys.agree():  # not ready (503) until the instances agree on the key
                 self.keys.retry_in_background()
-            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+            self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(self.router, self.connections))
             install_redaction()
             self._started = True
 
@@ -243,17 +239,6 @@ class HubServer:
             yield
         finally:
             await self.shutdown()
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for endpoint in self.router.endpoints():
-                try:
-                    endpoint.tick(now)
-                except Exception:
-                    log.exception("heartbeat failed")
-            self.connections.sweep(now)
 
     def close_transports(self) -> list[Connection]:
         """The process is about to stop: invite every client to reconnect (elsewhere) now.
