@@ -32,6 +32,7 @@ from ..protocol.json_protocol import JsonHubProtocol
 from ..protocol.messagepack_protocol import MessagePackHubProtocol
 from ..transports.websocket import reject_websocket
 from .cors import CorsPolicy, OriginPredicate
+from .dashboard import Dashboard, DashboardAuth
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
 from .inspection import ServerInspection
 from .keys import KeyAgreement
@@ -50,7 +51,9 @@ class HubServer:
     :class:`~hubwire.Principal` (:mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both
     protocols application types; ``app`` gets every request not for a hub path;
     ``cors_origins``: browser origins allowed (:class:`~hubwire.server.cors.CorsPolicy`);
-    ``metrics_path`` / ``stats_path`` / ``health_path``: Prometheus, a JSON snapshot, readiness.
+    ``metrics_path`` / ``stats_path`` / ``health_path``: Prometheus, a JSON snapshot, readiness;
+    ``dashboard_path``: a live page of the cluster, refused without ``dashboard_auth`` (a callable
+    taking the request: :mod:`~hubwire.server.dashboard`, e.g. its ``BasicAuth``).
     """
 
     def __init__(
@@ -65,6 +68,8 @@ class HubServer:
         metrics_path: str | None = None,
         stats_path: str | None = None,
         health_path: str | None = None,
+        dashboard_path: str | None = None,
+        dashboard_auth: DashboardAuth | None = None,
     ) -> None:
         self.options = options or HubOptions()
         # ``HUBWIRE_REDIS_URL`` (``hubwire run --redis``) switches on Redis without code changes
@@ -108,6 +113,8 @@ class HubServer:
             self.connections.on_end.append(lambda conn: relay.stop_serving(conn.connection_id))
         for path, internal in internal_apps(self, metrics_path, stats_path, health_path):
             self.router.add_internal(path, internal)
+        #: the live cluster page and its hub (None unless ``dashboard_path`` was given)
+        self.dashboard = Dashboard.enable(self, dashboard_path, dashboard_auth)
 
     @property
     def refused(self) -> dict[str, int]:
