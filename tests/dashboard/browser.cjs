@@ -143,6 +143,12 @@ async function waitForState(page, predicate, ms, what) {
       const same = (s) => [A, B].every((i) => shown(s.rows[i.name]) === shown(want[i.name]));
       // the page's own connection (WebSockets on A) is not an app connection: A shows 2, not 3
       await waitForState(page, (s) => s.rows[A.name] && s.rows[B.name] && same(s), 5000, `counts ${JSON.stringify(want)}`);
+      // it is counted apart, and it came over WebSockets: Chromium sent the Basic credentials there too
+      const stats = await (await fetch(`${A.url}/debug/stats`)).json();
+      if (JSON.stringify(stats.dashboard) !== JSON.stringify({ viewers: { WebSockets: 1 } })) {
+        throw new Error(`A's stats show the dashboard as ${JSON.stringify(stats.dashboard)}`);
+      }
+      return `A: ${stats.hub_connections} hub connections, dashboard ${JSON.stringify(stats.dashboard)}`;
     });
 
     await check("deliveries_and_backplane_rates_charted", async () => {
@@ -155,10 +161,12 @@ async function waitForState(page, predicate, ms, what) {
     await check("killed_instance_gone_within_lease_ttl", async () => {
       const killed = Date.now();
       process.kill(B.pid, "SIGKILL");
+      await waitForState(page, (s) => !(B.name in s.rows) || s.rows[B.name].health === "no answer", config.leaseTtl * 1000 + 6000, `${B.name} not answering`);
+      const silent = Date.now() - killed;
       await waitForState(page, (s) => !(B.name in s.rows) && s.rows[A.name] && s.rows[A.name].health === "ok", config.leaseTtl * 1000 + 6000, `${B.name} gone`);
       const gone = Date.now() - killed;
       await page.screenshot({ path: path.join(config.artifacts, "02-one-instance-after-sigkill.png"), fullPage: true });
-      return `gone from the page ${gone} ms after the SIGKILL (lease TTL ${config.leaseTtl * 1000} ms)`;
+      return `shown as not answering after ${silent} ms, gone from the page ${gone} ms after the SIGKILL (lease TTL ${config.leaseTtl * 1000} ms)`;
     });
 
     await check("everything_from_the_instance_no_page_errors", async () => {

@@ -32,8 +32,8 @@ as registered connections (``connections``) and against ``max_connections``.
 
 **Only while someone watches.** The snapshot loop runs while the hub has a viewer and stops with
 the last one, so an unwatched dashboard costs nothing. While it runs, the serving instance publishes
-one inspection query a second and every instance answers it: that shows in the backplane figures
-(about one published and one received message per instance a second per watched instance).
+one inspection query a second and every other instance answers it: that shows in the backplane
+figures (with N instances, N more messages published and 2N-1 received a second).
 
 The page, its script and style and the client bundle are files of this package
 (``dashboard_files/``); ``signalr.min.js`` is the official ``@microsoft/signalr`` browser bundle,
