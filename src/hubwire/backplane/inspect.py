@@ -369,10 +369,11 @@ class Inspector:
         rid = next(self._ids)
         pending = self._pending[rid] = _Pending(self.total_bytes)
         query = _Query(rid, self.server_name, what, hub, key, self.answer_bytes)
-        self.bus.publish(self.requests_channel, _encoder.encode(query))
         try:
-            if self.source is not None:  # this instance answers itself, no round trip
+            if self.source is not None:  # this instance answers itself, no round trip; before the
+                # query is published, so its own query is not among the messages it says it buffers
                 pending.add(answer_from(self.source, query, self.server_name, self.answer_bytes), 0)
+            self.bus.publish(self.requests_channel, _encoder.encode(query))
             try:
                 live = await asyncio.wait_for(
                     live_instances(self.bus, self.channel_prefix), deadline - loop.time()

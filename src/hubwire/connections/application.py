@@ -52,6 +52,9 @@ class ConnectionApplication(abc.ABC):
     policies: tuple[Policy, ...] | None = None
     #: text frames are handed over unparsed, so WebSocket transports must check their UTF-8
     validate_text: bool = False
+    #: a server's own endpoint (the dashboard's hub), not the app's: its connections and what they
+    #: are sent are left out of the app's statistics
+    internal: bool = False
 
     @abc.abstractmethod
     async def on_connect(self, conn: Connection) -> None:

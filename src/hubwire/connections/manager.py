@@ -57,7 +57,7 @@ class ConnectionManager:
         self.tasks = tasks or BackgroundTasks()
         #: called (synchronously) when a connection starts ending (the backplane stops relaying to it)
         self.on_end: list[Callable[[Connection], None]] = []
-        #: what ended connections sent (records, bytes), for metrics
+        #: what ended connections sent (records, bytes), for metrics; internal endpoints' not counted
         self.retired_sent = [0, 0]
 
     def __len__(self) -> int:
@@ -288,8 +288,9 @@ class ConnectionManager:
             self._retired[conn.connection_id] = time.monotonic() + self.issuer.max_age + 5.0
         conn.outbox.close()
         conn.transport_state = None
-        self.retired_sent[0] += conn.outbox.sent
-        self.retired_sent[1] += conn.outbox.sent_bytes
+        if conn.application is None or not conn.application.internal:  # not the server's own pages
+            self.retired_sent[0] += conn.outbox.sent
+            self.retired_sent[1] += conn.outbox.sent_bytes
         return True
 
     async def _finish_end(self, conn: Connection, error: BaseException | None) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -34,16 +32,15 @@ from ..protocol.json_protocol import JsonHubProtocol
 from ..protocol.messagepack_protocol import MessagePackHubProtocol
 from ..transports.websocket import reject_websocket
 from .cors import CorsPolicy, OriginPredicate
+from .dashboard import Dashboard, DashboardAuth
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
 from .inspection import ServerInspection
 from .keys import KeyAgreement
-from .lifespan import serve_lifespan
+from .lifespan import heartbeat, serve_lifespan
 from .metrics import internal_apps, metrics_app, server_stats
 from .routes import Router, check_transports
 
 __all__ = ["HubServer"]
-
-log = logging.getLogger("hubwire.server")
 
 
 class HubServer:
@@ -54,7 +51,9 @@ class HubServer:
     :class:`~hubwire.Principal` (:mod:`hubwire.auth` for JWT); ``enc_hook`` teaches both
     protocols application types; ``app`` gets every request not for a hub path;
     ``cors_origins``: browser origins allowed (:class:`~hubwire.server.cors.CorsPolicy`);
-    ``metrics_path`` / ``stats_path`` / ``health_path``: Prometheus, a JSON snapshot, readiness.
+    ``metrics_path`` / ``stats_path`` / ``health_path``: Prometheus, a JSON snapshot, readiness;
+    ``dashboard_path``: a live page of the cluster, refused without ``dashboard_auth`` (a callable
+    taking the request: :mod:`~hubwire.server.dashboard`, e.g. its ``BasicAuth``).
     """
 
     def __init__(
@@ -69,6 +68,8 @@ class HubServer:
         metrics_path: str | None = None,
         stats_path: str | None = None,
         health_path: str | None = None,
+        dashboard_path: str | None = None,
+        dashboard_auth: DashboardAuth | None = None,
     ) -> None:
         self.options = options or HubOptions()
         # ``HUBWIRE_REDIS_URL`` (``hubwire run --redis``) switches on Redis without code changes
@@ -112,6 +113,8 @@ class HubServer:
             self.connections.on_end.append(lambda conn: relay.stop_serving(conn.connection_id))
         for path, internal in internal_apps(self, metrics_path, stats_path, health_path):
             self.router.add_internal(path, internal)
+        #: the live cluster page and its hub (None unless ``dashboard_path`` was given)
+        self.dashboard = Dashboard.enable(self, dashboard_path, dashboard_auth)
 
     @property
     def refused(self) -> dict[str, int]:
@@ -214,7 +217,7 @@ class HubServer:
                 await manager.start()
             if not await self.keys.agree():  # not ready (503) until the instances agree on the key
                 self.keys.retry_in_background()
-            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+            self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(self.router, self.connections))
             install_redaction()
             self._started = True
 
@@ -243,17 +246,6 @@ class HubServer:
             yield
         finally:
             await self.shutdown()
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for endpoint in self.router.endpoints():
-                try:
-                    endpoint.tick(now)
-                except Exception:
-                    log.exception("heartbeat failed")
-            self.connections.sweep(now)
 
     def close_transports(self) -> list[Connection]:
         """The process is about to stop: invite every client to reconnect (elsewhere) now.

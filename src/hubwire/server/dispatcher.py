@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from ..backplane.base import Backplane
 from ..connections.application import ConnectionApplication, check_policies
@@ -40,7 +41,7 @@ from .keys import KeyAgreement
 from .moves import ConnectionMoves
 from .routes import Router
 
-__all__ = ["Authenticator", "HttpConnectionDispatcher", "NegotiateRedirect"]
+__all__ = ["Authenticator", "Gate", "HttpConnectionDispatcher", "NegotiateRedirect"]
 
 log = logging.getLogger("hubwire.server")
 
@@ -53,6 +54,18 @@ NegotiateRedirect = Callable[
 ]
 
 Headers = list[tuple[str, str]]
+
+
+class Gate(Protocol):
+    """A server endpoint's own admission check (the dashboard's hub), used instead of the app's.
+
+    Its requests skip the authenticator, the hub policies, CORS and the origin lists: the gate
+    alone decides, and its connections have no user.
+    """
+
+    async def check(self, request: RequestInfo) -> tuple[int, Headers] | None:
+        """None to admit the request, else the status and headers to refuse it with."""
+
 
 #: seconds a connection-start claim outlives the token's validity (clock skew between instances)
 _CLAIM_SLACK = 10.0
@@ -81,6 +94,8 @@ class HttpConnectionDispatcher:
         self._start = start
         self.keys = keys
         self.redirects: dict[ConnectionApplication, NegotiateRedirect] = {}
+        #: endpoints with a gate of their own instead of the app's authentication and origin rules
+        self.gates: dict[ConnectionApplication, Gate] = {}
         takeovers = backplane.takeovers
         #: stateful reconnect across instances (None: one instance)
         self.moves = ConnectionMoves(connections, router, backplane, takeovers) if takeovers else None
@@ -104,16 +119,23 @@ class HttpConnectionDispatcher:
         """
         if not self.keys.ready:
             return 503, texts.NOT_READY
-        if self._origin_refused(endpoint, request, websocket=True):
+        gate = self.gates.get(endpoint)
+        if gate is None and self._origin_refused(endpoint, request, websocket=True):
             return 403, texts.ORIGIN_NOT_ALLOWED
         if websocket.FEATURES.name not in endpoint.transports:
             return 404, texts.transport_not_supported(websocket.FEATURES.name)
         token = request.query_param("id")
         if self._at_capacity(token):
             return 503, texts.TOO_MANY_CONNECTIONS
-        principal = await self.authenticate(request)
-        if not await self._authorized(endpoint, principal):
-            return 401, ""
+        principal = None
+        if gate is not None:
+            denied = await gate.check(request)
+            if denied is not None:
+                return denied[0], ""
+        else:
+            principal = await self.authenticate(request)
+            if not await self._authorized(endpoint, principal):
+                return 401, ""
         if token:
             conn = self.connections.resolve(token)
             if conn is None:
@@ -445,6 +467,9 @@ class HttpConnectionDispatcher:
         """
         request = RequestInfo.from_scope(scope)
         method = scope.get("method")
+        gate = self.gates.get(endpoint)
+        if gate is not None:
+            return await self._gated(gate, request, scope, send, methods)
         if method == "OPTIONS" and self.cors.enabled:
             await self.cors.preflight(request, send)
             return None
@@ -465,3 +490,20 @@ class HttpConnectionDispatcher:
             await self._unauthorized(send, cors)
             return None
         return request, cors, principal
+
+    async def _gated(
+        self, gate: Gate, request: RequestInfo, scope: Scope, send: Send, methods: tuple[str, ...]
+    ) -> tuple[RequestInfo, Headers, Principal | None] | None:
+        """:meth:`_preamble` for an endpoint with a gate: no CORS (same-origin pages only), no user."""
+        if not self.keys.ready:
+            await respond(send, 503, texts.NOT_READY.encode(), headers=[("retry-after", "1")])
+            return None
+        if scope.get("method") not in methods:
+            await respond(send, 405, b"")
+            return None
+        if RELAYED_USER not in scope:  # a relayed request passed the gate on the relaying instance
+            refusal = await gate.check(request)
+            if refusal is not None:
+                await respond(send, refusal[0], b"", content_type=None, headers=refusal[1])
+                return None
+        return request, [], None

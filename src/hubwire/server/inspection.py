@@ -120,8 +120,8 @@ class ServerInspection:
         hub_of = {id(manager): name for name, manager in self.managers.items()}
         counts: dict[tuple[str, str], int] = {}
         for endpoint in self.server.router.endpoints():
-            if not isinstance(endpoint, HubConnectionHandler):
-                continue
+            if not isinstance(endpoint, HubConnectionHandler) or endpoint.internal:
+                continue  # the dashboard's viewers are not connections of the app
             hub = hub_of.get(id(endpoint.manager), endpoint.hub_cls.__name__)
             for ctx in list(endpoint.connected.values()):
                 key = (hub, ctx.connection.transport_name or "")

@@ -1,4 +1,4 @@
-"""The ASGI lifespan protocol for the server: start on startup, stop on shutdown.
+"""The ASGI lifespan protocol for the server: start on startup, stop on shutdown; and the heartbeat.
 
 When the server wraps another app (``HubServer(app=...)``), that app owns the
 protocol (its own startup hooks run), and the server starts and stops around it:
@@ -8,11 +8,32 @@ exits right after it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 
+from ..connections.manager import ConnectionManager
 from ..http import ASGIApp, Message, Receive, Scope, Send
+from .routes import Router
 
-__all__ = ["serve_lifespan"]
+__all__ = ["heartbeat", "serve_lifespan"]
+
+log = logging.getLogger("hubwire.server")
+
+
+async def heartbeat(router: Router, connections: ConnectionManager) -> None:
+    """Once a second while the server runs: every endpoint's handshake timeouts, keep-alive pings
+    and client timeouts, then the sweep of connections whose client went away."""
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        for endpoint in router.endpoints():
+            try:
+                endpoint.tick(now)
+            except Exception:
+                log.exception("heartbeat failed")
+        connections.sweep(now)
 
 
 async def serve_lifespan(

@@ -31,6 +31,7 @@ Metrics (all prefixed ``hubwire_``):
   ``backplane_journal_failures_total``, ``backplane_history_errors_total``, ``backplane_buffered``,
   ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
   ``backplane_connected`` (Redis backplane only);
+* ``dashboard_viewers`` (with ``dashboard_path``: its pages are never counted as hub connections);
 * ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
 """
 
@@ -71,7 +72,12 @@ def rss_bytes() -> int:
 
 
 def _hub_endpoints(server: HubServer) -> list[tuple[str, HubConnectionHandler]]:
-    return [(path, ep) for path, ep in server.router.items() if isinstance(ep, HubConnectionHandler)]
+    """The app's hubs by path (hubwire's own, the dashboard's, are not the app's)."""
+    return [
+        (path, ep)
+        for path, ep in server.router.items()
+        if isinstance(ep, HubConnectionHandler) and not ep.internal
+    ]
 
 
 def _backplane_health(server: HubServer) -> dict[str, Any] | None:
@@ -79,9 +85,12 @@ def _backplane_health(server: HubServer) -> dict[str, Any] | None:
 
 
 def sent_totals(server: HubServer) -> tuple[int, int]:
-    """Records and bytes queued to clients since the start (connections gone included)."""
+    """Records and bytes queued to the app's clients since the start (connections gone included;
+    the dashboard's viewers are not the app's clients)."""
     messages, size = server.connections.retired_sent
     for conn in server.connections.connections():
+        if conn.application is not None and conn.application.internal:
+            continue
         messages += conn.outbox.sent
         size += conn.outbox.sent_bytes
     return messages, size
@@ -124,6 +133,8 @@ def server_stats(server: HubServer) -> dict[str, Any]:
         "refused": dict(server.refused),
         "hubs": hubs,
         "backplane": backplane,
+        # the dashboard's viewers are not in "hubs" (nor in hub_connections and messages_sent)
+        "dashboard": None if server.dashboard is None else {"viewers": server.dashboard.viewers},
     }
 
 
@@ -199,6 +210,12 @@ class _Collector:
         yield CounterMetricFamily("hubwire_messages_sent", "Records queued to clients", value=messages)
         yield CounterMetricFamily("hubwire_sent_bytes", "Bytes queued to clients", value=size)
         yield GaugeMetricFamily("hubwire_asyncio_tasks", "Tasks of the event loop", value=_task_count())
+        if server.dashboard is not None:
+            yield GaugeMetricFamily(
+                "hubwire_dashboard_viewers",
+                "Dashboard pages connected (not counted among hub connections)",
+                value=sum(server.dashboard.viewers.values()),
+            )
         health = _backplane_health(server)
         if health is not None:
             yield from _backplane_metrics(health)
