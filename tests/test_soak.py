@@ -1,4 +1,4 @@
-"""The short soak (``python -m bench.soak`` for 25 s with 200 connections; the 10-minute run is manual).
+"""The short soak (``python -m bench.soak`` for 18 s with 200 connections; the 10-minute run is manual).
 
 Churn of 20 connects and disconnects a second, broadcasts and group sends throughout, over the
 Redis backplane: no delivery due to a connected client may be lost or disordered, no client dropped,
@@ -14,7 +14,7 @@ import subprocess
 
 from .conftest import PYTHON, ROOT, RedisServer
 
-SECONDS = 25
+SECONDS = 18
 CONNECTIONS = 200
 
 
