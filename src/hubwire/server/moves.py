@@ -314,6 +314,9 @@ class ConnectionMoves:
         # from here the old holder has let go: a failure ends the connection properly (its
         # on_disconnected runs here) instead of losing it between two instances
         try:
+            # copies of what the old holder had may still be on their way here from other nodes
+            # (sharded channels): after the barrier they are in, tagged, and dropped below
+            await self.takeovers.bus.barrier(self.takeovers.timeout)
             if conn.outbox.closed or not self.connections.is_live(conn):
                 raise _Unrecoverable("it was closed while it moved")
             await endpoint.refresh_moved(conn, final.hub)
@@ -466,6 +469,8 @@ class ConnectionMoves:
                 store, cid, channels, protocol, since, marks, record.joined, has_user, budget
             )
             # what arrived live meanwhile, unless a history or the journal had it: the newest of all
+            # (after the barrier every live copy of what the histories held is in, tagged)
+            await store.bus.barrier(self.takeovers.timeout)
             mine = replay.taken()
             tags = conn.outbox.tags if conn.outbox.tags is not None else [None] * len(mine)
             if len(tags) != len(mine):

@@ -192,10 +192,15 @@ async def serve_websocket(
 ) -> None:
     """Accept the upgrade and run the connection until either side ends it (ASGI serving mode)."""
     message = await receive()
+    resuming = conn.application is endpoint
     if message["type"] != "websocket.connect":
+        # the client went away before the upgrade was accepted: as native serving does
+        if resuming:
+            manager.suspend(conn)
+        else:
+            manager.end_soon(conn)
         return
     await send({"type": "websocket.accept"})
-    resuming = conn.application is endpoint
     conn.application = endpoint
     ws = _AsgiWebSocket(manager, endpoint, conn, receive, send)
     conn.carrier = ws
