@@ -27,7 +27,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -77,6 +77,16 @@ _HISTORY_MARGIN_MS = 10_000
 _RECOVERY_READ_BYTES = 64 * 1024 * 1024
 #: seconds a connection that moved on is remembered, so results of calls still running follow it
 _FORWARD_FOR = 600.0
+
+
+class _Resume(NamedTuple):
+    """One resume being served: the path, what its token says, the token, the request, the user."""
+
+    endpoint: ConnectionApplication
+    verified: VerifiedToken
+    token: str
+    request: RequestInfo
+    principal: Principal | None
 
 
 class _Unrecoverable(Exception):
@@ -252,25 +262,18 @@ class ConnectionMoves:
             return 409, ""  # another resume of it is under way here
         self._adopting.add(cid)
         try:
-            return await self._take_over(endpoint, verified, token, request, principal, path)
+            return await self._take_over(_Resume(endpoint, verified, token, request, principal), path)
         finally:
             self._adopting.discard(cid)
 
-    async def _take_over(
-        self,
-        endpoint: ConnectionApplication,
-        verified: VerifiedToken,
-        token: str,
-        request: RequestInfo,
-        principal: Principal | None,
-        path: str,
-    ) -> Connection | tuple[int, str]:
+    async def _take_over(self, resume: _Resume, path: str) -> Connection | tuple[int, str]:
+        verified, token, principal = resume.verified, resume.token, resume.principal
         cid = verified.connection_id
         user = principal.identifier if principal is not None else None
         answer = await self.takeovers.request(cid, token_digest(token), user, path)
         if answer is None:
             if self.backplane.durable is not None:
-                return await self.recover(endpoint, verified, token, request, principal)
+                return await self.recover(resume)
             log.warning(
                 "no instance handed over %s: resume refused, the client starts afresh",
                 cid,
@@ -279,17 +282,10 @@ class ConnectionMoves:
             return 404, texts.NO_CONNECTION
         if isinstance(answer, int):
             return answer, (texts.RESUME_OTHER_USER if answer == 403 else "")
-        return await self._adopt(endpoint, verified, token, request, principal, answer)
+        return await self._adopt(resume, answer)
 
-    async def _adopt(
-        self,
-        endpoint: ConnectionApplication,
-        verified: VerifiedToken,
-        token: str,
-        request: RequestInfo,
-        principal: Principal | None,
-        offer: Offer,
-    ) -> Connection | tuple[int, str]:
+    async def _adopt(self, resume: _Resume, offer: Offer) -> Connection | tuple[int, str]:
+        endpoint, verified, token, request, principal = resume
         cid = verified.connection_id
         conn = self.connections.adopt(verified, token, principal)
         self._moved_from[cid] = offer.origin
@@ -357,20 +353,19 @@ class ConnectionMoves:
 
     # -- durable resume: the holder died ------------------------------------------------------------
 
-    async def recover(
-        self,
-        endpoint: ConnectionApplication,
-        verified: VerifiedToken,
-        token: str,
-        request: RequestInfo,
-        principal: Principal | None,
-    ) -> Connection | tuple[int, str]:
+    async def recover(self, resume: _Resume) -> Connection | tuple[int, str]:
         """Resume a connection whose holder died, from its journal, record and channel histories.
 
         Refused (404, the client starts a new connection) whenever the result
         could not be exact: no record (the gap outlived it), a journal with a
         hole, a holder still alive, a history longer than the read bound.
         """
+        endpoint, verified, token, principal = (
+            resume.endpoint,
+            resume.verified,
+            resume.token,
+            resume.principal,
+        )
         store = self.backplane.durable
         assert store is not None
         cid = verified.connection_id
@@ -415,7 +410,7 @@ class ConnectionMoves:
             fresh = await store.read_record(cid)
             if fresh is None or fresh.holder != record.holder or fresh.gapped or fresh.state is None:
                 return refuse("its record changed while its instance's lease ran out")
-            return await self._recover_locked(endpoint, verified, token, request, principal, fresh)
+            return await self._recover_locked(resume, fresh)
         finally:
             with contextlib.suppress(Exception):
                 await store.unlock(cid)
@@ -429,15 +424,8 @@ class ConnectionMoves:
             await asyncio.sleep(0.2)
         return True
 
-    async def _recover_locked(
-        self,
-        endpoint: ConnectionApplication,
-        verified: VerifiedToken,
-        token: str,
-        request: RequestInfo,
-        principal: Principal | None,
-        record: Record,
-    ) -> Connection | tuple[int, str]:
+    async def _recover_locked(self, resume: _Resume, record: Record) -> Connection | tuple[int, str]:
+        endpoint, verified, token, request, principal = resume
         store = self.backplane.durable
         assert store is not None and record.state is not None
         cid = verified.connection_id
