@@ -194,6 +194,14 @@ class RedisBus:
         for link in list(self._links.values()):
             await link.stop()
             self._unrouted.extend(link.pending())  # kept for a restart of this bus
+        unsent = [item for item in self._unrouted if not item.done]
+        if unsent:
+            # never silent: what the shutdown drain could not publish is named in the log
+            log.error(
+                "backplane closing with %d message(s) not published to Redis at %s",
+                len(unsent),
+                self.address,
+            )
         for item in self._unrouted:
             if item.future is not None and not item.future.done():
                 item.future.set_exception(RespError("backplane closed before this message was sent"))
