@@ -1,5 +1,6 @@
 """``hubwire`` command: run an app (``hubwire run module:attr``), the demo (``hubwire demo``), send to
-a hub's clients from a shell (``hubwire emit``), or look at a running cluster (``hubwire inspect``)."""
+a hub's clients from a shell (``hubwire emit``), look at a running cluster (``hubwire inspect``), or
+write typed TypeScript clients for an app's hubs (``hubwire typescript module:attr``)."""
 
 from __future__ import annotations
 
@@ -254,6 +255,55 @@ def _emit_parser(sub: Any) -> None:
     emit.set_defaults(func=_emit)
 
 
+# -- hubwire typescript ----------------------------------------------------------------------------
+
+
+def _add_typescript(sub: Any) -> None:
+    ts = sub.add_parser(
+        "typescript",
+        help="write typed TypeScript clients (over @microsoft/signalr) for an app's hubs",
+        description="One class per hub with a typed method per hub method and typed handlers for the "
+        "client methods the hub declares (Hub.client_methods), from the Python type hints.",
+    )
+    ts.add_argument("app", help="module:attribute of a HubServer (or of one Hub class)")
+    ts.add_argument("--out", help="the .ts file to write (default: standard output)")
+    ts.add_argument("--hub", action="append", help="only this hub class (repeat for more)")
+    ts.set_defaults(func=_typescript)
+
+
+def _typescript(args: argparse.Namespace) -> None:
+    """Hubs of hubwire's own pages (the dashboard) are left out: they are not the app's API."""
+    from .hubs import Hub, HubConnectionHandler
+    from .hubs.typescript import TypeScriptError, generate
+    from .server import HubServer
+
+    target = load_app(args.app)
+    hubs: dict[type[Hub], list[str]] = {}
+    if isinstance(target, type) and issubclass(target, Hub):
+        hubs[target] = []
+    elif isinstance(target, HubServer):
+        for path, endpoint in target.router.items():
+            if isinstance(endpoint, HubConnectionHandler) and not endpoint.hub_cls.__module__.startswith(
+                "hubwire."
+            ):
+                hubs.setdefault(endpoint.hub_cls, []).append(path)
+    else:
+        raise SystemExit(f"hubwire typescript: {args.app} is a {type(target).__name__}, not a HubServer")
+    if args.hub:
+        unknown = set(args.hub) - {h.__name__ for h in hubs}
+        if unknown:
+            raise SystemExit(f"hubwire typescript: no hub {sorted(unknown)} in {args.app}")
+        hubs = {h: paths for h, paths in hubs.items() if h.__name__ in args.hub}
+    try:
+        text = generate(list(hubs.items()))
+    except TypeScriptError as exc:
+        raise SystemExit(f"hubwire typescript: {exc}") from None
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
 # -- hubwire inspect ---------------------------------------------------------------------------------
 
 
@@ -446,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.set_defaults(func=_demo)
     _emit_parser(sub)
     _add_inspect(sub)
+    _add_typescript(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

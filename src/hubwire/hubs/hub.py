@@ -20,7 +20,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -89,6 +89,12 @@ class Hub:
 
     #: set by :func:`authorize` on the class: every connection must pass these
     __hub_authorization__: tuple[Policy, ...] | None = None
+
+    #: what this hub calls on its clients, declared as a class (a ``typing.Protocol``) whose
+    #: methods are named like hub methods (``post_published`` is sent as ``PostPublished``) and
+    #: hinted like them; the result hint of one the server ``invoke``\ s is the client's result.
+    #: ``hubwire typescript`` generates typed handlers from it; sends are not checked against it.
+    client_methods: ClassVar[type | None] = None
 
     async def on_connected(self) -> None:
         """Called once per connection after the handshake (rejoin groups here after a reconnect)."""
