@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypedDict
 
 import jwt
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -91,15 +91,46 @@ class PostService:
         await self.hub.clients.all.send("PostPublished", payload)
         return post
 
-    async def alert(self, message: str, sender: str) -> dict[str, str]:
-        alert = {"message": message, "from": sender, "instance": INSTANCE}
+    async def alert(self, message: str, sender: str) -> Alert:
+        alert: Alert = {"message": message, "from": sender, "instance": INSTANCE}
         await self.hub.clients.group(ADMINS).send("Alert", alert)
         return alert
+
+
+#: what ``Alert`` carries (``from`` is a Python keyword, hence the functional form)
+Alert = TypedDict("Alert", {"message": str, "from": str, "instance": str})
+
+
+class InstanceInfo(TypedDict):
+    name: str
+    pid: int
+
+
+class Identity(TypedDict):
+    user: str
+    admin: bool
+    follows: list[str]
+    instance: str
+
+
+class BlogClient(Protocol):
+    """What the blog sends to its pages (``hubwire typescript`` types their handlers from this)."""
+
+    async def post_published(self, post: Post) -> None:
+        """A post was published (to everyone)."""
+
+    async def author_posted(self, post: Post) -> None:
+        """An author this connection follows published a post."""
+
+    async def alert(self, alert: Alert) -> None:
+        """An admin's alert (to the ``admins`` group)."""
 
 
 @authorize()
 class BlogHub(Hub):
     """Live feed; ``author:{name}`` groups for followers, ``admins`` for alerts."""
+
+    client_methods = BlogClient
 
     async def on_connected(self) -> None:
         # groups belong to a connection: a reconnect (on whatever instance) starts with none,
@@ -123,11 +154,11 @@ class BlogHub(Hub):
         await self.groups.remove(self.context.connection_id, author_group(author))
         return await service.store.unfollow(self._user(), author)
 
-    async def instance(self) -> dict[str, Any]:
+    async def instance(self) -> InstanceInfo:
         """Which instance holds this connection."""
         return {"name": INSTANCE, "pid": os.getpid()}
 
-    async def who_am_i(self) -> dict[str, Any]:
+    async def who_am_i(self) -> Identity:
         user = self._user()
         return {
             "user": user,
@@ -236,7 +267,7 @@ async def send_alert(body: NewAlert, user: User) -> dict[str, str]:
     if not is_admin(user):
         raise HTTPException(403, "admins only")
     assert user.identifier is not None
-    return await service.alert(body.message, user.identifier)
+    return dict(await service.alert(body.message, user.identifier))
 
 
 @api.get("/api/instance")

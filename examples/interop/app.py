@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import jwt
@@ -104,10 +104,25 @@ def _record_disconnect(connection_id: str) -> None:
         DISCONNECTS.popitem(last=False)
 
 
+class TestClient(Protocol):
+    """What ``TestHub`` (and ``/clientresult/{id}``) call on a client."""
+
+    async def message(self, message: str) -> None: ...
+
+    async def custom_object(self, obj: CustomObject) -> None: ...
+
+    async def stream_canceled(self) -> None: ...
+
+    async def result(self) -> int:
+        """A client result: ``/clientresult/{id}`` answers with it."""
+        ...
+
+
 class TestHub(Hub):
     """The upstream functional tests' ``TestHub``."""
 
     __test__ = False  # not a pytest test class
+    client_methods = TestClient
 
     async def on_disconnected(self, exception: BaseException | None) -> None:
         _record_disconnect(self.context.connection_id)
