@@ -62,6 +62,7 @@ CHECKS: dict[str, tuple[Callable[[], bool], str]] = {
         "npm ci",
     ),
     "playwright-core": (lambda: (NODE_MODULES / "playwright-core" / "package.json").is_file(), "npm ci"),
+    "typescript": (lambda: (NODE_MODULES / "typescript" / "package.json").is_file(), "npm ci"),
     "chromium": (lambda: chromium() is not None, "apt-get install chromium, or set HUBWIRE_CHROMIUM"),
 }
 
