@@ -76,7 +76,8 @@ class HubConnectionHandler(ConnectionApplication):
         transports: Sequence[str],
     ) -> None:
         self.hub_cls = hub_cls
-        self.methods: dict[str, HubMethod] = discover_methods(hub_cls)
+        custom_results = any(p.encodes_custom_types for p in protocols)
+        self.methods: dict[str, HubMethod] = discover_methods(hub_cls, custom_results=custom_results)
         self.manager = manager
         self.protocols = {p.name: p for p in protocols}
         self.options = options

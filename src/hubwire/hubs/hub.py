@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import logging
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 _RESERVED = {"on_connected", "on_disconnected"}
+
+log = logging.getLogger("hubwire.hub")
 
 
 class GroupManager:
@@ -183,10 +187,17 @@ def _stream_item_hint(hint: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def discover_methods(hub_cls: type[Hub]) -> dict[str, HubMethod]:
-    """Map lower-cased client names to methods, checking for clashes."""
+def discover_methods(hub_cls: type[Hub], *, custom_results: bool = False) -> dict[str, HubMethod]:
+    """Map lower-cased client names to methods, checking for clashes and for hints msgspec cannot use.
+
+    A mistake in a hub's definition would otherwise surface only when a client calls (every call
+    failing with a generic binding error) or never (a sync method silently not callable), so it is
+    refused or logged here, at ``add_hub``. ``custom_results``: an ``enc_hook`` may encode results
+    of types msgspec does not know, so only parameters are held to msgspec's types.
+    """
     table: dict[str, HubMethod] = {}
     seen: set[str] = set()
+    hub_name = hub_cls.__name__
     for klass in hub_cls.__mro__:
         if klass is Hub or klass is object:
             continue
@@ -194,30 +205,112 @@ def discover_methods(hub_cls: type[Hub]) -> dict[str, HubMethod]:
             if attr.startswith("_") or attr in _RESERVED or attr in seen:
                 continue
             if not (inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)):
+                if inspect.isfunction(func):
+                    log.warning(
+                        "hub %s: method %s is not 'async def', so clients cannot call it "
+                        "(make it async to expose it, or name it _%s to keep it private)",
+                        hub_name,
+                        attr,
+                        attr,
+                    )
                 continue
             seen.add(attr)
-            method = _describe(getattr(hub_cls, attr), attr)
+            method = _describe(getattr(hub_cls, attr), attr, f"hub {hub_name}, method {attr}", custom_results)
             explicit = getattr(func, "__hub_method_name__", None)
             keys = {explicit.lower()} if explicit else {attr.lower(), attr.replace("_", "").lower()}
             for key in keys:
                 if key in table and table[key].func is not method.func:
-                    raise TypeError(f"{hub_cls.__name__}: hub methods {table[key].name!r} and {attr!r} clash")
+                    raise TypeError(f"{hub_name}: hub methods {table[key].name!r} and {attr!r} clash")
                 table[key] = method
     return table
 
 
-def _describe(func: Callable[..., Any], attr: str) -> HubMethod:
+def _what(name: str) -> str:
+    return "return type" if name == "return" else f"parameter {name!r}"
+
+
+def _hints(func: Callable[..., Any], where: str) -> dict[str, Any]:
+    """The resolved hints of ``func``, or TypeError naming the one that does not resolve.
+
+    A hint imported only under ``TYPE_CHECKING`` (or a class defined after the hub, or inside a
+    function with postponed annotations) cannot be resolved at run time; treating it as ``Any``
+    would let any value through unconverted, so it is refused instead.
+    """
     try:
-        hints = typing.get_type_hints(func)
-    except Exception:  # unresolved forward refs: fall back to no conversion
-        hints = {}
+        return typing.get_type_hints(func)
+    except Exception:  # find which one, below
+        pass
+    globalns = getattr(inspect.unwrap(func), "__globals__", {})
+    for name, annotation in getattr(func, "__annotations__", {}).items():
+        try:
+            typing.get_type_hints(types.SimpleNamespace(__annotations__={name: annotation}), globalns)
+        except Exception as exc:
+            raise TypeError(
+                f"{where}, {_what(name)}: the hint {annotation!r} cannot be resolved ({exc}); "
+                "import it at run time (not under TYPE_CHECKING) at module level"
+            ) from None
+    return typing.get_type_hints(func)  # pragma: no cover - one of them failed above
+
+
+def _custom_type(hint: Any) -> str | None:
+    """The name of a type inside ``hint`` that msgspec has no conversion for, if any."""
+    try:
+        info = msgspec.inspect.type_info(hint)
+    except Exception as exc:
+        return f"{hint!r} ({exc})"
+    pending: list[Any] = [info]
+    visited: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, msgspec.inspect.CustomType):
+            if node.cls is not object:
+                return getattr(node.cls, "__qualname__", repr(node.cls))
+        elif isinstance(node, tuple | list):
+            pending.extend(node)
+        elif isinstance(node, msgspec.Struct):  # msgspec.inspect's types and fields
+            pending.extend(getattr(node, field) for field in node.__struct_fields__)
+    return None
+
+
+def _check_hint(hint: Any, name: str, where: str, custom_ok: bool) -> None:
+    if hint is inspect.Parameter.empty or hint is Any or hint is object:
+        return
+    custom = _custom_type(hint)
+    if custom is None:
+        return
+    if name == "return":
+        if custom_ok:
+            return
+        raise TypeError(
+            f"{where}, return type: hubwire cannot serialize {custom}; return a dataclass, msgspec "
+            "Struct, TypedDict or a JSON-like type, or pass enc_hook= to HubServer"
+        )
+    raise TypeError(
+        f"{where}, {_what(name)}: hubwire cannot convert arguments to {custom}; hint a dataclass, "
+        "msgspec Struct, TypedDict or a JSON-like type (str, int, float, bool, list, dict, datetime, "
+        "bytes, ...), or Any to take the value as decoded"
+    )
+
+
+def _describe(func: Callable[..., Any], attr: str, where: str, custom_results: bool) -> HubMethod:
+    hints = _hints(func, where)
     sig = inspect.signature(func)
     params: list[Param] = []
     for p in list(sig.parameters.values())[1:]:  # skip self
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY):
-            raise TypeError(f"hub method {attr}: only positional parameters are supported ({p.name})")
+            raise TypeError(f"{where}: only positional parameters are supported ({p.name})")
         hint = hints.get(p.name, inspect.Parameter.empty)
+        if hint is inspect.Parameter.empty:
+            log.warning(
+                "%s: parameter %r has no type hint, so clients may send any value (hint Any to say so)",
+                where,
+                p.name,
+            )
         is_stream, item_hint = _stream_item_hint(hint)
+        _check_hint(item_hint if is_stream else hint, p.name, where, custom_ok=False)
         params.append(
             Param(
                 p.name,
@@ -226,9 +319,10 @@ def _describe(func: Callable[..., Any], attr: str) -> HubMethod:
                 p.default is not inspect.Parameter.empty,
             )
         )
-    streaming = inspect.isasyncgenfunction(func)
-    if not streaming:
-        ret = hints.get("return")
-        streaming = (typing.get_origin(ret) or ret) in _STREAM_ORIGINS
+    ret = hints.get("return", inspect.Parameter.empty)
+    returns_stream, ret_item = _stream_item_hint(ret)
+    streaming = inspect.isasyncgenfunction(func) or returns_stream
+    if returns_stream or not streaming:  # an async generator's hint is checked only in its usual forms
+        _check_hint(ret_item if returns_stream else ret, "return", where, custom_results)
     name = getattr(func, "__hub_method_name__", None) or attr
     return HubMethod(name, func, params, streaming, getattr(func, "__hub_authorization__", None))

@@ -72,6 +72,8 @@ class HubProtocol(abc.ABC):
     name: str
     version: int = 2
     transfer_format: TransferFormat
+    #: an application ``enc_hook`` can encode types msgspec does not know (checked at ``add_hub``)
+    encodes_custom_types: bool = False
 
     @abc.abstractmethod
     def write_message(self, message: HubMessage) -> bytes:

@@ -109,6 +109,7 @@ class JsonHubProtocol(HubProtocol):
 
     def __init__(self, enc_hook: EncHook | None = None) -> None:
         self._encoder = msgspec.json.Encoder(enc_hook=enc_hook)
+        self.encodes_custom_types = enc_hook is not None
 
     def parser(self, max_message_size: int | None = None) -> MessageParser:
         return _JsonParser(self, max_message_size)

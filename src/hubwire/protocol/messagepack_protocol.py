@@ -134,6 +134,7 @@ class MessagePackHubProtocol(HubProtocol):
 
     def __init__(self, enc_hook: EncHook | None = None) -> None:
         self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
+        self.encodes_custom_types = enc_hook is not None
 
     def parser(self, max_message_size: int | None = None) -> MessageParser:
         return _MessagePackParser(self, max_message_size)
