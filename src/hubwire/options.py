@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 
 __all__ = ["HubOptions"]
+
+
+def _detailed_errors_default() -> bool:
+    """``HUBWIRE_DETAILED_ERRORS=1`` (``hubwire run --detailed-errors``) turns detailed errors on for
+    development without editing the app; a value given in code still wins."""
+    return os.environ.get("HUBWIRE_DETAILED_ERRORS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(slots=True)
@@ -26,8 +33,9 @@ class HubOptions:
     maximum_parallel_invocations_per_client: int = 1
     #: items buffered per client upload stream before reading from the connection pauses
     stream_buffer_capacity: int = 10
-    #: add exception type and message to error texts sent to clients
-    enable_detailed_errors: bool = False
+    #: add exception type and message to error texts sent to clients (and which argument did not
+    #: bind); default from ``HUBWIRE_DETAILED_ERRORS`` - development only, it tells clients internals
+    enable_detailed_errors: bool = field(default_factory=_detailed_errors_default)
     #: hub protocols offered, by name
     supported_protocols: tuple[str, ...] = ("json", "messagepack")
     #: transports offered by default (a hub may narrow this)

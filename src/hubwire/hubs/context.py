@@ -31,6 +31,7 @@ class HubConnectionContext:
 
     __slots__ = (
         "active_streams",
+        "binding_logged",
         "connection",
         "connection_id",
         "disconnected",
@@ -85,6 +86,7 @@ class HubConnectionContext:
         self.last_write = 0.0
         self.first_ping_seen = False
         self.forged_logged = False
+        self.binding_logged = False
         self.received = 0.0
         self.received_since_tick = True
         #: invocation rate limit (token bucket): tokens left and when they were last counted

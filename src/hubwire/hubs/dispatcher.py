@@ -111,6 +111,14 @@ class _Refused(Exception):
     """An invocation that must not run; the message is the completion's error text."""
 
 
+class _BindError(_Refused):
+    """Arguments that do not fit the method; ``detail`` says why, for the server's log."""
+
+    def __init__(self, text: str, detail: str) -> None:
+        super().__init__(text)
+        self.detail = detail
+
+
 class HubDispatcher:
     """Runs one hub class's methods for the connections of one path."""
 
@@ -264,7 +272,20 @@ class HubDispatcher:
         detailed = self.options.enable_detailed_errors
         try:
             args = _bind(method, msg.arguments)
-        except _Refused as exc:
+        except _BindError as exc:
+            # the first per connection at INFO, so a developer sees why a call failed without
+            # debug logging; later ones at DEBUG, so a misbehaving client cannot flood the log
+            level = logging.DEBUG if ctx.binding_logged else logging.INFO
+            ctx.binding_logged = True
+            log.log(
+                level,
+                "cannot bind the arguments of %r (method %s) from %s: %s",
+                msg.target,
+                method.name,
+                ctx.connection_id,
+                exc.detail,
+                extra={"connection_id": ctx.connection_id, "event": "binding_failed"},
+            )
             text = f"Failed to invoke '{msg.target}' due to an error on the server."
             raise _Refused(f"{text} InvalidDataException: {exc}" if detailed else text) from None
         stream_params = method.stream_params
@@ -403,7 +424,11 @@ def _bind(method: HubMethod, arguments: list[Any]) -> list[Any]:
     required = sum(1 for p in params if not p.has_default)
     if not required <= len(arguments) <= len(params):
         expected = len(params) if required == len(params) else f"{required} to {len(params)}"
-        raise _Refused(f"Invocation provides {len(arguments)} argument(s) but target expects {expected}.")
+        names = ", ".join(f"{p.name}: {p.type_name}" for p in params)
+        raise _BindError(
+            f"Invocation provides {len(arguments)} argument(s) but target expects {expected}.",
+            f"expected {expected} argument(s) ({names}), got {len(arguments)}",
+        )
     out = []
     for value, param in zip(arguments, params, strict=False):
         if param.convert is None:
@@ -411,10 +436,12 @@ def _bind(method: HubMethod, arguments: list[Any]) -> list[Any]:
             continue
         try:
             out.append(param.convert(value))
-        except (msgspec.ValidationError, TypeError, ValueError):
-            raise _Refused(
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            reason = f"Parameter '{param.name}' ({param.type_name}): {exc}"
+            raise _BindError(
                 "Error binding arguments. Make sure that the types of the provided values match "
-                "the types of the hub method being invoked."
+                f"the types of the hub method being invoked. {reason}",
+                f"parameter {param.name!r} expects {param.type_name}, got {type(value).__name__}: {exc}",
             ) from None
     return out
 

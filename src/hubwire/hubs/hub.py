@@ -141,6 +141,8 @@ class Param:
     convert: Callable[[Any], Any] | None
     is_stream: bool
     has_default: bool
+    #: the hint as logs and detailed errors name it
+    type_name: str = "Any"
 
 
 @dataclass(slots=True)
@@ -223,6 +225,14 @@ def discover_methods(hub_cls: type[Hub], *, custom_results: bool = False) -> dic
                     raise TypeError(f"{hub_name}: hub methods {table[key].name!r} and {attr!r} clash")
                 table[key] = method
     return table
+
+
+def _type_name(hint: Any) -> str:
+    if hint is inspect.Parameter.empty:
+        return "Any"
+    if typing.get_origin(hint) is None and isinstance(hint, type):
+        return hint.__qualname__
+    return repr(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def _what(name: str) -> str:
@@ -317,6 +327,7 @@ def _describe(func: Callable[..., Any], attr: str, where: str, custom_results: b
                 _converter(item_hint if is_stream else hint),
                 is_stream,
                 p.default is not inspect.Parameter.empty,
+                _type_name(item_hint if is_stream else hint),
             )
         )
     ret = hints.get("return", inspect.Parameter.empty)
