@@ -36,7 +36,14 @@ def _run(args: argparse.Namespace) -> None:
         os.environ["HUBWIRE_REDIS_URL"] = args.redis
     if args.channel_prefix:
         os.environ["HUBWIRE_CHANNEL_PREFIX"] = args.channel_prefix
-    _check_redis_url(os.environ.get("HUBWIRE_REDIS_URL"))
+    if args.detailed_errors:
+        os.environ["HUBWIRE_DETAILED_ERRORS"] = "1"
+    if args.require_redis:
+        os.environ["HUBWIRE_REQUIRE_REDIS"] = "1"
+    source = "--redis" if args.redis else "HUBWIRE_REDIS_URL"
+    _check_redis_url(os.environ.get("HUBWIRE_REDIS_URL"), source)
+    if args.require_redis and not os.environ.get("HUBWIRE_REDIS_URL"):
+        raise SystemExit("hubwire: --require-redis needs a Redis URL: pass --redis or set HUBWIRE_REDIS_URL")
     app = load_app(args.app)
     if callable(app) and getattr(args, "factory", False):
         app = app()
@@ -54,9 +61,9 @@ def _run(args: argparse.Namespace) -> None:
     _server_class(app)(config).run()
 
 
-def _check_redis_url(url: str | None) -> None:
+def _check_redis_url(url: str | None, source: str) -> None:
     """A Redis URL that cannot work stops the server here, with one line naming it (password
-    redacted), instead of a traceback from inside the app's import."""
+    redacted) and where it came from (``source``), instead of a traceback from inside the app's import."""
     if not url:
         return
     from .backplane.deployment import parse_deployment
@@ -64,7 +71,7 @@ def _check_redis_url(url: str | None) -> None:
     try:
         parse_deployment(url)
     except ValueError as exc:
-        raise SystemExit(f"hubwire: {exc}") from None
+        raise SystemExit(f"hubwire: {source}: {exc}") from None
 
 
 def _ws_max_size(app: Any) -> int:
@@ -83,10 +90,18 @@ def _ws_max_size(app: Any) -> int:
 
 
 def _log_config(fmt: str, level: str) -> dict[str, Any]:
-    """``json``: every record (uvicorn's and hubwire's) as one JSON line; ``text``: uvicorn's default."""
-    if fmt != "json":
-        return {}
+    """``json``: every record (uvicorn's and hubwire's) as one JSON line; ``text``: uvicorn's default,
+    with hubwire's records at ``--log-level`` too (without a handler of their own only warnings would
+    show, and a developer asking for debug would still not see why a call failed)."""
     handler = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    if fmt != "json":
+        import copy
+
+        from uvicorn.config import LOGGING_CONFIG
+
+        text_config = copy.deepcopy(LOGGING_CONFIG)
+        text_config["loggers"]["hubwire"] = handler
+        return {"log_config": text_config}
     return {
         "log_config": {
             "version": 1,
@@ -334,7 +349,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
     if not args.redis:
         raise SystemExit("hubwire inspect: --redis (or HUBWIRE_REDIS_URL) is required")
-    _check_redis_url(args.redis)
+    _check_redis_url(args.redis, "--redis / HUBWIRE_REDIS_URL")
     logging.basicConfig(level=logging.ERROR, format="hubwire inspect: %(message)s")
     try:
         report, found = asyncio.run(_inspect_cluster(args))
@@ -468,6 +483,18 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--factory", action="store_true", help="the attribute is a factory to call")
     run.add_argument("--redis", help="Redis URL for the backplane (sets HUBWIRE_REDIS_URL)")
     run.add_argument("--channel-prefix", help="backplane channel prefix (sets HUBWIRE_CHANNEL_PREFIX)")
+    run.add_argument(
+        "--detailed-errors",
+        action="store_true",
+        help="tell clients why a call failed (exception, which argument did not bind); development only "
+        "(sets HUBWIRE_DETAILED_ERRORS; the app's HubOptions(enable_detailed_errors=...) wins)",
+    )
+    run.add_argument(
+        "--require-redis",
+        action="store_true",
+        help="refuse to start while Redis cannot be reached (sets HUBWIRE_REQUIRE_REDIS); without it an "
+        "instance starts alone and retries",
+    )
     run.add_argument("--log-level", default="info")
     run.add_argument(
         "--log-format",

@@ -76,9 +76,16 @@ class Backplane:
         """State and counters for stats and metrics (None: nothing to report)."""
         return None
 
+    def describe(self) -> str:
+        """One line for the startup log: which backplane, where (passwords redacted)."""
+        return f"{type(self).__name__}"
+
 
 class InMemoryBackplane(Backplane):
     """The zero-configuration default: every hub's connections live in this process."""
 
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
         return InMemoryLifetimeManager()
+
+    def describe(self) -> str:
+        return "in-memory (this process only; --redis or HUBWIRE_REDIS_URL scales out over Redis)"

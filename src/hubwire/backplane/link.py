@@ -295,7 +295,11 @@ class NodeLink:
                 # the first failure of a streak is a warning; its retries (every backoff) are not news
                 level = logging.WARNING if attempt == 0 else logging.DEBUG
                 log.log(
-                    level, "backplane subscriber (%s): %s", self.node.node, str(exc) or type(exc).__name__
+                    level,
+                    "backplane subscriber (%s, of %s): %s",
+                    self.node.node,
+                    self.bus.address,
+                    str(exc) or type(exc).__name__,
                 )
                 self.bus.request_refresh(f"subscriber of {self.node.node} failed")
             finally:
@@ -408,8 +412,9 @@ class NodeLink:
                 attempt += 1
                 if attempt == 1:
                     log.warning(
-                        "backplane publisher cannot reach %s: %s",
+                        "backplane publisher cannot reach %s (of %s): %s",
                         self.node.node,
+                        bus.address,
                         str(exc) or type(exc).__name__,
                     )
                 bus.request_refresh(f"publisher of {self.node.node} cannot connect")
@@ -435,7 +440,10 @@ class NodeLink:
             except (OSError, RespError, TimeoutError) as exc:
                 bus.stats.publish_errors += 1
                 log.warning(
-                    "backplane publish to %s failed: %s", self.node.node, str(exc) or type(exc).__name__
+                    "backplane publish to %s (of %s) failed: %s",
+                    self.node.node,
+                    bus.address,
+                    str(exc) or type(exc).__name__,
                 )
             finally:
                 conn.abort()

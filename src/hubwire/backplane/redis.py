@@ -102,6 +102,10 @@ __all__ = ["RedisBackplane", "RedisHubLifetimeManager"]
 log = logging.getLogger("hubwire.backplane")
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 class RedisBackplane(Backplane):
     """Scale hubs out over Redis. One instance of this per process, shared by all hubs.
 
@@ -148,9 +152,14 @@ class RedisBackplane(Backplane):
         takeover_timeout: float = 2.0,
         durable_resume: bool = False,
         durable_window: float = 60.0,
+        require_reachable: bool | None = None,
         **bus_options: Any,
     ) -> None:
         self.url = url
+        #: refuse to start while Redis cannot be reached (None: ``HUBWIRE_REQUIRE_REDIS``)
+        self.require_reachable = (
+            _env_flag("HUBWIRE_REQUIRE_REDIS") if require_reachable is None else require_reachable
+        )
         self.channel_prefix = channel_prefix
         self.ack_timeout = ack_timeout
         self.server_name = f"{socket.gethostname()}_{uuid.uuid4().hex}"
@@ -211,10 +220,22 @@ class RedisBackplane(Backplane):
         self.managers[hub_name] = manager
         return manager
 
+    def describe(self) -> str:
+        bus = self.bus
+        return f"Redis at {bus.address} ({bus.deployment.kind}), channel prefix {self.channel_prefix!r}"
+
     async def start(self) -> None:
         self._started += 1
         if self._started == 1:
             await self.bus.start()
+            if self.require_reachable and not self.bus.healthy:
+                # without Redis this instance would run alone, its broadcasts reaching no other
+                self._started -= 1
+                await self.bus.close()
+                raise BackplaneUnavailable(
+                    f"Redis at {self.bus.address} is not reachable and it is required "
+                    "(--require-redis / HUBWIRE_REQUIRE_REDIS): not starting"
+                )
             await self.takeovers.start()
             await self.inspector.start()
             self.lease.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ from .metrics import internal_apps, metrics_app, server_stats
 from .routes import Router, check_transports
 
 __all__ = ["HubServer"]
+
+log = logging.getLogger("hubwire.server")
 
 
 class HubServer:
@@ -213,6 +216,8 @@ class HubServer:
         async with self._start_lock:
             if self._started:
                 return
+            # which backplane this instance uses: a typo'd or forgotten Redis setting shows here
+            log.info("backplane: %s", self.backplane.describe())
             for manager in self._managers.values():
                 await manager.start()
             if not await self.keys.agree():  # not ready (503) until the instances agree on the key
