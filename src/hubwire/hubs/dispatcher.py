@@ -437,11 +437,13 @@ def _bind(method: HubMethod, arguments: list[Any]) -> list[Any]:
         try:
             out.append(param.convert(value))
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
-            reason = f"Parameter '{param.name}' ({param.type_name}): {exc}"
+            why = str(exc)  # may quote what the client sent (an enum value): bounded for the log
+            why = why if len(why) <= 200 else f"{why[:200]}..."
+            reason = f"Parameter '{param.name}' ({param.type_name}): {why}"
             raise _BindError(
                 "Error binding arguments. Make sure that the types of the provided values match "
                 f"the types of the hub method being invoked. {reason}",
-                f"parameter {param.name!r} expects {param.type_name}, got {type(value).__name__}: {exc}",
+                f"parameter {param.name!r} expects {param.type_name}, got {type(value).__name__}: {why}",
             ) from None
     return out
 
