@@ -76,13 +76,21 @@ class InstanceLease:
     """
 
     def __init__(
-        self, bus: CommandBus, channel_prefix: str, server_name: str, interval: float, ttl: float
+        self,
+        bus: CommandBus,
+        channel_prefix: str,
+        server_name: str,
+        interval: float,
+        ttl: float,
+        where: str = "Redis",
     ) -> None:
         if not 0 < interval < ttl:
             raise ValueError(f"the lease must outlive its refresh interval (interval {interval}, ttl {ttl})")
         self.bus = bus
         self.channel_prefix = channel_prefix
         self.server_name = server_name
+        #: the Redis named in warnings (its URL, password redacted)
+        self.where = where
         self.interval = interval
         self.ttl = ttl
         self.key = lease_key(channel_prefix, server_name)
@@ -122,7 +130,11 @@ class InstanceLease:
                 self.failures += 1
                 if not self._failing:
                     self._failing = True
-                    log.warning("cannot refresh this instance's lease: %s", exc or type(exc).__name__)
+                    log.warning(
+                        "cannot refresh this instance's lease in %s: %s",
+                        self.where,
+                        exc or type(exc).__name__,
+                    )
             else:
                 if self._failing:
                     self._failing = False
@@ -169,7 +181,9 @@ class InstanceLease:
                 _STOP_WAIT,
             )
         except Exception as exc:  # it expires within ttl anyway
-            log.warning("cannot delete this instance's lease in Redis: %s", exc or type(exc).__name__)
+            log.warning(
+                "cannot delete this instance's lease in %s: %s", self.where, exc or type(exc).__name__
+            )
 
 
 class LeaseWatch:

@@ -172,7 +172,14 @@ class RedisBackplane(Backplane):
         self._started = 0
         self.managers: dict[str, RedisHubLifetimeManager] = {}
         #: this instance's lease: other instances learn in seconds that it died
-        self.lease = InstanceLease(self.bus, channel_prefix, self.server_name, lease_interval, lease_ttl)
+        self.lease = InstanceLease(
+            self.bus,
+            channel_prefix,
+            self.server_name,
+            lease_interval,
+            lease_ttl,
+            f"Redis at {self.bus.address}",
+        )
         self.bus.on_reconnect(self._reregister)
         #: relays SSE / long-polling requests to the instance holding the connection
         self.relay: Relay = Relay(
