@@ -135,12 +135,23 @@ def test_every_generated_target_reaches_its_hub_method() -> None:
 @pytest.mark.parametrize(
     ("hub", "message"),
     [
-        (typed.PlainParamHub, "PlainParamHub.send_thing: parameter 'thing' (Plain): Plain is a plain class"),
-        (typed.NestedPlainHub, "NestedPlainHub.fetch_all: the return type (list[tests.apps.typed.Plain])"),
-        (typed.UnresolvedHub, "UnresolvedHub.compute: its type hints cannot be resolved (name 'Context'"),
+        # what add_hub refuses (hubs.hub.discover_methods) is refused with the server's words
+        (
+            typed.PlainParamHub,
+            "hub PlainParamHub, method send_thing, parameter 'thing': "
+            "hubwire cannot convert arguments to Plain",
+        ),
+        (
+            typed.NestedPlainHub,
+            "hub NestedPlainHub, method fetch_all, return type: hubwire cannot serialize Plain",
+        ),
+        (
+            typed.UnresolvedHub,
+            "hub UnresolvedHub, method compute, parameter 'ctx': the hint 'Context' cannot be resolved",
+        ),
         (typed.BadClientHub, "BadClientHub.client_methods (BadClient).update: parameter 'when' (Plain)"),
         (typed.ClashHub, "ClashHub: client method Update and hub method OnUpdate are both 'onUpdate'"),
-        (typed.KeywordHub, "KeywordHub: hub method search: only positional parameters are supported (text)"),
+        (typed.KeywordHub, "hub KeywordHub, method search: only positional parameters are supported (text)"),
         (typed.DottedHub, "DottedHub.dotted: 'Explicit.Name' is not a name TypeScript can give a method"),
     ],
 )
@@ -153,7 +164,9 @@ def test_a_hint_without_a_typescript_form_is_named(hub: type, message: str) -> N
 def test_the_cli_names_the_method_and_parameter_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["typescript", "tests.apps.typed:PlainParamHub"])
-    assert str(caught.value).startswith("hubwire typescript: PlainParamHub.send_thing: parameter 'thing'")
+    assert str(caught.value).startswith(
+        "hubwire typescript: hub PlainParamHub, method send_thing, parameter 'thing'"
+    )
     assert capsys.readouterr().out == ""
 
 

@@ -304,8 +304,8 @@ def _show(hint: Any) -> str:
 def _hub_methods(hub_cls: type[Hub], types: _Types) -> list[_Method]:
     try:
         table = discover_methods(hub_cls)  # what the server would refuse, refused here too
-    except TypeError as exc:
-        raise TypeScriptError(f"{hub_cls.__name__}: {exc}") from None
+    except TypeError as exc:  # its text names the hub, the method and the parameter
+        raise TypeScriptError(str(exc)) from None
     methods: dict[int, _Method] = {}
     for method in table.values():
         if id(method.func) in methods:
