@@ -475,3 +475,21 @@ async def test_takeover_messages_from_redis_are_untrusted(trio: Trio, redis_url:
     assert sum(h["takeover_malformed"] for h in health) >= 4, health
     assert (await trio.stats(1))["connected"] == 1
     await again.close()
+
+
+async def test_a_refused_resume_is_refused_again_without_asking_the_cluster(trio: Trio) -> None:
+    """A token replayed after its connection is gone must not make every instance work each time."""
+    negotiated = await _negotiate(trio.http[0], "user=alice&useStatefulReconnect=true")
+    token = negotiated["connectionToken"]
+    hub = await _open(trio.servers[0], token, "json")
+    assert await hub.handshake("json", 2) == {}
+    trio.servers[0].kill(signal.SIGKILL)
+
+    async def asked() -> int:
+        return int((await trio.http[1].get("/debug/stats")).json()["backplane"]["takeover_requests"])
+
+    for attempt in range(3):
+        with pytest.raises(InvalidStatus) as refused:
+            await _open(trio.servers[1], token, "json")
+        assert refused.value.response.status_code == 404
+        assert await asked() == 1, attempt  # only the first attempt asked the other instances

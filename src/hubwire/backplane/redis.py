@@ -351,6 +351,7 @@ class RedisBackplane(Backplane):
             "moved_in": self.takeovers.moved_in,
             "moved_out": self.takeovers.moved_out,
             "takeover_malformed": self.takeovers.malformed,
+            "takeover_requests": self.takeovers.requests,
         }
         if self.durable is not None:
             moves["journal_writes"] = self.durable.journal_writes

@@ -171,6 +171,8 @@ class Takeovers:
         self._seen: dict[tuple[str, int], float] = {}
         self.moved_in = 0
         self.moved_out = 0
+        #: takeover requests this instance sent
+        self.requests = 0
 
     async def start(self) -> None:
         await self.bus.subscribe(self.requests_channel, self._on_request)
@@ -215,6 +217,7 @@ class Takeovers:
     ) -> Offer | int | None:
         """Ask the holder of ``connection_id`` for it: its offer, a refusal status, or None (no answer)."""
         rid = next(self._ids)
+        self.requests += 1
         future: asyncio.Future[_Offer | _Refuse | _Final] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = (None, future)
         message = _Request(rid, self.server_name, connection_id, token_digest, user, path, time.time())

@@ -75,6 +75,8 @@ _final_decoder = msgspec.msgpack.Decoder(_Final)
 _HISTORY_MARGIN_MS = 10_000
 #: bytes read at most (journal and histories) to recover one connection
 _RECOVERY_READ_BYTES = 64 * 1024 * 1024
+#: seconds a refused resume (404) is refused again at once, without asking the cluster
+_REFUSED_FOR = 10.0
 #: seconds a connection that moved on is remembered, so results of calls still running follow it
 _FORWARD_FOR = 600.0
 
@@ -114,6 +116,8 @@ class ConnectionMoves:
         self._moved_from: dict[str, str] = {}
         #: connections resumed here after their instance died (durable resume)
         self.recovered = 0
+        #: connections whose resume was just refused here (404) -> until when it is refused at once
+        self._refused: dict[str, float] = {}
         #: connections being taken over to here (a second resume of one is refused meanwhile)
         self._adopting: set[str] = set()
         #: connections handed over from here -> (the released connection, since): forwards follow them
@@ -260,11 +264,21 @@ class ConnectionMoves:
         self._prune()
         if self.is_moving(cid):
             return 409, ""  # another resume of it is under way here
+        now = time.monotonic()
+        if self._refused.get(cid, 0.0) > now:
+            # refused moments ago: asking the whole cluster again (and waiting) is for nothing, and
+            # a client replaying an old token must not make every instance work per upgrade
+            return 404, texts.NO_CONNECTION
         self._adopting.add(cid)
         try:
-            return await self._take_over(_Resume(endpoint, verified, token, request, principal), path)
+            answer = await self._take_over(_Resume(endpoint, verified, token, request, principal), path)
         finally:
             self._adopting.discard(cid)
+        if isinstance(answer, tuple) and answer[0] == 404:
+            if len(self._refused) > 10_000:
+                self._refused = {c: t for c, t in self._refused.items() if t > now}
+            self._refused[cid] = time.monotonic() + _REFUSED_FOR
+        return answer
 
     async def _take_over(self, resume: _Resume, path: str) -> Connection | tuple[int, str]:
         verified, token, principal = resume.verified, resume.token, resume.principal
