@@ -30,7 +30,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ bench/setup.sh -nt 
    || ! "$VENV/bin/python" -c "import hubwire, redis, starlette, socketio, picows, uvloop" 2>/dev/null; then
   echo "==> installing Python packages into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[redis]" "starlette>=0.37" \
+  "$VENV/bin/python" -m pip install -q -e . "starlette>=0.37" \
     "python-socketio>=5.11" "picows>=1.6" "uvloop>=0.19" "hiredis>=2.0"
   touch "$STAMP"
 fi
