@@ -166,11 +166,34 @@ def _demo_imports() -> None:
         sys.path.append(str(repo))
 
 
+def _load_demo(spec: str) -> Any:
+    """Load part of the blog demo, or stop with one line saying what is missing.
+
+    Why: the demo is the repository's ``examples/blog`` (an app with its own dependencies, not part
+    of the library), so an installed wheel does not contain it; without this, ``hubwire demo``
+    after ``pip install hubwire`` would end in a ModuleNotFoundError traceback.
+    """
+    try:
+        return load_app(spec)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing.partition(".")[0] == "examples":
+            raise SystemExit(
+                "hubwire demo: the blog demo is in the examples/ folder of a hubwire source checkout, "
+                "which an installed wheel does not contain; run it from a checkout with `./run demo` "
+                "(or `pip install -e '.[demo]'` there, then `hubwire demo`)"
+            ) from None
+        raise SystemExit(
+            f"hubwire demo: the blog demo needs {missing!r}, which is not installed: "
+            "pip install 'hubwire[demo]' (from a source checkout: pip install -e '.[demo]')"
+        ) from None
+
+
 def _demo(args: argparse.Namespace) -> None:
     """The blog demo: one in-memory instance, or ``--instances N`` on Redis behind a round-robin front."""
     _demo_imports()
     if args.instances > 1:
-        cluster_main = load_app("examples.blog.cluster:main")
+        cluster_main = _load_demo("examples.blog.cluster:main")
         argv = ["--instances", str(args.instances), "--host", args.host, "--port", str(args.port)]
         if args.redis:
             argv += ["--redis", args.redis]
@@ -183,7 +206,7 @@ def _demo(args: argparse.Namespace) -> None:
     if args.redis:
         os.environ["HUBWIRE_REDIS_URL"] = args.redis
         os.environ["HUBWIRE_CHANNEL_PREFIX"] = args.channel_prefix or "BlogApp:SignalR:"
-    app = load_app(args.app)
+    app = _load_demo(args.app)
     where = "Redis " + args.redis if args.redis else "in memory"
     print(f"hubwire demo on http://{args.host}:{args.port}  ({where}; Ctrl+C to stop)", flush=True)
     uvicorn.run(
