@@ -8,7 +8,8 @@
   start runs under ``hubwire run`` and answers a client; ``hubwire demo`` says what it needs (the
   blog demo lives in a source checkout, not in the wheel);
 * installed with every declared minimum exactly (``pkg==min``: the runtime dependencies and the
-  ``jwt``, ``metrics`` and ``otel`` extras), the quick start runs over Redis in both serving modes.
+  ``jwt``, ``metrics`` and ``otel`` extras), the quick start runs over Redis in both serving modes
+  and ``hubwire typescript`` reads a hub with every kind of hint.
 
 The venvs are made without pip (the test's own pip installs into them with ``--python``) and
 installs go through pip's ordinary cache, so after the first run the whole file takes about 20 s
@@ -297,6 +298,11 @@ async def test_with_every_declared_minimum_the_quick_start_runs_over_redis(
     # "0.18" is installed as 0.18.0: compare release numbers without trailing zeros
     strip = lambda v: re.sub(r"(\.0)+$", "", v)  # noqa: E731
     assert {n: strip(v) for n, v in installed.items()} == {n: strip(v) for n, v in minimums.items()}
+    # the hint checks of add_hub and `hubwire typescript` read msgspec.inspect (what sets msgspec's
+    # minimum): a hub with every supported kind of hint, mixed Literals included
+    typescript = _run([str(python.parent / "hubwire"), "typescript", "tests.apps.typed:KitchenHub"], ROOT, 60)
+    assert typescript.returncode == 0, typescript.stderr
+    assert "export class KitchenHub {" in typescript.stdout, typescript.stdout[:2000]
     # native serving (the default), and ASGI serving, which hands hub WebSockets to uvicorn's
     # websockets-sansio protocol (what sets uvicorn's minimum: its refusals were malformed before)
     for serving in ("native", "asgi"):
