@@ -167,6 +167,16 @@ class ConnectionManager:
         conn.outbox.detach()
         self.mark_inactive(conn)
 
+    def _unplug(self, conn: Connection) -> None:
+        """Stop the transport still serving ``conn`` (if any) and keep its messages for the next one."""
+        carrier, conn.carrier = conn.carrier, None
+        if carrier is not None:
+            try:
+                carrier.replaced()
+            except Exception:
+                log.exception("stopping the transport of %s failed", conn.connection_id)
+        conn.outbox.detach()
+
     def resume(self, conn: Connection, request: RequestInfo, principal: Principal | None) -> None:
         """A new WebSocket with ``conn``'s token carries it again (checked by the caller).
 
@@ -175,13 +185,7 @@ class ConnectionManager:
         the replay resends them. ``request`` is not taken as the connection's:
         hub code keeps seeing the request that started it.
         """
-        carrier, conn.carrier = conn.carrier, None
-        if carrier is not None:
-            try:
-                carrier.replaced()
-            except Exception:
-                log.exception("stopping the replaced transport of %s failed", conn.connection_id)
-        conn.outbox.detach()
+        self._unplug(conn)
         conn.status = ConnectionStatus.ACTIVE
         conn.inactive_since = None
         if principal is not None:
@@ -207,13 +211,7 @@ class ConnectionManager:
         Its messages are kept and tagged (the new owner drops the copies it got
         itself), and the sweep leaves it alone until :meth:`release` or :meth:`thaw`.
         """
-        carrier, conn.carrier = conn.carrier, None
-        if carrier is not None:
-            try:
-                carrier.replaced()
-            except Exception:
-                log.exception("stopping the transport of moving %s failed", conn.connection_id)
-        conn.outbox.detach()
+        self._unplug(conn)
         conn.outbox.tags = []
         conn.status = ConnectionStatus.INACTIVE
         conn.inactive_since = None  # not swept while moving

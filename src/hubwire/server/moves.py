@@ -196,13 +196,13 @@ class ConnectionMoves:
                 self.abandon(connection_id)
                 return None
             store.detach(journal, delete=False)
-        self._frozen.pop(connection_id, None)
         # unregistered first: from here on nothing reaches it but what running hub methods send
         await application.release_moved(conn)
         tags = conn.outbox.tags or ()
         state = replay.export()
         ids = [tag for tag in tags if tag is not None]
         self.connections.release(conn, forward)
+        self._frozen.pop(connection_id, None)  # only now: a request meanwhile finds it moving (409)
         # what hub methods still running for it here send goes on (and a forward from a holder
         # before this one, for a call still running there, follows it)
         self._released[connection_id] = (conn, time.monotonic())
