@@ -493,3 +493,33 @@ async def test_a_refused_resume_is_refused_again_without_asking_the_cluster(trio
             await _open(trio.servers[1], token, "json")
         assert refused.value.response.status_code == 404
         assert await asked() == 1, attempt  # only the first attempt asked the other instances
+
+
+async def test_durable_resume_from_a_tampered_record_is_refused(durable_trio: Trio, redis_url: str) -> None:
+    """What Redis holds is untrusted: a garbled record, or one naming another token, refuses the
+    resume cleanly (404) instead of crashing the upgrade or carrying on someone else's state."""
+    trio = durable_trio
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for holder, tamper in ((0, "garbage"), (2, "other-token")):
+            negotiated = await _negotiate(trio.http[holder], "user=alice&useStatefulReconnect=true")
+            token, cid = negotiated["connectionToken"], negotiated["connectionId"]
+            hub = await _open(trio.servers[holder], token, "json")
+            assert await hub.handshake("json", 2) == {}
+            assert await hub.invoke("Echo", 1) == 1
+            key = f"{trio.prefix}hubwire:internal:record:{{{cid}}}"
+            await _until(lambda k=key: bool(client.exists(k)), 10, "the durable record")
+            trio.servers[holder].kill(signal.SIGKILL)
+            if tamper == "garbage":
+                client.set(key, b"\xc1\xc1 not a record")
+            else:
+                record = msgspec.msgpack.decode(client.get(key))
+                record["digest"] = b"\x00" * 32
+                client.set(key, msgspec.msgpack.encode(record))
+            with pytest.raises(InvalidStatus) as refused:
+                await _open(trio.servers[1], token, "json")
+            assert refused.value.response.status_code == 404, tamper
+        assert "Traceback" not in trio.servers[1].output(), trio.logs()
+        assert "malformed durable record" in trio.servers[1].output(), trio.logs()
+    finally:
+        client.close()
