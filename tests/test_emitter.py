@@ -394,7 +394,7 @@ def test_cli_reaches_each_target_once(world: World, barrier: Emitter) -> None:
         "all": (["--all"], world.expected(["all"])),
         "group": (["--group", "room-b"], world.expected(["group", "room-b"])),
         "user": (["--user", "bob"], world.expected(["user", "bob"])),
-        "client": (["--client", world.id(target_client)], Counter([target_client])),
+        "client": ([f"--client={world.id(target_client)}"], Counter([target_client])),
     }
     procs = {
         name: _cli(
