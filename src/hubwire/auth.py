@@ -36,8 +36,9 @@ __all__ = [
     "require_role",
 ]
 
-#: the claim ASP.NET maps ``sub`` to; tokens minted by .NET code often carry only this one
 NAME_IDENTIFIER = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"
+"""The claim ASP.NET maps ``sub`` to; tokens minted by .NET code often carry only this one, so
+:class:`JwtBearerAuthenticator` falls back to it for the user identifier."""
 
 
 log = logging.getLogger("hubwire.auth")
