@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -65,6 +66,14 @@ def test_every_public_name_is_in_the_api_reference(site: Path, module: str) -> N
     html = (site / REFERENCE[module] / "index.html").read_text()
     missing = [name for name in public_names(module) if f'id="{module}.{name}"' not in html]
     assert not missing, f"add these to docs/{REFERENCE[module]}.md: {missing}"
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_the_reference_shows_no_raw_sphinx_roles(site: Path, module: str) -> None:
+    """docs/hooks/sphinx_roles.py turns ``:class:`X``` into code; a role it missed would show as text."""
+    html = (site / REFERENCE[module] / "index.html").read_text()
+    leaked = re.findall(r":(?:class|func|meth|data|attr|mod|exc|obj):<code>", html)
+    assert not leaked, leaked
 
 
 @pytest.mark.parametrize("module", PUBLIC_MODULES)
