@@ -79,9 +79,14 @@ class CuttingProxy:
         if self.refusing:
             writer.transport.abort()
             return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._next_target())
-        except OSError:
+        # a refused target is skipped for the next one, as a load balancer's health check would
+        for _ in range(max(1, len(self.rotation))):
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._next_target())
+                break
+            except OSError:
+                continue
+        else:
             writer.transport.abort()
             return
         pair = _Pair(writer, up_writer)

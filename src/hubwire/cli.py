@@ -32,6 +32,8 @@ def load_app(spec: str) -> Any:
 def _run(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from .server.serving import HubwireServer
+
     if args.redis:
         os.environ["HUBWIRE_REDIS_URL"] = args.redis
     if args.channel_prefix:
@@ -40,25 +42,79 @@ def _run(args: argparse.Namespace) -> None:
         os.environ["HUBWIRE_DETAILED_ERRORS"] = "1"
     if args.require_redis:
         os.environ["HUBWIRE_REQUIRE_REDIS"] = "1"
+    if args.drain_timeout is not None:
+        if args.drain_timeout < 0:
+            raise SystemExit("hubwire: --drain-timeout must not be negative")
+        os.environ["HUBWIRE_DRAIN_TIMEOUT"] = str(args.drain_timeout)
     source = "--redis" if args.redis else "HUBWIRE_REDIS_URL"
     _check_redis_url(os.environ.get("HUBWIRE_REDIS_URL"), source)
     if args.require_redis and not os.environ.get("HUBWIRE_REDIS_URL"):
         raise SystemExit("hubwire: --require-redis needs a Redis URL: pass --redis or set HUBWIRE_REDIS_URL")
+    if args.workers < 1:
+        raise SystemExit("hubwire: --workers must be at least 1")
+    if args.workers > 1 and args.reload:
+        raise SystemExit("hubwire: --reload runs one process; it cannot be combined with --workers")
+    # loaded here even when workers load it again: a broken app stops with its error once, and
+    # the checks below need it
     app = load_app(args.app)
     if callable(app) and getattr(args, "factory", False):
         app = app()
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        ws_per_message_deflate=False,  # per-socket compression would undo serialize-once broadcasts
-        ws=_ws_protocol(args.serving),
-        ws_max_size=_ws_max_size(app),
-        lifespan="on",
+    if args.workers > 1:
+        _check_workers(args.workers)
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "ws_per_message_deflate": False,  # per-socket compression would undo serialize-once broadcasts
+        "ws": _ws_protocol(args.serving),
+        "ws_max_size": _ws_max_size(app),
+        "lifespan": "on",
+        "proxy_headers": args.proxy_headers,
+        "forwarded_allow_ips": args.forwarded_allow_ips,
+        "root_path": args.root_path,
+        "ssl_keyfile": args.ssl_keyfile,
+        "ssl_certfile": args.ssl_certfile,
         **_log_config(args.log_format, args.log_level),
+    }
+    if args.workers == 1 and not args.reload:
+        server = HubwireServer(uvicorn.Config(app, **options))
+        server.run()
+        if not server.started:
+            raise SystemExit(3)  # as uvicorn: startup failed (its log says why)
+        return
+    # each worker process (or the reloaded one) imports the app itself: uvicorn needs the import string
+    from uvicorn.supervisors import ChangeReload, Multiprocess
+
+    config = uvicorn.Config(
+        args.app, workers=args.workers, reload=args.reload, factory=args.factory, **options
     )
-    _server_class(app)(config).run()
+    sock = config.bind_socket()
+    if config.should_reload:
+        ChangeReload(config, target=HubwireServer(config).run, sockets=[sock]).run()
+    else:
+        Multiprocess(config, sockets=[sock]).run()
+
+
+def _check_workers(workers: int) -> None:
+    """``--workers N`` runs N instances: each must reach the others through a shared backplane.
+
+    Why refuse: with the in-memory backplane each worker only knows its own clients, so a
+    broadcast would reach a random 1/N of them and a client's next request (long polling, a
+    resume) would land on a worker that never heard of it.
+    """
+    import gc
+
+    from .backplane.base import InMemoryBackplane
+    from .server import HubServer
+
+    servers = [obj for obj in gc.get_objects() if isinstance(obj, HubServer)]
+    if any(isinstance(server.backplane, InMemoryBackplane) for server in servers):
+        raise SystemExit(
+            f"hubwire: --workers {workers} needs a shared backplane: with the in-memory one each worker "
+            "would only reach its own clients (a broadcast reaches some, a client's next request lands "
+            "on a worker that does not know it). Pass --redis URL (or set HUBWIRE_REDIS_URL), "
+            "or run one worker."
+        )
 
 
 def _check_redis_url(url: str | None, source: str) -> None:
@@ -117,39 +173,6 @@ def _log_config(fmt: str, level: str) -> dict[str, Any]:
             "loggers": {"uvicorn": handler, "uvicorn.access": handler, "hubwire": handler},
         }
     }
-
-
-def _server_class(app: Any) -> Any:
-    """uvicorn's Server, but ending hubwire's SSE streams and long polls as soon as shutdown starts.
-
-    uvicorn waits for in-flight HTTP responses *before* the lifespan shutdown;
-    an event stream never ends by itself, so without this a SIGTERM would hang
-    for as long as an SSE client stays connected.
-    """
-    import uvicorn
-
-    from .server import HubServer
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets: list[Any] | None = None) -> None:
-            for listener in self.servers:
-                listener.close()  # first, so clients that are told to reconnect go elsewhere
-            if isinstance(app, HubServer):
-                closing = app.close_transports()
-                # let the Close messages (reconnect allowed) reach ASGI-served WebSockets before
-                # uvicorn closes them itself with 1012 and none (bounded by the close timeout)
-                waiters = [
-                    asyncio.ensure_future(c.closed.wait())
-                    for c in closing
-                    if c.transport_name == "WebSockets"
-                ]
-                if waiters:
-                    await asyncio.wait(waiters, timeout=app.options.websocket_close_timeout)
-                    for waiter in waiters:
-                        waiter.cancel()
-            await super().shutdown(sockets)
-
-    return Server
 
 
 def _ws_protocol(serving: str) -> Any:
@@ -500,9 +523,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hubwire", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="serve an ASGI app or HubServer with uvicorn")
     run.add_argument("app", help="module:attribute of a HubServer or ASGI app")
     run.add_argument("--host", default="127.0.0.1")
@@ -535,7 +556,41 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("HUBWIRE_SERVING", "native"),
         help="native: WebSocket frames written directly (default); asgi: plain ASGI sends",
     )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("HUBWIRE_WORKERS", "1")),
+        help="processes serving the port, each an instance over the backplane (needs --redis)",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="seconds a graceful shutdown (SIGTERM) waits for running calls and for stateful "
+        "connections to resume elsewhere (default 10; sets HUBWIRE_DRAIN_TIMEOUT)",
+    )
+    run.add_argument(
+        "--proxy-headers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="take the client address and scheme from X-Forwarded-For / X-Forwarded-Proto of trusted "
+        "proxies (as uvicorn; WebSockets served natively too)",
+    )
+    run.add_argument(
+        "--forwarded-allow-ips",
+        help="proxies trusted for --proxy-headers: comma-separated IPs or networks, '*' for all "
+        "(default: $FORWARDED_ALLOW_IPS or 127.0.0.1)",
+    )
+    run.add_argument("--root-path", default="", help="the path prefix a proxy strips (ASGI root_path)")
+    run.add_argument("--ssl-keyfile", help="TLS private key file (serve https / wss)")
+    run.add_argument("--ssl-certfile", help="TLS certificate file")
+    run.add_argument("--reload", action="store_true", help="restart when a source file changes (development)")
     run.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hubwire", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
     demo = sub.add_parser(
         "demo", help="serve the blog demo (in memory; --instances 3: three instances on Redis behind a front)"
     )

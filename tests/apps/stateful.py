@@ -64,6 +64,17 @@ class StatefulHub(Hub):
     async def echo(self, value: Any) -> Any:
         return value
 
+    async def whereami(self) -> dict[str, Any]:
+        """The request as hub code sees it (proxy headers, TLS, root path)."""
+        request = self.context.request
+        assert request is not None
+        return {
+            "client": list(request.client) if request.client else None,
+            "scheme": request.scheme,
+            "path": request.path,
+            "pid": os.getpid(),
+        }
+
 
 def authenticate(request: RequestInfo) -> Principal | None:
     user = request.query_param("user")
@@ -117,6 +128,36 @@ async def pump(request: Request) -> JSONResponse:
     return JSONResponse({"started": True}, status_code=202)
 
 
+#: the running ticker (POST /tick starts it, DELETE /tick stops it) and the last number it sent
+TICKER: dict[str, Any] = {"task": None, "sent": -1}
+
+
+async def _tick(interval: float) -> None:
+    hub = server.hub_context(StatefulHub)
+    n = 0
+    while True:
+        await hub.clients.all.send("Tick", n)
+        TICKER["sent"] = n
+        n += 1
+        await asyncio.sleep(interval)
+
+
+async def tick(request: Request) -> JSONResponse:
+    """POST: broadcast ``Tick(n)`` to every client every ``intervalMs``; DELETE: stop, say the last n."""
+    if request.method == "POST":
+        body = await request.json()
+        TICKER["task"] = asyncio.get_running_loop().create_task(_tick(float(body["intervalMs"]) / 1000))
+        return JSONResponse({"started": True}, status_code=202)
+    task = TICKER["task"]
+    if task is not None:
+        task.cancel()
+    return JSONResponse({"sent": TICKER["sent"]})
+
+
+async def pid(request: Request) -> JSONResponse:
+    return JSONResponse({"pid": os.getpid()})
+
+
 async def lifecycle(request: Request) -> JSONResponse:
     return JSONResponse(LIFECYCLE)
 
@@ -128,6 +169,8 @@ async def calls(request: Request) -> JSONResponse:
 web = Starlette(
     routes=[
         Route("/pump", pump, methods=["POST"]),
+        Route("/tick", tick, methods=["POST", "DELETE"]),
+        Route("/debug/pid", pid),
         Route("/debug/lifecycle", lifecycle),
         Route("/debug/calls", calls),
     ]

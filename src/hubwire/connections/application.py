@@ -117,6 +117,16 @@ class ConnectionApplication(abc.ABC):
         """The server is shutting down: end ``conn`` (hubs invite the client to reconnect)."""
         conn.abort("server shutting down")
 
+    def drain(self, conn: Connection, hand_over: Callable[[Connection], bool] | None, final: bool) -> bool:
+        """The server is draining (a rolling deploy): let ``conn`` go when it can.
+
+        True once it was let go (closed, or - ``hand_over(conn)`` - its transport stopped so
+        the client resumes on another instance); False while work of it is in progress and
+        should finish first (asked again shortly). ``final``: the drain deadline passed.
+        """
+        self.server_closing(conn)
+        return True
+
     def max_receive_size(self) -> int | None:
         """Largest inbound message this application accepts (None = unlimited)."""
         return self.options.maximum_receive_message_size

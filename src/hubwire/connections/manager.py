@@ -167,6 +167,19 @@ class ConnectionManager:
         conn.outbox.detach()
         self.mark_inactive(conn)
 
+    def hand_over(self, conn: Connection) -> bool:
+        """Draining: drop the WebSocket of a resumable connection without a Close, so that its
+        client resumes on another instance (which takes the connection over from this one).
+
+        Like a dropped network: the connection stays here, suspended, with its messages kept,
+        until it moves or the disconnect timeout ends it. False if no transport carries it.
+        """
+        if not self.is_live(conn) or conn.carrier is None or conn.outbox.replay is None:
+            return False
+        self._unplug(conn)
+        self.mark_inactive(conn)
+        return True
+
     def _unplug(self, conn: Connection) -> None:
         """Stop the transport still serving ``conn`` (if any) and keep its messages for the next one."""
         carrier, conn.carrier = conn.carrier, None

@@ -52,6 +52,7 @@ class HubConnectionContext:
         "rate_tokens",
         "received",
         "received_since_tick",
+        "running",
         "upload_streams",
         "user_identifier",
     )
@@ -83,6 +84,8 @@ class HubConnectionContext:
         self.max_group_name_length = 1024
         self.max_streams: int | None = None
         self.invocation_slots = asyncio.Semaphore(max_parallel_invocations)
+        #: hub methods running for this connection (a draining server lets them finish first)
+        self.running = 0
         self.last_write = 0.0
         self.first_ping_seen = False
         self.forged_logged = False
@@ -108,6 +111,11 @@ class HubConnectionContext:
             self.outbox.write(data)
         else:
             self.outbox.write_control(data)
+
+    @property
+    def busy(self) -> bool:
+        """A hub method or a stream of this connection is in progress (its result has not gone out)."""
+        return bool(self.running or self.active_streams or self.upload_streams)
 
     def close(self, error: str | None = None, allow_reconnect: bool = False) -> None:
         """Send a Close message and end the connection once it is flushed."""

@@ -69,7 +69,9 @@ class EndpointStats:
 
     __slots__ = (
         "closed",
+        "drain_closed",
         "forged_completions",
+        "handed_over",
         "handshake_failures",
         "invocation_errors",
         "invocations",
@@ -102,6 +104,10 @@ class EndpointStats:
         #: resumable connections taken over from another instance / handed over to one
         self.moved_in = 0
         self.moved_out = 0
+        #: draining: connections let go by dropping their WebSocket (to resume elsewhere) / closed
+        #: with "reconnect allowed"
+        self.handed_over = 0
+        self.drain_closed = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -117,6 +123,10 @@ class _BindError(_Refused):
     def __init__(self, text: str, detail: str) -> None:
         super().__init__(text)
         self.detail = detail
+
+
+def _not_running(ctx: HubConnectionContext) -> None:
+    ctx.running -= 1
 
 
 class HubDispatcher:
@@ -222,7 +232,9 @@ class HubDispatcher:
             ctx.invocation_slots.release()
             self._finish(ctx, msg.stream_ids or [])
             return
-        self.tasks.spawn(self._run_invocation(ctx, method, args, msg), name=f"invoke {msg.target}")
+        ctx.running += 1
+        task = self.tasks.spawn(self._run_invocation(ctx, method, args, msg), name=f"invoke {msg.target}")
+        task.add_done_callback(lambda _: _not_running(ctx))  # also when cancelled before it started
 
     async def _check(
         self,

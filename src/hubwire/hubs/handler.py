@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -371,6 +371,33 @@ class HubConnectionHandler(ConnectionApplication):
             ctx.close(None, allow_reconnect=True)
         else:
             conn.abort("server shutting down")
+
+    def drain(self, conn: Connection, hand_over: Callable[[Connection], bool] | None, final: bool) -> bool:
+        """Let ``conn`` go without losing what it is owed.
+
+        A stateful-reconnect connection (when another instance can take it) has its WebSocket
+        dropped without a Close: the client resumes wherever the load balancer sends it, and
+        that instance takes the connection over with its unacknowledged messages and running
+        calls - the client sees nothing. Streams cannot follow a move, so they finish first.
+        Any other connection is closed with "reconnect allowed" once no hub method or stream
+        of it is running (its results reach the client), or at the deadline.
+        """
+        ctx = self.connected.get(conn.connection_id)
+        if ctx is None or ctx.connection is not conn:
+            conn.abort("server shutting down")
+            return True
+        streaming = bool(ctx.active_streams or ctx.upload_streams)
+        if hand_over is not None and conn.outbox.replay is not None and not streaming:
+            if conn.outbox.detached:
+                return True  # already without a transport: it resumes elsewhere, or times out
+            if hand_over(conn):
+                self.stats.handed_over += 1
+                return True
+        if ctx.busy and not final:
+            return False
+        self.stats.drain_closed += 1
+        ctx.close(None, allow_reconnect=True)
+        return True
 
     def tick(self, now: float) -> None:
         """Handshake timeouts, keep-alive pings and client timeouts (about once a second)."""

@@ -21,7 +21,7 @@ from ..backplane.redis import RedisBackplane
 from ..connections.application import RawEndpoint
 from ..connections.connection import Connection
 from ..connections.manager import ConnectionManager
-from ..connections.tasks import BackgroundTasks, cancel_and_wait
+from ..connections.tasks import BackgroundTasks
 from ..http import ASGIApp, Receive, Scope, Send, respond
 from ..hubs.handler import HubConnectionHandler
 from ..hubs.hub import Hub, HubContext
@@ -35,6 +35,7 @@ from ..transports.websocket import reject_websocket
 from .cors import CorsPolicy, OriginPredicate
 from .dashboard import Dashboard, DashboardAuth
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
+from .drain import Drainer
 from .inspection import ServerInspection
 from .keys import KeyAgreement
 from .lifespan import heartbeat, serve_lifespan
@@ -56,7 +57,9 @@ class HubServer:
     ``cors_origins``: browser origins allowed (:class:`~hubwire.server.cors.CorsPolicy`);
     ``metrics_path`` / ``stats_path`` / ``health_path``: Prometheus, a JSON snapshot, readiness;
     ``dashboard_path``: a live page of the cluster, refused without ``dashboard_auth`` (a callable
-    taking the request: :mod:`~hubwire.server.dashboard`, e.g. its ``BasicAuth``).
+    taking the request: :mod:`~hubwire.server.dashboard`, e.g. its ``BasicAuth``);
+    ``drain_timeout``: how long a graceful shutdown (:meth:`begin_drain`) may wait for running
+    calls and for handed-over connections to resume elsewhere (``HUBWIRE_DRAIN_TIMEOUT``, 10 s).
     """
 
     def __init__(
@@ -73,9 +76,9 @@ class HubServer:
         health_path: str | None = None,
         dashboard_path: str | None = None,
         dashboard_auth: DashboardAuth | None = None,
+        drain_timeout: float | None = None,
     ) -> None:
         self.options = options or HubOptions()
-        # ``HUBWIRE_REDIS_URL`` (``hubwire run --redis``) switches on Redis without code changes
         self.backplane: Backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()
         self.authenticator = authenticator
         self.app = app
@@ -109,6 +112,8 @@ class HubServer:
         self.inspection = ServerInspection(self, self._managers)
         self._hub_names: dict[type[Hub], str] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        # drain_timeout (else HUBWIRE_DRAIN_TIMEOUT, else 10 s) bounds a graceful shutdown
+        self._drainer = Drainer(self.connections, self.http, drain_timeout)
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         relay = self.backplane.relay
@@ -224,15 +229,19 @@ class HubServer:
                 self.keys.retry_in_background()
             self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(self.router, self.connections))
             install_redaction()
+            self._drainer.watch_server(self)
             self._started = True
 
     async def shutdown(self) -> None:
-        """Close every connection, let their ends run (bounded), stop hubs and managers."""
+        """Drain (:meth:`begin_drain`), then close what is left, let the connections' ends run
+        (bounded), stop hubs and managers (the backplane publishes what it still holds)."""
         if not self._started:
             return
+        self.begin_drain()
+        await self.wait_drained()
         self._started = False
         await self.keys.stop()  # no waiting on Redis at shutdown
-        await cancel_and_wait([self._heartbeat] if self._heartbeat is not None else [], what="heartbeat")
+        await self._drainer.stop_watching(self._heartbeat)
         self.connections.abort_all("server shutting down")
         await self.tasks.wait(self.options.websocket_close_timeout)
         await self.tasks.cancel_all()
@@ -252,20 +261,15 @@ class HubServer:
         finally:
             await self.shutdown()
 
-    def close_transports(self) -> list[Connection]:
-        """The process is about to stop: invite every client to reconnect (elsewhere) now.
+    def begin_drain(self) -> None:
+        """Stop gracefully (a rolling deploy; what SIGTERM starts under uvicorn): refuse new
+        connections, let each one go without loss (:mod:`hubwire.server.drain` says how), all
+        within ``drain_timeout``; :meth:`shutdown` then closes what is left."""
+        self._drainer.begin()
 
-        Why: an ASGI server waits for in-flight HTTP responses before the lifespan shutdown (an
-        event stream never ends by itself) and closes ASGI WebSockets with 1012 and no SignalR
-        Close message. ``hubwire run`` calls this once uvicorn stops accepting (native WebSockets
-        close through their protocol's shutdown). Returns the connections told to close.
-        """
-        closing = [c for c in self.connections.connections() if c.application and c.outbox.sink is None]
-        for conn in closing:
-            conn.application.server_closing(conn)
-        return closing
-
-    # -- ASGI ------------------------------------------------------------------------------------
+    async def wait_drained(self) -> None:
+        """Until the drain started by :meth:`begin_drain` is over (at most ``drain_timeout``)."""
+        await self._drainer.wait()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

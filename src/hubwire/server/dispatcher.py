@@ -100,7 +100,12 @@ class HttpConnectionDispatcher:
         #: stateful reconnect across instances (None: one instance)
         self.moves = ConnectionMoves(connections, router, backplane, takeovers) if takeovers else None
         #: refused connection attempts by reason (for metrics)
-        self.refused: dict[str, int] = {"max_connections": 0, "origin": 0}
+        self.refused: dict[str, int] = {"max_connections": 0, "origin": 0, "draining": 0}
+        #: the server is draining: new connections are refused (503) so clients go elsewhere
+        self.draining = False
+        #: starts the server's drain (set by the server; uvicorn's shutdown reaches it through
+        #: the native WebSocket protocol as well as through the server's own watch)
+        self.on_drain: Callable[[], None] | None = None
 
     # -- what native WebSocket serving needs (NativeGate) ----------------------------------------
 
@@ -109,6 +114,12 @@ class HttpConnectionDispatcher:
 
     async def ensure_started(self) -> None:
         await self._start()
+
+    def begin_drain(self) -> None:
+        """The process is stopping: refuse new connections and let the server drain the others."""
+        self.draining = True
+        if self.on_drain is not None:
+            self.on_drain()
 
     async def admit_websocket(
         self, endpoint: ConnectionApplication, request: RequestInfo
@@ -119,6 +130,9 @@ class HttpConnectionDispatcher:
         """
         if not self.keys.ready:
             return 503, texts.NOT_READY
+        if self.draining:  # new or resuming: either is served better by an instance that stays
+            self.refused["draining"] += 1
+            return 503, "Server is shutting down"
         gate = self.gates.get(endpoint)
         if gate is None and self._origin_refused(endpoint, request, websocket=True):
             return 403, texts.ORIGIN_NOT_ALLOWED
@@ -249,6 +263,10 @@ class HttpConnectionDispatcher:
         if self._at_capacity(None):
             body = texts.TOO_MANY_CONNECTIONS.encode()
             await respond(send, 503, body, headers=[*cors, ("retry-after", "1")])
+            return
+        if self.draining:  # a rolling deploy: the client's retry reaches another instance
+            self.refused["draining"] += 1
+            await respond(send, 503, b"Server is shutting down", headers=[*cors, ("retry-after", "1")])
             return
         stateful = self._grants_stateful_reconnect(endpoint, request, version)
         conn = self.connections.create(version, principal, stateful)

@@ -13,6 +13,7 @@ Metrics (all prefixed ``hubwire_``):
 * ``connections{hub,path,transport,protocol}`` connected hub clients (a stateful-reconnect
   connection waiting for its client to resume counts as connected);
   ``connections_resumed_total`` per hub (stateful reconnect);
+  ``drain_handed_over_total`` / ``drain_closed_total`` per hub (graceful shutdown);
   ``connections_registered`` every negotiated or connected connection;
   ``connections_opened_total`` / ``connections_closed_total`` /
   ``handshake_failures_total`` per hub; ``connections_refused_total{reason}``
@@ -176,25 +177,8 @@ class _Collector:
                 family.add_metric([ep.hub_cls.__name__, path], getattr(ep.stats, attr))
             return family
 
-        yield per_hub("hubwire_connections_opened", "Hub handshakes completed", "opened")
-        yield per_hub("hubwire_connections_closed", "Hub connections ended", "closed")
-        yield per_hub("hubwire_handshake_failures", "Hub handshakes refused/timed out", "handshake_failures")
-        yield per_hub("hubwire_messages_received", "Hub messages received from clients", "messages_received")
-        yield per_hub("hubwire_invocations", "Hub method calls received", "invocations")
-        yield per_hub("hubwire_invocation_errors", "Hub method calls that failed", "invocation_errors")
-        yield per_hub(
-            "hubwire_invocations_rate_limited", "Hub method calls refused by the rate limit", "rate_limited"
-        )
-        yield per_hub(
-            "hubwire_connections_resumed",
-            "Connections resumed on a new WebSocket (stateful reconnect)",
-            "resumed",
-        )
-        yield per_hub(
-            "hubwire_forged_completions",
-            "Client-result completions refused: sent by a connection the call was not sent to",
-            "forged_completions",
-        )
+        for name, doc, attr in _PER_HUB:
+            yield per_hub(name, doc, attr)
         refused = CounterMetricFamily(
             "hubwire_connections_refused", "Connection attempts refused", labels=["reason"]
         )
@@ -219,6 +203,30 @@ class _Collector:
         health = _backplane_health(server)
         if health is not None:
             yield from _backplane_metrics(health)
+
+
+#: counters of each hub endpoint's stats: metric name, help, EndpointStats attribute
+_PER_HUB = (
+    ("hubwire_connections_opened", "Hub handshakes completed", "opened"),
+    ("hubwire_connections_closed", "Hub connections ended", "closed"),
+    ("hubwire_handshake_failures", "Hub handshakes refused/timed out", "handshake_failures"),
+    ("hubwire_messages_received", "Hub messages received from clients", "messages_received"),
+    ("hubwire_invocations", "Hub method calls received", "invocations"),
+    ("hubwire_invocation_errors", "Hub method calls that failed", "invocation_errors"),
+    ("hubwire_invocations_rate_limited", "Hub method calls refused by the rate limit", "rate_limited"),
+    ("hubwire_connections_resumed", "Connections resumed on a new WebSocket (stateful reconnect)", "resumed"),
+    (
+        "hubwire_drain_handed_over",
+        "Draining: stateful connections whose WebSocket was dropped so they resume on another instance",
+        "handed_over",
+    ),
+    ("hubwire_drain_closed", "Draining: connections closed with reconnect allowed", "drain_closed"),
+    (
+        "hubwire_forged_completions",
+        "Client-result completions refused: sent by a connection the call was not sent to",
+        "forged_completions",
+    ),
+)
 
 
 def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:

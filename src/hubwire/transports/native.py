@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 from typing import Any, Protocol
@@ -85,6 +86,8 @@ class NativeGate(Protocol):
 
     async def ensure_started(self) -> None: ...
 
+    def begin_drain(self) -> None: ...
+
 
 def _find_gate(app: Any) -> NativeGate | None:
     """The gate of a hubwire app, possibly wrapped in middlewares that keep it as ``.app``."""
@@ -96,6 +99,29 @@ def _find_gate(app: Any) -> NativeGate | None:
         if app is None:
             return None
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _proxy_headers_for(trusted: str) -> Any:
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    async def keep_scope(scope: Any, receive: Any, send: Any) -> None:
+        """The middleware rewrites the scope in place, then calls this."""
+
+    return ProxyHeadersMiddleware(keep_scope, trusted_hosts=trusted)
+
+
+def _proxy_headers(trusted: str | list[str]) -> Any:
+    """uvicorn's ProxyHeadersMiddleware for ``--forwarded-allow-ips``, built once per value."""
+    return _proxy_headers_for(trusted if isinstance(trusted, str) else ",".join(trusted))
+
+
+async def _no_receive() -> Any:  # pragma: no cover - the middleware never receives
+    raise RuntimeError("no body")
+
+
+async def _no_send(message: Any) -> None:  # pragma: no cover - the middleware never sends
+    raise RuntimeError("no response")
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -231,10 +257,11 @@ class NativeWebSocketProtocol(asyncio.Protocol):
             self._other.resume_writing()
 
     def shutdown(self) -> None:
-        """uvicorn is stopping: ask the client to reconnect elsewhere (SignalR Close with reconnect
-        allowed, then a WebSocket close 1000 once it is flushed)."""
-        if self._stage == _OPEN and self._conn is not None and self._endpoint is not None:
-            self._endpoint.server_closing(self._conn)
+        """uvicorn is stopping: start the server's drain, which lets this connection go when it
+        can (a Close with reconnect allowed once its calls finished, or - stateful reconnect
+        over a backplane - a dropped socket the client resumes elsewhere)."""
+        if self._stage != _CLOSED and self._gate is not None:
+            self._gate.begin_drain()  # one being admitted is refused (503) or, if resuming, drained
         elif self.transport is not None:
             self.transport.close()
 
@@ -279,14 +306,17 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         transport.pause_reading()
+        root_path = getattr(self.config, "root_path", "")
         scope = {
-            "path": unquote(path),
+            "type": "websocket",
+            "path": root_path + unquote(path),  # as uvicorn's own protocols give it (ASGI serving)
+            "root_path": root_path,
             "query_string": query.encode("latin-1"),
             "headers": raw_headers,
             "scheme": "wss" if transport.get_extra_info("sslcontext") else "ws",
             "client": transport.get_extra_info("peername"),
         }
-        gate.connections.tasks.spawn(self._admit(RequestInfo.from_scope(scope)), name="admit websocket")
+        gate.connections.tasks.spawn(self._admit(scope), name="admit websocket")
 
     def _hand_over(self) -> None:
         """Not a hub path: let uvicorn's own WebSocket implementation serve it."""
@@ -305,9 +335,14 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         other.data_received(bytes(self._buf))
         transport.set_protocol(other)
 
-    async def _admit(self, request: RequestInfo) -> None:
+    async def _admit(self, scope: dict[str, Any]) -> None:
         gate, endpoint = self._gate, self._endpoint
         assert gate is not None and endpoint is not None
+        if getattr(self.config, "proxy_headers", False):
+            # uvicorn --proxy-headers: the client and scheme a trusted proxy forwarded, as uvicorn's
+            # own middleware sets them for every other request
+            await _proxy_headers(self.config.forwarded_allow_ips)(scope, _no_receive, _no_send)
+        request = RequestInfo.from_scope(scope)
         headers = request.headers
         key = headers.get("sec-websocket-key")
         if (
