@@ -143,3 +143,22 @@ def test_unreachable_redis_warnings_name_the_url_once() -> None:
     assert out.count(f"backplane publisher cannot reach 127.0.0.1:{port} (of {url})") == 1, out
     assert out.count(f"backplane subscriber (127.0.0.1:{port}, of {url})") == 1, out
     assert "hunter2" not in out, out
+
+
+async def test_hub_method_failures_are_logged_with_their_traceback(start_server: Any) -> None:
+    """A bug in a hub method is an ERROR with its traceback (the client gets SignalR's generic text);
+    a HubException, meant for the caller, is not an error of the server."""
+    server = start_server(APP, args=["--log-level", "warning"])
+    hub = await RawHub.open(server.url, "/hub")
+    try:
+        failed = await hub.invoke_raw("Throw", "kaboom-in-method")
+        assert failed["error"] == "An unexpected error occurred invoking 'Throw' on the server."
+        refused = await hub.invoke_raw("ThrowHubException", "meant-for-the-caller")
+        assert "meant-for-the-caller" in refused["error"]
+    finally:
+        await hub.close()
+    server.kill()
+    out = server.output()
+    assert "hub method Throw failed" in out, out
+    assert "Traceback (most recent call last)" in out and "kaboom-in-method" in out, out
+    assert "ThrowHubException" not in out and "meant-for-the-caller" not in out, out

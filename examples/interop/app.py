@@ -1,7 +1,7 @@
 """The interop test app: what a black-box suite needs to drive unmodified SignalR clients.
 
 It mirrors the ASP.NET Core SignalR functional-test server (see
-``/work/shared/interop-contract.md``): ``TestHub`` at ``/testhub`` (all
+`the interop contract (`interop-contract.md`, kept with the project's shared notes)`): ``TestHub`` at ``/testhub`` (all
 transports) and ``/testhub-nowebsockets`` (SSE and long polling),
 ``AuthorizedHub`` behind JWT at ``/authorizedhub``, a raw echo connection at
 ``/echo``, and the helper endpoints ``/generateJwtToken``,

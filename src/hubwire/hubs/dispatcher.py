@@ -125,6 +125,15 @@ class _BindError(_Refused):
         self.detail = detail
 
 
+def _log_failure(target: str, exc: Exception) -> None:
+    """A HubException is meant for the caller (DEBUG); anything else is a bug of the hub: an
+    ERROR with its traceback, as a Python developer expects (the client gets SignalR's text)."""
+    if isinstance(exc, HubException):
+        log.debug("hub method %s raised", target, exc_info=exc)
+    else:
+        log.error("hub method %s failed", target, exc_info=exc)
+
+
 def _not_running(ctx: HubConnectionContext) -> None:
     ctx.running -= 1
 
@@ -361,7 +370,7 @@ class HubDispatcher:
                     log.error("cannot serialize the result of %s: %s", target, exc)
                     self._complete_error(ctx, invocation_id, error_text(_invoke_error(target), exc, detailed))
         except Exception as exc:
-            log.debug("hub method %s raised", target, exc_info=True)
+            _log_failure(target, exc)
             tracing.failed(span, exc)
             self._complete_error(ctx, invocation_id, error_text(_invoke_error(target), exc, detailed))
         finally:
@@ -412,6 +421,7 @@ class HubDispatcher:
         except Exception as exc:
             self.stats.invocation_errors += 1
             tracing.failed(span, exc)
+            _log_failure(target, exc)
             base = _STREAM_ERROR if produced else _invoke_error(target)
             detailed = self.options.enable_detailed_errors
             ctx.write_message(CompletionMessage.with_error(invocation_id, error_text(base, exc, detailed)))
