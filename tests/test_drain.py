@@ -378,6 +378,26 @@ async def test_plain_uvicorn_says_how_websockets_are_served_and_ends_sse_on_sigt
             proc.stdout.close()
 
 
+async def test_mounted_in_another_app_says_how_to_keep_the_native_path() -> None:
+    port = free_port()
+    native = "hubwire.transports.native:NativeWebSocketProtocol"
+    proc = _plain_uvicorn("tests.apps.mounted:app", port, "--ws", native)
+    try:
+        wait_port(port, proc=proc)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            assert (await c.post("/hubs/hub/negotiate?negotiateVersion=1")).status_code == 200
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+        output = proc.stdout.read() if proc.stdout else ""
+        assert "mounted inside another app" in output and "HubServer(app=your_app)" in output, output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()
+
+
 RELOADED_APP = """
 from hubwire import HubServer
 from starlette.applications import Starlette
