@@ -71,7 +71,11 @@ class Fleet:
         assert self.proc.stdin is not None
         self.proc.stdin.write(b'{"cmd": "report"}\n')
         await self.proc.stdin.drain()
-        clients: list[dict[str, Any]] = (await self.event("report", 10))["clients"]
+        report = await self.event("report", 10)
+        if report["crashes"]:  # what the official client threw, and what the clients logged
+            logs = [(c["kind"], c["log"]) for c in report["clients"] if c["log"]]
+            raise AssertionError(f"client crashed: {report['crashes']}\nlogs: {json.dumps(logs, indent=1)}")
+        clients: list[dict[str, Any]] = report["clients"]
         return clients
 
 
@@ -87,6 +91,7 @@ async def fleet(url: str, kinds: list[dict[str, Any]]) -> AsyncIterator[Fleet]:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
+        limit=16 * 1024 * 1024,  # a report line holds every client's recent log
     )
     try:
         yield Fleet(proc)
@@ -111,7 +116,7 @@ async def until(check: Any, timeout: float, what: str) -> None:
 
 @requires(*NODE_CLIENT)
 async def test_rolling_restart_of_three_instances_loses_no_client(private_redis: RedisServer) -> None:
-    args = ["--redis", private_redis.url, "--channel-prefix", new_prefix("drain")]
+    args = ["--redis", private_redis.url, "--channel-prefix", new_prefix("drain"), "--log-level", "info"]
     every: list[ServerProcess] = []
 
     def start(port: int | None = None) -> ServerProcess:
@@ -150,11 +155,20 @@ async def test_rolling_restart_of_three_instances_loses_no_client(private_redis:
                     await asyncio.sleep(1.5)  # clients settle, some of them on the new instance
                 sent = (await api.delete("/tick")).json()["sent"]
 
-                async def all_ticks() -> bool:
-                    return all(c["ticks"]["last"] == sent for c in await clients.report())
+                report = []
 
-                await until(all_ticks, 15, f"every client to get tick {sent}")
-                report = await clients.report()
+                async def all_ticks() -> bool:
+                    nonlocal report
+                    report = await clients.report()
+                    return all(c["ticks"]["last"] == sent for c in report)
+
+                try:
+                    await until(all_ticks, 15, f"every client to get tick {sent}")
+                except AssertionError as exc:
+                    if not str(exc).startswith("timed out"):
+                        raise  # what a client threw, say
+                    late = [c for c in report if c["ticks"]["last"] != sent]
+                    raise AssertionError(f"not every client got tick {sent}: {late}") from None
     except BaseException:
         for i, server in enumerate(every):
             print(f"--- server {i} ---\n{server.output()[-4000:]}")

@@ -178,9 +178,9 @@ def test_ids_beginning_with_a_dash_are_values_not_options() -> None:
     assert _dashed_ids(["emit", "--client", "-x1Ab", "Hello"], parser) == ["emit", "--client=-x1Ab", "Hello"]
     assert _dashed_ids(["emit", "--client", "--json"], parser) == ["emit", "--client", "--json"]
     assert _dashed_ids(["emit", "--group", "-team"], parser) == ["emit", "--group=-team"]
+    emit = ["emit", "--redis", "redis://127.0.0.1:1", "--hub", "ChatHub", "--client", "-x1Ab", "Hi"]
     done = subprocess.run(
-        [sys.executable, "-m", "hubwire.cli", "emit", "--redis", "redis://127.0.0.1:1"]
-        + ["--hub", "ChatHub", "--client", "-x1Ab", "Hi"],
+        [sys.executable, "-m", "hubwire.cli", *emit],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
         capture_output=True,

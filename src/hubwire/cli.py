@@ -310,9 +310,7 @@ def _emit_parser(sub: Any) -> None:
     to.add_argument("--all", action="store_true", help="every connection")
     to.add_argument("--group", help="members of a group")
     to.add_argument("--user", help="every connection of a user")
-    to.add_argument(
-        "--client", metavar="ID", help="one connection"
-    )
+    to.add_argument("--client", metavar="ID", help="one connection")
     emit.add_argument("method", metavar="METHOD", help="the client method to call")
     emit.add_argument("args", metavar="JSON_ARG", nargs="*", help="its arguments, each a JSON value")
     emit.set_defaults(func=_emit)
@@ -384,9 +382,7 @@ def _add_inspect(sub: Any) -> None:
     target = inspect.add_mutually_exclusive_group()
     target.add_argument("--group", help="the group's connections on every instance")
     target.add_argument("--user", help="the user's connections on every instance")
-    target.add_argument(
-        "--connection", help="one connection, with its groups"
-    )
+    target.add_argument("--connection", help="one connection, with its groups")
     inspect.add_argument("--hub", help="only this hub (its backplane name) for --group / --user")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for answers")
