@@ -1,0 +1,65 @@
+"""Hub app of tests/test_compression.py: permessage-deflate on natively served WebSockets.
+
+Run it: ``hubwire run tests.apps.compression:app --port N``. ``/hub`` compresses (the default,
+threshold 256 bytes), ``/plain`` has compression turned off; ``POST /broadcast/{count}/{size}``
+sends ``count`` broadcasts of a JSON-like list of about ``size`` bytes to every client of ``/hub``.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hubwire import Hub, HubOptions, HubServer
+
+
+def items(size: int, seed: int = 0) -> list[dict[str, object]]:
+    """Realistic JSON: objects with repeated keys, about ``size`` bytes serialized."""
+    out: list[dict[str, object]] = []
+    total = 0
+    while total < size:
+        n = seed * 1000 + len(out)
+        item = {"id": n, "user": f"user{n % 13}", "text": f"message number {n}", "read": n % 2 == 0}
+        out.append(item)
+        total += 60
+    return out
+
+
+class ChatHub(Hub):
+    async def echo(self, message: str) -> str:
+        return message
+
+    async def length(self, message: str) -> int:
+        return len(message)
+
+    async def broadcast(self, count: int, size: int) -> None:
+        for seed in range(count):
+            await self.clients.all.send("Items", seed, items(size, seed))
+
+
+class PlainHub(ChatHub):
+    """Compression off."""
+
+
+class SmallHub(ChatHub):
+    """A threshold no message reaches."""
+
+
+server = HubServer(stats_path="/debug/stats", metrics_path="/metrics")
+server.add_hub("/hub", ChatHub)
+server.add_hub("/plain", PlainHub, options=HubOptions(websocket_compression=False))
+server.add_hub("/small", SmallHub, options=HubOptions(websocket_compression_threshold=100_000))
+
+
+async def broadcast(request: Request) -> JSONResponse:
+    count, size = int(request.path_params["count"]), int(request.path_params["size"])
+    context = server.hub_context(ChatHub)
+    for seed in range(count):
+        await context.clients.all.send("Items", seed, items(size, seed))
+    return JSONResponse({"sent": count})
+
+
+server.app = Starlette(routes=[Route("/broadcast/{count}/{size}", broadcast, methods=["POST"])])
+app = server
