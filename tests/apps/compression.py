@@ -2,14 +2,18 @@
 
 Run it: ``hubwire run tests.apps.compression:app --port N``. ``/hub`` compresses (the default,
 threshold 256 bytes), ``/plain`` has compression turned off; ``POST /broadcast/{count}/{size}``
-sends ``count`` broadcasts of a JSON-like list of about ``size`` bytes to every client of ``/hub``.
+sends ``count`` broadcasts of a JSON-like list of about ``size`` bytes to every client of ``/hub``;
+``/page`` is a page with the official client's browser bundles (from node_modules) for
+tests/compression_browser.cjs.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from hubwire import Hub, HubOptions, HubServer
@@ -61,5 +65,36 @@ async def broadcast(request: Request) -> JSONResponse:
     return JSONResponse({"sent": count})
 
 
-server.app = Starlette(routes=[Route("/broadcast/{count}/{size}", broadcast, methods=["POST"])])
+_DIST = Path(__file__).resolve().parents[2] / "node_modules" / "@microsoft"
+BUNDLES = {
+    "signalr.js": _DIST / "signalr" / "dist" / "browser" / "signalr.js",
+    "signalr-protocol-msgpack.js": _DIST
+    / "signalr-protocol-msgpack"
+    / "dist"
+    / "browser"
+    / "signalr-protocol-msgpack.js",
+}
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>compression</title>
+<script src="/lib/signalr.js"></script><script src="/lib/signalr-protocol-msgpack.js"></script>
+</head><body>permessage-deflate checks</body></html>"""
+
+
+async def page(request: Request) -> Response:
+    return HTMLResponse(PAGE)
+
+
+async def bundle(request: Request) -> Response:
+    path = BUNDLES.get(request.path_params["name"])
+    if path is None:
+        return Response(status_code=404)
+    return FileResponse(path, media_type="text/javascript")
+
+
+server.app = Starlette(
+    routes=[
+        Route("/broadcast/{count}/{size}", broadcast, methods=["POST"]),
+        Route("/page", page),
+        Route("/lib/{name}", bundle),
+    ]
+)
 app = server
