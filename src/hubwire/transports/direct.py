@@ -157,8 +157,15 @@ class DirectSink:
         if proto.close_sent or transport is None or transport.is_closing():
             return
         binary = self._conn.transfer_format is _BINARY_FORMAT
-        if self._threshold is not None:
-            data = _deflate_frames(chunks, binary, self._threshold, memo)
+        threshold = self._threshold
+        if threshold is not None:
+            if len(chunks) == 1:  # the usual case: one broadcast record
+                payload = chunks[0]
+                data = _compressed(payload, binary, memo) if len(payload) >= threshold else b""
+                if not data:
+                    data = _framed(payload, binary, memo)
+            else:
+                data = _deflate_frames(chunks, binary, threshold, memo)
         elif len(chunks) == 1:
             data = _framed(chunks[0], binary, memo)
         else:
