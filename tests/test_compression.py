@@ -28,6 +28,8 @@ from tests.rawhub import RawHub, open_ws, ws_url
 from tests.test_websocket_conformance import frame
 
 WAIT = 10.0
+#: what a client offering ``client_max_window_bits`` (browsers, websockets, ws) is answered
+AGREED = DEFLATE_RESPONSE + "; client_max_window_bits=12"
 RS = b"\x1e"
 
 
@@ -71,7 +73,7 @@ async def test_python_clients_get_compressed_broadcasts_and_their_messages_are_i
     try:
         for hub in hubs:
             assert hub.ws.response is not None
-            assert hub.ws.response.headers["Sec-WebSocket-Extensions"] == DEFLATE_RESPONSE
+            assert hub.ws.response.headers["Sec-WebSocket-Extensions"] == AGREED
             assert hub.ws.protocol.extensions, "the client uses the extension for what it sends"
         text = "caf\u00e9 " + "x" * 2048
         assert _result(await hubs[0].invoke_raw("Echo", text)) == text
@@ -196,7 +198,7 @@ def _call(target: str, *args: Any, invocation_id: str = "1") -> bytes:
 async def test_large_messages_go_compressed_small_ones_plain(server: ServerProcess) -> None:
     wire = await Wire.open(server.port, "/hub")
     try:
-        assert wire.extensions() == DEFLATE_RESPONSE
+        assert wire.extensions() == AGREED
         await wire.handshake()
         await wire.send(_compressed(_call("Broadcast", 1, 1000)))
         compressed, payload = await wire.message()
@@ -222,7 +224,7 @@ async def test_compression_off_or_under_the_threshold_sends_plain_frames(
 ) -> None:
     wire = await Wire.open(server.port, path)
     try:
-        assert wire.extensions() == (DEFLATE_RESPONSE if negotiated else None)
+        assert wire.extensions() == (AGREED if negotiated else None)
         await wire.handshake()
         await wire.send(frame(1, _call("Broadcast", 1, 1000)))
         compressed, payload = await wire.message()  # (uncompressed records may share a frame)

@@ -7,6 +7,7 @@ other side: it decodes what hubwire compresses and compresses what hubwire infla
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -27,42 +28,57 @@ from tests.test_websocket_frames import client_frame, data_of, feed
 # -- the offer ----------------------------------------------------------------------------------
 
 
+W12 = "; client_max_window_bits=12"
+
+
 @pytest.mark.parametrize(
-    ("offer", "response"),
+    ("offer", "response", "bits"),
     [
-        # Chromium
-        ("permessage-deflate; client_max_window_bits", DEFLATE_RESPONSE),
+        # Chromium, the websockets library, Node's ws: the client accepts a window limit
+        ("permessage-deflate; client_max_window_bits", DEFLATE_RESPONSE + W12, 12),
         # Firefox
-        ("permessage-deflate", DEFLATE_RESPONSE),
-        # the websockets library, Node's ws
-        ("permessage-deflate; client_max_window_bits=12", DEFLATE_RESPONSE),
-        ("permessage-deflate; server_no_context_takeover; client_no_context_takeover", DEFLATE_RESPONSE),
-        ('permessage-deflate; client_max_window_bits="10"', DEFLATE_RESPONSE),
-        ("Permessage-Deflate; Server_No_Context_Takeover", DEFLATE_RESPONSE),
-        ("permessage-deflate; server_max_window_bits=15", DEFLATE_RESPONSE + "; server_max_window_bits=15"),
+        ("permessage-deflate", DEFLATE_RESPONSE, 15),
+        ("permessage-deflate; client_max_window_bits=15", DEFLATE_RESPONSE + W12, 12),
+        (
+            "permessage-deflate; client_max_window_bits=10",
+            DEFLATE_RESPONSE + "; client_max_window_bits=10",
+            10,
+        ),
+        (
+            'permessage-deflate; client_max_window_bits="9"',
+            DEFLATE_RESPONSE + "; client_max_window_bits=9",
+            9,
+        ),
+        ("permessage-deflate; server_no_context_takeover; client_no_context_takeover", DEFLATE_RESPONSE, 15),
+        ("Permessage-Deflate; Server_No_Context_Takeover", DEFLATE_RESPONSE, 15),
+        (
+            "permessage-deflate; server_max_window_bits=15",
+            DEFLATE_RESPONSE + "; server_max_window_bits=15",
+            15,
+        ),
         # a smaller server window is declined (one compressed frame serves every socket), the next offer taken
-        ("permessage-deflate; server_max_window_bits=10, permessage-deflate", DEFLATE_RESPONSE),
-        ("x-webkit-deflate-frame, permessage-deflate; client_max_window_bits", DEFLATE_RESPONSE),
-        (" , permessage-deflate ,", DEFLATE_RESPONSE),
-        ("permessage-deflate; server_max_window_bits=10", None),
-        ("permessage-deflate; server_max_window_bits", None),
-        ("permessage-deflate; client_max_window_bits=16", None),
-        ("permessage-deflate; client_max_window_bits=08", None),
-        ("permessage-deflate; client_max_window_bits=\u00b9\u00b2", None),
-        ("permessage-deflate; server_no_context_takeover=1", None),
-        ("permessage-deflate; client_no_context_takeover; client_no_context_takeover", None),
-        ("permessage-deflate; unknown", None),
-        ("permessage-deflate;", None),
-        ("permessage-deflate; =", None),
-        ('permessage-deflate; client_max_window_bits="10', None),
-        ("permessage-deflate client_max_window_bits", None),
-        ("x-webkit-deflate-frame", None),
-        ("", None),
-        (None, None),
+        ("permessage-deflate; server_max_window_bits=10, permessage-deflate", DEFLATE_RESPONSE, 15),
+        ("x-webkit-deflate-frame, permessage-deflate; client_max_window_bits", DEFLATE_RESPONSE + W12, 12),
+        (" , permessage-deflate ,", DEFLATE_RESPONSE, 15),
+        ("permessage-deflate; server_max_window_bits=10", None, None),
+        ("permessage-deflate; server_max_window_bits", None, None),
+        ("permessage-deflate; client_max_window_bits=16", None, None),
+        ("permessage-deflate; client_max_window_bits=08", None, None),
+        ("permessage-deflate; client_max_window_bits=\u00b9\u00b2", None, None),
+        ("permessage-deflate; server_no_context_takeover=1", None, None),
+        ("permessage-deflate; client_no_context_takeover; client_no_context_takeover", None, None),
+        ("permessage-deflate; unknown", None, None),
+        ("permessage-deflate;", None, None),
+        ("permessage-deflate; =", None, None),
+        ('permessage-deflate; client_max_window_bits="10', None, None),
+        ("permessage-deflate client_max_window_bits", None, None),
+        ("x-webkit-deflate-frame", None, None),
+        ("", None, None),
+        (None, None, None),
     ],
 )
-def test_offers(offer: str | None, response: str | None) -> None:
-    assert negotiate_deflate(offer) == response
+def test_offers(offer: str | None, response: str | None, bits: int | None) -> None:
+    assert negotiate_deflate(offer) == (None if response is None else (response, bits))
 
 
 @settings(max_examples=500, deadline=None)
@@ -70,8 +86,8 @@ def test_offers(offer: str | None, response: str | None) -> None:
     st.text(alphabet=st.sampled_from(list(' ,;="\\\tabcdefgilmnoprstwxkv_-0123456789\u00e9')), max_size=80)
 )
 def test_any_header_is_accepted_or_declined_never_an_error(header: str) -> None:
-    response = negotiate_deflate(header)
-    assert response is None or response.startswith(DEFLATE_RESPONSE)
+    agreed = negotiate_deflate(header)
+    assert agreed is None or (agreed[0].startswith(DEFLATE_RESPONSE) and 8 <= agreed[1] <= 15)
 
 
 _PARAMS = st.sampled_from(
@@ -99,11 +115,17 @@ def test_an_offer_is_accepted_exactly_when_every_parameter_is_known_valid_and_si
     header = sep.join(["permessage-deflate"] + [n if v is None else f"{n}={v}" for n, v, _ in params])
     names = [n for n, _, _ in params]
     acceptable = all(ok for _, _, ok in params) and len(set(names)) == len(names)
-    response = negotiate_deflate(header)
-    assert (response is not None) == acceptable, (header, response)
-    if response is not None:
+    agreed = negotiate_deflate(header)
+    assert (agreed is not None) == acceptable, (header, agreed)
+    if agreed is not None:
+        response, bits = agreed
         assert response.startswith(DEFLATE_RESPONSE)
         assert ("server_max_window_bits=15" in response) == ("server_max_window_bits" in names)
+        # a window limit the client accepts is used; the client's own value when smaller
+        offered = dict((n, v) for n, v, _ in params).get("client_max_window_bits", "none")
+        expected = 15 if offered == "none" else min(12, int(offered or 15))
+        assert bits == expected
+        assert (f"client_max_window_bits={bits}" in response) == (offered != "none")
 
 
 # -- outbound: compress_frame ---------------------------------------------------------------------
@@ -194,7 +216,7 @@ def test_compressed_messages_in_any_fragmentation_and_chunking(
         else:
             wire += client_frame(2 if binary else 1, payload)
         expected += payload
-    ws = ServerWebSocket(max_frame=1 << 20, deflate=True)
+    ws = ServerWebSocket(max_frame=1 << 20, deflate=15)
     got = b""
     for start in range(0, len(wire), chunk):
         events, out = feed(ws, wire[start : start + chunk])
@@ -207,7 +229,7 @@ def test_compressed_messages_in_any_fragmentation_and_chunking(
 
 def test_a_ping_between_compressed_fragments() -> None:
     first, last = _compressed_fragments(b"hello " * 100, False, [5])
-    ws = ServerWebSocket(max_frame=1 << 16, deflate=True, validate_utf8=True)
+    ws = ServerWebSocket(max_frame=1 << 16, deflate=15, validate_utf8=True)
     events, out = feed(ws, first + client_frame(9, b"p") + last)
     assert data_of(events) == b"hello " * 100
     assert out == b""  # (the runtime answers pings)
@@ -222,16 +244,16 @@ def _close_code(out: bytes) -> int:
 @pytest.mark.parametrize(
     ("deflate", "wire"),
     [
-        (False, client_frame(1, b"x", rsv=4)),  # RSV1 without the extension
-        (True, client_frame(1, b"x", rsv=2)),  # RSV2 is never used
-        (True, client_frame(1, b"x", rsv=6)),
-        (True, client_frame(9, b"", rsv=4)),  # control frames are never compressed
-        (True, client_frame(8, b"\x03\xe8", rsv=4)),
-        (True, client_frame(1, b"", fin=False) + client_frame(0, b"", rsv=4)),  # RSV1 on a continuation
-        (True, client_frame(1, b"\xff\xff\xff\xff garbage", rsv=4)),  # not DEFLATE data
+        (None, client_frame(1, b"x", rsv=4)),  # RSV1 without the extension
+        (15, client_frame(1, b"x", rsv=2)),  # RSV2 is never used
+        (15, client_frame(1, b"x", rsv=6)),
+        (15, client_frame(9, b"", rsv=4)),  # control frames are never compressed
+        (15, client_frame(8, b"\x03\xe8", rsv=4)),
+        (15, client_frame(1, b"", fin=False) + client_frame(0, b"", rsv=4)),  # RSV1 on a continuation
+        (15, client_frame(1, b"\xff\xff\xff\xff garbage", rsv=4)),  # not DEFLATE data
     ],
 )
-def test_rsv1_misuse_and_bad_data_close_with_1002(deflate: bool, wire: bytes) -> None:
+def test_rsv1_misuse_and_bad_data_close_with_1002(deflate: int | None, wire: bytes) -> None:
     ws = ServerWebSocket(max_frame=1 << 16, deflate=deflate)
     events, out = feed(ws, wire)
     assert data_of(events) == b""
@@ -249,7 +271,7 @@ def test_a_decompression_bomb_closes_with_1009_without_inflating_it(fragments: i
     assert len(body) < 64 * 1024
     step = -(-len(body) // fragments)
     pieces = [body[i : i + step] for i in range(0, len(body), step)]
-    ws = ServerWebSocket(max_frame=64 * 1024, deflate=True)
+    ws = ServerWebSocket(max_frame=64 * 1024, deflate=15)
     wire = b"".join(
         client_frame(2 if n == 0 else 0, piece, fin=n == len(pieces) - 1, rsv=4 if n == 0 else 0)
         for n, piece in enumerate(pieces)
@@ -261,7 +283,7 @@ def test_a_decompression_bomb_closes_with_1009_without_inflating_it(fragments: i
 
 @pytest.mark.parametrize(("size", "ok"), [(4096, True), (4097, False)])
 def test_the_inflated_bound_is_the_frame_bound(size: int, ok: bool) -> None:
-    ws = ServerWebSocket(max_frame=4096, deflate=True)
+    ws = ServerWebSocket(max_frame=4096, deflate=15)
     events, out = feed(ws, client_frame(2, _deflated(b"a" * size), rsv=4))
     if ok:
         assert data_of(events) == b"a" * size and out == b""
@@ -270,7 +292,7 @@ def test_the_inflated_bound_is_the_frame_bound(size: int, ok: bool) -> None:
 
 
 def test_inflated_text_is_checked_as_utf8() -> None:
-    ws = ServerWebSocket(max_frame=4096, deflate=True, validate_utf8=True)
+    ws = ServerWebSocket(max_frame=4096, deflate=15, validate_utf8=True)
     events, out = feed(ws, client_frame(1, _deflated(b"caf\xc3\xa9 " * 50), rsv=4))
     assert data_of(events) == b"caf\xc3\xa9 " * 50
     events, out = feed(ws, client_frame(1, _deflated(b"bad \xff"), rsv=4))
@@ -280,3 +302,32 @@ def test_inflated_text_is_checked_as_utf8() -> None:
 def test_encode_frame_marks_compression_in_rsv1() -> None:
     assert encode_frame(b"ab", False, compressed=True)[0] == 0xC1
     assert encode_frame(b"ab", True)[0] == 0x82
+
+
+def _deflated_with_window(payload: bytes, bits: int) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -bits)
+    return (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def test_a_client_over_its_agreed_window_closes_with_1002() -> None:
+    """Agreed 4 KB: a back-reference 8 KB away, in a later fragment than what it refers to, is beyond
+    the window kept between fragments (zlib: invalid distance too far back). (Within one frame zlib
+    resolves it from its output, so only a client breaking the agreement can tell.)"""
+    chunk = os.urandom(8192)
+    body = _deflated_with_window(chunk + chunk, 15)
+    ws = ServerWebSocket(max_frame=1 << 16, deflate=12)
+    events, out = feed(ws, client_frame(2, _deflated_with_window(b"ab" * 2000, 12), rsv=4))
+    assert data_of(events) == b"ab" * 2000 and out == b""
+    cut = len(body) - 16  # the literal 8 KB, then the repeat
+    events, out = feed(ws, client_frame(2, body[:cut], fin=False, rsv=4) + client_frame(0, body[cut:]))
+    assert ws.failure == 1002 and _close_code(out) == 1002
+    ws = ServerWebSocket(max_frame=1 << 16, deflate=15)  # the same with the full window: fine
+    events, out = feed(ws, client_frame(2, body[:cut], fin=False, rsv=4) + client_frame(0, body[cut:]))
+    assert data_of(events) == chunk + chunk and out == b""
+
+
+def test_a_client_told_8_bits_may_use_zlibs_9() -> None:
+    payload = os.urandom(300) * 3  # repeats 300 bytes back: within 512, beyond 256
+    ws = ServerWebSocket(max_frame=1 << 16, deflate=8)
+    events, out = feed(ws, client_frame(2, _deflated_with_window(payload, 9), rsv=4))
+    assert data_of(events) == payload and out == b""

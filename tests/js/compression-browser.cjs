@@ -68,7 +68,8 @@ async function pageChecks({ protocol }) {
   try {
     await check("extension_negotiated", async () => {
       expectEq(sockets.length, 1, "WebSockets opened");
-      expectEq(sockets[0].extensions, "permessage-deflate; server_no_context_takeover; client_no_context_takeover", "extensions");
+      const agreed = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; client_max_window_bits=12";
+      expectEq(sockets[0].extensions, agreed, "extensions");
     });
     await check("compressed_broadcasts_received", async () => {
       await connection.invoke("Broadcast", 3, 1000);

@@ -15,10 +15,12 @@ input), and :attr:`~ServerWebSocket.closing` tells the runtime to stop reading.
 permessage-deflate (RFC 7692) is negotiated without per-socket state:
 :func:`negotiate_deflate` always answers ``server_no_context_takeover`` and
 ``client_no_context_takeover``, so every message either way is a stand-alone
-DEFLATE stream. Outbound, :func:`compress_frame` builds one frame that is valid
-for every compressing socket (a broadcast is compressed once, not once per
-recipient); inbound, each compressed message is inflated by a decompressor made
-for it alone and dropped at its end, bounded like an uncompressed frame.
+DEFLATE stream (and, where the client allows it, a 4 KB client window, so a
+compressed message still arriving holds a small decompressor). Outbound,
+:func:`compress_frame` builds one frame that is valid for every compressing
+socket (a broadcast is compressed once, not once per recipient); inbound, each
+compressed message is inflated by a decompressor made for it alone and dropped
+at its end, bounded like an uncompressed frame.
 """
 
 from __future__ import annotations
@@ -105,6 +107,10 @@ def pong_frame(payload: bytes) -> bytes:
 
 #: what hubwire answers to an acceptable offer: no context kept between messages, either way
 DEFLATE_RESPONSE = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+#: the client window asked for when the offer allows it (``client_max_window_bits``): with no context
+#: takeover a window larger than a message gains nothing, and it sizes the decompressor a message
+#: that arrives in several reads holds meanwhile (zlib allocates 2 ** bits)
+CLIENT_WINDOW_BITS = 12
 _EMPTY_BLOCK = b"\x00\x00\xff\xff"
 #: an extension header's tokens (RFC 7230 token, quoted-string, separators); anything else: malformed
 _TOKENS = re.compile(r"""\s*(?:([!#$%&'*+\-.^_`|~0-9A-Za-z]+)|"((?:[^"\\]|\\.)*)"|([,;=]))""")
@@ -161,15 +167,17 @@ def _window_bits(value: str | None) -> int | None:
     return bits if 8 <= bits <= 15 else None
 
 
-def _accept_offer(params: list[tuple[str, str | None]]) -> str | None:
-    """Our response to one permessage-deflate offer, or None to decline it.
+def _accept_offer(params: list[tuple[str, str | None]]) -> tuple[str, int] | None:
+    """Our response to one permessage-deflate offer and the client's window bits, or None to decline.
 
     ``server_max_window_bits`` below 15 is declined: outbound frames are
-    compressed once with a 32 KB window for every socket. The client's window
-    needs nothing: each inbound message gets a fresh full-window decompressor.
+    compressed once with a 32 KB window for every socket. ``client_max_window_bits``
+    (the client accepts a limit) gets :data:`CLIENT_WINDOW_BITS` or the client's
+    own smaller value.
     """
     seen: set[str] = set()
     response = DEFLATE_RESPONSE
+    client_bits = 15
     for name, value in params:
         if name in seen:
             return None
@@ -182,15 +190,19 @@ def _accept_offer(params: list[tuple[str, str | None]]) -> str | None:
                 return None
             response += "; server_max_window_bits=15"
         elif name == "client_max_window_bits":
-            if value is not None and _window_bits(value) is None:
+            bits = _window_bits(value) if value is not None else 15
+            if bits is None:
                 return None
+            client_bits = min(bits, CLIENT_WINDOW_BITS)
+            response += f"; client_max_window_bits={client_bits}"
         else:
             return None
-    return response
+    return response, client_bits
 
 
-def negotiate_deflate(header: str | None) -> str | None:
-    """The ``Sec-WebSocket-Extensions`` response to a client's offers, or None (no compression).
+def negotiate_deflate(header: str | None) -> tuple[str, int] | None:
+    """The ``Sec-WebSocket-Extensions`` response to a client's offers and the window bits the client
+    compresses with (for :class:`ServerWebSocket`'s ``deflate``), or None (no compression).
 
     The first acceptable permessage-deflate offer wins; a malformed header or
     offer is declined (the WebSocket then works uncompressed), never an error.
@@ -212,9 +224,12 @@ def compress_frame(payload: bytes, binary: bool, level: int = 6) -> bytes:
     """A final data frame with ``payload`` compressed as one stand-alone message (RSV1 set).
 
     Stand-alone (``server_no_context_takeover``): the same bytes are valid on
-    every socket that negotiated permessage-deflate.
+    every socket that negotiated permessage-deflate. memLevel 5 (as the
+    ``websockets`` library uses): a compressor is made per message, and a
+    smaller one costs less to set up for about the same ratio on messages of
+    a few KB.
     """
-    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 5)
     data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
     if data.endswith(_EMPTY_BLOCK):
         data = data[:-4]
@@ -228,8 +243,9 @@ class ServerWebSocket:
     inflated size of one compressed message, so a decompression bomb ends the
     same way; ``validate_utf8`` checks text messages across fragments (1007),
     for endpoints that hand text to applications without parsing it themselves;
-    ``deflate``: permessage-deflate was negotiated (:func:`negotiate_deflate`),
-    so a message whose first frame has RSV1 set is inflated.
+    ``deflate``: permessage-deflate was negotiated with this client window
+    (:func:`negotiate_deflate`), so a message whose first frame has RSV1 set
+    is inflated; None: not negotiated.
     """
 
     __slots__ = (
@@ -250,9 +266,11 @@ class ServerWebSocket:
         "max_frame",
     )
 
-    def __init__(self, max_frame: int, validate_utf8: bool = False, deflate: bool = False) -> None:
+    def __init__(self, max_frame: int, validate_utf8: bool = False, deflate: int | None = None) -> None:
         self.max_frame = max_frame
-        self._deflate = deflate
+        #: raw-DEFLATE window bits of inbound messages (0: no permessage-deflate). At least 9: zlib
+        #: compresses with 9 when asked for 8, so a client told 8 may send that
+        self._deflate = -max(9, deflate) if deflate is not None else 0
         #: the decompressor of the compressed message being received (None: none or uncompressed)
         self._inflater: zlib._Decompress | None = None
         #: bytes inflated so far for that message
@@ -339,7 +357,7 @@ class ServerWebSocket:
             if opcode != _CONT:
                 self._text = opcode == _TEXT
                 # client_no_context_takeover: every compressed message is a DEFLATE stream of its own
-                self._inflater = zlib.decompressobj(-15) if compressed else None
+                self._inflater = zlib.decompressobj(self._deflate) if compressed else None
                 self._inflated = 0
             self._in_message = not fin
             if self._inflater is not None:

@@ -398,7 +398,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + _GUID).digest()).decode()
         options = endpoint.options
         deflate = negotiate_deflate(extensions) if options.websocket_compression else None
-        extra = f"Sec-WebSocket-Extensions: {deflate}\r\n" if deflate is not None else ""
+        extra = f"Sec-WebSocket-Extensions: {deflate[0]}\r\n" if deflate is not None else ""
         self.transport.write(
             (
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -410,7 +410,9 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         size = endpoint.max_receive_size()
         max_frame = max(4 * size, 64 * 1024) if size is not None else 16 * 1024 * 1024
         self._ws = ServerWebSocket(
-            max_frame, validate_utf8=endpoint.validate_text, deflate=deflate is not None
+            max_frame,
+            validate_utf8=endpoint.validate_text,
+            deflate=deflate[1] if deflate is not None else None,
         )
         conn.application = endpoint
         threshold = options.websocket_compression_threshold if deflate is not None else None
