@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from websockets.utils import apply_mask
 
 __all__ = [
+    "CLIENT_WINDOW_BITS",
     "CLOSE_INVALID_DATA",
     "CLOSE_NORMAL",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TOO_BIG",
+    "DEFLATE_RESPONSE",
     "CloseReceived",
     "DataReceived",
     "PingReceived",
