@@ -215,6 +215,31 @@ async def test_large_messages_go_compressed_small_ones_plain(server: ServerProce
         wire.close()
 
 
+async def test_records_of_one_flush_big_ones_compressed_alone_small_ones_coalesced(
+    server: ServerProcess,
+) -> None:
+    sizes = [10, 1000, 10, 20, 2000, 30]
+    wire = await Wire.open(server.port, "/hub")
+    try:
+        await wire.handshake()
+        await wire.send(frame(1, _call("Mixed", sizes)))
+        records: list[Any] = []
+        async with asyncio.timeout(WAIT):
+            while len(records) < len(sizes) + 1:  # the messages, then the completion
+                compressed, payload = await wire.message()
+                got = [json.loads(r) for r in payload.split(RS) if r]
+                if compressed:  # a compressed message is one record, a big one
+                    assert len(got) == 1 and len(payload) >= 256, got
+                else:
+                    assert all(len(json.dumps(r)) < 256 for r in got), got
+                records += got
+        mixed = [r["arguments"] for r in records if r.get("target") == "Mixed"]
+        assert mixed == [[n, "x" * size] for n, size in enumerate(sizes)]
+        assert records[-1] == {"type": 3, "invocationId": "1", "result": None}
+    finally:
+        wire.close()
+
+
 @pytest.mark.parametrize(
     ("path", "negotiated"),
     [("/plain", False), ("/small", True)],  # compression off; a threshold no message reaches

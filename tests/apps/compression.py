@@ -38,6 +38,11 @@ class ChatHub(Hub):
     async def length(self, message: str) -> int:
         return len(message)
 
+    async def mixed(self, sizes: list[int]) -> None:
+        """Messages of these sizes to the caller, back to back (one outbox flush, as a rule)."""
+        for n, size in enumerate(sizes):
+            await self.clients.caller.send("Mixed", n, "x" * size)
+
     async def broadcast(self, count: int, size: int) -> None:
         for seed in range(count):
             await self.clients.all.send("Items", seed, items(size, seed))
