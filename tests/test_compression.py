@@ -287,8 +287,28 @@ async def test_the_asgi_serving_mode_does_not_compress() -> None:
         proc.close()
 
 
-async def test_prometheus_counters(server: ServerProcess) -> None:
+async def test_prometheus_counters_match_the_stats(server: ServerProcess) -> None:
+    hubs = [await RawHub.open(server.url, "/hub", "json") for _ in range(2)]
+    try:
+        await hubs[0].send(hubs[0].invocation("Broadcast", [1, 1000], None))
+        for hub in hubs:
+            assert _invocation(await hub.next_message())[0] == "Items"
+    finally:
+        for hub in hubs:
+            await hub.ws.close()
+    counters = await _counters(server.url)
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
         text = (await client.get("/metrics")).text
-    for name in ("deflate_negotiated", "compressions", "compressed_frames", "compression_saved_bytes"):
-        assert f"hubwire_websocket_{name}_total " in text, name
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("hubwire_websocket_")
+    }
+    for metric, stat in (
+        ("deflate_negotiated", "negotiated"),
+        ("compressions", "compressions"),
+        ("compressed_frames", "frames"),
+        ("compression_saved_bytes", "bytes_saved"),
+        ("inflated_messages", "inflated"),
+    ):
+        assert values[f"hubwire_websocket_{metric}_total"] == counters[stat] > 0, metric
