@@ -139,3 +139,21 @@ def socket_closed_by_peer(sock: socket.socket, timeout: float) -> bool:
         except TimeoutError:
             return False
     return False
+
+
+def unexpected_tracebacks(log: str, on_purpose: tuple[str, ...] = ("Boom",)) -> list[str]:
+    """The tracebacks in a server's log, less those of hub methods that fail on purpose.
+
+    A hub method that raises is logged at ERROR with its traceback (a bug of the hub, as far as
+    the server knows); test apps raise ``Boom`` (or the hardening app's ``RuntimeError: boom``) to
+    check what clients get, so those are expected: ``on_purpose`` names exception classes or whole
+    exception lines. Returns the exception line of every other traceback.
+    """
+    unexpected = []
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        # the exception line is the first one that is not indented (the frames are)
+        line = next((x for x in block.splitlines() if x.strip() and not x.startswith((" ", "\t"))), "")
+        name = line.split(":", 1)[0].rsplit(".", 1)[-1]
+        if name not in on_purpose and line not in on_purpose:
+            unexpected.append(line or block[:200])
+    return unexpected
