@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -1479,6 +1479,18 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.output:
         args.output.write_text(text)
+        # the results behind the report and the plots (latency quantile points included), so the
+        # plots can be drawn again (python -m bench.plots FILE.json) and runs compared later
+        data = {
+            "args": {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+                if k not in ("rooms", "plot_files")
+            }
+            | {"rooms": [[r.clients, r.rate] for r in args.rooms]},
+            "reports": [asdict(r) for r in reports],
+        }
+        args.output.with_suffix(".json").write_text(json.dumps(data))
     lost = sum(x.lost for r in reports for x in r.results())
     dup = sum(x.dups + x.unexpected for r in reports for x in r.results())
     if lost or dup:

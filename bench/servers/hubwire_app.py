@@ -45,9 +45,10 @@ HUB_PATH = "/hub"
 
 
 def _start_profile() -> None:
-    """cProfile of this process's main thread (the event loop), in CPU time (user + sys, so the
-    system calls a function makes count in it): SIGUSR2 starts a fresh profile, SIGUSR1 writes it
-    (``hubwire-<pid>-<n>.prof``, n counting the writes) and stops."""
+    """cProfile of this process's main thread (the event loop; wall-clock timer, so a function's
+    time includes its system calls; a CPU-time timer costs a system call per function call and
+    skews everything): SIGUSR2 starts a fresh profile, SIGUSR1 writes it (``hubwire-<pid>-<n>.prof``,
+    n counting the writes) and stops."""
     directory = os.environ.get("BENCH_PROFILE_DIR")
     if not directory or __name__ == "__main__":
         return
@@ -57,7 +58,7 @@ def _start_profile() -> None:
     state: dict[str, Any] = {"profile": None, "n": 0}
 
     def start(*_: object) -> None:
-        state["profile"] = cProfile.Profile(time.process_time)
+        state["profile"] = cProfile.Profile()
         state["profile"].enable()
 
     def dump(*_: object) -> None:
