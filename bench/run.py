@@ -530,6 +530,11 @@ class RoomsResult:
     #: Redis commands executed during the measured window, per message sent (INFO commandstats),
     #: and ``stat:<name>`` of ``REDIS_IO_STATS`` per message (bytes in / out, reads / writes)
     redis_commands: dict[str, float] = field(default_factory=dict)
+    #: connecting and joining (until the send window): Redis's and the servers' CPU seconds and
+    #: Redis's commands (calls), which the send window leaves out
+    setup_redis_cpu_s: float = 0.0
+    setup_cpu_s: float = 0.0
+    setup_commands: dict[str, int] = field(default_factory=dict)
 
 
 #: ``INFO stats`` counters the rooms phase reports per message: what Redis read and wrote, and how
@@ -731,6 +736,7 @@ class Bench:
         lg = LoadGen(self.procs, workers, tag="roomload") if workers != len(self.lg) else self.lg
         rule = {"kind": "block", "size": size, "name": "r"}
         try:
+            setup0 = redis_commandstats(self.redis), cpu_seconds([self.redis.proc.pid]), cpu_seconds(pids)
             c = connect(lg, spec, instances, n, concurrency=args.big_concurrency, timeout=600)
             self.log(
                 f"{spec.name}: rooms {rs.label}: {c['ok']} clients connected in {c['seconds']:.2f}s "
@@ -751,6 +757,12 @@ class Bench:
             if join_failed:
                 raise RuntimeError(f"rooms: {join_failed} joins failed: {joins[0]['errors']}")
             time.sleep(1.0)  # subscriptions settle; the joins' own work is not in the window
+            setup1 = redis_commandstats(self.redis), cpu_seconds([self.redis.proc.pid]), cpu_seconds(pids)
+            setup_commands = {
+                k: v - setup0[0].get(k, 0)
+                for k, v in setup1[0].items()
+                if v - setup0[0].get(k, 0) > 0 and not k.startswith("stat:") and k != "info"
+            }
             phase = self.ids.next()
             lg.all({"cmd": "begin", "phase": phase, "rooms": {"size": size}})
             profiling = spec.name == "hubwire" and args.profile
@@ -809,6 +821,8 @@ class Bench:
             out = RoomsResult(
                 clients=n, rooms=n_rooms, rate=rs.rate, result=r, connect_s=c["seconds"], join_s=join_s,
                 joined=joined, join_failed=join_failed, loadgens=len(lg), redis_commands=commands,
+                setup_redis_cpu_s=setup1[1] - setup0[1], setup_cpu_s=setup1[2] - setup0[2],
+                setup_commands=setup_commands,
             )  # fmt: skip
             self.log_result(spec.name, f"rooms {rs.label} ({n_rooms} rooms)", r)
             self.log(
@@ -1112,6 +1126,14 @@ def rooms_table(reports: list[ServerReport]) -> str:
         "| Redis per message: bytes in / out, reads / writes | ÷ socketio-node (CPU; Redis; p99; join) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    setup = [
+        "",
+        "Connecting and joining (not in the send window): wall time, both servers' and Redis's CPU "
+        "seconds from the first connection to 1 s after the last join, and Redis's commands meanwhile:",
+        "",
+        "| server | clients / rooms | connect s | join s | server CPU s | Redis CPU s | Redis commands |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for rep in with_rooms:
         for label, rr in rep.rooms.items():
             r = rr.result
@@ -1135,12 +1157,18 @@ def rooms_table(reports: list[ServerReport]) -> str:
                         ratio(rr.join_s, other.join_s),
                     )
                 )
+            setup.append(
+                f"| {rep.name} | {rr.clients:,} / {rr.rooms:,} | {rr.connect_s:.2f} | {rr.join_s:.2f} "
+                f"| {rr.setup_cpu_s:.2f} | {rr.setup_redis_cpu_s:.2f} | "
+                + ", ".join(f"{k} {v:,}" for k, v in sorted(rr.setup_commands.items(), key=lambda kv: -kv[1]))
+                + " |"
+            )
             lines.append(
                 f"| {rep.name} | {rr.clients:,} / {rr.rooms:,} / {rr.rate:g} | {r.sent:,} | {r.rate:,.0f} "
                 f"| {fmt(r.us_per_delivery, 2)} | {fmt(redis_us, 2)} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} "
                 f"| {rr.join_s:.2f} | {r.lost} | {r.dups + r.unexpected} | {cmds} | {redis_io} | {vs} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + setup)
 
 
 def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
