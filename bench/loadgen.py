@@ -10,10 +10,19 @@ asyncio protocols (HTTP upgrade, masked frames out, unmasked frames in, pong on 
 - ``sio``: Socket.IO over Engine.IO v4 on a raw WebSocket (``/socket.io/?EIO=4&transport=websocket``):
   ``0{...}`` open, send ``40``, get ``40{...}``, events ``42["broadcast",p]``, ``2`` ping / ``3`` pong.
 
+With ``deflate`` (the connect command's option) a client offers permessage-deflate
+(``permessage-deflate; client_max_window_bits``, what browsers send) and inflates compressed frames
+with one decompressor per socket kept across messages (what a server that keeps its context needs;
+for one that does not, it decodes the same, and a message that ends the DEFLATE stream starts a
+new decompressor). Every worker counts the bytes it reads from its sockets
+(``wire_bytes``: what travelled, compressed or not) and the compressed messages it inflated.
+
 Every broadcast payload is 200 ASCII bytes: phase (3 digits), sequence id (10), send time
 (``time.monotonic_ns()``, 20 digits; CLOCK_MONOTONIC is one clock for every process of the machine),
-then padding. A receiving client parses those, so each delivery gives its latency, and a per-client
-bitmap of sequence ids counts distinct deliveries and duplicates.
+then padding (``BroadcastData``, the deflate phase: the 33-byte marker alone, followed by a second
+argument of ~1 KB of realistic JSON, :func:`make_data`). A receiving client parses those, so each
+delivery gives its latency, and a per-client bitmap of sequence ids counts distinct deliveries and
+duplicates.
 
 Many small rooms (``rooms_send``): client i is a member of room ``i // size``; one member per room
 sends ``GroupBroadcast(room, payload)`` at a fixed rate, and the payload carries the room (8 digits
@@ -35,6 +44,7 @@ import resource
 import socket
 import sys
 import time
+import zlib
 from array import array
 from typing import Any
 
@@ -68,6 +78,29 @@ ROOM_PAD_TEXT = PAD_TEXT[8:]
 def make_room_payload(phase: int, seq: int, room: int) -> str:
     """A rooms-phase payload: ``seq`` counts the room's own messages; the room follows the send time."""
     return f"{phase % 1000:03d}{seq:010d}{time.monotonic_ns():020d}{room:08d}" + ROOM_PAD_TEXT
+
+
+#: what a browser offers
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+_TAIL = b"\x00\x00\xff\xff"
+
+
+def make_data(seq: int) -> list[dict[str, Any]]:
+    """About 1 KB of realistic JSON for broadcast ``seq``: chat-like objects, repeated keys, values
+    that change from one broadcast to the next (ids, users, times, texts)."""
+    base = seq * 7
+    return [
+        {
+            "id": base + i,
+            "user": f"user{(base + i) % 97}",
+            "channel": "general",
+            "text": f"message {base + i} about topic {(base + i) % 13}",
+            "ts": 1_700_000_000_000 + (base + i) * 1013,
+            "read": (base + i) % 3 == 0,
+            "reactions": {"like": (base + i) % 5, "laugh": (base + i) % 2},
+        }
+        for i in range(7)
+    ]
 
 
 def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -124,9 +157,11 @@ class Client(asyncio.Protocol):
         "buf",
         "completions",
         "conn_id",
+        "deflate",
         "drain",
         "host",
         "idx",
+        "inflater",
         "kind",
         "member",
         "path",
@@ -138,8 +173,13 @@ class Client(asyncio.Protocol):
         "worker",
     )
 
-    def __init__(self, worker: Worker, idx: int, kind: str, host: str, path: str, drain: bool) -> None:
+    def __init__(
+        self, worker: Worker, idx: int, kind: str, host: str, path: str, drain: bool, deflate: bool = False
+    ) -> None:
         self.worker = worker
+        self.deflate = deflate
+        #: permessage-deflate was negotiated: the socket's decompressor
+        self.inflater: Any = None
         self.idx = idx
         self.kind = kind
         self.host = host
@@ -162,7 +202,9 @@ class Client(asyncio.Protocol):
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            + (f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n" if self.deflate else "")
+            + "\r\n"
         )
         transport.write(request.encode())
 
@@ -199,6 +241,7 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic_ns()
+        self.worker.wire_bytes += len(data)
         buf = self.buf + data if self.buf else data
         if self.state == 0:
             end = buf.find(b"\r\n\r\n")
@@ -209,6 +252,8 @@ class Client(asyncio.Protocol):
             if b" 101 " not in status + b" ":
                 self.fail(f"upgrade refused: {status.decode('latin-1')}")
                 return
+            if self.deflate:
+                self.negotiate(buf[:end])
             buf = buf[end + 4 :]
             self.state = 1
             if self.kind == "signalr":
@@ -233,8 +278,17 @@ class Client(asyncio.Protocol):
             if end > n:
                 break
             op = buf[pos] & 0x0F
+            compressed = buf[pos] & 0x40
             pos = end
-            if op == 1 or op == 2:
+            if compressed and (op == 1 or op == 2):
+                message = self.inflate(buf[start:end])
+                if message is None:
+                    return
+                if self.kind == "signalr":
+                    self.on_signalr(message, now)
+                else:
+                    self.on_sio(message, now)
+            elif op == 1 or op == 2:
                 if self.drain and self.state == 2:
                     w = self.worker
                     w.drained_bytes += size
@@ -252,6 +306,26 @@ class Client(asyncio.Protocol):
             elif op == 0:
                 self.worker.protocol_errors += 1  # no server sends fragmented messages this small
         self.buf = buf[pos:] if pos < n else b""
+
+    def negotiate(self, head: bytes) -> None:
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-extensions" and b"permessage-deflate" in value:
+                self.inflater = zlib.decompressobj(-15)
+                self.worker.negotiated += 1
+
+    def inflate(self, payload: bytes) -> bytes | None:
+        """A compressed message (RFC 7692: the stripped empty block appended back)."""
+        if self.inflater is None:
+            self.worker.protocol_errors += 1  # RSV1 without the extension
+            self.fail("compressed frame without permessage-deflate")
+            return None
+        inflater = self.inflater
+        self.worker.inflated += 1
+        data: bytes = inflater.decompress(payload + _TAIL)
+        if inflater.eof:  # a final DEFLATE block: the next message is a stream of its own
+            self.inflater = zlib.decompressobj(-15)
+        return data
 
     def deliver(self, payload: bytes, j: int, now: int) -> None:
         """A broadcast payload starting at ``payload[j]``."""
@@ -417,6 +491,7 @@ class Client(asyncio.Protocol):
 #: SignalR hub method -> Socket.IO event of the bench servers
 SIO_EVENTS = {
     "Broadcast": "broadcast",
+    "BroadcastData": "broadcast_data",
     "JoinGroup": "join",
     "GroupBroadcast": "group_broadcast",
 }
@@ -455,6 +530,11 @@ class Worker:
         self.drained_bytes = 0
         self.drained_records = 0
         self.connect_errors: list[str] = []
+        #: bytes read from the sockets since the phase began, compressed messages inflated,
+        #: sockets that negotiated permessage-deflate
+        self.wire_bytes = 0
+        self.inflated = 0
+        self.negotiated = 0
 
     # -- commands ----------------------------------------------------------------------------------
 
@@ -506,6 +586,8 @@ class Worker:
         timeout = float(cmd.get("timeout", 20.0))
         user = bool(cmd.get("user"))
         drain = bool(cmd.get("drain"))
+        deflate = bool(cmd.get("deflate"))
+        negotiated0 = self.negotiated
         loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(concurrency)
         ok = failed = 0
@@ -526,7 +608,7 @@ class Worker:
                     sock.bind((SOURCE_ADDRESSES[i % len(SOURCE_ADDRESSES)], 0))
                     await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
                     _, client = await loop.create_connection(
-                        lambda: Client(self, i, kind, f"{host}:{port}", path, drain), sock=sock
+                        lambda: Client(self, i, kind, f"{host}:{port}", path, drain, deflate), sock=sock
                     )
                     owned = True
                     opened.append(client)
@@ -548,7 +630,8 @@ class Worker:
             else:
                 c.close()
         self.clients.sort(key=lambda c: c.idx)
-        return {"ok": ok, "failed": failed, "seconds": seconds, "errors": errors}
+        negotiated = self.negotiated - negotiated0
+        return {"ok": ok, "failed": failed, "seconds": seconds, "errors": errors, "negotiated": negotiated}
 
     async def join(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Each client joins the group ``group_of`` gives it; returns once every join completed."""
@@ -607,6 +690,7 @@ class Worker:
             for c in self.clients:
                 c.room = c.idx // size
         self.protocol_errors = 0
+        self.wire_bytes = self.inflated = 0
         return {"members": members, "clients": len(self.clients)}
 
     async def send(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -658,6 +742,8 @@ class Worker:
             client = senders[sent % len(senders)]
             if target == "GroupBroadcast":
                 client.invoke_nowait("GroupBroadcast", [group, payload])
+            elif target == "BroadcastData":
+                client.invoke_nowait("BroadcastData", [payload[:33], make_data(sent)])
             else:
                 client.invoke_nowait("Broadcast", [payload])
             sent += 1
@@ -739,6 +825,8 @@ class Worker:
             "latency_points": quantile_points(ph.latencies),
             "lost_connections": self.lost_connections,
             "protocol_errors": self.protocol_errors,
+            "wire_bytes": self.wire_bytes,
+            "inflated": self.inflated,
         }
 
     def distinct(self, sent: int) -> int:

@@ -236,6 +236,9 @@ def load(path: Path) -> tuple[list[ServerReport], argparse.Namespace]:
         for phase in ("fanout", "group", "latency"):
             setattr(rep, phase, {int(n): result(r) for n, r in raw[phase].items()})
         rep.rooms = {k: RoomsResult(**(v | {"result": result(v["result"])})) for k, v in raw["rooms"].items()}
+        for key, r in raw.get("deflate", {}).items():  # "variant:clients" (bench/run.py report_data)
+            variant, _, n = key.rpartition(":")
+            rep.deflate[(variant, int(n))] = result(r)
         rep.idle_kb, rep.errors = raw.get("idle_kb"), raw.get("errors", [])
         reports.append(rep)
     return reports, args

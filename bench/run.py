@@ -65,11 +65,15 @@ SERVERS: dict[str, ServerSpec] = {
 }
 #: the floors hubwire is compared with: one frame per message, and coalescing as hubwire does
 FLOORS = ("picows", "picows-batch")
-PHASES = ("idle", "fanout", "group", "latency", "rooms", "ingest", "big")
-#: phases of each client-count round
-ROUND_PHASES = ("fanout", "group", "latency")
+PHASES = ("idle", "fanout", "group", "latency", "rooms", "ingest", "big", "deflate")
+#: what runs without --phases (the deflate phase is asked for by name)
+DEFAULT_PHASES = ("idle", "fanout", "group", "latency", "rooms", "ingest", "big")
+#: phases of each client-count round (deflate: for ``DEFLATE_SERVERS`` only)
+ROUND_PHASES = ("fanout", "group", "latency", "deflate")
 #: phases that run for hubwire only
 HUBWIRE_ONLY = ("ingest", "big")
+#: servers of the deflate phase (permessage-deflate: hubwire compresses once, socket.io per socket)
+DEFLATE_SERVERS = ("hubwire", "socketio-node")
 HUB_NAME = "BenchHub"
 
 
@@ -365,6 +369,7 @@ def connect(
     user: bool = False,
     concurrency: int = 200,
     timeout: float = 180.0,
+    deflate: bool = False,
 ) -> dict[str, Any]:
     targets = [["127.0.0.1", inst.port, spec.path] for inst in instances]
     cmds: list[dict[str, Any] | None] = [
@@ -375,6 +380,7 @@ def connect(
             "first": first,
             "count": n,
             "user": user,
+            "deflate": deflate,
             "concurrency": max(1, concurrency // len(lg)),
         }
         for first, n in split(count, len(lg))
@@ -384,7 +390,13 @@ def connect(
     seconds = time.monotonic() - t0
     ok = sum(a["ok"] for a in answers)
     errors = [e for a in answers for e in a["errors"]]
-    return {"ok": ok, "failed": sum(a["failed"] for a in answers), "seconds": seconds, "errors": errors[:5]}
+    return {
+        "ok": ok,
+        "failed": sum(a["failed"] for a in answers),
+        "seconds": seconds,
+        "errors": errors[:5],
+        "negotiated": sum(a.get("negotiated", 0) for a in answers),
+    }
 
 
 # -- broadcast phases -------------------------------------------------------------------------------
@@ -410,10 +422,17 @@ class Result:
     redis_cpu_s: float = 0.0
     #: the workers' latency quantile points and sample counts (ns): what the CDF plot draws
     latency_parts: list[tuple[list[int], int]] = field(default_factory=list)
+    #: bytes the clients read from their sockets, compressed messages they inflated (deflate phase)
+    wire_bytes: int = 0
+    inflated: int = 0
 
     @property
     def us_per_delivery(self) -> float | None:
         return self.cpu_s * 1e6 / self.distinct if self.distinct else None
+
+    @property
+    def bytes_per_delivery(self) -> float | None:
+        return self.wire_bytes / self.distinct if self.distinct else None
 
 
 def merged_quantile(parts: list[tuple[list[int], int]], q: float) -> float | None:
@@ -457,6 +476,7 @@ def broadcasts(
     drain_timeout: float = 15.0,
     senders: int = 8,
     redis_pid: int | None = None,
+    target: str | None = None,
 ) -> Result:
     """One measured run of broadcasts: begin on every worker, send from worker 0, end everywhere."""
     begins = lg.all({"cmd": "begin", "phase": phase, "rule": rule, "group": group})
@@ -467,7 +487,7 @@ def broadcasts(
         "window": window,
         "rate": rate,
         "count": count,
-        "target": "GroupBroadcast" if group else "Broadcast",
+        "target": target or ("GroupBroadcast" if group else "Broadcast"),
         "group": group,
         "senders": senders,
     }
@@ -492,6 +512,8 @@ def broadcasts(
         stalls=sent.get("stalls", 0),
         loadgen_cpu_s=others1[0] - others0[0],
         redis_cpu_s=others1[1] - others0[1],
+        wire_bytes=sum(e.get("wire_bytes", 0) for e in ends),
+        inflated=sum(e.get("inflated", 0) for e in ends),
     )
     firsts = [e["first_ns"] for e in ends if e["first_ns"]]
     lasts = [e["last_ns"] for e in ends if e["last_ns"]]
@@ -581,6 +603,8 @@ class ServerReport:
     ingest: dict[str, Any] | None = None
     big: dict[str, Any] | None = None
     rooms: dict[str, RoomsResult] = field(default_factory=dict)
+    #: the deflate phase by (variant, clients): "uncompressed" and "deflate" (clients offer it)
+    deflate: dict[tuple[str, int], Result] = field(default_factory=dict)
 
     def results(self) -> list[Result]:
         return [
@@ -588,6 +612,7 @@ class ServerReport:
             *self.group.values(),
             *self.latency.values(),
             *(r.result for r in self.rooms.values()),
+            *self.deflate.values(),
         ]
 
 
@@ -620,7 +645,8 @@ class Bench:
             self.warmup(spec, instances)
             if "idle" in args.phases:
                 self.idle(spec, instances, report)
-            if any(p in args.phases for p in ROUND_PHASES):
+            round_phases = [p for p in ROUND_PHASES if p != "deflate" or name in DEFLATE_SERVERS]
+            if any(p in args.phases for p in round_phases):
                 for n in args.clients:
                     self.round(spec, instances, n, report)
             if "rooms" in args.phases and name in args.rooms_servers:
@@ -717,6 +743,8 @@ class Bench:
                 )  # fmt: skip
                 report.latency[n] = r
                 self.log_result(spec.name, f"latency {n} @{args.latency_rate:g}/s", r)
+            if "deflate" in args.phases and spec.name in DEFLATE_SERVERS:
+                self.deflate(spec, instances, n, report)
         finally:
             self.lg.all({"cmd": "close"}, 60)
             time.sleep(1.0)
@@ -839,7 +867,32 @@ class Bench:
                 lg.close()
             time.sleep(1.0)
 
-    def log_result(self, name: str, what: str, r: Result) -> None:
+    def deflate(self, spec: ServerSpec, instances: list[Instance], n: int, report: ServerReport) -> None:
+        """~1 KB JSON broadcasts to the ``n`` clients connected without compression, then to ``n``
+        clients that offer permessage-deflate: wire bytes and server CPU per delivery of each."""
+        args = self.args
+        pids = [i.pid for i in instances]
+        for variant in ("uncompressed", "deflate"):
+            if variant == "deflate":
+                self.lg.all({"cmd": "close"}, 60)
+                time.sleep(1.0)
+                c = connect(self.lg, spec, instances, n, deflate=True)
+                if c["failed"] or c["negotiated"] != c["ok"]:
+                    report.errors.append(
+                        f"deflate {n}: {c['failed']} connections failed, {c['negotiated']} of {c['ok']} "
+                        f"negotiated permessage-deflate: {c['errors']}"
+                    )
+            r = broadcasts(
+                self.lg, pids, self.ids.next(), duration=args.duration, window=args.deflate_window,
+                redis_pid=self.redis.proc.pid, target="BroadcastData",
+            )  # fmt: skip
+            report.deflate[(variant, n)] = r
+            self.log_result(
+                spec.name, f"deflate phase, {variant} {n}", r,
+                f", {r.bytes_per_delivery or 0:.0f} wire bytes/delivery, {r.inflated} inflated",
+            )  # fmt: skip
+
+    def log_result(self, name: str, what: str, r: Result, extra: str = "") -> None:
         us = r.us_per_delivery
         self.log(
             f"{name}: {what}: {r.sent} sent, {r.distinct} delivered ({r.rate:,.0f}/s), "
@@ -847,6 +900,7 @@ class Bench:
             f"p99 {r.p99_ms or 0:.1f} ms, lost {r.lost}, dup {r.dups}, unexpected {r.unexpected}"
             + (f", stalls {r.stalls}" if r.stalls else "")
             + (f", lost connections {r.lost_connections}" if r.lost_connections else "")
+            + extra
         )
 
     # -- hubwire only --------------------------------------------------------------------------------
@@ -1089,6 +1143,61 @@ def table(reports: list[ServerReport], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _deflate_label(server: str, variant: str) -> str:
+    if variant == "uncompressed":
+        return f"{server} uncompressed"
+    return f"{server} compress-once" if server == "hubwire" else f"{server} per-socket deflate"
+
+
+def deflate_table(reports: list[ServerReport]) -> str:
+    """The deflate phase: wire bytes and server CPU per delivery, against hubwire uncompressed."""
+    hw = next((r for r in reports if r.name == "hubwire"), None)
+    head = (
+        "| server | clients | wire bytes/delivery | ÷ hubwire uncompressed | CPU µs/delivery "
+        "| ÷ hubwire uncompressed | deliveries/s | compressed messages | lost | dup |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for rep in reports:
+        for (variant, n), r in sorted(
+            rep.deflate.items(), key=lambda kv: (kv[0][1], kv[0][0] != "uncompressed")
+        ):
+            base = hw.deflate.get(("uncompressed", n)) if hw else None
+            lines.append(
+                f"| {_deflate_label(rep.name, variant)} | {n} | {fmt(r.bytes_per_delivery, 0)} "
+                f"| {ratio(r.bytes_per_delivery, base.bytes_per_delivery if base else None)} "
+                f"| {fmt(r.us_per_delivery, 2)} "
+                f"| {ratio(r.us_per_delivery, base.us_per_delivery if base else None)} "
+                f"| {r.rate:,.0f} | {r.inflated} | {r.lost} | {r.dups + r.unexpected} |"
+            )
+    return "\n".join(lines)
+
+
+def deflate_targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
+    by = {r.name: r for r in reports}
+    hw, node = by.get("hubwire"), by.get("socketio-node")
+    out: list[str] = []
+    if hw is None:
+        return out
+    for n in args.clients:
+        plain, once = hw.deflate.get(("uncompressed", n)), hw.deflate.get(("deflate", n))
+        other = node.deflate.get(("deflate", n)) if node else None
+        if plain is None or once is None:
+            continue
+        p, o = plain.us_per_delivery, once.us_per_delivery
+        if p and o:
+            out.append(f"- {'PASS' if o <= 1.3 * p else 'FAIL'} compress-once CPU {n} ≤ 1.3x hubwire "
+                       f"uncompressed: {o:.2f} vs {p:.2f} µs ({o / p:.2f}x)")  # fmt: skip
+        x = other.us_per_delivery if other else None
+        if o and x:
+            out.append(f"- {'PASS' if o < x else 'FAIL'} compress-once CPU {n} < socket.io-node per-socket "
+                       f"deflate: {o:.2f} vs {x:.2f} µs ({o / x:.2f}x)")  # fmt: skip
+        pb, ob = plain.bytes_per_delivery, once.bytes_per_delivery
+        if pb and ob:
+            out.append(f"- {'PASS' if ob <= 0.55 * pb else 'FAIL'} wire bytes/delivery {n} about halved: "
+                       f"{ob:.0f} vs {pb:.0f} ({ob / pb:.2f}x)")  # fmt: skip
+    return out
+
+
 def details(reports: list[ServerReport]) -> str:
     head = (
         "| server | phase | clients | broadcasts | deliveries | deliveries/s | server CPU s | µs/delivery "
@@ -1097,10 +1206,15 @@ def details(reports: list[ServerReport]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rep in reports:
         rooms = {f"rooms {k}": v.result for k, v in rep.rooms.items()}
+        deflate = {(n, variant): r for (variant, n), r in rep.deflate.items()}
         for phase, results in (
             ("fanout", rep.fanout),
             ("group", rep.group),
             ("latency", rep.latency),
+            *(
+                (f"deflate {v}", {n: r for (n, v2), r in deflate.items() if v2 == v})
+                for v in ("uncompressed", "deflate")
+            ),
             ("", rooms),
         ):
             for n, r in results.items():
@@ -1354,6 +1468,19 @@ def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: 
             f"connections dropped {b['lost_connections']}"
         )
         parts.append("")
+    if any(r.deflate for r in reports):
+        parts += [
+            f"**permessage-deflate** (~1 KB JSON broadcasts, closed loop with {args.deflate_window} in "
+            "flight; clients offer `permessage-deflate; client_max_window_bits` as browsers do, or "
+            "nothing; wire bytes = everything the clients read from their sockets, frame headers and "
+            "pings included):",
+            "",
+            deflate_table(reports),
+            "",
+        ]
+        deflate_checks = deflate_targets(reports, args)
+        if deflate_checks:
+            parts += ["**Targets (permessage-deflate):**", *deflate_checks, ""]
     checks = targets(reports, args)
     if checks:
         parts += ["**Targets (hubwire):**", *checks, ""]
@@ -1362,6 +1489,14 @@ def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: 
     if errs:
         parts += ["**Errors:**", *errs, ""]
     return "\n".join(parts)
+
+
+def report_data(report: ServerReport) -> dict[str, Any]:
+    """``report`` as JSON can hold it: the deflate phase's (variant, clients) keys become
+    ``"variant:clients"`` (bench/plots.py's ``load`` reads them back)."""
+    data = asdict(report)
+    data["deflate"] = {f"{variant}:{n}": asdict(r) for (variant, n), r in report.deflate.items()}
+    return data
 
 
 def room_specs(text: str) -> list[RoomSpec]:
@@ -1384,8 +1519,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-duration", type=float, default=None, help="seconds of the latency phase")
     p.add_argument("--latency-rate", type=float, default=10_000, help="deliveries/s of the latency phase")
     p.add_argument("--servers", type=csv(str), default=list(SERVERS), help=",".join(SERVERS))
-    p.add_argument("--phases", type=csv(str), default=list(PHASES), help=",".join(PHASES))
+    p.add_argument(
+        "--phases", type=csv(str), default=list(DEFAULT_PHASES),
+        help=",".join(PHASES) + " (default: all but deflate)",
+    )  # fmt: skip
     p.add_argument("--window", type=int, default=4, help="broadcasts in flight in fan-out/group phases")
+    p.add_argument(
+        "--deflate-window", type=int, default=1, help="broadcasts in flight in the deflate phase (default 1: "
+        "inflating slows the load generator, which would otherwise change how much servers coalesce)"
+    )  # fmt: skip
     p.add_argument("--loadgens", type=int, default=1, help="load generator processes")
     p.add_argument("--settle", type=float, default=2.0, help="seconds idle connections settle before RSS")
     p.add_argument("--ingest-clients", type=int, default=1000)
@@ -1516,7 +1658,7 @@ def main(argv: list[str] | None = None) -> int:
                 if k not in ("rooms", "plot_files")
             }
             | {"rooms": [[r.clients, r.rate] for r in args.rooms]},
-            "reports": [asdict(r) for r in reports],
+            "reports": [report_data(r) for r in reports],
         }
         args.output.with_suffix(".json").write_text(json.dumps(data))
     lost = sum(x.lost for r in reports for x in r.results())

@@ -23,10 +23,31 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+#: ``HUBWIRE_TEST_PORT_BASE``: hand out ports from [base, base + 10000), below the kernel's ephemeral
+#: range (32768 and up on Linux). Why: ``./run test`` runs two pytest processes at once; a port the
+#: kernel picked for one (bind to 0, release, the server binds it later) could meanwhile be picked for
+#: the other, or become a client connection's source port. Disjoint ranges below the ephemeral ones
+#: rule both out; within a process the ports go round the range in order.
+_PORT_BASE = int(os.environ.get("HUBWIRE_TEST_PORT_BASE") or 0)
+_PORT_SPAN = 10_000
+_port_turn = [os.getpid() % _PORT_SPAN]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    if not _PORT_BASE:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(_PORT_SPAN):
+        port = _PORT_BASE + _port_turn[0] % _PORT_SPAN
+        _port_turn[0] += 1
+        with socket.socket() as s:  # no SO_REUSEADDR: a port in use or in TIME_WAIT is skipped
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{_PORT_BASE}, {_PORT_BASE + _PORT_SPAN})")
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:

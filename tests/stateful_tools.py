@@ -110,7 +110,11 @@ class CuttingProxy:
                 writer.write(data)
                 await writer.drain()
         if not pair.zombie:
-            writer.transport.abort()
+            # one side ended: pass on what it sent, then the end (as a load balancer does; an abort
+            # would drop what is still buffered here, and the peer would see a reset instead)
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 5)
 
     def cut(self, server_side: bool = True) -> int:
         """Drop every connection now with no close handshake; returns how many.

@@ -20,7 +20,7 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,11 @@ class Fleet:
         assert self.proc.stdin is not None
         self.proc.stdin.write(b'{"cmd": "report"}\n')
         await self.proc.stdin.drain()
-        clients: list[dict[str, Any]] = (await self.event("report", 10))["clients"]
+        report = await self.event("report", 10)
+        if report["crashes"]:  # what the official client threw, and what the clients logged
+            logs = [(c["kind"], c["log"]) for c in report["clients"] if c["log"]]
+            raise AssertionError(f"client crashed: {report['crashes']}\nlogs: {json.dumps(logs, indent=1)}")
+        clients: list[dict[str, Any]] = report["clients"]
         return clients
 
 
@@ -87,6 +91,7 @@ async def fleet(url: str, kinds: list[dict[str, Any]]) -> AsyncIterator[Fleet]:
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
+        limit=16 * 1024 * 1024,  # a report line holds every client's recent log
     )
     try:
         yield Fleet(proc)
@@ -111,7 +116,7 @@ async def until(check: Any, timeout: float, what: str) -> None:
 
 @requires(*NODE_CLIENT)
 async def test_rolling_restart_of_three_instances_loses_no_client(private_redis: RedisServer) -> None:
-    args = ["--redis", private_redis.url, "--channel-prefix", new_prefix("drain")]
+    args = ["--redis", private_redis.url, "--channel-prefix", new_prefix("drain"), "--log-level", "info"]
     every: list[ServerProcess] = []
 
     def start(port: int | None = None) -> ServerProcess:
@@ -150,11 +155,20 @@ async def test_rolling_restart_of_three_instances_loses_no_client(private_redis:
                     await asyncio.sleep(1.5)  # clients settle, some of them on the new instance
                 sent = (await api.delete("/tick")).json()["sent"]
 
-                async def all_ticks() -> bool:
-                    return all(c["ticks"]["last"] == sent for c in await clients.report())
+                report = []
 
-                await until(all_ticks, 15, f"every client to get tick {sent}")
-                report = await clients.report()
+                async def all_ticks() -> bool:
+                    nonlocal report
+                    report = await clients.report()
+                    return all(c["ticks"]["last"] == sent for c in report)
+
+                try:
+                    await until(all_ticks, 15, f"every client to get tick {sent}")
+                except AssertionError as exc:
+                    if not str(exc).startswith("timed out"):
+                        raise  # what a client threw, say
+                    late = [c for c in report if c["ticks"]["last"] != sent]
+                    raise AssertionError(f"not every client got tick {sent}: {late}") from None
     except BaseException:
         for i, server in enumerate(every):
             print(f"--- server {i} ---\n{server.output()[-4000:]}")
@@ -325,17 +339,39 @@ async def test_tls_serves_wss_natively(tmp_path: Path) -> None:
         server.close()
 
 
-def _plain_uvicorn(app: str, port: int, *extra: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
-    return subprocess.Popen(
-        [PYTHON, "-m", "uvicorn", app, "--port", str(port), *extra],
-        cwd=ROOT,
+@contextlib.contextmanager
+def spawned(
+    argv: list[str], cwd: Path = ROOT, path: tuple[Path, ...] = ()
+) -> Iterator[subprocess.Popen[str]]:
+    """A process of its own session with its output captured; stopped (bounded) on exit."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (*path, ROOT / "src", ROOT)))
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def _plain_uvicorn(
+    app: str, port: int, *extra: str
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    return spawned([PYTHON, "-m", "uvicorn", app, "--port", str(port), *extra])
 
 
 ASGI_MODE = "hub WebSockets are served in ASGI mode (uvicorn's WebSocket protocol is"
@@ -348,8 +384,7 @@ async def test_plain_uvicorn_says_how_websockets_are_served_and_ends_sse_on_sigt
     watches uvicorn's exit flag), so uvicorn does not wait forever for them."""
     extra = ("--ws", "hubwire.transports.native:NativeWebSocketProtocol") if native else ()
     port = free_port()
-    proc = _plain_uvicorn(APP, port, *extra)
-    try:
+    with _plain_uvicorn(APP, port, *extra) as proc:
         wait_port(port, proc=proc)  # type: ignore[arg-type]
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
             token = (await c.post("/hub/negotiate?negotiateVersion=1&user=u")).json()["connectionToken"]
@@ -366,36 +401,23 @@ async def test_plain_uvicorn_says_how_websockets_are_served_and_ends_sse_on_sigt
         # uvicorn re-raises the signal it stopped for once it is done: -SIGTERM, after a full shutdown
         assert proc.wait(15) == -signal.SIGTERM
         output = proc.stdout.read() if proc.stdout else ""
-        assert (ASGI_MODE in output) is not native, output
-        if not native:
-            assert "hubwire.transports.native:NativeWebSocketProtocol" in output  # how to get it
-        assert "Application shutdown complete." in output, output
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
+    assert (ASGI_MODE in output) is not native, output
+    if not native:
+        assert "hubwire.transports.native:NativeWebSocketProtocol" in output  # how to get it
+    assert "Application shutdown complete." in output, output
 
 
 async def test_mounted_in_another_app_says_how_to_keep_the_native_path() -> None:
     port = free_port()
     native = "hubwire.transports.native:NativeWebSocketProtocol"
-    proc = _plain_uvicorn("tests.apps.mounted:app", port, "--ws", native)
-    try:
+    with _plain_uvicorn("tests.apps.mounted:app", port, "--ws", native) as proc:
         wait_port(port, proc=proc)  # type: ignore[arg-type]
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
             assert (await c.post("/hubs/hub/negotiate?negotiateVersion=1")).status_code == 200
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(15)
         output = proc.stdout.read() if proc.stdout else ""
-        assert "mounted inside another app" in output and "HubServer(app=your_app)" in output, output
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
+    assert "mounted inside another app" in output and "HubServer(app=your_app)" in output, output
 
 
 RELOADED_APP = """
@@ -411,17 +433,9 @@ server = HubServer(app=Starlette(routes=[Route("/", lambda request: PlainTextRes
 async def test_reload_restarts_on_a_source_change(tmp_path: Path) -> None:
     (tmp_path / "reloaded_app.py").write_text(RELOADED_APP.format(version="one"))
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT / "src"), str(ROOT)]))
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
-        [PYTHON, "-m", "hubwire.cli", "run", "reloaded_app:server", "--port", str(port), "--reload"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(port, proc=proc)
+    argv = [PYTHON, "-m", "hubwire.cli", "run", "reloaded_app:server", "--port", str(port), "--reload"]
+    with spawned(argv, cwd=tmp_path, path=(tmp_path,)) as proc:
+        wait_port(port, proc=proc)  # type: ignore[arg-type]
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
 
             async def says(text: str) -> bool:
@@ -432,10 +446,3 @@ async def test_reload_restarts_on_a_source_change(tmp_path: Path) -> None:
             await until(lambda: says("one"), 20, "the first version")
             (tmp_path / "reloaded_app.py").write_text(RELOADED_APP.format(version="two"))
             await until(lambda: says("two"), 20, "the reloaded version")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)

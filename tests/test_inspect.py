@@ -197,7 +197,7 @@ async def test_hubwire_inspect_table_and_json(cluster: Cluster) -> None:
         )
         assert sorted([c["connection_id"], c["user"], c["instance"]] for c in user["connections"]) == m.shared
         cid = m.room[0][0]
-        one = await asyncio.to_thread(inspect_cli, cluster, f"--connection={cid}")  # ids may start with "-"
+        one = await asyncio.to_thread(inspect_cli, cluster, "--connection", cid)  # ids may start with "-"
         assert one.returncode == 0 and cid in one.stdout and f"groups: {GROUP}" in one.stdout
         gone = await asyncio.to_thread(inspect_cli, cluster, "--connection", "nobody")
         assert gone.returncode == 1 and "0 connections" in gone.stdout

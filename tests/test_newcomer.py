@@ -162,3 +162,31 @@ async def test_hub_method_failures_are_logged_with_their_traceback(start_server:
     assert "hub method Throw failed" in out, out
     assert "Traceback (most recent call last)" in out and "kaboom-in-method" in out, out
     assert "ThrowHubException" not in out and "meant-for-the-caller" not in out, out
+
+
+def test_ids_beginning_with_a_dash_are_values_not_options() -> None:
+    """Connection ids are base64url: ``--client -x1`` names a connection, it is not an option."""
+    import argparse
+
+    from hubwire.cli import _dashed_ids
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    emit = sub.add_parser("emit")
+    emit.add_argument("--client")
+    emit.add_argument("--json", action="store_true")
+    assert _dashed_ids(["emit", "--client", "-x1Ab", "Hello"], parser) == ["emit", "--client=-x1Ab", "Hello"]
+    assert _dashed_ids(["emit", "--client", "--json"], parser) == ["emit", "--client", "--json"]
+    assert _dashed_ids(["emit", "--group", "-team"], parser) == ["emit", "--group=-team"]
+    emit = ["emit", "--redis", "redis://127.0.0.1:1", "--hub", "ChatHub", "--client", "-x1Ab", "Hi"]
+    done = subprocess.run(
+        [sys.executable, "-m", "hubwire.cli", *emit],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert "expected one argument" not in done.stderr, done.stderr  # parsed: it fails on Redis instead
+    assert "cannot publish through Redis" in done.stderr, done.stderr

@@ -2,8 +2,11 @@
 //
 //   node bench/node/socketio_server.js --port P --redis URL --prefix X
 //
-// Socket.IO at /socket.io/. Events (client -> server), the same as bench/servers/socketio_py_app.py:
+// Socket.IO at /socket.io/. permessage-deflate is on (ws's defaults, threshold 256 bytes as hubwire's),
+// used only with clients that offer it: the bench's deflate phase. Events (client -> server), the
+// same as bench/servers/socketio_py_app.py:
 //   broadcast(payload)              io.emit("broadcast", payload): every client of every instance
+//   broadcast_data(payload, data)   io.emit("broadcast", payload, data) (the deflate phase)
 //   join(name, ack)                 socket.join(name), then ack
 //   group_broadcast(name, payload)  io.to(name).emit("broadcast", payload)
 "use strict";
@@ -38,13 +41,16 @@ async function main() {
   });
   const io = new Server(httpServer, {
     adapter: createAdapter(pubClient, subClient, { key: `${args.prefix}socket.io` }),
-    perMessageDeflate: false,
+    perMessageDeflate: { threshold: 256 },
     serveClient: false,
   });
 
   io.on("connection", (socket) => {
     socket.on("broadcast", (payload) => {
       io.emit("broadcast", payload);
+    });
+    socket.on("broadcast_data", (payload, data) => {
+      io.emit("broadcast", payload, data);
     });
     socket.on("join", (name, ack) => {
       socket.join(name);

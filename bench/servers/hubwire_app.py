@@ -9,6 +9,8 @@ health JSON (its ``received`` counter is what the ingest phase reads), as tests/
 Hub methods (what the load generator calls):
 
 - ``Broadcast(payload)``: ``clients.all.send("broadcast", payload)`` (invoked without an invocation id)
+- ``BroadcastData(payload, data)``: ``clients.all.send("broadcast", payload, data)`` (the deflate phase:
+  ``data`` is ~1 KB of JSON)
 - ``JoinGroup(name)``: adds the caller to the group and completes
 - ``GroupBroadcast(name, payload)``: ``clients.group(name).send("broadcast", payload)``
 - ``ConnectionId()``: the caller's connection id (the ingest phase targets ``:connection:<id>``)
@@ -80,6 +82,9 @@ _start_profile()
 class BenchHub(Hub):
     async def broadcast(self, payload: str) -> None:
         await self.clients.all.send("broadcast", payload)
+
+    async def broadcast_data(self, payload: str, data: Any) -> None:
+        await self.clients.all.send("broadcast", payload, data)
 
     async def join_group(self, name: str) -> None:
         await self.groups.add(self.context.connection_id, name)

@@ -310,9 +310,7 @@ def _emit_parser(sub: Any) -> None:
     to.add_argument("--all", action="store_true", help="every connection")
     to.add_argument("--group", help="members of a group")
     to.add_argument("--user", help="every connection of a user")
-    to.add_argument(
-        "--client", metavar="ID", help="one connection (write --client=ID: ids may start with '-')"
-    )
+    to.add_argument("--client", metavar="ID", help="one connection")
     emit.add_argument("method", metavar="METHOD", help="the client method to call")
     emit.add_argument("args", metavar="JSON_ARG", nargs="*", help="its arguments, each a JSON value")
     emit.set_defaults(func=_emit)
@@ -384,9 +382,7 @@ def _add_inspect(sub: Any) -> None:
     target = inspect.add_mutually_exclusive_group()
     target.add_argument("--group", help="the group's connections on every instance")
     target.add_argument("--user", help="the user's connections on every instance")
-    target.add_argument(
-        "--connection", help="one connection, with its groups (write --connection=ID: ids may start with '-')"
-    )
+    target.add_argument("--connection", help="one connection, with its groups")
     inspect.add_argument("--hub", help="only this hub (its backplane name) for --group / --user")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for answers")
@@ -606,8 +602,42 @@ def main(argv: list[str] | None = None) -> None:
     _emit_parser(sub)
     _add_inspect(sub)
     _add_typescript(sub)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_dashed_ids(sys.argv[1:] if argv is None else argv, parser))
     args.func(args)
+
+
+#: options whose value is a connection id, a user or a group: names that may begin with '-'
+_NAME_OPTIONS = frozenset(("--connection", "--client", "--user", "--group"))
+
+
+def _dashed_ids(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--client -x1`` as ``--client=-x1``: connection ids are base64url and may begin with '-',
+    which argparse would take for an option. A following word that is one of hubwire's own
+    options stays an option (so a forgotten value still gets argparse's error)."""
+    known = _option_strings(parser)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        dashed = following is not None and following.startswith("-") and following not in known
+        if word in _NAME_OPTIONS and dashed:
+            out.append(f"{word}={following}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    found: set[str] = set()
+    for action in parser._actions:  # argparse keeps no public list of them
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,14 @@ class HubOptions:
     max_buffered_bytes: int | None = 1024 * 1024
     #: WebSocket close handshake wait
     websocket_close_timeout: float = 5.0
+    #: natively served WebSockets (``hubwire run``, the default serving mode): accept the
+    #: permessage-deflate extension a client offers (browsers always do). Negotiated without
+    #: per-socket compression state, so a broadcast is compressed once for every such socket.
+    #: The ASGI serving mode never compresses
+    websocket_compression: bool = True
+    #: messages smaller than this many bytes are sent uncompressed (compressing them costs CPU
+    #: and saves little); a message that compresses no smaller is sent uncompressed as well
+    websocket_compression_threshold: int = 256
     #: lowest negotiate version accepted
     minimum_negotiate_version: int = 0
     #: connections one instance holds at most (negotiated or connected); past it negotiate answers

@@ -40,20 +40,34 @@ function summary(ticks) {
 }
 
 function client(kind) {
+  const state = { kind, connection: null, ticks: [], reconnecting: 0, reconnected: 0, closed: 0, firstId: null, log: [] };
   let builder = new signalR.HubConnectionBuilder()
     .withUrl(url, { transport: TRANSPORTS[kind.transport] })
     .withAutomaticReconnect([0, 250, 500, 1000, 1000, 2000, 2000, 5000])
-    .configureLogging(signalR.LogLevel.None);
+    .configureLogging({
+      log: (level, message) => {
+        if (level < signalR.LogLevel.Debug) return;
+        state.log.push(`${new Date().toISOString()} ${level} ${message}`);
+        if (state.log.length > 200) state.log.shift();
+      },
+    });
   if (kind.stateful) builder = builder.withStatefulReconnect();
   if (kind.protocol === "messagepack") builder = builder.withHubProtocol(new MessagePackHubProtocol());
   const connection = builder.build();
-  const state = { kind, connection, ticks: [], reconnecting: 0, reconnected: 0, closed: 0, firstId: null };
-  connection.on("Tick", (n) => state.ticks.push(n));
+  state.connection = connection;
+  connection.on("Tick", (n) => {
+    state.ticks.push(n); // a handler returning a value would be taken for a client result
+  });
   connection.onreconnecting(() => state.reconnecting++);
   connection.onreconnected(() => state.reconnected++);
   connection.onclose(() => state.closed++);
   return state;
 }
+
+// what the official client throws from its own event handlers (not catchable by the caller):
+// reported, with the client's debug log, instead of ending every client of the process
+const CRASHES = [];
+process.on("uncaughtException", (err) => CRASHES.push(String(err && err.stack ? err.stack : err)));
 
 async function main() {
   const clients = JSON.parse(kindsText).map(client);
@@ -78,7 +92,9 @@ async function main() {
           reconnected: c.reconnected,
           closed: c.closed,
           ticks: summary(c.ticks),
+          log: c.kind.transport === "sse" || c.state !== "Connected" ? c.log.slice(-40) : [],
         })),
+        crashes: CRASHES,
       });
     } else if (command.cmd === "stop") {
       for (const c of clients) c.closed = -1000; // stopping on purpose is not a close to count

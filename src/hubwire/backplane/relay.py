@@ -327,7 +327,7 @@ class Relay:
     # -- forwarding side ---------------------------------------------------------------------------
 
     async def request(
-        self, connection_id: str, payload: bytes, timeout: float, gone: asyncio.Future[None] | None = None
+        self, connection_id: str, payload: bytes, timeout: float, gone: asyncio.Future[Any] | None = None
     ) -> Answer | None:
         """Relay to the owner; None when no instance holds the connection (or Redis is down, or
         ``gone`` resolved: the client left), a 404 answer as soon as the owner is known to be dead."""
@@ -364,7 +364,7 @@ class Relay:
         waiting: _Waiting,
         request_id: str,
         owner: str | None,
-        gone: asyncio.Future[None] | None,
+        gone: asyncio.Future[Any] | None,
         deadline: float,
     ) -> Answer | None:
         """Wait for the reply while watching the owner's lease (learnt from "accepted", or from the

@@ -27,6 +27,8 @@ NO_CONNECTION = "No Connection with that ID"
 CONNECTION_ID_REQUIRED = "Connection ID required"
 CANNOT_CHANGE_TRANSPORT = "Cannot change transports mid-connection"
 TOO_MANY_CONNECTIONS = "Too many connections"
+#: a draining instance refuses what would start or continue here (the client's retry goes elsewhere)
+SERVER_SHUTTING_DOWN = "Server is shutting down"
 ORIGIN_NOT_ALLOWED = "Origin not allowed"
 REQUEST_BODY_TOO_LARGE = "Request body too large."
 POST_NOT_ALLOWED_ON_WEBSOCKETS = "POST requests are not allowed for WebSocket connections."

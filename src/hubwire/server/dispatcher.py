@@ -11,6 +11,7 @@ WebSocket serving asks for routes and admission.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -71,6 +72,17 @@ class Gate(Protocol):
 _CLAIM_SLACK = 10.0
 
 
+def _draining_status(features: TransportFeatures) -> int:
+    """A draining instance refuses to start a transport: 503, except 410 for an event stream.
+
+    Why 410: Node's ``eventsource`` (which the official JS client uses in Node) reconnects an
+    EventSource by itself after a 500/502/503/504, and the client never closes the EventSource of
+    a start that failed - so a 503 would leave a stream that later connects elsewhere and feeds
+    stray messages into the client's next connection. Any 4xx makes it give up, as browsers do.
+    """
+    return 410 if features is sse.FEATURES else 503
+
+
 class HttpConnectionDispatcher:
     """Checks and routes negotiate, WebSocket, SSE, long-polling, POST and DELETE requests."""
 
@@ -103,6 +115,9 @@ class HttpConnectionDispatcher:
         self.refused: dict[str, int] = {"max_connections": 0, "origin": 0, "draining": 0}
         #: the server is draining: new connections are refused (503) so clients go elsewhere
         self.draining = False
+        #: set once a drain let every connection go: relayed polls still waiting here end (empty)
+        #: instead of holding the shutdown for a poll's length
+        self.stopping = asyncio.Event()
         #: starts the server's drain (set by the server; uvicorn's shutdown reaches it through
         #: the native WebSocket protocol as well as through the server's own watch)
         self.on_drain: Callable[[], None] | None = None
@@ -132,7 +147,7 @@ class HttpConnectionDispatcher:
             return 503, texts.NOT_READY
         if self.draining:  # new or resuming: either is served better by an instance that stays
             self.refused["draining"] += 1
-            return 503, "Server is shutting down"
+            return 503, texts.SERVER_SHUTTING_DOWN
         gate = self.gates.get(endpoint)
         if gate is None and self._origin_refused(endpoint, request, websocket=True):
             return 403, texts.ORIGIN_NOT_ALLOWED
@@ -266,7 +281,9 @@ class HttpConnectionDispatcher:
             return
         if self.draining:  # a rolling deploy: the client's retry reaches another instance
             self.refused["draining"] += 1
-            await respond(send, 503, b"Server is shutting down", headers=[*cors, ("retry-after", "1")])
+            # and over a new TCP connection, which the load balancer sends to another instance
+            closing = [*cors, ("retry-after", "1"), ("connection", "close")]
+            await respond(send, 503, texts.SERVER_SHUTTING_DOWN.encode(), headers=closing)
             return
         stateful = self._grants_stateful_reconnect(endpoint, request, version)
         conn = self.connections.create(version, principal, stateful)
@@ -300,6 +317,9 @@ class HttpConnectionDispatcher:
         if not token:
             await respond(send, 400, texts.CONNECTION_ID_REQUIRED.encode(), headers=cors)
             return
+        draining_get = self.draining and scope.get("method") == "GET"
+        if draining_get and await self._move_along(token, request, send, cors):
+            return
         if await self._relayed(endpoint, scope, request, principal, receive, send, token, cors):
             return  # another instance holds this connection and answered
         method = scope.get("method")
@@ -319,6 +339,20 @@ class HttpConnectionDispatcher:
             await handle_delete(self.connections, conn, send, cors)
 
     # -- SSE and long polling ----------------------------------------------------------------------
+
+    async def _move_along(self, token: str, request: RequestInfo, send: Send, cors: Headers) -> bool:
+        """Draining: an SSE GET for a connection not streaming here cannot start here (410, and
+        ``Connection: close`` so the client's retry reaches another instance). A poll goes on
+        (relayed to the instance holding its connection; one that would start here is refused
+        like a stream, in ``_refuse_stream_or_poll``)."""
+        local = self.connections.get(token)
+        if local is not None and local.transport_name is not None:
+            return False  # started here: the drain closes it
+        if "text/event-stream" not in (request.header("accept") or "").lower():
+            return False
+        status, closing = _draining_status(sse.FEATURES), [*cors, ("connection", "close")]
+        await respond(send, status, texts.SERVER_SHUTTING_DOWN.encode(), headers=closing)
+        return True
 
     async def _relayed(
         self,
@@ -350,6 +384,7 @@ class HttpConnectionDispatcher:
             send,
             token,
             cors,
+            self.stopping,
         )
 
     async def _stream_or_poll(
@@ -393,6 +428,8 @@ class HttpConnectionDispatcher:
         conn = self.connections.resolve(token)
         if conn is None or not self.connections.is_live(conn):
             return 404, texts.NO_CONNECTION
+        if self.draining and conn.transport_name is None:  # no transport starts on a draining instance
+            return _draining_status(features), texts.SERVER_SHUTTING_DOWN
         if features.name not in endpoint.transports:
             return 404, texts.transport_not_supported(features.name)
         if conn.transport_name not in (None, features.name):

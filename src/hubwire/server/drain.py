@@ -74,6 +74,7 @@ class Drainer:
         """At startup: say in one line how hub WebSockets are served, and begin draining as soon
         as uvicorn (if it runs this process) is told to stop. A new start is not draining."""
         self.http.draining = False
+        self.http.stopping.clear()
         self._task = None
         server = find_uvicorn()
         self.native_websockets, mode = websocket_mode(server, hub_server)
@@ -129,5 +130,6 @@ class Drainer:
             ):
                 break
             await asyncio.sleep(_STEP)
+        self.http.stopping.set()  # polls relayed through here to other instances end now
         waiting = sum(1 for c in self.connections.connections() if not c.outbox.closed)
         log.info("drained: %d connections let go, %d not resumed elsewhere", len(let_go), waiting)

@@ -32,6 +32,12 @@ Metrics (all prefixed ``hubwire_``):
   ``backplane_journal_failures_total``, ``backplane_history_errors_total``, ``backplane_buffered``,
   ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
   ``backplane_connected`` (Redis backplane only);
+* ``websocket_deflate_negotiated_total`` WebSockets that negotiated permessage-deflate,
+  ``websocket_compressions_total`` records compressed (once per broadcast, not per recipient),
+  ``websocket_compressed_frames_total`` compressed frames written,
+  ``websocket_compression_saved_bytes_total`` bytes those saved on the wire,
+  ``websocket_inflated_messages_total`` compressed client messages inflated (native serving; the
+  whole process, like ``slow_consumer_closes_total``);
 * ``dashboard_viewers`` (with ``dashboard_path``: its pages are never counted as hub connections);
 * ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
 """
@@ -47,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from ..connections import connection as _connection
 from ..http import ASGIApp, Receive, Scope, Send, respond
 from ..hubs.handler import HubConnectionHandler
+from ..transports.direct import compression_stats
 from ..transports.httpbase import HttpConnectionState
 
 if TYPE_CHECKING:
@@ -131,6 +138,8 @@ def server_stats(server: HubServer) -> dict[str, Any]:
         "messages_sent": messages,
         "sent_bytes": size,
         "slow_consumer_closes": _connection.stats.slow_consumer_closes,
+        # permessage-deflate on natively served WebSockets (the whole process)
+        "websocket_compression": compression_stats.as_dict(),
         "refused": dict(server.refused),
         "hubs": hubs,
         "backplane": backplane,
@@ -190,6 +199,18 @@ class _Collector:
             "Connections closed because their client did not read fast enough",
             value=_connection.stats.slow_consumer_closes,
         )
+        for name, doc, value in (
+            (
+                "deflate_negotiated",
+                "WebSockets that negotiated permessage-deflate",
+                compression_stats.negotiated,
+            ),
+            ("compressions", "Records compressed (once per broadcast)", compression_stats.compressions),
+            ("compressed_frames", "Compressed WebSocket frames written", compression_stats.frames),
+            ("compression_saved_bytes", "Bytes compression saved on the wire", compression_stats.bytes_saved),
+            ("inflated_messages", "Compressed client messages inflated", compression_stats.inflated),
+        ):
+            yield CounterMetricFamily(f"hubwire_websocket_{name}", doc, value=value)
         messages, size = sent_totals(server)
         yield CounterMetricFamily("hubwire_messages_sent", "Records queued to clients", value=messages)
         yield CounterMetricFamily("hubwire_sent_bytes", "Bytes queued to clients", value=size)

@@ -41,8 +41,9 @@ from ..protocol.websocket import (
     DataReceived,
     PingReceived,
     ServerWebSocket,
+    negotiate_deflate,
 )
-from .direct import DirectSink
+from .direct import DirectSink, compression_stats
 
 __all__ = ["CheckedWebSocketProtocol", "NativeGate", "NativeWebSocketProtocol"]
 
@@ -369,7 +370,7 @@ class NativeWebSocketProtocol(asyncio.Protocol):
         if isinstance(admitted, tuple):
             self._reply(admitted[0], admitted[1])
             return
-        self._open(endpoint, admitted, key)
+        self._open(endpoint, admitted, key, headers.get("sec-websocket-extensions"))
         try:
             if resuming:  # stateful reconnect: a started connection on a new WebSocket
                 await endpoint.on_resume(admitted)
@@ -388,23 +389,34 @@ class NativeWebSocketProtocol(asyncio.Protocol):
                 rest, self._buf = bytes(self._buf), bytearray()
                 self.data_received(rest)
 
-    def _open(self, endpoint: ConnectionApplication, conn: Connection, key: str) -> None:
-        """Answer 101 and start framing: the endpoint's own message size bounds a frame."""
+    def _open(
+        self, endpoint: ConnectionApplication, conn: Connection, key: str, extensions: str | None
+    ) -> None:
+        """Answer 101 and start framing: the endpoint's own message size bounds a frame (and an
+        inflated message); permessage-deflate if the client offered it and the options allow."""
         assert self.transport is not None
         accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + _GUID).digest()).decode()
+        options = endpoint.options
+        deflate = negotiate_deflate(extensions) if options.websocket_compression else None
+        extra = f"Sec-WebSocket-Extensions: {deflate[0]}\r\n" if deflate is not None else ""
         self.transport.write(
             (
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
             ).encode("latin-1")
         )
         self._conn = conn
         self._stage = _OPEN
         size = endpoint.max_receive_size()
         max_frame = max(4 * size, 64 * 1024) if size is not None else 16 * 1024 * 1024
-        self._ws = ServerWebSocket(max_frame, validate_utf8=endpoint.validate_text)
+        self._ws = ServerWebSocket(
+            max_frame,
+            validate_utf8=endpoint.validate_text,
+            deflate=deflate[1] if deflate is not None else None,
+        )
         conn.application = endpoint
-        conn.outbox.sink = DirectSink(self, conn)
+        threshold = options.websocket_compression_threshold if deflate is not None else None
+        conn.outbox.sink = DirectSink(self, conn, threshold)
         conn.carrier = self
 
     def _reply(self, status: int, body: str) -> None:
@@ -437,6 +449,9 @@ class NativeWebSocketProtocol(asyncio.Protocol):
                     ws.send_pong(event.payload)
             elif isinstance(event, CloseReceived):
                 log.debug("client closed %s with %s", self._conn, event.code)
+        if ws.compressed_received:
+            compression_stats.inflated += ws.compressed_received
+            ws.compressed_received = 0
         out = ws.data_to_send()
         self.close_sent = ws.close_sent
         if transport is None:

@@ -106,7 +106,7 @@ class RequestRelay(Protocol):
         """False while the backplane is unreachable (a relayed request could not be answered)."""
 
     async def request(
-        self, connection_id: str, payload: bytes, timeout: float, gone: asyncio.Future[None] | None = None
+        self, connection_id: str, payload: bytes, timeout: float, gone: asyncio.Future[Any] | None = None
     ) -> Answer | None:
         """Relay ``payload`` to the holder of ``connection_id``.
 
@@ -139,12 +139,16 @@ async def forward(
     send: Send,
     token: str,
     cors: list[tuple[str, str]],
+    stopping: asyncio.Event | None = None,
 ) -> bool:
     """Relay a request for a connection held by another instance; False when none holds it.
 
     Called when the token's connection was not started here (unknown here, or
     negotiated here but taken over elsewhere). A relayed request is answered
-    with the owner's status, body and content type.
+    with the owner's status, body and content type. A relayed poll still waiting
+    when ``stopping`` is set (this instance drained and is about to exit) ends empty,
+    as a poll that timed out, with ``Connection: close``; what the owner had for it
+    stays queued there. A poll arriving after that gets 503 (it may be a first poll).
     """
     verified = manager.issuer.verify(token, check_age=False)
     if verified is None:
@@ -163,17 +167,25 @@ async def forward(
             return True
         except ClientGone:
             return True
+    if method == "GET" and stopping is not None and stopping.is_set():
+        # this instance is about to exit: the poll goes elsewhere (perhaps a first poll, which an
+        # empty answer would wrongly confirm), over a new TCP connection
+        closing = [*cors, ("connection", "close")]
+        await respond(send, 503, texts.SERVER_SHUTTING_DOWN.encode(), headers=closing)
+        return True
     payload = _encode_request(method, request, principal, body)
     timeout = endpoint.options.long_poll_timeout + _SLACK if method == "GET" else 30.0
     loop = asyncio.get_running_loop()
     # a poll ends when its client leaves, here as on the owner (a POST or DELETE is acted on anyway)
-    gone = loop.create_task(wait_disconnect(receive)) if method == "GET" else None
+    gone = loop.create_task(_poll_ends(receive, stopping)) if method == "GET" else None
     try:
         answer = await relay.request(verified.connection_id, payload, timeout, gone)
-        if gone is not None and gone.done():
+        if gone is not None and gone.done() and not gone.cancelled():
             if answer is not None:
-                answer.settle(False)
-            return True  # nobody to answer: what the owner had for this poll stays queued there
+                answer.settle(False)  # what the owner had for this poll stays queued there
+            if gone.result() == "stopping":
+                await respond(send, 200, b"", headers=[*cors, ("connection", "close")])
+            return True
     finally:
         if gone is not None:
             gone.cancel()
@@ -189,6 +201,12 @@ async def forward(
         # negotiated here and not started anywhere yet: handle it here with the body already read
         await serve_http(endpoint, {**scope, LOCAL_ONLY: True}, _replay(body), send)
         return True
+    await _pass_on(answer, send, cors)
+    return True
+
+
+async def _pass_on(answer: Answer, send: Send, cors: list[tuple[str, str]]) -> None:
+    """Answer the client with the owner's reply; the owner learns whether it got it."""
     content_type = next((v for k, v in answer.headers if k == "content-type"), None)
     extra = [(k, v) for k, v in answer.headers if k not in ("content-type", "content-length")]
     delivered = False
@@ -197,7 +215,19 @@ async def forward(
         delivered = True
     finally:
         answer.settle(delivered)
-    return True
+
+
+async def _poll_ends(receive: Receive, stopping: asyncio.Event | None) -> str:
+    """``"gone"`` when the client leaves, ``"stopping"`` when this instance is about to exit."""
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(wait_disconnect(receive))]
+    if stopping is not None:
+        waits.append(asyncio.ensure_future(stopping.wait()))
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    return "gone" if waits[0] in done else "stopping"
 
 
 def _encode_request(method: str, request: RequestInfo, principal: Principal | None, body: bytes) -> bytes:
