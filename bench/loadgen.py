@@ -24,8 +24,13 @@ argument of ~1 KB of realistic JSON, :func:`make_data`). A receiving client pars
 delivery gives its latency, and a per-client bitmap of sequence ids counts distinct deliveries and
 duplicates.
 
-Commands (see ``Worker.handle``): ``connect``, ``join``, ``ids``, ``begin``, ``send``, ``end``,
-``counters``, ``close``, ``quit``.
+Many small rooms (``rooms_send``): client i is a member of room ``i // size``; one member per room
+sends ``GroupBroadcast(room, payload)`` at a fixed rate, and the payload carries the room (8 digits
+after the send time), so a client counts a message of another room as unexpected and keeps its
+bitmap per room sequence number (small: a room's own messages only).
+
+Commands (see ``Worker.handle``): ``connect``, ``join``, ``ids``, ``begin``, ``send``, ``rooms_send``,
+``end``, ``counters``, ``close``, ``quit``.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ IP_BIND_ADDRESS_NO_PORT = 24
 #: so tens of thousands of connections and TIME_WAITs from earlier phases never run out of ports
 SOURCE_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 18)]
 #: quantile points of the latency sample returned per worker (merged by the runner)
-LATENCY_POINTS = 2000
+LATENCY_POINTS = 5000
 
 
 def raise_nofile() -> int:
@@ -65,6 +70,14 @@ def raise_nofile() -> int:
 
 def make_payload(phase: int, seq: int) -> str:
     return f"{phase % 1000:03d}{seq:010d}{time.monotonic_ns():020d}" + PAD_TEXT
+
+
+ROOM_PAD_TEXT = PAD_TEXT[8:]
+
+
+def make_room_payload(phase: int, seq: int, room: int) -> str:
+    """A rooms-phase payload: ``seq`` counts the room's own messages; the room follows the send time."""
+    return f"{phase % 1000:03d}{seq:010d}{time.monotonic_ns():020d}{room:08d}" + ROOM_PAD_TEXT
 
 
 #: what a browser offers
@@ -120,6 +133,9 @@ class Phase:
         self.unexpected = 0
         self.stale = 0
         self.latencies: array[int] = array("q")
+        #: rooms phase: members are every client, each expecting its own room's messages only
+        self.rooms = False
+        self.room_distinct = 0
         self.first_ns = 0
         self.last_ns = 0
         self.progress = asyncio.Event()
@@ -150,6 +166,7 @@ class Client(asyncio.Protocol):
         "member",
         "path",
         "ready",
+        "room",
         "seen",
         "state",
         "transport",
@@ -174,6 +191,7 @@ class Client(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.seen = bytearray()
         self.member = True
+        self.room = -1
         self.completions: dict[str, asyncio.Future[Any]] = {}
         self.conn_id: str | None = None
 
@@ -313,6 +331,9 @@ class Client(asyncio.Protocol):
         """A broadcast payload starting at ``payload[j]``."""
         w = self.worker
         ph = w.phase
+        if ph.rooms:
+            self.deliver_room(payload, j, now)
+            return
         try:
             pid = int(payload[j : j + 3])
             seq = int(payload[j + 3 : j + 13])
@@ -345,6 +366,37 @@ class Client(asyncio.Protocol):
         got[seq] += 1
         if seq == ph.complete_upto and got[seq] >= ph.expected:
             ph.advance()
+
+    def deliver_room(self, payload: bytes, j: int, now: int) -> None:
+        """A rooms-phase payload: counted against this client's room and the room's sequence."""
+        ph = self.worker.phase
+        try:
+            pid = int(payload[j : j + 3])
+            seq = int(payload[j + 3 : j + 13])
+            sent = int(payload[j + 13 : j + 33])
+            room = int(payload[j + 33 : j + 41])
+        except ValueError:
+            self.worker.protocol_errors += 1
+            return
+        if pid != ph.id:
+            ph.stale += 1
+            return
+        ph.deliveries += 1
+        if room != self.room:
+            ph.unexpected += 1
+            return
+        seen = self.seen
+        if seq >= len(seen):
+            seen.extend(bytes(seq + 16 - len(seen)))
+        if seen[seq]:
+            ph.dups += 1
+            return
+        seen[seq] = 1
+        ph.room_distinct += 1
+        ph.latencies.append(now - sent)
+        if not ph.first_ns:
+            ph.first_ns = now
+        ph.last_ns = now
 
     def on_signalr(self, frame: bytes, now: int) -> None:
         for rec in frame.split(RS):
@@ -452,6 +504,8 @@ def group_of(index: int, rule: dict[str, Any]) -> str | None:
         return str(rule.get("name", "g")) if (index // 2) % 2 == 0 else None
     if kind == "mod":
         return f"{rule.get('name', 's')}{index % int(rule['modulus'])}"
+    if kind == "block":  # rooms of ``size`` consecutive clients: half on each instance when even
+        return f"{rule.get('name', 'r')}{index // int(rule['size'])}"
     raise ValueError(f"unknown group rule {kind!r}")
 
 
@@ -496,6 +550,8 @@ class Worker:
             return self.begin(cmd)
         if name == "send":
             return await self.send(cmd)
+        if name == "rooms_send":
+            return await self.rooms_send(cmd)
         if name == "end":
             return await self.end(cmd)
         if name == "drain":
@@ -627,6 +683,12 @@ class Worker:
             c.member = rule is None or group_of(c.idx, rule) == group
             members += c.member
         self.phase = Phase(int(cmd["phase"]), members, bool(cmd.get("latency", True)))
+        rooms = cmd.get("rooms")
+        if rooms:
+            size = int(rooms["size"])
+            self.phase.rooms = True
+            for c in self.clients:
+                c.room = c.idx // size
         self.protocol_errors = 0
         self.wire_bytes = self.inflated = 0
         return {"members": members, "clients": len(self.clients)}
@@ -689,24 +751,71 @@ class Worker:
                 await asyncio.sleep(0)  # let deliveries in even when the window never fills
         return {"sent": sent, "seconds": time.monotonic() - t0, "stalls": stalls}
 
+    async def rooms_send(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Each room whose sender is here sends ``rate`` messages/s for ``duration`` seconds.
+
+        The sender of room g is its member ``g * size + g % 2`` (client i is on instance i % 2, so
+        the rooms' senders alternate instances). Open loop on one fixed schedule: message k goes to
+        the k-th local room round-robin, at ``t0 + k / (rooms * rate)``, so every room sends at the
+        rate, the rooms' sends evenly staggered. Answers how many each room sent.
+        """
+        ph = self.phase
+        size = int(cmd["size"])
+        name = str(cmd.get("name", "r"))
+        rate = float(cmd["rate"])
+        duration = float(cmd["duration"])
+        by_idx = {c.idx: c for c in self.clients if c.state == 2}
+        rooms: list[tuple[int, Client, str]] = []
+        first_room = min(by_idx) // size if by_idx else 0
+        last_room = max(by_idx) // size if by_idx else -1
+        for g in range(first_room, last_room + 1):
+            sender = by_idx.get(g * size + (g % 2 if size > 1 else 0))
+            if sender is not None:
+                rooms.append((g, sender, f"{name}{g}"))
+        if not rooms:
+            return {"sent": 0, "seconds": 0.0, "by_room": {}}
+        total_rate = len(rooms) * rate
+        n_rooms = len(rooms)
+        sent = 0
+        t0 = time.monotonic()
+        deadline = t0 + duration
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            due = t0 + sent / total_rate
+            if due > now:
+                await asyncio.sleep(min(due - now, deadline - now))
+                continue
+            g, client, group = rooms[sent % n_rooms]
+            client.invoke_nowait("GroupBroadcast", [group, make_room_payload(ph.id, sent // n_rooms, g)])
+            sent += 1
+            if sent % 64 == 0:
+                await asyncio.sleep(0)  # deliveries come in while a late schedule catches up
+        per, extra = divmod(sent, n_rooms)
+        by_room = {str(g): per + (1 if k < extra else 0) for k, (g, _, _) in enumerate(rooms)}
+        return {"sent": sent, "seconds": time.monotonic() - t0, "by_room": by_room}
+
     async def end(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Wait (bounded) until every member got all ``sent`` broadcasts, then report the phase."""
         ph = self.phase
         sent = int(cmd["sent"])
         deadline = time.monotonic() + float(cmd.get("drain_timeout", 10.0))
         members = ph.expected
+        # rooms: the runner says how many deliveries this worker's clients are owed
+        wanted = int(cmd["expected"]) if ph.rooms else members * sent
         while time.monotonic() < deadline:
-            distinct = self.distinct(sent)
-            if distinct >= members * sent:
+            distinct = ph.room_distinct if ph.rooms else self.distinct(sent)
+            if distinct >= wanted:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(float(cmd.get("settle", 0.2)))  # late duplicates / strays
-        distinct = self.distinct(sent)
+        distinct = ph.room_distinct if ph.rooms else self.distinct(sent)
         return {
             "members": members,
             "deliveries": ph.deliveries,
             "distinct": distinct,
-            "lost": members * sent - distinct,
+            "lost": wanted - distinct,
             "dups": ph.dups,
             "unexpected": ph.unexpected,
             "stale": ph.stale,

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,18 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec("socketio-py", "sio", SIO_PATH, (PY, "-m", "bench.servers.socketio_py_app")),
         ServerSpec("socketio-node", "sio", SIO_PATH, ("node", "bench/node/socketio_server.js")),
         ServerSpec("picows", "signalr", SIGNALR_PATH, (PY, "-m", "bench.servers.picows_server")),
+        ServerSpec(
+            "picows-batch", "signalr", SIGNALR_PATH, (PY, "-m", "bench.servers.picows_server", "--batch")
+        ),
     )
 }
-PHASES = ("idle", "fanout", "group", "latency", "ingest", "big", "deflate")
+#: the floors hubwire is compared with: one frame per message, and coalescing as hubwire does
+FLOORS = ("picows", "picows-batch")
+PHASES = ("idle", "fanout", "group", "latency", "rooms", "ingest", "big", "deflate")
 #: what runs without --phases (the deflate phase is asked for by name)
-DEFAULT_PHASES = ("idle", "fanout", "group", "latency", "ingest", "big")
+DEFAULT_PHASES = ("idle", "fanout", "group", "latency", "rooms", "ingest", "big")
+#: phases of each client-count round (deflate: for ``DEFLATE_SERVERS`` only)
+ROUND_PHASES = ("fanout", "group", "latency", "deflate")
 #: phases that run for hubwire only
 HUBWIRE_ONLY = ("ingest", "big")
 #: servers of the deflate phase (permessage-deflate: hubwire compresses once, socket.io per socket)
@@ -227,10 +234,14 @@ def start_instances(
     prefix: str,
     count: int = 2,
     pythonpath: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> list[Instance]:
     env = None
-    if pythonpath:
+    if pythonpath or extra_env:
         env = dict(os.environ)
+        env.update(extra_env or {})
+    if pythonpath:
+        assert env is not None
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     out = []
     for i in range(count):
@@ -409,6 +420,8 @@ class Result:
     stalls: int = 0
     loadgen_cpu_s: float = 0.0
     redis_cpu_s: float = 0.0
+    #: the workers' latency quantile points and sample counts (ns): what the CDF plot draws
+    latency_parts: list[tuple[list[int], int]] = field(default_factory=list)
     #: bytes the clients read from their sockets, compressed messages they inflated (deflate phase)
     wire_bytes: int = 0
     inflated: int = 0
@@ -509,7 +522,69 @@ def broadcasts(
     parts = [(e["latency_points"], e["latency_count"]) for e in ends]
     r.p50_ms = merged_quantile(parts, 0.50)
     r.p99_ms = merged_quantile(parts, 0.99)
+    r.latency_parts = parts
     return r
+
+
+@dataclass
+class RoomSpec:
+    """One row of the rooms phase: ``clients`` in rooms of ``size``, each room sending ``rate``/s."""
+
+    clients: int
+    rate: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.clients}x{self.rate:g}"
+
+
+@dataclass
+class RoomsResult:
+    clients: int
+    rooms: int
+    rate: float
+    result: Result
+    connect_s: float = 0.0
+    join_s: float = 0.0
+    joined: int = 0
+    join_failed: int = 0
+    loadgens: int = 1
+    #: Redis commands executed during the measured window, per message sent (INFO commandstats),
+    #: and ``stat:<name>`` of ``REDIS_IO_STATS`` per message (bytes in / out, reads / writes)
+    redis_commands: dict[str, float] = field(default_factory=dict)
+    #: connecting and joining (until the send window): Redis's and the servers' CPU seconds and
+    #: Redis's commands (calls), which the send window leaves out
+    setup_redis_cpu_s: float = 0.0
+    setup_cpu_s: float = 0.0
+    setup_commands: dict[str, int] = field(default_factory=dict)
+
+
+#: ``INFO stats`` counters the rooms phase reports per message: what Redis read and wrote, and how
+#: many reads / writes (syscalls, roughly) it made for them
+REDIS_IO_STATS = (
+    "total_net_input_bytes",
+    "total_net_output_bytes",
+    "total_reads_processed",
+    "total_writes_processed",
+)
+
+
+def redis_commandstats(redis: Redis) -> dict[str, int]:
+    """calls per command from ``INFO commandstats`` (cmdstat_publish:calls=N,...), and the
+    ``REDIS_IO_STATS`` counters of ``INFO stats`` (keyed ``stat:<name>``)."""
+    text = redis.command("INFO", "commandstats").decode(errors="replace")
+    text += redis.command("INFO", "stats").decode(errors="replace")
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.strip().partition(":")
+        if name in REDIS_IO_STATS:
+            out[f"stat:{name}"] = int(value)
+        if line.startswith("cmdstat_"):
+            name, _, rest = line[len("cmdstat_") :].partition(":")
+            for item in rest.split(","):
+                if item.startswith("calls="):
+                    out[name] = int(item[len("calls=") :])
+    return out
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -527,11 +602,18 @@ class ServerReport:
     errors: list[str] = field(default_factory=list)
     ingest: dict[str, Any] | None = None
     big: dict[str, Any] | None = None
+    rooms: dict[str, RoomsResult] = field(default_factory=dict)
     #: the deflate phase by (variant, clients): "uncompressed" and "deflate" (clients offer it)
     deflate: dict[tuple[str, int], Result] = field(default_factory=dict)
 
     def results(self) -> list[Result]:
-        return [*self.fanout.values(), *self.group.values(), *self.latency.values(), *self.deflate.values()]
+        return [
+            *self.fanout.values(),
+            *self.group.values(),
+            *self.latency.values(),
+            *(r.result for r in self.rooms.values()),
+            *self.deflate.values(),
+        ]
 
 
 class Bench:
@@ -553,14 +635,23 @@ class Bench:
         prefix = f"bench-{name}:"
         self.log(f"{name}: starting 2 instances")
         src = str(args.hubwire_src.resolve()) if name == "hubwire" and args.hubwire_src else None
-        instances = start_instances(self.procs, spec, self.redis, prefix, pythonpath=src)
+        extra_env = None
+        if name == "hubwire" and args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            extra_env = {"BENCH_PROFILE_DIR": str(args.profile.resolve())}
+        instances = start_instances(self.procs, spec, self.redis, prefix, pythonpath=src, extra_env=extra_env)
         pids = [i.pid for i in instances]
         try:
             self.warmup(spec, instances)
             if "idle" in args.phases:
                 self.idle(spec, instances, report)
-            for n in args.clients:
-                self.round(spec, instances, n, report)
+            round_phases = [p for p in ROUND_PHASES if p != "deflate" or name in DEFLATE_SERVERS]
+            if any(p in args.phases for p in round_phases):
+                for n in args.clients:
+                    self.round(spec, instances, n, report)
+            if "rooms" in args.phases and name in args.rooms_servers:
+                for room_spec in args.rooms:
+                    report.rooms[room_spec.label] = self.rooms(spec, instances, room_spec)
             if name == "hubwire" and "ingest" in args.phases:
                 report.ingest = self.ingest(spec, instances, prefix)
             if name == "hubwire" and "big" in args.phases:
@@ -656,6 +747,124 @@ class Bench:
                 self.deflate(spec, instances, n, report)
         finally:
             self.lg.all({"cmd": "close"}, 60)
+            time.sleep(1.0)
+
+    def rooms(self, spec: ServerSpec, instances: list[Instance], rs: RoomSpec) -> RoomsResult:
+        """Many small rooms: every client in a room of ``--rooms-size`` (half on each instance), one
+        member of each room sending ``rs.rate`` messages/s to it, each message delivered to every
+        member. Measures the joins (all rooms, wall time) and the send window: server and Redis CPU
+        per delivery, latency, lost / duplicated, and Redis's commands per message."""
+        args = self.args
+        size = args.rooms_size
+        n = rs.clients - rs.clients % size
+        n_rooms = n // size
+        pids = [i.pid for i in instances]
+        per_worker = max(1, self.lg.nofile - 256)
+        workers = max(args.loadgens, math.ceil(n / per_worker))
+        lg = LoadGen(self.procs, workers, tag="roomload") if workers != len(self.lg) else self.lg
+        rule = {"kind": "block", "size": size, "name": "r"}
+        try:
+            setup0 = redis_commandstats(self.redis), cpu_seconds([self.redis.proc.pid]), cpu_seconds(pids)
+            c = connect(lg, spec, instances, n, concurrency=args.big_concurrency, timeout=600)
+            self.log(
+                f"{spec.name}: rooms {rs.label}: {c['ok']} clients connected in {c['seconds']:.2f}s "
+                f"({c['failed']} failed, {len(lg)} load generator(s))"
+            )
+            if c["failed"]:
+                raise RuntimeError(f"rooms: {c['failed']} of {n} connections failed: {c['errors']}")
+            t0 = time.monotonic()
+            joins = lg.all(
+                {"cmd": "join", "rule": rule, "concurrency": max(1, args.rooms_join_concurrency // len(lg)),
+                 "timeout": 60.0},
+                600,
+            )  # fmt: skip
+            join_s = time.monotonic() - t0
+            joined = sum(a["joined"] for a in joins)
+            join_failed = sum(a["failed"] for a in joins)
+            self.log(f"{spec.name}: rooms {rs.label}: {joined} joins ({n_rooms} rooms) in {join_s:.2f}s")
+            if join_failed:
+                raise RuntimeError(f"rooms: {join_failed} joins failed: {joins[0]['errors']}")
+            time.sleep(1.0)  # subscriptions settle; the joins' own work is not in the window
+            setup1 = redis_commandstats(self.redis), cpu_seconds([self.redis.proc.pid]), cpu_seconds(pids)
+            setup_commands = {
+                k: v - setup0[0].get(k, 0)
+                for k, v in setup1[0].items()
+                if v - setup0[0].get(k, 0) > 0 and not k.startswith("stat:") and k != "info"
+            }
+            phase = self.ids.next()
+            lg.all({"cmd": "begin", "phase": phase, "rooms": {"size": size}})
+            profiling = spec.name == "hubwire" and args.profile
+            if profiling:  # bench/servers/hubwire_app.py: SIGUSR2 starts a profile, SIGUSR1 writes it
+                signal_all(instances, signal.SIGUSR2)
+            stats0 = redis_commandstats(self.redis)
+            others = [lg.pids, [self.redis.proc.pid]]
+            cpu0, others0 = cpu_seconds(pids), [cpu_seconds(p) for p in others]
+            t0 = time.monotonic()
+            sends = lg.all(
+                {"cmd": "rooms_send", "size": size, "name": "r", "rate": rs.rate,
+                 "duration": args.rooms_duration},
+                args.rooms_duration + 120,
+            )  # fmt: skip
+            by_room: dict[int, int] = {}
+            for a in sends:
+                by_room.update({int(k): v for k, v in a["by_room"].items()})
+            sent = sum(by_room.values())
+            expected = []
+            for first, count in split(n, len(lg)):
+                expected.append(sum(by_room.get(i // size, 0) for i in range(first, first + count)))
+            ends = lg.call(
+                [{"cmd": "end", "sent": sent, "expected": e, "drain_timeout": 15.0} for e in expected], 120
+            )
+            cpu1, others1 = cpu_seconds(pids), [cpu_seconds(p) for p in others]
+            seconds = time.monotonic() - t0
+            stats1 = redis_commandstats(self.redis)
+            if profiling:
+                signal_all(instances, signal.SIGUSR1)
+            r = Result(
+                sent=sent,
+                members=n,
+                distinct=sum(e["distinct"] for e in ends),
+                lost=sum(e["lost"] for e in ends) + size * sent - sum(expected),
+                dups=sum(e["dups"] for e in ends),
+                unexpected=sum(e["unexpected"] for e in ends),
+                stale=sum(e["stale"] for e in ends),
+                lost_connections=sum(e["lost_connections"] for e in ends),
+                cpu_s=cpu1 - cpu0,
+                seconds=seconds,
+                loadgen_cpu_s=others1[0] - others0[0],
+                redis_cpu_s=others1[1] - others0[1],
+            )
+            firsts = [e["first_ns"] for e in ends if e["first_ns"]]
+            lasts = [e["last_ns"] for e in ends if e["last_ns"]]
+            span = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0.0
+            r.rate = r.distinct / span if span > 0 else 0.0
+            r.latency_parts = [(e["latency_points"], e["latency_count"]) for e in ends]
+            r.p50_ms = merged_quantile(r.latency_parts, 0.50)
+            r.p99_ms = merged_quantile(r.latency_parts, 0.99)
+            commands = {
+                name: (stats1.get(name, 0) - stats0.get(name, 0)) / sent
+                for name in stats1
+                if stats1.get(name, 0) - stats0.get(name, 0) > 0 and name != "info" and sent
+            }
+            out = RoomsResult(
+                clients=n, rooms=n_rooms, rate=rs.rate, result=r, connect_s=c["seconds"], join_s=join_s,
+                joined=joined, join_failed=join_failed, loadgens=len(lg), redis_commands=commands,
+                setup_redis_cpu_s=setup1[1] - setup0[1], setup_cpu_s=setup1[2] - setup0[2],
+                setup_commands=setup_commands,
+            )  # fmt: skip
+            self.log_result(spec.name, f"rooms {rs.label} ({n_rooms} rooms)", r)
+            self.log(
+                f"{spec.name}: rooms {rs.label}: Redis {r.redis_cpu_s:.2f}s CPU = "
+                f"{fmt(r.redis_cpu_s * 1e6 / r.distinct if r.distinct else None, 2)} µs/delivery; "
+                "per message: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(commands.items(), key=lambda kv: -kv[1]))
+            )
+            return out
+        finally:
+            with contextlib.suppress(Exception):
+                lg.all({"cmd": "close"}, 120)
+            if lg is not self.lg:
+                lg.close()
             time.sleep(1.0)
 
     def deflate(self, spec: ServerSpec, instances: list[Instance], n: int, report: ServerReport) -> None:
@@ -832,6 +1041,12 @@ class Bench:
             time.sleep(1.0)
 
 
+def signal_all(instances: list[Instance], signum: int) -> None:
+    for inst in instances:
+        with contextlib.suppress(ProcessLookupError):
+            inst.proc.send_signal(signum)
+
+
 def health(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp_:
         return json.loads(resp_.read())  # type: ignore[no-any-return]
@@ -885,7 +1100,7 @@ def table(reports: list[ServerReport], args: argparse.Namespace) -> str:
     k = {n: (f"{n // 1000}k" if n % 1000 == 0 else str(n)) for n in ns}
     by_name = {r.name: r for r in reports}
     node = by_name.get("socketio-node")
-    floor = by_name.get("picows")
+    floors = [by_name[f] for f in FLOORS if f in by_name]
 
     def metrics(r: ServerReport) -> list[float | None]:
         return (
@@ -900,7 +1115,8 @@ def table(reports: list[ServerReport], args: argparse.Namespace) -> str:
         + [f"group {k[n]}" for n in ns]
         + [f"p99 ms @{args.latency_rate / 1000:g}k/s {k[n]}" for n in ns]
         + ["RSS KB/idle conn", "deliveries/s " + "/".join(k[n] for n in ns), "lost", "dup"]
-        + ["÷ socketio-node (CPU " + ", ".join(k[n] for n in ns) + "; group; p99)", "÷ picows (CPU; group)"]
+        + ["÷ socketio-node (CPU " + ", ".join(k[n] for n in ns) + "; group; p99)"]
+        + [f"÷ {f.name} (CPU; group)" for f in floors]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
@@ -913,17 +1129,15 @@ def table(reports: list[ServerReport], args: argparse.Namespace) -> str:
             ratio(a, b) for a, b in zip(vals, metrics(node) if node else [None] * len(vals), strict=True)
         )
         cpu_vals = vals[: 2 * len(ns)]
-        vs_floor = " · ".join(
-            ratio(a, b)
-            for a, b in zip(
-                cpu_vals, metrics(floor)[: 2 * len(ns)] if floor else [None] * len(cpu_vals), strict=True
-            )
-        )
+        vs_floors = [
+            " · ".join(ratio(a, b) for a, b in zip(cpu_vals, metrics(f)[: 2 * len(ns)], strict=True))
+            for f in floors
+        ]
         name = r.name + (" ⚠" if r.errors else "")
         row = (
             [name]
             + [fmt(v, d) for v, d in zip(vals, digits, strict=True)]
-            + [fmt(r.idle_kb), rates, str(lost), str(dup), vs_node, vs_floor]
+            + [fmt(r.idle_kb), rates, str(lost), str(dup), vs_node, *vs_floors]
         )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -991,6 +1205,7 @@ def details(reports: list[ServerReport]) -> str:
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rep in reports:
+        rooms = {f"rooms {k}": v.result for k, v in rep.rooms.items()}
         deflate = {(n, variant): r for (variant, n), r in rep.deflate.items()}
         for phase, results in (
             ("fanout", rep.fanout),
@@ -1000,10 +1215,12 @@ def details(reports: list[ServerReport]) -> str:
                 (f"deflate {v}", {n: r for (n, v2), r in deflate.items() if v2 == v})
                 for v in ("uncompressed", "deflate")
             ),
+            ("", rooms),
         ):
             for n, r in results.items():
+                clients = n if phase else r.members
                 lines.append(
-                    f"| {rep.name} | {phase} | {n} | {r.sent} | {r.distinct} | {r.rate:,.0f} "
+                    f"| {rep.name} | {phase or n} | {clients} | {r.sent} | {r.distinct} | {r.rate:,.0f} "
                     f"| {r.cpu_s:.2f} | {fmt(r.us_per_delivery, 2)} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} "
                     f"| {r.lost} | {r.dups} | {r.unexpected} | {r.seconds:.1f} | {r.loadgen_cpu_s:.2f} "
                     f"| {r.redis_cpu_s:.2f} |"
@@ -1011,9 +1228,67 @@ def details(reports: list[ServerReport]) -> str:
     return "\n".join(lines)
 
 
+def rooms_table(reports: list[ServerReport]) -> str:
+    """The rooms phase: one line per server and row (clients / rooms / messages per room per s)."""
+    with_rooms = [r for r in reports if r.rooms]
+    if not with_rooms:
+        return ""
+    node = next((r for r in reports if r.name == "socketio-node"), None)
+    head = (
+        "| server | clients / rooms / msg/s per room | messages | deliveries/s | server CPU µs/delivery "
+        "| Redis CPU µs/delivery | p50 ms | p99 ms | join s (rooms) | lost | dup | Redis commands/message "
+        "| Redis per message: bytes in / out, reads / writes | ÷ socketio-node (CPU; Redis; p99; join) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    setup = [
+        "",
+        "Connecting and joining (not in the send window): wall time, both servers' and Redis's CPU "
+        "seconds from the first connection to 1 s after the last join, and Redis's commands meanwhile:",
+        "",
+        "| server | clients / rooms | connect s | join s | server CPU s | Redis CPU s | Redis commands |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rep in with_rooms:
+        for label, rr in rep.rooms.items():
+            r = rr.result
+            redis_us = r.redis_cpu_s * 1e6 / r.distinct if r.distinct else None
+            ranked = sorted(rr.redis_commands.items(), key=lambda kv: -kv[1])
+            cmds = ", ".join(f"{k} {v:.2f}" for k, v in ranked if v >= 0.01 and not k.startswith("stat:"))
+            bytes_in, bytes_out, reads, writes = (
+                rr.redis_commands.get(f"stat:{k}", 0.0) for k in REDIS_IO_STATS
+            )
+            redis_io = f"{bytes_in:,.0f} / {bytes_out:,.0f}, {reads:.2f} / {writes:.2f}"
+            vs = "-"
+            other = node.rooms.get(label) if node else None
+            if other is not None:
+                o = other.result
+                o_redis = o.redis_cpu_s * 1e6 / o.distinct if o.distinct else None
+                vs = " · ".join(
+                    (
+                        ratio(r.us_per_delivery, o.us_per_delivery),
+                        ratio(redis_us, o_redis),
+                        ratio(r.p99_ms, o.p99_ms),
+                        ratio(rr.join_s, other.join_s),
+                    )
+                )
+            setup.append(
+                f"| {rep.name} | {rr.clients:,} / {rr.rooms:,} | {rr.connect_s:.2f} | {rr.join_s:.2f} "
+                f"| {rr.setup_cpu_s:.2f} | {rr.setup_redis_cpu_s:.2f} | "
+                + ", ".join(f"{k} {v:,}" for k, v in sorted(rr.setup_commands.items(), key=lambda kv: -kv[1]))
+                + " |"
+            )
+            lines.append(
+                f"| {rep.name} | {rr.clients:,} / {rr.rooms:,} / {rr.rate:g} | {r.sent:,} | {r.rate:,.0f} "
+                f"| {fmt(r.us_per_delivery, 2)} | {fmt(redis_us, 2)} | {fmt(r.p50_ms)} | {fmt(r.p99_ms)} "
+                f"| {rr.join_s:.2f} | {r.lost} | {r.dups + r.unexpected} | {cmds} | {redis_io} | {vs} |"
+            )
+    return "\n".join(lines + setup)
+
+
 def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
     by = {r.name: r for r in reports}
-    hw, node, floor = by.get("hubwire"), by.get("socketio-node"), by.get("picows")
+    hw, node = by.get("hubwire"), by.get("socketio-node")
+    floors = [by[f] for f in FLOORS if f in by]
     out: list[str] = []
     if hw is None:
         return out
@@ -1030,17 +1305,19 @@ def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
             h = get(hw)
             hv = h.us_per_delivery if h else None
             nv = get(node).us_per_delivery if node and get(node) else None  # type: ignore[union-attr]
-            fv = get(floor).us_per_delivery if floor and get(floor) else None  # type: ignore[union-attr]
             if hv is not None and nv is not None:
                 check(
                     f"{what} CPU {n} ≤ socket.io-node", hv <= nv, f"{hv:.2f} vs {nv:.2f} µs ({hv / nv:.2f}x)"
                 )
-            if hv is not None and fv is not None:
-                check(
-                    f"{what} CPU {n} ≤ 1.3x picows",
-                    hv <= 1.3 * fv,
-                    f"{hv:.2f} vs {fv:.2f} µs ({hv / fv:.2f}x)",
-                )
+            for floor in floors:
+                f = get(floor)
+                fv = f.us_per_delivery if f else None
+                if hv is not None and fv is not None:
+                    check(
+                        f"{what} CPU {n} ≤ 1.3x {floor.name}",
+                        hv <= 1.3 * fv,
+                        f"{hv:.2f} vs {fv:.2f} µs ({hv / fv:.2f}x)",
+                    )
         h = hw.latency.get(n)
         nl = node.latency.get(n) if node else None
         if h and nl and h.p99_ms is not None and nl.p99_ms is not None:
@@ -1049,6 +1326,36 @@ def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
                 h.p99_ms <= nl.p99_ms,
                 f"{h.p99_ms:.1f} vs {nl.p99_ms:.1f} ms",
             )
+    for label, rr in hw.rooms.items():
+        other = node.rooms.get(label) if node else None
+        if other is None:
+            continue
+        h, o = rr.result, other.result
+        row = f"rooms {rr.clients:,}/{rr.rooms:,}/{rr.rate:g}"
+        if h.us_per_delivery is not None and o.us_per_delivery is not None:
+            check(
+                f"{row}: server CPU ≤ 0.5x socket.io-node",
+                h.us_per_delivery <= 0.5 * o.us_per_delivery,
+                f"{h.us_per_delivery:.2f} vs {o.us_per_delivery:.2f} µs/delivery "
+                f"({h.us_per_delivery / o.us_per_delivery:.2f}x)",
+            )
+        if h.p99_ms is not None and o.p99_ms is not None:
+            check(
+                f"{row}: p99 ≤ socket.io-node", h.p99_ms <= o.p99_ms, f"{h.p99_ms:.1f} vs {o.p99_ms:.1f} ms"
+            )
+        if h.distinct and o.distinct:
+            hr, orr = h.redis_cpu_s * 1e6 / h.distinct, o.redis_cpu_s * 1e6 / o.distinct
+            check(
+                f"{row}: Redis CPU ≤ socket.io-node",
+                hr <= orr,
+                f"{hr:.2f} vs {orr:.2f} µs/delivery (Redis CPU over the window: {h.redis_cpu_s:.2f} vs "
+                f"{o.redis_cpu_s:.2f} s, ±0.01 s per reading)",
+            )
+        check(
+            f"{row}: joining the rooms ≤ socket.io-node",
+            rr.join_s <= other.join_s,
+            f"{rr.join_s:.2f} vs {other.join_s:.2f} s for {rr.joined:,} joins",
+        )
     if hw.idle_kb is not None:
         check(
             "RSS per idle connection ≤ 16 KB",
@@ -1107,12 +1414,33 @@ def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: 
         "CPU = user+sys of both server processes per delivery (fan-out to all, and to a group of half "
         "the clients); p99 = delivery latency at a fixed "
         f"{args.latency_rate:,.0f} deliveries/s; RSS = growth of both processes per idle WebSocket. "
-        "Ratio columns: each value ÷ the same value of socket.io-node / picows, in the columns' order "
-        "(below 1 is better).",
+        "Ratio columns: each value ÷ the same value of socket.io-node / the picows floors (one frame "
+        "per message; `picows-batch`: one write per socket per loop iteration, as hubwire), in the "
+        "columns' order (below 1 is better).",
         "",
         table(reports, args),
         "",
     ]
+    if not any(r.fanout or r.group or r.latency or r.idle_kb is not None for r in reports):
+        parts = parts[:2]  # no broadcast round ran: only the rooms below
+    rooms = rooms_table(reports)
+    if rooms:
+        parts += [
+            f"**Many small rooms** (rooms of {args.rooms_size}, half of each on each instance; one member of "
+            f"each room sends to it; {args.rooms_duration:g}s of sending per row; CPU per delivery = both "
+            "servers' CPU over the send window ÷ deliveries; Redis = redis-server's CPU the same way; "
+            "join = wall time for every client to join its room, acknowledged):",
+            "",
+            rooms,
+            "",
+        ]
+    if getattr(args, "plot_files", None):
+        base = args.output.parent.resolve() if args.output else None
+        links = []
+        for path in args.plot_files:
+            shown = os.path.relpath(path.resolve(), base) if base else str(path)
+            links.append(f"![{path.stem}]({shown})")
+        parts += [*links, ""]
     hw = next((r for r in reports if r.name == "hubwire"), None)
     if hw and hw.ingest:
         g = hw.ingest
@@ -1163,6 +1491,23 @@ def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: 
     return "\n".join(parts)
 
 
+def report_data(report: ServerReport) -> dict[str, Any]:
+    """``report`` as JSON can hold it: the deflate phase's (variant, clients) keys become
+    ``"variant:clients"`` (bench/plots.py's ``load`` reads them back)."""
+    data = asdict(report)
+    data["deflate"] = {f"{variant}:{n}": asdict(r) for (variant, n), r in report.deflate.items()}
+    return data
+
+
+def room_specs(text: str) -> list[RoomSpec]:
+    out = []
+    for item in text.split(","):
+        if item.strip():
+            clients, _, rate = item.strip().partition("x")
+            out.append(RoomSpec(int(clients), float(rate or 1)))
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 
@@ -1200,7 +1545,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hubwire-src", type=Path, help="serve hubwire from this source directory (the one holding the "
         "hubwire package, e.g. an exported commit's src/) instead of the project's install"
     )  # fmt: skip
+    p.add_argument(
+        "--rooms", type=room_specs, default=room_specs("20000x1,2000x1,4000x2"),
+        help="rows of the rooms phase, CLIENTSxRATE (messages/s per room), comma-separated "
+        "(default 20000x1,2000x1,4000x2)",
+    )  # fmt: skip
+    p.add_argument("--rooms-size", type=int, default=4, help="members per room (default 4)")
+    p.add_argument("--rooms-duration", type=float, default=None, help="seconds of sending per rooms row")
+    p.add_argument(
+        "--rooms-servers", type=csv(str), default=["hubwire", "socketio-node"],
+        help="servers that run the rooms phase (default hubwire,socketio-node)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rooms-join-concurrency", type=int, default=500, help="joins in flight in the rooms phase"
+    )  # fmt: skip
     p.add_argument("--output", type=Path, help="also write the markdown report here")
+    p.add_argument(
+        "--plots", type=Path, help="write the PNG plots into this directory (default: --output's directory)"
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", type=Path, help="profile the hubwire instances (cProfile of the event-loop thread): "
+        "one .prof file per instance in this directory, written when it stops",
+    )  # fmt: skip
     p.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
     args = p.parse_args(argv)
     unknown = [s for s in args.servers if s not in SERVERS] + [x for x in args.phases if x not in PHASES]
@@ -1210,6 +1576,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--hubwire-src: no hubwire package in {args.hubwire_src}")
     if args.latency_duration is None:
         args.latency_duration = args.duration
+    if args.rooms_duration is None:
+        args.rooms_duration = args.duration
+    if args.rooms_size < 2:
+        p.error("--rooms-size: at least 2 (a member sends, the others receive)")
+    if args.plots is None and args.output is not None:
+        args.plots = args.output.parent
     args.clients = sorted(set(args.clients))
     if not args.clients or min(args.clients) < 4:
         p.error("--clients: at least 4")
@@ -1218,12 +1590,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_setup(args: argparse.Namespace) -> None:
     missing = []
-    for mod, server in (("socketio", "socketio-py"), ("picows", "picows"), ("uvloop", None)):
-        if server is None or server in args.servers:
+    for mod, server in (
+        ("socketio", "socketio-py"),
+        ("picows", "picows"),
+        ("picows", "picows-batch"),
+        ("uvloop", None),
+        ("matplotlib", "plots"),
+    ):
+        if server is None or server in args.servers or (server == "plots" and args.plots):
             try:
                 __import__(mod)
             except ImportError:
-                missing.append(mod)
+                if mod not in missing:
+                    missing.append(mod)
     if "socketio-node" in args.servers and not (ROOT / "bench/node/node_modules/socket.io").is_dir():
         missing.append("bench/node/node_modules")
     if missing:
@@ -1255,10 +1634,33 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
     finally:
         procs.stop_all()
-    text = report_text(reports, args, time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    args.plot_files = []
+    if args.plots and reports:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))  # run as a script: bench/ is on the path, not the project
+        from bench.plots import write_plots
+
+        try:
+            args.plot_files = write_plots(reports, args, args.plots)
+        except Exception as exc:  # the numbers matter more than the pictures
+            print(f"[bench] plots failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    text = report_text(reports, args, elapsed)
     print(text)
     if args.output:
         args.output.write_text(text)
+        # the results behind the report and the plots (latency quantile points included), so the
+        # plots can be drawn again (python -m bench.plots FILE.json) and runs compared later
+        data = {
+            "args": {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+                if k not in ("rooms", "plot_files")
+            }
+            | {"rooms": [[r.clients, r.rate] for r in args.rooms]},
+            "reports": [report_data(r) for r in reports],
+        }
+        args.output.with_suffix(".json").write_text(json.dumps(data))
     lost = sum(x.lost for r in reports for x in r.results())
     dup = sum(x.dups + x.unexpected for r in reports for x in r.results())
     if lost or dup:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what bench/run.py needs; safe to run again (does only what is missing or outdated).
 #   - the project venv (.venv) with hubwire + its Redis extra, and the bench's Python packages:
-#     python-socketio (the Python reference), picows (the floor), uvloop (load generator)
+#     python-socketio (the Python reference), picows (the floor), uvloop (load generator),
+#     matplotlib (the report's PNG plots)
 #   - redis-server (apt-get, when missing)
 #   - Node socket.io + @socket.io/redis-adapter + redis: `npm ci` in bench/node (its own lock file)
 # Nothing is installed globally besides redis-server/node from Debian's packages when absent.
@@ -27,11 +28,12 @@ fi
 
 STAMP="$VENV/.bench-installed"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ bench/setup.sh -nt "$STAMP" ] \
-   || ! "$VENV/bin/python" -c "import hubwire, redis, starlette, socketio, picows, uvloop" 2>/dev/null; then
+   || ! "$VENV/bin/python" -c "import hubwire, redis, starlette, socketio, picows, uvloop, matplotlib" 2>/dev/null; then
   echo "==> installing Python packages into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e . "starlette>=0.37" \
-    "python-socketio>=5.11" "picows>=1.6" "uvloop>=0.19" "hiredis>=2.0"
+    "python-socketio>=5.11" "picows>=1.6" "uvloop>=0.19" "hiredis>=2.0" \
+    "matplotlib>=3.7"
   touch "$STAMP"
 fi
 

@@ -23,6 +23,8 @@ from hubwire.protocol.backplane import (
     encode_completion,
     encode_group_command,
     encode_invocation,
+    is_from,
+    origin_marker,
 )
 
 JSON_SEND = b'{"type":1,"target":"Send","arguments":["hi"]}\x1e'
@@ -184,3 +186,43 @@ def test_dotnet_completion_vectors(name: str) -> None:
     protocol, message, head = DOTNET_COMPLETIONS[name]
     assert encode_completion(protocol, message) == head + message
     assert decode_completion(head + message) == (protocol, message)
+
+
+SERVER = "host-1_0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("seq", [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40])
+def test_own_envelopes_are_recognised_from_their_tail(seq: int) -> None:
+    data = encode_invocation(RedisInvocation({"json": JSON_SEND}, ["c1"], origin=SERVER, seq=seq))
+    assert is_from(data, origin_marker(SERVER))
+    assert not is_from(data, origin_marker(SERVER[:-1] + "0"))
+    assert not is_from(data, origin_marker("x" + SERVER))
+
+
+def test_envelopes_without_that_origin_are_not_taken_for_own() -> None:
+    marker = origin_marker(SERVER)
+    plain = encode_invocation(RedisInvocation({"messagepack": marker + b"\x05"}))
+    assert not is_from(plain, marker)  # a payload ending like an origin: not the 6-element envelope
+    result_request = encode_invocation(
+        RedisInvocation({"json": JSON_SEND}, invocation_id="1", return_channel=f"p:internal:return:{SERVER}")
+    )
+    assert not is_from(result_request, marker)
+    # a client-result request of this origin: still its own envelope
+    both = RedisInvocation({"json": JSON_SEND}, origin=SERVER, seq=7)
+    both.invocation_id, both.return_channel = "1", f"p:internal:return:{SERVER}"
+    assert is_from(encode_invocation(both), marker)
+    assert not is_from(b"", marker) and not is_from(marker, marker)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sers=st.dictionaries(st.sampled_from(["json", "messagepack"]), st.binary(max_size=80)),
+    excluded=st.lists(st.text(max_size=12), max_size=3),
+    origin=st.one_of(st.none(), st.sampled_from([SERVER, SERVER[:-1] + "1", "other", SERVER + "x"])),
+    seq=st.integers(min_value=0, max_value=2**64 - 1),
+)
+def test_is_from_agrees_with_decoding(
+    sers: dict[str, bytes], excluded: list[str], origin: str | None, seq: int
+) -> None:
+    data = encode_invocation(RedisInvocation(sers, excluded, origin=origin, seq=seq if origin else None))
+    assert is_from(data, origin_marker(SERVER)) == (decode_invocation(data).origin == SERVER)

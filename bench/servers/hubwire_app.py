@@ -20,6 +20,11 @@ A ``user`` query parameter names the connection's user (``clients.user``), for t
 ``GET /presence/{kind}/{key}?repeat=R`` (bench/presence.py) asks cluster-wide presence R times in a
 row from this instance (``hub_context(BenchHub).presence.group`` / ``.count`` / ``.user``) and
 answers each call's milliseconds, measured here, and what the last call found.
+
+``BENCH_PROFILE_DIR`` (``bench/run.py --profile DIR``): the serving process runs cProfile on its
+event-loop thread between SIGUSR2 and SIGUSR1 (the runner sends them around each rooms row's send
+window) and writes ``hubwire-<pid>-<n>.prof`` there; read it with ``python -m pstats``, to see where
+the per-message path spends its CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +44,39 @@ from hubwire import Hub, HubServer, Principal, RequestInfo
 
 HUB_NAME = "BenchHub"
 HUB_PATH = "/hub"
+
+
+def _start_profile() -> None:
+    """cProfile of this process's main thread (the event loop; wall-clock timer, so a function's
+    time includes its system calls; a CPU-time timer costs a system call per function call and
+    skews everything): SIGUSR2 starts a fresh profile, SIGUSR1 writes it (``hubwire-<pid>-<n>.prof``,
+    n counting the writes) and stops."""
+    directory = os.environ.get("BENCH_PROFILE_DIR")
+    if not directory or __name__ == "__main__":
+        return
+    import cProfile
+    import signal
+
+    state: dict[str, Any] = {"profile": None, "n": 0}
+
+    def start(*_: object) -> None:
+        state["profile"] = cProfile.Profile()
+        state["profile"].enable()
+
+    def dump(*_: object) -> None:
+        profile = state["profile"]
+        if profile is None:
+            return
+        profile.disable()
+        state["n"] += 1
+        profile.dump_stats(os.path.join(directory, f"hubwire-{os.getpid()}-{state['n']}.prof"))
+        state["profile"] = None
+
+    signal.signal(signal.SIGUSR2, start)
+    signal.signal(signal.SIGUSR1, dump)
+
+
+_start_profile()
 
 
 class BenchHub(Hub):

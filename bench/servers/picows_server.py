@@ -7,6 +7,13 @@ included) receives it, builds ONE WebSocket frame and writes those same bytes to
 (``transport.write``): no per-recipient encoding, framing, task or await. That is the cheapest fan-out
 a Python server can do over a Redis backplane, so it is the floor the others are compared with.
 
+``--batch`` (the ``picows-batch`` floor): the same, but coalescing as hubwire's outbox does. A
+received record is appended to each target socket's pending list; once per event-loop iteration
+(``call_soon``) every socket with pending records gets ONE write: the pre-framed frame when it has
+one record (framed once for all sockets, like hubwire's frame memo), else one frame holding all its
+records (SignalR separates records with ``\x1e``, so one frame may carry several). In bursts that
+is fewer frames and writes than one per message, so it is the fair floor for a coalescing server.
+
 Understood records: the handshake, ``Broadcast(payload)`` (no invocation id), ``JoinGroup(name)``
 (completes after Redis confirmed the group subscription), ``GroupBroadcast(name, payload)``, pings.
 Anything else is ignored. No negotiate, no keep-alive, no auth: a floor, not a server.
@@ -83,7 +90,11 @@ class RedisConn(asyncio.Protocol):
 class Node:
     """One instance: its sockets, its groups and its two Redis connections."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, batch: bool = False) -> None:
+        self.batch = batch
+        #: --batch: records waiting per socket for the end of this loop iteration
+        self.pending: dict[asyncio.Transport, list[bytes]] = {}
+        self.flush_scheduled = False
         self.all_channel = f"{prefix}picows:all".encode()
         self.group_prefix = f"{prefix}picows:group:".encode()
         self.clients: set[asyncio.Transport] = set()
@@ -115,17 +126,50 @@ class Node:
         kind = reply[0]
         if kind == b"message":
             channel, record = reply[1], reply[2]
-            frame = ws_frame(record)
             if channel == self.all_channel:
                 targets: Any = self.clients
             else:
                 targets = self.groups.get(channel[len(self.group_prefix) :].decode(), ())
+            if self.batch:
+                self.queue(targets, record)
+                return
+            frame = ws_frame(record)
             for transport in targets:
                 transport.write(frame)
         elif kind == b"subscribe":
             for fut in self.confirm.pop(reply[1], ()):
                 if not fut.done():
                     fut.set_result(None)
+
+    def queue(self, targets: Any, record: bytes) -> None:
+        """--batch: append the record to each target's pending list; flush at the iteration's end."""
+        pending = self.pending
+        for transport in targets:
+            records = pending.get(transport)
+            if records is None:
+                pending[transport] = [record]
+            else:
+                records.append(record)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """One write per socket: a single record's frame is built once and shared (memo by identity)."""
+        pending, self.pending = self.pending, {}
+        self.flush_scheduled = False
+        memo: dict[int, tuple[bytes, bytes]] = {}
+        for transport, records in pending.items():
+            if transport.is_closing():
+                continue
+            if len(records) == 1:
+                record = records[0]
+                entry = memo.get(id(record))
+                if entry is None or entry[0] is not record:
+                    entry = memo[id(record)] = (record, ws_frame(record))
+                transport.write(entry[1])
+            else:
+                transport.write(ws_frame(b"".join(records)))
 
     def broadcast_record(self, payload: Any) -> bytes:
         record = {"type": 1, "target": "broadcast", "arguments": [payload]}
@@ -204,7 +248,7 @@ class SignalRListener(WSListener):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    node = Node(args.prefix)
+    node = Node(args.prefix, batch=args.batch)
     await node.connect(args.redis)
 
     def factory(request: WSUpgradeRequest) -> WSListener:
@@ -234,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
     parser.add_argument("--prefix", default="bench:")
+    parser.add_argument(
+        "--batch", action="store_true", help="coalesce: one write per socket per loop iteration"
+    )
     args = parser.parse_args(argv)
     uvloop.run(serve(args))
 

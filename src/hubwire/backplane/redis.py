@@ -81,6 +81,8 @@ from ..protocol.backplane import (
     encode_completion,
     encode_group_command,
     encode_invocation,
+    is_from,
+    origin_marker,
 )
 from ..protocol.errors import InvalidDataError
 from ..protocol.messages import CompletionMessage, InvocationMessage
@@ -379,6 +381,9 @@ class RedisHubLifetimeManager(HubLifetimeManager):
         self._acks: dict[int, asyncio.Future[None]] = {}
         #: client-result requests from other instances awaiting our client's answer
         self._remote_results: dict[str, tuple[str, str]] = {}
+        #: this instance's name as encoded in its envelopes: its own sends coming back are dropped
+        #: from their last bytes, without decoding them (``is_from``)
+        self._own_origin = origin_marker(self.server_name)
         self._ack_channel = self.channels.ack(self.server_name)
         self._return_channel = self.channels.return_results(self.server_name)
         #: group joins acknowledged in the background
@@ -615,6 +620,8 @@ class RedisHubLifetimeManager(HubLifetimeManager):
 
     def _decode(self, channel: bytes, data: bytes) -> RedisInvocation | None:
         """The envelope to deliver, or None: malformed, sent by this instance, or already delivered."""
+        if is_from(data, self._own_origin):
+            return None  # delivered to the local connections when it was sent
         try:
             inv = decode_invocation(data)
         except InvalidDataError as exc:

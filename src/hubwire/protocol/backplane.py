@@ -40,6 +40,8 @@ __all__ = [
     "encode_completion",
     "encode_group_command",
     "encode_invocation",
+    "is_from",
+    "origin_marker",
 ]
 
 GROUP_ADD = 1
@@ -113,6 +115,38 @@ def encode_invocation(inv: RedisInvocation) -> bytes:
         body.append(inv.origin)
         body.append(inv.seq or 0)
     return _encoder.encode(body)
+
+
+#: first byte of a MessagePack unsigned integer of each encoded size (positive fixint: below 0x80)
+_UINT_HEADS = ((2, 0xCC), (3, 0xCD), (5, 0xCE), (9, 0xCF))
+
+
+def origin_marker(origin: str) -> bytes:
+    """How ``origin`` is encoded in an envelope (what :func:`is_from` looks for)."""
+    return _encoder.encode(origin)
+
+
+def is_from(data: bytes, marker: bytes) -> bool:
+    """Is this invocation envelope one :func:`encode_invocation` wrote with the origin of ``marker``?
+
+    Why: an instance subscribed to a channel it publishes to (a group with local members) gets
+    every one of its own sends back from Redis and drops them; recognising them from the
+    envelope's last bytes skips decoding them. The envelope must be the 6-element array (its
+    first byte), end with an unsigned integer (the sequence number, read back to its first byte),
+    and have ``marker`` right before it. ``marker`` starts with a MessagePack string header (a
+    byte of 0xa0 or more), which no ASCII text holds: inside another element's string it cannot
+    match, so only an origin element equal to it does.
+    """
+    n, m = len(data), len(marker)
+    if n < m + 2 or data[0] != 0x96:
+        return False
+    if data[n - 1] < 0x80 and data.startswith(marker, n - 1 - m):
+        return True
+    for size, head in _UINT_HEADS:
+        start = n - size - m
+        if start > 0 and data[n - size] == head and data.startswith(marker, start):
+            return True
+    return False
 
 
 def _decode(data: bytes) -> Any:
