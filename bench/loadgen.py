@@ -822,6 +822,8 @@ class Worker:
             "first_ns": ph.first_ns,
             "last_ns": ph.last_ns,
             "latency_count": len(ph.latencies),
+            # the last delivery's latency: one broadcast's time from send to its last receipt
+            "latency_max_ns": max(ph.latencies, default=0),
             "latency_points": quantile_points(ph.latencies),
             "lost_connections": self.lost_connections,
             "protocol_errors": self.protocol_errors,

@@ -235,7 +235,9 @@ def start_instances(
     count: int = 2,
     pythonpath: str | None = None,
     extra_env: dict[str, str] | None = None,
+    tag: str | None = None,
 ) -> list[Instance]:
+    tag = tag or spec.name
     env = None
     if pythonpath or extra_env:
         env = dict(os.environ)
@@ -247,13 +249,13 @@ def start_instances(
     for i in range(count):
         port = free_port()
         argv = [*spec.argv, "--port", str(port), "--redis", redis.url, "--prefix", prefix]
-        proc = procs.start(f"{spec.name}-{i}", argv, env=env)
+        proc = procs.start(f"{tag}-{i}", argv, env=env)
         out.append(Instance(port, proc))
     for inst in out:
         try:
             wait_port(inst.port, inst.proc)
         except RuntimeError as exc:
-            tail = procs.log_tail(f"{spec.name}-{out.index(inst)}")
+            tail = procs.log_tail(f"{tag}-{out.index(inst)}")
             raise RuntimeError(f"{spec.name}: {exc}\n{tail}") from None
     return out
 
@@ -655,7 +657,7 @@ class Bench:
             if name == "hubwire" and "ingest" in args.phases:
                 report.ingest = self.ingest(spec, instances, prefix)
             if name == "hubwire" and "big" in args.phases:
-                report.big = self.big(spec, instances)
+                report.big = self.big(spec, instances, prefix, src)
         except Exception as exc:
             report.errors.append(f"{type(exc).__name__}: {exc}")
             self.log(f"{name}: FAILED: {exc}")
@@ -992,44 +994,96 @@ class Bench:
             self.lg.all({"cmd": "close"}, 60)
             time.sleep(1.0)
 
-    def big(self, spec: ServerSpec, instances: list[Instance]) -> dict[str, Any]:
-        """Many concurrent connections on ONE instance, at the highest rate; one broadcast reaches all."""
+    def big(
+        self, spec: ServerSpec, instances: list[Instance], prefix: str, src: str | None
+    ) -> dict[str, Any]:
+        """Many concurrent connections, opened as fast as the generator can: ``--big-conns`` on each
+        of ``--big-instances`` instances (1: instance A; more: a fresh set of its own, on a channel
+        prefix of its own). Measures the connect rate, RSS per connection, idle CPU with everything
+        connected, then ``--big-broadcasts`` single broadcasts, each sent through instance 0, that must
+        reach every client on every instance exactly once (time to the last delivery)."""
         args = self.args
-        inst = instances[0]
-        limit = nofile_hard() - 64  # the server's fd limit, less its listening/Redis/stdio fds
+        n_inst = args.big_instances
+        own: list[Instance] = []
+        if n_inst > 1:
+            self.log(f"hubwire: big: starting {n_inst} instances")
+            own = start_instances(
+                self.procs, spec, self.redis, f"{prefix}big:", count=n_inst, pythonpath=src, tag="hubwire-big"
+            )
+            group = own
+        else:
+            group = instances[:1]
+        pids = [i.pid for i in group]
+        limit = nofile_hard() - 64  # a server's fd limit, less its listening/Redis/stdio fds
         wanted = args.big_conns
-        count = min(wanted, limit)
+        per_instance = min(wanted, limit)
+        count = per_instance * n_inst
         per_worker = max(1, self.lg.nofile - 256)
         workers = max(args.big_loadgens, math.ceil(count / per_worker))
         lg = LoadGen(self.procs, workers, tag="bigload") if workers > 1 else self.lg
         try:
-            rss0 = rss_kb([inst.pid])
-            c = connect(lg, spec, [inst], count, concurrency=args.big_concurrency, timeout=300)
+            if own:
+                self.warmup(spec, own)  # every instance subscribed, imports done
+            rss0 = rss_kb(pids)
+            c = connect(lg, spec, group, count, concurrency=args.big_concurrency, timeout=120 + count / 250)
             rate = c["ok"] / c["seconds"] if c["seconds"] else 0.0
             self.log(
-                f"hubwire: big: {c['ok']}/{count} connections in {c['seconds']:.2f}s = {rate:,.0f}/s "
-                f"({c['failed']} failed{': ' + str(c['errors']) if c['errors'] else ''})"
+                f"hubwire: big: {c['ok']}/{count} connections on {n_inst} instance(s) in {c['seconds']:.2f}s "
+                f"= {rate:,.0f}/s ({c['failed']} failed{': ' + str(c['errors']) if c['errors'] else ''}; "
+                f"{len(lg)} load generator(s))"
             )
-            time.sleep(1.0)
-            rss1 = rss_kb([inst.pid])
-            r = broadcasts(
-                lg, [inst.pid], self.ids.next(), duration=60, count=args.big_broadcasts, window=1,
-                drain_timeout=60, senders=2,
-            )  # fmt: skip
-            self.log_result("hubwire", f"big ({c['ok']} clients)", r)
+            time.sleep(args.settle)
+            rss1 = rss_kb(pids)
+            cpu0 = cpu_seconds(pids)
+            time.sleep(args.big_idle)
+            idle_cpu = cpu_seconds(pids) - cpu0
+            held = [health(i.port).get("connections") for i in group]
+            self.log(
+                f"hubwire: big: held {held}, RSS +{(rss1 - rss0) / 1024:.0f} MB, idle CPU {idle_cpu:.2f}s "
+                f"over {args.big_idle:g}s"
+            )
+            last_ms: list[float] = []
+            median_ms: list[float] = []
+            delivered = lost = dups = dropped = 0
+            for _ in range(args.big_broadcasts):
+                phase = self.ids.next()
+                begins = lg.all({"cmd": "begin", "phase": phase})
+                members = sum(b["members"] for b in begins)
+                sent = lg.first({"cmd": "send", "duration": 60, "count": 1, "window": 1}, 120)["sent"]
+                ends = lg.all({"cmd": "end", "sent": sent, "drain_timeout": 60}, 180)
+                got = sum(e["distinct"] for e in ends)
+                delivered += got
+                lost += members * sent - got
+                dups += sum(e["dups"] + e["unexpected"] for e in ends)
+                dropped = max(dropped, sum(e["lost_connections"] for e in ends))
+                last_ms.append(max(e["latency_max_ns"] for e in ends) / 1e6)
+                parts = [(e["latency_points"], e["latency_count"]) for e in ends]
+                first_ms = merged_quantile(parts, 0.0)
+                median_ms.append(merged_quantile(parts, 0.5) or 0.0)
+                self.log(
+                    f"hubwire: big: broadcast via instance 0: {got:,} of {members * sent:,} delivered, "
+                    f"first after {first_ms or 0:.1f} ms, median {median_ms[-1]:.1f} ms, "
+                    f"last {last_ms[-1]:.1f} ms"
+                )
             return {
+                "instances": n_inst,
                 "wanted": wanted,
                 "attempted": count,
                 "connected": c["ok"],
                 "failed": c["failed"],
+                "held": held,
                 "seconds": c["seconds"],
                 "rate": rate,
                 "rss_kb_per_conn": (rss1 - rss0) / c["ok"] if c["ok"] else None,
-                "broadcasts": r.sent,
-                "delivered": r.distinct,
-                "lost": r.lost,
-                "dups": r.dups + r.unexpected,
-                "lost_connections": r.lost_connections,
+                "idle_window_s": args.big_idle,
+                "idle_cpu_s": idle_cpu,
+                "broadcasts": args.big_broadcasts,
+                "last_delivery_ms": last_ms,
+                "median_delivery_ms": median_ms,
+                "delivered": delivered,
+                "lost": lost,
+                "dups": dups,
+                "lost_connections": dropped,
                 "fd_limit": limit + 64,
                 "loadgen_workers": workers,
             }
@@ -1038,6 +1092,8 @@ class Bench:
                 lg.all({"cmd": "close"}, 120)
             if lg is not self.lg:
                 lg.close()
+            for inst in own:
+                self.procs.stop(inst.proc, timeout=30)
             time.sleep(1.0)
 
 
@@ -1381,19 +1437,25 @@ def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
         )
     if hw.big:
         b = hw.big
-        capped = b["attempted"] < b["wanted"]
+        capped = b["attempted"] < b["wanted"] * b["instances"]
+        where = "one instance" if b["instances"] == 1 else f"{b['instances']} instances"
         check(
-            f"{b['wanted']:,} connections on one instance",
+            f"{b['wanted'] * b['instances']:,} connections on {where}",
             None
             if capped and b["connected"] == b["attempted"]
-            else b["connected"] >= b["wanted"] and not b["failed"],
+            else b["connected"] >= b["wanted"] * b["instances"] and not b["failed"],
             f"{b['connected']:,} connected"
             + (
-                f", all that were attempted: {b['attempted']:,} is the most this machine's fd hard limit "
-                f"({b['fd_limit']:,} per process) leaves one server process"
+                f", all that were attempted: {b['attempted'] // b['instances']:,} per instance is the most "
+                f"this machine's fd hard limit ({b['fd_limit']:,} per process) leaves one server process"
                 if capped
                 else ""
             ),
+        )
+        check(
+            "every connection still held after the idle window",
+            None if None in b["held"] else sum(b["held"]) == b["connected"],
+            f"{' + '.join(f'{h:,}' for h in b['held'])} held",
         )
         check("connection rate ≥ 2,000/s", b["rate"] >= 2000, f"{b['rate']:,.0f}/s")
         check(
@@ -1403,6 +1465,46 @@ def targets(reports: list[ServerReport], args: argparse.Namespace) -> list[str]:
             f"lost {b['lost']}, dup {b['dups']}",
         )
     return out
+
+
+def big_table(b: dict[str, Any]) -> str:
+    """The big phase's figures, one per row."""
+    n, conns = b["instances"], b["connected"]
+    capped = (
+        f" (capped from {b['wanted']:,} per instance by the fd limit {b['fd_limit']:,})"
+        if b["attempted"] < b["wanted"] * n
+        else ""
+    )
+    held = b["held"]
+    idle = b["idle_cpu_s"]
+    window = b["idle_window_s"]
+    last = b["last_delivery_ms"]
+    rows = [
+        ("hubwire instances (one Redis)", f"{n}, {b['loadgen_workers']} load generator process(es)"),
+        (
+            "connections held",
+            f"{sum(h or 0 for h in held):,} ({' + '.join(f'{h:,}' if h is not None else '?' for h in held)})"
+            f" of {b['attempted']:,} attempted{capped}, {b['failed']} failed",
+        ),
+        ("connect rate", f"{b['rate']:,.0f} connections/s ({conns:,} in {b['seconds']:.1f} s)"),
+        ("RSS per connection", f"{fmt(b['rss_kb_per_conn'])} KB (all instances' growth / connections)"),
+        (
+            f"idle CPU ({window:g} s, all connected)",
+            f"{idle * 100 / window:.1f} % of a core = "
+            f"{fmt(idle * 1e6 / (conns * window) if conns else None, 3)} µs per connection per second",
+        ),
+        (
+            "broadcast via instance 0 → every client",
+            f"{len(last)} single broadcast(s): time to last delivery "
+            + ", ".join(f"{v:,.0f}" for v in last)
+            + " ms (median delivery "
+            + ", ".join(f"{v:,.0f}" for v in b["median_delivery_ms"])
+            + f" ms); {b['delivered']:,} delivered, lost {b['lost']}, dup {b['dups']}, "
+            f"connections dropped {b['lost_connections']}",
+        ),
+    ]
+    head = "**Concurrent connections (hubwire, big phase):**\n\n| figure | value |\n| --- | --- |"
+    return head + "".join(f"\n| {k} | {v} |" for k, v in rows)
 
 
 def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: float) -> str:
@@ -1453,21 +1555,7 @@ def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: 
         )
         parts.append("")
     if hw and hw.big:
-        b = hw.big
-        capped = (
-            f" (capped from {b['wanted']:,} by the fd limit {b['fd_limit']:,})"
-            if b["attempted"] < b["wanted"]
-            else ""
-        )
-        parts.append(
-            f"**Concurrent connections (hubwire, one instance):** {b['connected']:,} of {b['attempted']:,}"
-            f"{capped} connected in {b['seconds']:.2f}s = {b['rate']:,.0f} connections/s, "
-            f"{b['failed']} failed, "
-            f"{fmt(b['rss_kb_per_conn'])} KB RSS/connection; {b['broadcasts']} broadcast(s): "
-            f"{b['delivered']:,} deliveries, lost {b['lost']}, dup {b['dups']}, "
-            f"connections dropped {b['lost_connections']}"
-        )
-        parts.append("")
+        parts += [big_table(hw.big), ""]
     if any(r.deflate for r in reports):
         parts += [
             f"**permessage-deflate** (~1 KB JSON broadcasts, closed loop with {args.deflate_window} in "
@@ -1534,7 +1622,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ingest-group-size", type=int, default=3)
     p.add_argument("--ingest-seconds", type=float, default=5.0, help="seconds of publishing")
     p.add_argument("--ingest-max", type=int, default=5_000_000, help="most envelopes published")
-    p.add_argument("--big-conns", type=int, default=20_000, help="connections of the big phase")
+    p.add_argument(
+        "--big-conns", type=int, default=20_000, help="connections of the big phase on each instance"
+    )  # fmt: skip
+    p.add_argument(
+        "--big-instances", type=int, default=1, help="hubwire instances of the big phase (1: instance A; "
+        "more: a fresh set sharing the Redis)"
+    )  # fmt: skip
+    p.add_argument(
+        "--big-idle", type=float, default=10.0, help="seconds of the big phase's idle-CPU window"
+    )  # fmt: skip
     p.add_argument("--big-concurrency", type=int, default=500, help="handshakes in flight in the big phase")
     p.add_argument("--big-broadcasts", type=int, default=3)
     p.add_argument(

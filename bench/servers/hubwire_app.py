@@ -4,7 +4,8 @@
 
 is ``hubwire run bench.servers.hubwire_app:app --port P --redis URL --channel-prefix X``
 (uvicorn, uvloop, the Redis backplane). Hub at ``/hub``; ``GET /health`` answers the backplane's
-health JSON (its ``received`` counter is what the ingest phase reads), as tests/apps/scaleout.py does.
+health JSON (its ``received`` counter is what the ingest phase reads), as tests/apps/scaleout.py does,
+plus ``connections``: the connections this instance holds (the big phase's per-instance count).
 
 Hub methods (what the load generator calls):
 
@@ -109,6 +110,7 @@ async def health(request: Request) -> JSONResponse:
     backplane = hubs.backplane
     info = backplane.health() if hasattr(backplane, "health") else {"state": "in-memory"}
     info["pid"] = os.getpid()
+    info["connections"] = len(hubs.connections)  # what the big phase reports as held per instance
     return JSONResponse(info)
 
 
