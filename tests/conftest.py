@@ -214,6 +214,19 @@ def private_redis() -> Iterator[RedisServer]:
     server.close()
 
 
+@contextlib.contextmanager
+def node_checks_against(
+    app: str, script: Path, timeout: float, *extra: str
+) -> Iterator[tuple[dict[str, dict[str, object]], str]]:
+    """Serve ``app``, run a Node check script against its port (:func:`run_node_checks`, with
+    ``extra`` arguments after the port), and stop the server afterwards."""
+    server = ServerProcess(app)
+    try:
+        yield run_node_checks([str(script), str(server.port), *extra], timeout)
+    finally:
+        server.close()
+
+
 def run_node_checks(args: list[str], timeout: float) -> tuple[dict[str, dict[str, object]], str]:
     """Run a Node check script (one JSON object with a ``name`` per stdout line), bounded in time.
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, run_node_checks
+from tests.conftest import ROOT, node_checks_against
 from tests.requirements import BROWSER, chromium_path, requires
 
 SCRIPT = ROOT / "tests" / "js" / "compression-browser.cjs"
@@ -27,12 +27,10 @@ pytestmark = requires(*BROWSER)
 
 @pytest.fixture(scope="module")
 def browser_results() -> Iterator[tuple[dict[str, dict[str, object]], str]]:
-    server = ServerProcess("tests.apps.compression:app")
-    try:
-        results, err = run_node_checks([str(SCRIPT), str(server.port), str(chromium_path())], BROWSER_TIMEOUT)
-        yield results, err
-    finally:
-        server.close()
+    with node_checks_against(
+        "tests.apps.compression:app", SCRIPT, BROWSER_TIMEOUT, str(chromium_path())
+    ) as results:
+        yield results
 
 
 @pytest.mark.parametrize(

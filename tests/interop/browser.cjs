@@ -8,12 +8,11 @@
 //
 // Usage: node tests/interop/browser.cjs <port> [chromium-path]
 
-const { chromium } = require("playwright-core");
+const { runPageChecks, exitAfter } = require("../js/pagechecks.cjs");
 
 const [port, executablePath = "/usr/bin/chromium"] = process.argv.slice(2);
 const PAGE_URL = `http://localhost:${port}/browser`;
 const HUB_BASE = `http://127.0.0.1:${port}`;
-const RUN_TIMEOUT_MS = 60000;
 
 const RUNS = [
   { transport: "WebSockets", protocol: "json" },
@@ -159,43 +158,14 @@ async function pageChecks({ hubBase, transport, protocol }) {
   return results;
 }
 
-async function main() {
-  const browser = await chromium.launch({
+exitAfter(() =>
+  runPageChecks(
     executablePath,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-    timeout: 30000,
-  });
-  try {
-    for (const run of RUNS) {
-      const prefix = `${run.transport}/${run.protocol}`;
-      const page = await browser.newPage();
-      const pageErrors = [];
-      page.on("pageerror", (err) => pageErrors.push(String(err)));
-      try {
-        await page.goto(PAGE_URL, { timeout: 15000 });
-        const results = await Promise.race([
-          page.evaluate(pageChecks, { hubBase: HUB_BASE, ...run }),
-          new Promise((_, reject) => setTimeout(() => reject(new Error("page checks timed out")), RUN_TIMEOUT_MS)),
-        ]);
-        for (const result of results) {
-          process.stdout.write(`${JSON.stringify({ ...result, name: `${prefix}/${result.name}` })}\n`);
-        }
-      } catch (err) {
-        process.stderr.write(`${prefix}: ${err && err.stack}\n${pageErrors.join("\n")}\n`);
-      } finally {
-        await page.close();
-      }
-    }
-  } finally {
-    await browser.close();
-  }
-}
-
-main().then(
-  () => process.exit(0),
-  (err) => {
-    process.stderr.write(`${err && err.stack}\n`);
-    process.exit(2);
-  },
+    RUNS.map((run) => ({
+      prefix: `${run.transport}/${run.protocol}`,
+      url: PAGE_URL,
+      args: { hubBase: HUB_BASE, ...run },
+    })),
+    pageChecks,
+  ),
 );

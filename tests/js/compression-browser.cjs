@@ -8,11 +8,10 @@
 //
 // Usage: node tests/js/compression-browser.cjs <port> [chromium-path]
 
-const { chromium } = require("playwright-core");
+const { runPageChecks, exitAfter } = require("./pagechecks.cjs");
 
 const [port, executablePath = "/usr/bin/chromium"] = process.argv.slice(2);
 const BASE = `http://127.0.0.1:${port}`;
-const RUN_TIMEOUT_MS = 60000;
 
 /** Runs inside the page: every check for one protocol. */
 async function pageChecks({ protocol }) {
@@ -96,42 +95,10 @@ async function pageChecks({ protocol }) {
   return results;
 }
 
-async function main() {
-  const browser = await chromium.launch({
+exitAfter(() =>
+  runPageChecks(
     executablePath,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-    timeout: 30000,
-  });
-  try {
-    for (const protocol of ["json", "messagepack"]) {
-      const page = await browser.newPage();
-      const pageErrors = [];
-      page.on("pageerror", (err) => pageErrors.push(String(err)));
-      try {
-        await page.goto(`${BASE}/page`, { timeout: 15000 });
-        const results = await Promise.race([
-          page.evaluate(pageChecks, { protocol }),
-          new Promise((_, reject) => setTimeout(() => reject(new Error("page checks timed out")), RUN_TIMEOUT_MS)),
-        ]);
-        for (const result of results) {
-          process.stdout.write(`${JSON.stringify({ ...result, name: `${protocol}/${result.name}` })}\n`);
-        }
-      } catch (err) {
-        process.stderr.write(`${protocol}: ${err && err.stack}\n${pageErrors.join("\n")}\n`);
-      } finally {
-        await page.close();
-      }
-    }
-  } finally {
-    await browser.close();
-  }
-}
-
-main().then(
-  () => process.exit(0),
-  (err) => {
-    process.stderr.write(`${err && err.stack}\n`);
-    process.exit(2);
-  },
+    ["json", "messagepack"].map((protocol) => ({ prefix: protocol, url: `${BASE}/page`, args: { protocol } })),
+    pageChecks,
+  ),
 );
