@@ -92,7 +92,7 @@ async function main() {
           reconnected: c.reconnected,
           closed: c.closed,
           ticks: summary(c.ticks),
-          log: c.kind.transport === "sse" || c.state !== "Connected" ? c.log.slice(-40) : [],
+          log: c.kind.transport === "sse" || c.state !== "Connected" || (c.kind.stateful && c.reconnecting) ? c.log.slice(-40) : [],
         })),
         crashes: CRASHES,
       });

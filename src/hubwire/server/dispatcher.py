@@ -32,7 +32,7 @@ from ..protocol.negotiate import (
     select_negotiate_version,
 )
 from ..transports import longpolling, sse, websocket
-from ..transports.httpbase import handle_post
+from ..transports.httpbase import handle_post, refuse_draining
 from ..transports.longpolling import handle_delete, serve_poll
 from ..transports.relayed import LOCAL_ONLY, RELAYED_USER, forward, serve_relayed
 from ..transports.sse import serve_sse
@@ -281,9 +281,7 @@ class HttpConnectionDispatcher:
             return
         if self.draining:  # a rolling deploy: the client's retry reaches another instance
             self.refused["draining"] += 1
-            # and over a new TCP connection, which the load balancer sends to another instance
-            closing = [*cors, ("retry-after", "1"), ("connection", "close")]
-            await respond(send, 503, texts.SERVER_SHUTTING_DOWN.encode(), headers=closing)
+            await refuse_draining(send, 503, cors)
             return
         stateful = self._grants_stateful_reconnect(endpoint, request, version)
         conn = self.connections.create(version, principal, stateful)
@@ -350,8 +348,8 @@ class HttpConnectionDispatcher:
             return False  # started here: the drain closes it
         if "text/event-stream" not in (request.header("accept") or "").lower():
             return False
-        status, closing = _draining_status(sse.FEATURES), [*cors, ("connection", "close")]
-        await respond(send, status, texts.SERVER_SHUTTING_DOWN.encode(), headers=closing)
+        self.refused["draining"] += 1
+        await refuse_draining(send, _draining_status(sse.FEATURES), cors)
         return True
 
     async def _relayed(

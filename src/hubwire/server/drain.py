@@ -67,8 +67,6 @@ class Drainer:
         http.on_drain = self.begin
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
-        #: whether hub WebSockets take hubwire's native path (known once started under uvicorn)
-        self.native_websockets = False
 
     def watch_server(self, hub_server: Any) -> None:
         """At startup: say in one line how hub WebSockets are served, and begin draining as soon
@@ -77,10 +75,10 @@ class Drainer:
         self.http.stopping.clear()
         self._task = None
         server = find_uvicorn()
-        self.native_websockets, mode = websocket_mode(server, hub_server)
+        native, mode = websocket_mode(server, hub_server)
         # a warning when not native: it is a performance matter, and shows under plain uvicorn too
         # (which gives hubwire's logger no handler: only warnings reach its output)
-        log.log(logging.INFO if self.native_websockets else logging.WARNING, "%s", mode)
+        log.log(logging.INFO if native else logging.WARNING, "%s", mode)
         if server is not None:
             self._watch = watch_uvicorn(server, self.begin)
 

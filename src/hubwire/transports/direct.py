@@ -112,21 +112,22 @@ def _deflate_frames(
     own (so it can be shared), the records between them coalesced uncompressed."""
     frames: list[bytes] = []
     plain: list[bytes] = []
+
+    def coalesce() -> None:
+        if len(plain) == 1:
+            frames.append(_framed(plain[0], binary, memo))
+        elif plain:
+            frames.append(encode_frame(b"".join(plain), binary))
+        plain.clear()
+
     for chunk in chunks:
         frame = _compressed(chunk, binary, memo) if len(chunk) >= threshold else b""
-        if not frame:
+        if frame:
+            coalesce()
+            frames.append(frame)
+        else:
             plain.append(chunk)
-            continue
-        if plain:
-            frames.append(
-                _framed(plain[0], binary, memo) if len(plain) == 1 else encode_frame(b"".join(plain), binary)
-            )
-            plain = []
-        frames.append(frame)
-    if plain:
-        frames.append(
-            _framed(plain[0], binary, memo) if len(plain) == 1 else encode_frame(b"".join(plain), binary)
-        )
+    coalesce()
     return frames[0] if len(frames) == 1 else b"".join(frames)
 
 

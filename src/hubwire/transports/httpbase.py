@@ -20,7 +20,15 @@ from ..connections.manager import ConnectionManager
 from ..http import BodyTooLarge, ClientGone, Receive, Send, read_body, respond
 from ..protocol import texts
 
-__all__ = ["POST_BODY_FACTOR", "HttpConnectionState", "Poll", "handle_post", "http_state", "post_limit"]
+__all__ = [
+    "POST_BODY_FACTOR",
+    "HttpConnectionState",
+    "Poll",
+    "handle_post",
+    "http_state",
+    "post_limit",
+    "refuse_draining",
+]
 
 log = logging.getLogger("hubwire.http_transport")
 
@@ -161,3 +169,11 @@ def _content_length(request: RequestInfo) -> int | None:
         return int(raw)
     except ValueError:
         return None
+
+
+async def refuse_draining(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
+    """A draining instance turns a request away with ``Connection: close``: the client's retry
+    opens a new TCP connection, which the load balancer sends to another instance (a kept-alive
+    one would bring it back here)."""
+    closing = [*headers, ("connection", "close"), ("retry-after", "1")]
+    await respond(send, status, texts.SERVER_SHUTTING_DOWN.encode(), headers=closing)

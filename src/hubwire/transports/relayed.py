@@ -36,7 +36,7 @@ from ..connections.connection import Connection, Principal, RequestInfo
 from ..connections.manager import ConnectionManager
 from ..http import BodyTooLarge, ClientGone, Message, Receive, Scope, Send, read_body, respond
 from ..protocol import texts
-from .httpbase import post_limit, wait_disconnect
+from .httpbase import post_limit, refuse_draining, wait_disconnect
 
 __all__ = [
     "LOCAL_ONLY",
@@ -170,8 +170,7 @@ async def forward(
     if method == "GET" and stopping is not None and stopping.is_set():
         # this instance is about to exit: the poll goes elsewhere (perhaps a first poll, which an
         # empty answer would wrongly confirm), over a new TCP connection
-        closing = [*cors, ("connection", "close")]
-        await respond(send, 503, texts.SERVER_SHUTTING_DOWN.encode(), headers=closing)
+        await refuse_draining(send, 503, cors)
         return True
     payload = _encode_request(method, request, principal, body)
     timeout = endpoint.options.long_poll_timeout + _SLACK if method == "GET" else 30.0
