@@ -36,6 +36,12 @@ def _run(args: argparse.Namespace) -> None:
 
     if args.redis:
         os.environ["HUBWIRE_REDIS_URL"] = args.redis
+    if args.service:
+        os.environ["HUBWIRE_SERVICE_URLS"] = args.service
+        if args.access_key:
+            os.environ["HUBWIRE_SERVICE_ACCESS_KEY"] = args.access_key
+        if not os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY"):
+            raise SystemExit("hubwire: --service needs --access-key (or HUBWIRE_SERVICE_ACCESS_KEY)")
     if args.channel_prefix:
         os.environ["HUBWIRE_CHANNEL_PREFIX"] = args.channel_prefix
     if args.detailed_errors:
@@ -522,9 +528,42 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="serve an ASGI app or HubServer with uvicorn")
     run.add_argument("app", help="module:attribute of a HubServer or ASGI app")
+    run.add_argument("--factory", action="store_true", help="the attribute is a factory to call")
+    run.add_argument(
+        "--service",
+        help="run the hubs for a connection service: its node URLs, comma-separated (clients are sent "
+        "there by negotiate; sets HUBWIRE_SERVICE_URLS)",
+    )
+    _access_key_option(run)
+    _serve_options(run)
+    run.set_defaults(func=_run)
+    svc = sub.add_parser(
+        "service", help="serve a connection-service node: it holds clients, app servers run the hubs"
+    )
+    _access_key_option(svc)
+    _serve_options(svc)
+    svc.set_defaults(func=_service, app="hubwire.server.service_node:from_env", factory=True, service=None)
+
+
+def _access_key_option(parser: Any) -> None:
+    parser.add_argument(
+        "--access-key",
+        help="the connection service's shared secret (sets HUBWIRE_SERVICE_ACCESS_KEY; keep it out of "
+        "shell history: prefer the variable)",
+    )
+
+
+def _service(args: argparse.Namespace) -> None:
+    if args.access_key:
+        os.environ["HUBWIRE_SERVICE_ACCESS_KEY"] = args.access_key
+    if not os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY"):
+        raise SystemExit("hubwire service: pass --access-key or set HUBWIRE_SERVICE_ACCESS_KEY")
+    _run(args)
+
+
+def _serve_options(run: Any) -> None:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8000)
-    run.add_argument("--factory", action="store_true", help="the attribute is a factory to call")
     run.add_argument("--redis", help="Redis URL for the backplane (sets HUBWIRE_REDIS_URL)")
     run.add_argument("--channel-prefix", help="backplane channel prefix (sets HUBWIRE_CHANNEL_PREFIX)")
     run.add_argument(
@@ -580,7 +619,6 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--ssl-keyfile", help="TLS private key file (serve https / wss)")
     run.add_argument("--ssl-certfile", help="TLS certificate file")
     run.add_argument("--reload", action="store_true", help="restart when a source file changes (development)")
-    run.set_defaults(func=_run)
 
 
 def main(argv: list[str] | None = None) -> None:

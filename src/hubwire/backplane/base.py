@@ -10,8 +10,12 @@ and reporting health.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Principal, RequestInfo
+from ..connections.manager import ConnectionManager
 from ..hubs.lifetime import HubLifetimeManager, InMemoryLifetimeManager
 from ..transports.relayed import RequestRelay
 
@@ -20,7 +24,10 @@ if TYPE_CHECKING:
     from .inspect import Inspector
     from .takeover import Takeovers
 
-__all__ = ["Backplane", "BackplaneUnavailable", "InMemoryBackplane"]
+__all__ = ["Backplane", "BackplaneUnavailable", "InMemoryBackplane", "UserRedirect"]
+
+#: a negotiate redirect that gets the authenticated user: ``(url, access token)`` or None
+UserRedirect = Callable[[RequestInfo, Principal | None], tuple[str, str | None] | None]
 
 
 class BackplaneUnavailable(Exception):
@@ -44,6 +51,17 @@ class Backplane:
     def create_manager(self, hub_name: str) -> HubLifetimeManager:
         """The lifetime manager of one hub (called once per hub name)."""
         raise NotImplementedError
+
+    def bind(self, connections: ConnectionManager) -> None:
+        """The server's connection manager (the connection service opens connections in it)."""
+
+    def serve_hub(self, hub_name: str, endpoint: ConnectionApplication) -> UserRedirect | None:
+        """``endpoint`` serves ``hub_name`` here; a redirect for its negotiates, or None (the
+        connection service sends every client to a node)."""
+        return None
+
+    def begin_drain(self) -> None:
+        """This instance starts draining (the connection service moves its connections)."""
 
     async def token_keys(self) -> tuple[bytes, ...] | None:
         """The keys of connection tokens shared by every instance: the first signs, all verify.

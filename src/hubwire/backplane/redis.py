@@ -64,6 +64,7 @@ from ..hubs.lifetime import (
     CompletionOutcome,
     HubLifetimeManager,
     LocalConnections,
+    SendKind,
     SerializedMessage,
     await_result,
 )
@@ -615,6 +616,37 @@ class RedisHubLifetimeManager(HubLifetimeManager):
             channel = self.channels.user(uid)
             seq = self._deliver_local(channel, list(members.values()) if members else [], message)
             self._publish(channel, serializations, (), seq)
+
+    def send_serialized(
+        self,
+        kind: SendKind,
+        targets: Collection[str],
+        message: SerializedMessage,
+        exclude: Collection[str] = (),
+    ) -> None:
+        serializations = message.serialize_all(self.protocols)
+        local = self.local
+        if kind == "all":
+            channel = self.channels.all
+            seq = self._deliver_local(channel, list(local.connections.values()), message, exclude)
+            self._publish(channel, serializations, exclude, seq)
+            return
+        if kind == "connections":
+            conns = local.connections
+            for cid in dict.fromkeys(targets):
+                if cid in conns:
+                    local.deliver([conns[cid]], message)
+                else:
+                    self._publish(self.channels.connection(cid), serializations)
+            return
+        table, channel_of = (
+            (local.groups, self.channels.group) if kind == "groups" else (local.users, self.channels.user)
+        )
+        for name in dict.fromkeys(t for t in targets if t):
+            members = table.get(name)
+            channel = channel_of(name)
+            seq = self._deliver_local(channel, list(members.values()) if members else [], message, exclude)
+            self._publish(channel, serializations, exclude, seq)
 
     # -- receiving ---------------------------------------------------------------------------------
 

@@ -89,6 +89,18 @@ class ConnectionApplication(abc.ABC):
         Raises ``ValueError`` when ``state`` is not usable (it came from another instance)."""
         raise ValueError("this path does not move connections")
 
+    # -- moving a connection between app servers (the connection service) ---------------------------
+
+    def export_for_migration(self, conn: Connection) -> dict[str, Any] | str:
+        """What the next app server needs of ``conn`` (its items), or why it cannot move now."""
+        return "this path does not move connections"
+
+    async def migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
+        """Run a connection that moved here from another app server (its handshake was done there).
+
+        Raises ``ValueError`` when ``state`` is not usable."""
+        raise ValueError("this path does not move connections")
+
     async def refresh_moved(self, conn: Connection, state: dict[str, Any]) -> None:  # noqa: B027
         """The state at hand-over time (groups or items changed on the old holder meanwhile)."""
 

@@ -14,7 +14,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Any, Protocol
@@ -195,6 +195,7 @@ class Connection:
         "features",
         "inactive_since",
         "items",
+        "migrate",
         "negotiate_version",
         "outbox",
         "principal",
@@ -241,6 +242,9 @@ class Connection:
         #: the transport request serving the connection now (WebSockets), told to stop when a
         #: stateful-reconnect resume replaces it before it noticed its socket was gone
         self.carrier: Carrier | None = None
+        #: set by the connection service's link: moves the connection to another app server
+        #: (a draining one lets go of it when nothing of it runs); True once it did
+        self.migrate: Callable[[], bool] | None = None
 
     @property
     def transport_name(self) -> str | None:

@@ -81,6 +81,15 @@ class ConnectionManager:
         self._by_id[connection_id] = conn
         return conn
 
+    def register_linked(self, connection_id: str, principal: Principal | None) -> Connection:
+        """A connection a service node opened on this app server (its id is the node's).
+
+        It has no token of its own here: only its link reaches it.
+        """
+        conn = Connection(connection_id, connection_id, 1, principal, self.max_buffered)
+        self._by_id[connection_id] = conn
+        return conn
+
     def get(self, token: str) -> Connection | None:
         """The connection registered here for exactly this token, or None."""
         verified = self.issuer.verify(token, check_age=False)

@@ -45,6 +45,7 @@ class HubConnectionContext:
         "max_groups",
         "max_parallel",
         "max_streams",
+        "migrated_from",
         "outbox",
         "protocol",
         "protocol_name",
@@ -95,6 +96,8 @@ class HubConnectionContext:
         #: invocation rate limit (token bucket): tokens left and when they were last counted
         self.rate_tokens = 0.0
         self.rate_stamp = 0.0
+        #: the app server this connection moved from (the connection service), None otherwise
+        self.migrated_from: str | None = None
 
     def write(self, data: bytes) -> None:
         """Queue already-framed bytes (for this connection's protocol)."""
@@ -185,6 +188,16 @@ class HubCallerContext:
     @property
     def protocol(self) -> str:
         return self._conn.protocol.name
+
+    @property
+    def migrated_from(self) -> str | None:
+        """The app server this connection ran on before (connection service), else None.
+
+        A connection moved off a draining app server keeps its id, user, groups and items
+        and ``on_connected`` does not run again; after an app server crash the items are lost
+        and ``on_connected`` runs again with this set.
+        """
+        return self._conn.migrated_from
 
     def abort(self) -> None:
         """Close this connection now (the client is not invited to reconnect)."""

@@ -76,6 +76,8 @@ class EndpointStats:
         "invocation_errors",
         "invocations",
         "messages_received",
+        "migrated_in",
+        "migrated_out",
         "moved_in",
         "moved_out",
         "opened",
@@ -103,6 +105,9 @@ class EndpointStats:
         self.resent_dropped = 0
         #: resumable connections taken over from another instance / handed over to one
         self.moved_in = 0
+        #: connections moved between app servers by the connection service
+        self.migrated_in = 0
+        self.migrated_out = 0
         self.moved_out = 0
         #: draining: connections let go by dropping their WebSocket (to resume elsewhere) / closed
         #: with "reconnect allowed"

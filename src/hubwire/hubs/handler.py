@@ -315,6 +315,57 @@ class HubConnectionHandler(ConnectionApplication):
             except HubException as exc:  # this instance's limits: it stays out of that group
                 log.warning("moved connection %s not put back in a group: %s", conn.connection_id, exc)
 
+    def export_for_migration(self, conn: Connection) -> dict[str, Any] | str:
+        """The items of a connection moving to another app server, once nothing of it runs here."""
+        state: _HubConnectionState | None = conn.application_state
+        ctx = state.ctx if state is not None else None
+        if ctx is None or self.connected.get(conn.connection_id) is not ctx:
+            return "no hub connection"
+        if ctx.busy:
+            return "a call or a stream of it is running"
+        try:
+            return {"items": _items_encoder.encode(conn.items)}
+        except (TypeError, ValueError, OverflowError) as exc:
+            return f"its items cannot be serialized ({exc})"
+
+    async def migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
+        """Run a connection another app server ran (the service replays no handshake: the client
+        did it once). Its groups are the service's; ``on_connected`` runs again only when its
+        old app server died (its items died with it)."""
+        protocol = self.protocols.get(state.get("protocol"))  # type: ignore[arg-type]
+        version, groups, items = state.get("version"), state.get("groups"), state.get("items", b"\x80")
+        if (
+            protocol is None
+            or not isinstance(version, int)
+            or not 0 <= version <= protocol.version
+            or not isinstance(groups, list)
+            or not all(isinstance(g, str) for g in groups)
+            or not isinstance(items, bytes)
+        ):
+            raise ValueError("malformed state of a moved connection")
+        decoded = _items_decoder.decode(items)
+        if not isinstance(decoded, dict):
+            raise ValueError("malformed items of a moved connection")
+        conn.items = decoded
+        ctx = self._context(conn, protocol, version)
+        ctx.groups = set(groups)
+        origin = state.get("from")
+        ctx.migrated_from = origin if isinstance(origin, str) else "?"
+        hub_state = _HubConnectionState()
+        hub_state.ctx = ctx
+        hub_state.parser = protocol.parser(self.options.maximum_receive_message_size)
+        conn.application_state = hub_state
+        conn.transfer_format = protocol.transfer_format
+        self.connected[conn.connection_id] = ctx
+        self.stats.migrated_in += 1
+        await self.manager.on_connected(ctx)
+        if state.get("crashed"):
+            try:
+                await self._hub(ctx).on_connected()
+            except Exception as exc:
+                log.exception("on_connected failed for %s", conn.connection_id)
+                ctx.close(error_text(CONNECTION_ERROR, exc, self.options.enable_detailed_errors))
+
     async def refresh_moved(self, conn: Connection, state: dict[str, Any]) -> None:
         """Groups and items as the old holder had them when it let go (changed since its offer)."""
         hub_state: _HubConnectionState | None = conn.application_state
@@ -386,6 +437,12 @@ class HubConnectionHandler(ConnectionApplication):
         if ctx is None or ctx.connection is not conn:
             conn.abort("server shutting down")
             return True
+        if conn.migrate is not None:  # the connection service moves it to another app server
+            if ctx.busy and not final:
+                return False  # a call or stream of it runs: it moves once that is over
+            if not ctx.busy and conn.migrate():
+                self.stats.migrated_out += 1
+                return True
         streaming = bool(ctx.active_streams or ctx.upload_streams)
         if hand_over is not None and conn.outbox.replay is not None and not streaming:
             if conn.outbox.detached:

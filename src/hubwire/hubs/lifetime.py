@@ -29,6 +29,8 @@ __all__ = [
     "CompletionOutcome",
     "HubLifetimeManager",
     "InMemoryLifetimeManager",
+    "PreframedMessage",
+    "SendKind",
     "SerializedMessage",
 ]
 
@@ -58,6 +60,23 @@ class SerializedMessage:
         for protocol in protocols:
             self.for_protocol(protocol)
         return dict(self._cache)
+
+
+class PreframedMessage(SerializedMessage):
+    """A message framed elsewhere, once per protocol (an app server of the connection service).
+
+    A protocol it was not framed for gets no bytes, and recipients speaking it get nothing,
+    rather than a guess at what the message was.
+    """
+
+    __slots__ = ()
+
+    def for_protocol(self, protocol: HubProtocol) -> bytes:
+        return self._cache.get(protocol.name, b"")
+
+
+#: the recipients of a send: everyone, or the named groups, users or connections
+SendKind = Literal["all", "groups", "users", "connections"]
 
 
 #: what became of a client's Completion: it answered its own pending call, answered nothing
@@ -224,6 +243,17 @@ class HubLifetimeManager(abc.ABC):
     ) -> CompletionOutcome:
         """A Completion arrived from ``connection``: did it answer a client-result call sent to it?"""
 
+    def send_serialized(
+        self,
+        kind: SendKind,
+        targets: Collection[str],
+        message: SerializedMessage,
+        exclude: Collection[str] = (),
+    ) -> None:
+        """Send a message already framed (a service node relaying an app server's send): to all,
+        or to the ``targets`` groups, users or connections; delivered in the order of the calls."""
+        raise NotImplementedError(f"{type(self).__name__} cannot relay framed messages")
+
     def local_connections(self) -> LocalConnections | None:
         """This instance's membership tables, where presence and inspection look (None: none kept)."""
         return None
@@ -322,6 +352,8 @@ class LocalConnections:
             data = cache.get(conn.protocol_name)
             if data is None:
                 data = cache[conn.protocol_name] = message.for_protocol(conn.protocol)
+            if not data:
+                continue  # not framed for this connection's protocol (PreframedMessage)
             conn.outbox.write(data)
             count += 1
         return count
@@ -370,6 +402,27 @@ class InMemoryLifetimeManager(HubLifetimeManager):
             members = self.local.users.get(uid)
             if members:
                 self.local.deliver(list(members.values()), message)
+
+    def send_serialized(
+        self,
+        kind: SendKind,
+        targets: Collection[str],
+        message: SerializedMessage,
+        exclude: Collection[str] = (),
+    ) -> None:
+        local = self.local
+        if kind == "all":
+            local.deliver(list(local.connections.values()), message, exclude)
+            return
+        table = {"groups": local.groups, "users": local.users}.get(kind)
+        if table is None:  # connections
+            conns = local.connections
+            local.deliver([conns[c] for c in dict.fromkeys(targets) if c in conns], message, exclude)
+            return
+        for name in dict.fromkeys(targets):
+            members = table.get(name)
+            if members:
+                local.deliver(list(members.values()), message, exclude)
 
     async def add_to_group(self, connection_id: str, group: str) -> None:
         conn = self.local.connections.get(connection_id)

@@ -31,6 +31,7 @@ from ..options import HubOptions
 from ..protocol.base import EncHook, HubProtocol, TransferFormat
 from ..protocol.json_protocol import JsonHubProtocol
 from ..protocol.messagepack_protocol import MessagePackHubProtocol
+from ..service.applink import service_from_env
 from ..transports.websocket import reject_websocket
 from .cors import CorsPolicy, OriginPredicate
 from .dashboard import Dashboard, DashboardAuth
@@ -79,7 +80,9 @@ class HubServer:
         drain_timeout: float | None = None,
     ) -> None:
         self.options = options or HubOptions()
-        self.backplane: Backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()
+        self.backplane: Backplane = (
+            backplane or service_from_env() or RedisBackplane.from_env() or InMemoryBackplane()
+        )
         self.authenticator = authenticator
         self.app = app
         self.protocols: dict[str, HubProtocol] = {
@@ -92,6 +95,7 @@ class HubServer:
         self.connections = ConnectionManager(
             opts.disconnect_timeout, max_buffered=opts.max_buffered_bytes, tasks=self.tasks
         )
+        self.backplane.bind(self.connections)
         self.router = Router()
         self.cors = CorsPolicy(cors_origins)
         self.keys = KeyAgreement(self.backplane, self.connections.issuer)
@@ -113,7 +117,7 @@ class HubServer:
         self._hub_names: dict[type[Hub], str] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         # drain_timeout (else HUBWIRE_DRAIN_TIMEOUT, else 10 s) bounds a graceful shutdown
-        self._drainer = Drainer(self.connections, self.http, drain_timeout)
+        self._drainer = Drainer(self.connections, self.http, drain_timeout, self.backplane.begin_drain)
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         relay = self.backplane.relay
@@ -169,6 +173,8 @@ class HubServer:
         self.router.add(path, endpoint)
         if negotiate_redirect is not None:
             self.http.redirects[endpoint] = negotiate_redirect
+        if (to_service := self.backplane.serve_hub(hub_name, endpoint)) is not None:
+            self.http.user_redirects[endpoint] = to_service
         return endpoint
 
     def add_connection_handler(
@@ -197,6 +203,10 @@ class HubServer:
 
     def hub_endpoints(self) -> list[HubConnectionHandler]:
         return [ep for ep in self.router.endpoints() if isinstance(ep, HubConnectionHandler)]
+
+    def adopt_manager(self, name: str, manager: HubLifetimeManager) -> None:
+        """A manager made outside :meth:`add_hub` (a service node's hubs), stopped with the server."""
+        self._managers[name] = manager
 
     def manager(self, hub_cls: type[Hub]) -> HubLifetimeManager:
         """The lifetime manager serving ``hub_cls``."""

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from ..backplane.base import Backplane
+from ..backplane.base import Backplane, UserRedirect
 from ..connections.application import ConnectionApplication, check_policies
 from ..connections.connection import Connection, Principal, RequestInfo, TransportFeatures
 from ..connections.manager import ConnectionManager
@@ -106,6 +106,8 @@ class HttpConnectionDispatcher:
         self._start = start
         self.keys = keys
         self.redirects: dict[ConnectionApplication, NegotiateRedirect] = {}
+        #: redirects that also get the authenticated user (the connection service vouches for it)
+        self.user_redirects: dict[ConnectionApplication, UserRedirect] = {}
         #: endpoints with a gate of their own instead of the app's authentication and origin rules
         self.gates: dict[ConnectionApplication, Gate] = {}
         takeovers = backplane.takeovers
@@ -267,8 +269,9 @@ class HttpConnectionDispatcher:
             await respond(send, 200, negotiate_error(str(exc)), "application/json", cors)
             return
         hook = self.redirects.get(endpoint)
-        if hook is not None:
-            target = hook(request)
+        user_hook = self.user_redirects.get(endpoint)
+        if hook is not None or user_hook is not None:
+            target = hook(request) if hook is not None else user_hook(request, principal)  # type: ignore[misc]
             if inspect.isawaitable(target):
                 target = await target
             if target is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ..connections.manager import ConnectionManager
@@ -59,9 +60,15 @@ class Drainer:
     """
 
     def __init__(
-        self, connections: ConnectionManager, http: HttpConnectionDispatcher, timeout: float | None
+        self,
+        connections: ConnectionManager,
+        http: HttpConnectionDispatcher,
+        timeout: float | None,
+        announce: Callable[[], None] | None = None,
     ) -> None:
         self.connections = connections
+        #: told first when a drain begins (the connection service stops sending new clients here)
+        self.announce = announce
         self.http = http
         self.timeout = timeout if timeout is not None else env_drain_timeout()
         http.on_drain = self.begin
@@ -91,6 +98,8 @@ class Drainer:
         """Refuse new connections and let the others go (once; again after the next start)."""
         self.http.draining = True
         if self._task is None:
+            if self.announce is not None:
+                self.announce()
             self._task = asyncio.get_running_loop().create_task(self._run(self.timeout), name="drain")
 
     async def wait(self) -> None:

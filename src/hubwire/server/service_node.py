@@ -1,0 +1,116 @@
+"""Wiring of a connection-service node: a :class:`HubServer` that holds clients and runs no hub.
+
+The node reuses everything a hubwire instance has - transports, negotiate, connection
+tokens, the backplane that carries fan-out and group commands between nodes, drain,
+metrics - and puts :class:`~hubwire.service.node.ServiceClients` at ``/client`` in place of
+hubs, the app servers' links at ``/server`` and the REST API at ``/api``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from ..backplane.base import Backplane, InMemoryBackplane
+from ..backplane.redis import RedisBackplane
+from ..http import ASGIApp, Receive, Scope, Send, respond
+from ..hubs.lifetime import HubLifetimeManager
+from ..options import HubOptions
+from ..service.acceptor import LinkAcceptor
+from ..service.node import ServiceClients
+from ..service.tokens import ClientAuthenticator
+from ..transports.websocket import reject_websocket
+from .app import HubServer
+
+__all__ = ["from_env", "service_node"]
+
+
+class _NodeRoutes:
+    """What a node serves besides its clients: app-server links, and the REST API if any."""
+
+    def __init__(self, links: LinkAcceptor, rest: ASGIApp | None) -> None:
+        self.links = links
+        self.rest = rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "").rstrip("/")
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            if path.endswith("/server"):
+                await self.links(scope, receive, send)
+            else:
+                await reject_websocket(scope, receive, send, 404, "Not Found")
+        elif scope["type"] == "http" and self.rest is not None and "/api/" in path + "/":
+            await self.rest(scope, receive, send)
+        else:
+            await respond(send, 404, b"Not Found")
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Nothing of its own to start or stop (the node's server does it)."""
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif kind == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def service_node(
+    access_key: str,
+    *,
+    options: HubOptions | None = None,
+    backplane: Backplane | None = None,
+    **server_args: Any,
+) -> HubServer:
+    """A service node: clients connect at ``/client/?hub=H`` (sent there by an app server's
+    negotiate), app servers link at ``/server/?hub=H``, serverless senders call ``/api/...``.
+
+    Nodes of one service share ``access_key`` and a Redis backplane (``backplane``, else
+    ``HUBWIRE_REDIS_URL``), like instances of one app.
+    """
+    opts = replace(options or HubOptions(), allow_stateful_reconnect=False)
+    # never the service's app-server side (HUBWIRE_SERVICE_URLS), whatever the environment says
+    backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()
+    server = HubServer(
+        opts, backplane=backplane, authenticator=ClientAuthenticator(access_key), **server_args
+    )
+
+    async def create_manager(name: str) -> HubLifetimeManager:
+        manager = server.backplane.create_manager(name)
+        manager.protocols = tuple(server.protocols.values())
+        server.adopt_manager(name, manager)
+        await manager.start()
+        return manager
+
+    clients = ServiceClients(opts, server.protocols, create_manager)
+    server.router.add("/client", clients)
+    acceptor = LinkAcceptor(clients, access_key)
+    server.app = _NodeRoutes(acceptor, _rest_api(access_key, clients))
+    server.service_clients = clients  # type: ignore[attr-defined]
+    return server
+
+
+def from_env() -> HubServer:
+    """The node ``hubwire service`` serves: ``HUBWIRE_SERVICE_ACCESS_KEY``, ``HUBWIRE_REDIS_URL``."""
+    key = os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY")
+    if not key:
+        raise ValueError("a service node needs HUBWIRE_SERVICE_ACCESS_KEY")
+    return service_node(key)
+
+
+def _rest_api(access_key: str, clients: ServiceClients) -> ASGIApp | None:
+    try:
+        from ..service.rest import ServiceRestApi
+    except ImportError:  # the REST API is not part of this build
+        return None
+
+    def manager_for(name: str) -> HubLifetimeManager | None:
+        hub = clients.hubs.get(name)
+        return hub.manager if hub is not None else None
+
+    return ServiceRestApi(access_key, manager_for)  # type: ignore[no-any-return]

@@ -1,0 +1,512 @@
+"""An app server's side of the connection service: links to the nodes, and the connections on them.
+
+The app server opens one WebSocket per hub to every service node (outbound: it needs no
+public endpoint). A node opens a client connection on a link (``OpenConnection``); from
+then on the connection is an ordinary :class:`~hubwire.connections.connection.Connection`
+to the hub, whose bytes come and go as ``ConnectionData`` frames: its outbox's sink turns
+each loop iteration's writes into one frame, so no task runs per connection. Sends to many
+(all, groups, users) go to a node once, pre-serialized per protocol
+(:class:`ServiceLifetimeManager`), whatever the number of clients.
+
+Draining (SIGTERM): the app server tells the nodes, then lets each connection go when none
+of its calls or streams is running (``Connection.migrate``): it sends the connection's items
+to the node, returns what the node had already sent it, and forgets it - without
+``on_disconnected``, since for the client and for hub code it is the same connection, now run
+by another app server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from ..backplane.base import Backplane, UserRedirect
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection, Principal, RequestInfo, TransportFeatures
+from ..connections.manager import ConnectionManager
+from ..exceptions import HubException
+from ..hubs.context import HubConnectionContext, current_connection
+from ..hubs.lifetime import (
+    ClientResults,
+    CompletionOutcome,
+    HubLifetimeManager,
+    SerializedMessage,
+    check_group_name,
+)
+from ..protocol.messages import CompletionMessage, InvocationMessage
+from ..protocol.service import (
+    ACK_OK,
+    Ack,
+    BroadcastData,
+    CloseConnection,
+    ConnectionData,
+    GroupCommand,
+    HandshakeRequest,
+    HandshakeResponse,
+    MultiConnectionData,
+    MultiGroupBroadcastData,
+    MultiUserData,
+    OpenConnection,
+    Ping,
+    ServiceFrame,
+    ServiceFrameParser,
+    ServiceProtocolError,
+    encode_frame,
+)
+from .tokens import client_audience, client_token, link_token
+
+__all__ = ["AppLink", "ServiceBackplane", "ServiceLifetimeManager", "ServiceLinks"]
+
+log = logging.getLogger("hubwire.service")
+
+#: how long a group change may wait for the node's answer
+GROUP_ACK_TIMEOUT = 10.0
+#: keep-alive of a link (both ways), and how long silence means the other side is gone
+LINK_PING = 5.0
+LINK_TIMEOUT = 30.0
+
+
+class _LinkSink:
+    """A linked connection's outbox sink: each loop iteration's writes become one frame."""
+
+    __slots__ = ("conn", "link")
+
+    def __init__(self, link: AppLink, conn: Connection) -> None:
+        self.link = link
+        self.conn = conn
+
+    def flush(self, outbox: Any, memo: dict[int, tuple[bytes, bytes]] | None = None) -> None:
+        chunks = outbox.take_nowait()
+        if chunks:
+            self.link.send(ConnectionData(self.conn.connection_id, b"".join(chunks)))
+
+    def closed(self) -> None:
+        self.link.local_close(self.conn)
+
+
+class AppLink:
+    """One WebSocket from this app server to one node, for one hub; reconnects until closed."""
+
+    def __init__(self, owner: ServiceLinks, node_url: str, hub: str, endpoint: ConnectionApplication) -> None:
+        self.owner = owner
+        self.node_url = node_url.rstrip("/")
+        self.hub = hub
+        self.endpoint = endpoint
+        self.conns: dict[str, Connection] = {}
+        #: connections let go of (draining) whose node has not confirmed yet: their data returns
+        self.released: set[str] = set()
+        self.ready = asyncio.Event()
+        self._queue: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    def send(self, frame: ServiceFrame) -> None:
+        if self._ws is None:
+            return  # not linked: the node's side of its connections is gone too
+        self._queue.append(encode_frame(frame))
+        self._wake.set()
+
+    async def _writer(self, ws: ClientConnection) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), LINK_PING)
+            self._wake.clear()
+            if not self._queue:
+                self._queue.append(encode_frame(Ping()))
+            batch, self._queue = self._queue, []
+            await ws.send(b"".join(batch))
+
+    # -- the link's life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link {self.node_url}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.1
+        failures = 0
+        while True:
+            try:
+                await self._session()
+                delay, failures = 0.1, 0
+            except (OSError, WebSocketException, ServiceProtocolError, TimeoutError) as exc:
+                # the first failure in a row is news; the retries after it are not
+                level = logging.WARNING if failures == 0 else logging.DEBUG
+                log.log(level, "link to %s (hub %s) down: %s", self.node_url, self.hub, exc)
+                failures += 1
+            finally:
+                await self._lost()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+
+    async def _session(self) -> None:
+        url = self.node_url.replace("http", "ws", 1) + "/server/?hub=" + self.hub
+        token = link_token(self.owner.access_key, self.node_url, self.hub)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with connect(
+            url, additional_headers=headers, max_size=None, ping_interval=None, compression=None
+        ) as ws:
+            await ws.send(encode_frame(HandshakeRequest(ext={"server": self.owner.server_id})))
+            parser = ServiceFrameParser()
+            answer = parser.feed(await asyncio.wait_for(ws.recv(decode=False), LINK_TIMEOUT))
+            if not answer or not isinstance(answer[0], HandshakeResponse) or answer[0].error:
+                raise ServiceProtocolError(f"the node refused the link: {answer[:1]!r}")
+            self._ws = ws
+            self.ready.set()
+            if self.owner.draining:
+                self.send(Ping({"shutdown": "fin"}))
+            writer = asyncio.get_running_loop().create_task(self._writer(ws))
+            try:
+                for frame in answer[1:]:
+                    await self._on_frame(frame)
+                while True:
+                    data = await asyncio.wait_for(ws.recv(decode=False), LINK_TIMEOUT)
+                    for frame in parser.feed(data):
+                        await self._on_frame(frame)
+            finally:
+                writer.cancel()
+
+    async def _lost(self) -> None:
+        """The node is gone: so are the connections it held (``on_disconnected`` runs once each)."""
+        self._ws = None
+        self.ready.clear()
+        self._queue.clear()
+        self.released.clear()
+        conns, self.conns = list(self.conns.values()), {}
+        for conn in conns:
+            conn.outbox.sink = None
+            conn.abort("the service node's link was lost")
+            await self.owner.connections.end(conn)
+
+    # -- frames from the node ---------------------------------------------------------------------------
+
+    async def _on_frame(self, frame: ServiceFrame) -> None:
+        match frame:
+            case ConnectionData():
+                cid = frame.connection_id
+                if cid in self.released:
+                    self.send(ConnectionData(cid, frame.payload, {"bounced": True}))
+                    return
+                conn = self.conns.get(cid)
+                if conn is not None:
+                    await self.endpoint.on_receive(conn, frame.payload)
+            case OpenConnection():
+                await self._open(frame)
+            case CloseConnection():
+                await self._closed_by_node(frame)
+            case Ack():
+                self.owner.acked(frame)
+            case Ping() | HandshakeResponse():
+                pass
+            case _:
+                log.warning("unexpected frame from node %s: %s", self.node_url, type(frame).__name__)
+
+    async def _open(self, frame: OpenConnection) -> None:
+        cid = frame.connection_id
+        if cid in self.conns:
+            return
+        claims = frame.claims
+        principal = None if claims is None else Principal(_user_of(claims), claims)
+        ext = frame.ext
+        features = TransportFeatures(
+            str(ext.get("transport", "WebSockets")),
+            inherent_keep_alive=bool(ext.get("keepalive")),
+            binary=bool(ext.get("binary", True)),
+        )
+        request = RequestInfo(str(ext.get("path", "")), frame.headers, frame.query, {})
+        conn = self.owner.connections.register_linked(cid, principal)
+        self.owner.connections.activate(conn, features, request, principal)
+        conn.application = self.endpoint
+        conn.transport_state = self
+        conn.migrate = lambda: self.release(conn)
+        conn.outbox.sink = _LinkSink(self, conn)
+        self.conns[cid] = conn
+        migrated = ext.get("migrated")
+        if isinstance(migrated, dict):
+            try:
+                await self.endpoint.migrate_in(conn, migrated)
+            except ValueError as exc:
+                log.warning("connection %s could not move here: %s", cid, exc)
+                conn.abort("could not move")
+            return
+        await self.endpoint.on_connect(conn)
+
+    async def _closed_by_node(self, frame: CloseConnection) -> None:
+        cid = frame.connection_id
+        if frame.ext.get("ack"):  # the node holds its input now: nothing more will come here
+            if cid in self.released:
+                self.released.discard(cid)
+                self.send(CloseConnection(cid, None, {"released": True}))
+            return
+        conn = self.conns.pop(cid, None)
+        if conn is None:
+            return
+        conn.outbox.sink = None  # the client is gone: nothing to tell the node
+        conn.abort(frame.error or "the client disconnected")
+        await self.owner.connections.end(conn)
+
+    def local_close(self, conn: Connection) -> None:
+        """The hub closed ``conn`` (its outbox closed): tell the node, end it here."""
+        if self.conns.pop(conn.connection_id, None) is None:
+            return
+        self.send(CloseConnection(conn.connection_id, conn.abort_reason))
+        self.owner.connections.end_soon(conn)
+
+    def release(self, conn: Connection) -> bool:
+        """Draining: let ``conn`` move to another app server (its calls and streams are done)."""
+        cid = conn.connection_id
+        if self._ws is None or self.conns.get(cid) is not conn:
+            return False
+        state = self.endpoint.export_for_migration(conn)
+        if isinstance(state, str):
+            log.info("connection %s cannot move: %s", cid, state)
+            return False
+        flush = conn.outbox.sink
+        if flush is not None and conn.outbox.dirty:
+            flush.flush(conn.outbox)  # what it was sent goes out before it moves
+        del self.conns[cid]
+        self.released.add(cid)
+        conn.outbox.sink = None
+        self.send(CloseConnection(cid, None, {"migrate": state}))
+        # hub code still holding it (it should not: nothing runs) writes to the client through here
+        self.owner.connections.release(conn, lambda data: self.send(ConnectionData(cid, data)))
+        self.owner.tasks.spawn(self.endpoint.release_moved(conn), name=f"release {cid}")
+        return True
+
+
+def _user_of(claims: dict[str, Any]) -> str | None:
+    for key in ("sub", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier", "nameid"):
+        value = claims.get(key)
+        if value is not None:
+            return str(value)
+    return None
+
+
+class ServiceLinks:
+    """All links of one app server: one per hub and node; group changes and their answers."""
+
+    def __init__(self, node_urls: Sequence[str], access_key: str, server_id: str | None = None) -> None:
+        if not node_urls:
+            raise ValueError("the connection service needs at least one node URL")
+        self.node_urls = [u.rstrip("/") for u in node_urls]
+        self.access_key = access_key
+        self.server_id = server_id or "app-" + secrets.token_hex(6)
+        self.links: dict[str, list[AppLink]] = {}
+        self.draining = False
+        self.connections: ConnectionManager = ConnectionManager()
+        self.tasks: Any = None
+        self._acks: dict[int, asyncio.Future[Ack]] = {}
+        self._ack_ids = itertools.count(1)
+        self._rr = itertools.count()
+
+    def bind(self, connections: ConnectionManager) -> None:
+        """Use the server's connection manager (linked connections live beside the others)."""
+        self.connections = connections
+        self.tasks = connections.tasks
+
+    def add_hub(self, hub: str, endpoint: ConnectionApplication) -> None:
+        self.links[hub] = [AppLink(self, url, hub, endpoint) for url in self.node_urls]
+
+    def start_hub(self, hub: str) -> None:
+        for link in self.links.get(hub, ()):
+            link.start()
+
+    async def stop_hub(self, hub: str) -> None:
+        for link in self.links.get(hub, ()):
+            await link.stop()
+
+    def begin_drain(self) -> None:
+        """Tell every node this app server is draining: no new connections come here."""
+        self.draining = True
+        for links in self.links.values():
+            for link in links:
+                link.send(Ping({"shutdown": "fin"}))
+
+    def client_url(self, hub: str) -> str:
+        """Where a negotiating client is sent: the nodes in turn."""
+        return self.node_urls[next(self._rr) % len(self.node_urls)]
+
+    def link_for(self, hub: str, connection: Connection | None = None) -> AppLink:
+        """The link to send on: the connection's own (its frames keep their order), else any."""
+        if connection is not None and isinstance(connection.transport_state, AppLink):
+            link: AppLink = connection.transport_state
+            if link.ready.is_set():
+                return link
+        for link in self.links.get(hub, ()):
+            if link.ready.is_set():
+                return link
+        raise HubException("No connection service node is reachable.")
+
+    async def group_command(self, link: AppLink, join: bool, connection_id: str, group: str) -> None:
+        ack_id = next(self._ack_ids)
+        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._acks[ack_id] = future
+        link.send(GroupCommand(join, connection_id, group, ack_id))
+        try:
+            ack = await asyncio.wait_for(future, GROUP_ACK_TIMEOUT)
+        except TimeoutError:
+            raise HubException("The connection service did not confirm the group change.") from None
+        finally:
+            self._acks.pop(ack_id, None)
+        if ack.status != ACK_OK:
+            raise HubException(ack.message or "The group change failed.")
+
+    def acked(self, ack: Ack) -> None:
+        future = self._acks.get(ack.ack_id)
+        if future is not None and not future.done():
+            future.set_result(ack)
+
+
+class ServiceLifetimeManager(HubLifetimeManager):
+    """Delivery through the connection service: one frame per send, whatever the client count.
+
+    Group membership lives on the nodes (a connection keeps its groups when it moves);
+    ``ctx.groups`` mirrors it here for the connections this app server runs. Client results
+    reach the connections this app server runs.
+    """
+
+    def __init__(self, links: ServiceLinks, hub_name: str) -> None:
+        self.links = links
+        self.hub_name = hub_name
+        self.local: dict[str, HubConnectionContext] = {}
+        self.results = ClientResults("v")
+
+    async def start(self) -> None:
+        self.links.start_hub(self.hub_name)
+
+    async def close(self) -> None:
+        await self.links.stop_hub(self.hub_name)
+
+    def _link(self, connection_id: str | None = None) -> AppLink:
+        ctx = self.local.get(connection_id) if connection_id else current_connection.get()
+        return self.links.link_for(self.hub_name, ctx.connection if ctx is not None else None)
+
+    def _payloads(self, method: str, args: Sequence[Any]) -> dict[str, bytes]:
+        return SerializedMessage(InvocationMessage(method, list(args))).serialize_all(self.protocols)
+
+    async def on_connected(self, connection: HubConnectionContext) -> None:
+        self.local[connection.connection_id] = connection
+
+    async def on_disconnected(self, connection: HubConnectionContext) -> None:
+        self.local.pop(connection.connection_id, None)
+        self.results.fail_connection(connection.connection_id)
+
+    async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
+        self._link().send(BroadcastData(list(exclude), self._payloads(method, args)))
+
+    async def send_connections(
+        self, connection_ids: Collection[str], method: str, args: Sequence[Any]
+    ) -> None:
+        ids = list(dict.fromkeys(connection_ids))
+        if ids:
+            self._link().send(MultiConnectionData(ids, self._payloads(method, args)))
+
+    async def send_groups(
+        self, groups: Collection[str], method: str, args: Sequence[Any], exclude: Collection[str] = ()
+    ) -> None:
+        names = [g for g in dict.fromkeys(groups) if g]
+        if names:
+            payloads = self._payloads(method, args)
+            self._link().send(MultiGroupBroadcastData(names, payloads, list(exclude)))
+
+    async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
+        users = list(dict.fromkeys(user_ids))
+        if users:
+            self._link().send(MultiUserData(users, self._payloads(method, args)))
+
+    async def add_to_group(self, connection_id: str, group: str) -> None:
+        await self._group(True, connection_id, group)
+
+    async def remove_from_group(self, connection_id: str, group: str) -> None:
+        await self._group(False, connection_id, group)
+
+    async def _group(self, join: bool, connection_id: str, group: str) -> None:
+        ctx = self.local.get(connection_id)
+        if ctx is not None:
+            check_group_name(group, ctx.max_group_name_length)
+            limit = ctx.max_groups
+            if join and limit is not None and group not in ctx.groups and len(ctx.groups) >= limit:
+                raise HubException(f"The connection is already in {limit} groups, the most allowed.")
+        await self.links.group_command(self._link(connection_id), join, connection_id, group)
+        if ctx is not None:
+            (ctx.groups.add if join else ctx.groups.discard)(group)
+
+    async def invoke_connection(
+        self, connection_id: str, method: str, args: Sequence[Any], timeout: float | None = None
+    ) -> Any:
+        ctx = self.local.get(connection_id)
+        if ctx is None:
+            raise HubException(f"Connection '{connection_id}' is not run by this app server.")
+        return await self.results.invoke_local(ctx, method, args, timeout)
+
+    def set_connection_result(
+        self, connection: HubConnectionContext, completion: CompletionMessage
+    ) -> CompletionOutcome:
+        return self.results.complete(completion, connection.connection_id)
+
+
+class ServiceBackplane(Backplane):
+    """What an app server in service mode uses as its backplane: the nodes deliver and fan out,
+    negotiates are sent to a node, and a drain moves connections to the other app servers."""
+
+    def __init__(self, links: ServiceLinks) -> None:
+        self.links = links
+
+    def create_manager(self, hub_name: str) -> HubLifetimeManager:
+        return ServiceLifetimeManager(self.links, hub_name)
+
+    def bind(self, connections: ConnectionManager) -> None:
+        self.links.bind(connections)
+
+    def serve_hub(self, hub_name: str, endpoint: ConnectionApplication) -> UserRedirect | None:
+        self.links.add_hub(hub_name, endpoint)
+        key = self.links.access_key
+
+        def redirect(request: RequestInfo, principal: Principal | None) -> tuple[str, str | None]:
+            url = client_audience(self.links.client_url(hub_name), hub_name)
+            return url, client_token(key, url, principal)
+
+        return redirect
+
+    def begin_drain(self) -> None:
+        self.links.begin_drain()
+
+    def describe(self) -> str:
+        return f"connection service ({', '.join(self.links.node_urls)}) as app server {self.links.server_id}"
+
+    def health(self) -> dict[str, Any] | None:
+        links = [link for group in self.links.links.values() for link in group]
+        return {
+            "links": len(links),
+            "links_up": sum(1 for link in links if link.ready.is_set()),
+            "connections": sum(len(link.conns) for link in links),
+        }
+
+
+def service_from_env() -> ServiceBackplane | None:
+    """``HUBWIRE_SERVICE_URLS`` (comma-separated node URLs) and ``HUBWIRE_SERVICE_ACCESS_KEY``
+    (what ``hubwire run --service ... --access-key ...`` sets): run hubs for a connection service."""
+    urls = [u.strip() for u in os.environ.get("HUBWIRE_SERVICE_URLS", "").split(",") if u.strip()]
+    if not urls:
+        return None
+    key = os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY", "")
+    if not key:
+        raise ValueError("HUBWIRE_SERVICE_URLS needs HUBWIRE_SERVICE_ACCESS_KEY (the nodes' access key)")
+    return ServiceBackplane(ServiceLinks(urls, key, os.environ.get("HUBWIRE_SERVICE_SERVER_ID")))

@@ -1,0 +1,547 @@
+"""A service node: it holds client connections and hands their bytes to app servers over links.
+
+Each client connection is pinned to one app-server link (the least loaded that is not
+draining) for as long as it stays there, so every frame of it reaches one hub process in
+order. The node forwards the client's bytes untouched; it reads only what it must:
+
+* the handshake (to know the client's protocol for fan-out, and to replay it on a move),
+* the app server's handshake answer (a client is registered for broadcasts only after it,
+  so no broadcast can overtake the handshake reply),
+* invocation ids and upload streams going in and completions coming out (what is in flight
+  decides when a connection may move, and what gets an error when its app server dies).
+
+Fan-out frames (to all, groups, users, connections) go through this node's hub lifetime
+manager with the app server's pre-serialized payloads: the backplane carries them to the
+other nodes, nothing is serialized per recipient.
+
+Moves: a draining app server releases a connection when nothing of it runs there
+(``CloseConnection`` with ``ext["migrate"]``), returns what reached it afterwards
+(``ConnectionData`` with ``ext["bounced"]``) and ends with ``ext["released"]``; the node holds
+the client's new bytes meanwhile, then opens the connection on another app server with its
+state and feeds it the returned and held bytes in order. When a link dies, every call in
+flight on it is answered with an error at once and its connections move the same way
+(their items are lost with the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from ..connections.application import ConnectionApplication
+from ..connections.connection import Connection
+from ..exceptions import HubException
+from ..hubs.context import HubConnectionContext
+from ..hubs.lifetime import HubLifetimeManager, PreframedMessage
+from ..options import HubOptions
+from ..protocol.base import HubProtocol
+from ..protocol.errors import HandshakeError, InvalidDataError
+from ..protocol.handshake import parse_handshake
+from ..protocol.messages import (
+    CloseMessage,
+    CompletionMessage,
+    InvocationMessage,
+    StreamInvocationMessage,
+    StreamItemMessage,
+)
+from ..protocol.service import (
+    ACK_ERROR,
+    ACK_OK,
+    Ack,
+    BroadcastData,
+    CloseConnection,
+    ConnectionData,
+    GroupBroadcastData,
+    GroupCommand,
+    MultiConnectionData,
+    MultiGroupBroadcastData,
+    MultiUserData,
+    OpenConnection,
+    Ping,
+    ServiceFrame,
+    UserData,
+    encode_frame,
+)
+from .tokens import CLAIMS
+
+__all__ = ["ClientRoute", "NodeLink", "ServiceClients", "ServiceNodeStats"]
+
+log = logging.getLogger("hubwire.service")
+
+#: the error a client's pending call gets when the app server running it is gone
+APP_SERVER_LOST = "The app server running this call stopped; the call's outcome is unknown."
+#: most bytes a client may send while its connection moves (then it is closed, reconnect allowed)
+HOLD_LIMIT = 1024 * 1024
+#: a link's keep-alive (both sides)
+LINK_PING = 5.0
+_PING = encode_frame(Ping())
+
+
+class ServiceNodeStats:
+    """Counters of one node (metrics and the acceptance tests read them)."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.migrations = 0
+        self.migrations_after_crash = 0
+        self.synthesized_errors = 0
+        self.closed_no_app_server = 0
+
+
+class NodeLink:
+    """The node's side of one app server's link for one hub.
+
+    ``send`` queues an encoded frame; the link's writer sends what is queued as one
+    WebSocket message per loop iteration. ``routes``: the client connections pinned here.
+    """
+
+    def __init__(self, server_id: str, hub: str, write: Callable[[bytes], Awaitable[None]]) -> None:
+        self.server_id = server_id
+        self.hub = hub
+        self.routes: dict[str, ClientRoute] = {}
+        self.draining = False
+        self.closed = False
+        self._write = write
+        self._queue: list[bytes] = []
+        self._wake = asyncio.Event()
+        self.last_seen = time.monotonic()
+
+    def send(self, frame: ServiceFrame) -> None:
+        if self.closed:
+            return
+        self._queue.append(encode_frame(frame))
+        self._wake.set()
+
+    async def writer(self) -> None:
+        """Send queued frames until the link closes (a slow app server slows only its link);
+        a ping when nothing went out for 5 seconds."""
+        while not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), LINK_PING)
+            self._wake.clear()
+            if not self._queue:
+                self._queue.append(_PING)
+            batch, self._queue = self._queue, []
+            await self._write(b"".join(batch))
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+
+class ClientRoute:
+    """One client connection held by this node, and where its bytes go."""
+
+    __slots__ = (
+        "bounced",
+        "conn",
+        "ctx",
+        "handshake",
+        "held",
+        "held_bytes",
+        "hub",
+        "inbound",
+        "link",
+        "moving",
+        "pending",
+        "protocol",
+        "replied",
+        "swallow",
+        "tracking",
+        "uploads",
+        "version",
+    )
+
+    def __init__(self, conn: Connection, hub: ServiceHub, link: NodeLink) -> None:
+        self.conn = conn
+        self.hub = hub
+        self.link = link
+        self.inbound = bytearray()  # the handshake until it is complete
+        self.handshake: bytes | None = None
+        self.protocol: HubProtocol | None = None
+        self.version = 1
+        self.ctx: HubConnectionContext | None = None
+        self.replied = False
+        self.swallow = False
+        self.tracking: Any = None  # the client's message parser (None: not tracking)
+        self.pending: dict[str, bool] = {}  # invocation id -> is a stream invocation
+        self.uploads: set[str] = set()
+        self.moving = False
+        self.bounced: list[bytes] = []
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+
+    @property
+    def busy(self) -> bool:
+        """A call or a stream of this connection is in flight (not a safe point to move it)."""
+        return bool(self.pending or self.uploads) or self.tracking is None
+
+    def track_inbound(self, data: bytes) -> None:
+        parser = self.tracking
+        if parser is None:
+            return
+        try:
+            messages = parser.feed(data)
+        except InvalidDataError:
+            self.tracking = None  # the app server closes it; it is never a safe point again
+            return
+        for msg in messages:
+            if isinstance(msg, InvocationMessage | StreamInvocationMessage):
+                if msg.invocation_id is not None:
+                    self.pending[msg.invocation_id] = isinstance(msg, StreamInvocationMessage)
+                if msg.stream_ids:
+                    self.uploads.update(msg.stream_ids)
+            elif isinstance(msg, CompletionMessage):
+                self.uploads.discard(msg.invocation_id)  # an upload stream's end
+            elif isinstance(msg, StreamItemMessage):
+                pass
+
+    def track_outbound(self, data: bytes) -> None:
+        """Completions going out end pending calls (payloads are whole messages)."""
+        if not self.pending or self.protocol is None:
+            return
+        try:
+            messages = self.protocol.parse_all(data)
+        except InvalidDataError:
+            return
+        for msg in messages:
+            if isinstance(msg, CompletionMessage):
+                self.pending.pop(msg.invocation_id, None)
+
+    def fail_pending(self, error: str) -> int:
+        """Answer every call in flight with ``error`` (their app server is gone)."""
+        protocol = self.protocol
+        if protocol is None or not self.pending:
+            return 0
+        count = len(self.pending)
+        for invocation_id in self.pending:
+            self.conn.write(protocol.write_message(CompletionMessage.with_error(invocation_id, error)))
+        self.pending.clear()
+        return count
+
+
+def _handshake_accepted(data: bytes) -> tuple[bool, int]:
+    """Whether the app server's handshake answer at the start of ``data`` accepted the client,
+    and its length (0: not complete)."""
+    end = data.find(b"\x1e")
+    if end < 0:
+        return False, 0
+    try:
+        answer = msgspec.json.decode(data[:end])
+    except msgspec.DecodeError:
+        return False, end + 1
+    return isinstance(answer, dict) and "error" not in answer, end + 1
+
+
+class ServiceHub:
+    """One hub as a node sees it: its app-server links and its lifetime manager (fan-out)."""
+
+    def __init__(self, name: str, manager: HubLifetimeManager) -> None:
+        self.name = name
+        self.manager = manager
+        self.links: list[NodeLink] = []
+
+    def pick(self) -> NodeLink | None:
+        """The least loaded link that is not draining."""
+        live = [link for link in self.links if not link.draining and not link.closed]
+        return min(live, key=lambda link: len(link.routes)) if live else None
+
+
+class ServiceClients(ConnectionApplication):
+    """The node's endpoint for clients of every hub (``/client/?hub=H``): forwards, never runs hubs."""
+
+    def __init__(
+        self,
+        options: HubOptions,
+        protocols: dict[str, HubProtocol],
+        create_manager: Callable[[str], Awaitable[HubLifetimeManager]],
+    ) -> None:
+        self.options = options
+        self.transports = tuple(options.transports)
+        self.policies = ()  # only clients with a token from an app server's negotiate
+        self.protocols = protocols
+        self.hubs: dict[str, ServiceHub] = {}
+        self._create_manager = create_manager
+        self._hub_lock = asyncio.Lock()
+        self.stats = ServiceNodeStats()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    # -- hubs and links --------------------------------------------------------------------------
+
+    async def hub(self, name: str) -> ServiceHub:
+        """The hub ``name``, created when its first app server links."""
+        async with self._hub_lock:
+            hub = self.hubs.get(name)
+            if hub is None:
+                manager = await self._create_manager(name)
+                hub = self.hubs[name] = ServiceHub(name, manager)
+            return hub
+
+    def link_closed(self, link: NodeLink) -> None:
+        """An app server's link is gone: fail what ran there, move its connections."""
+        link.close()
+        hub = self.hubs.get(link.hub)
+        if hub is not None and link in hub.links:
+            hub.links.remove(link)
+        for route in list(link.routes.values()):
+            if route.moving and route.link is not link:
+                continue
+            self.stats.synthesized_errors += route.fail_pending(APP_SERVER_LOST)
+            self.stats.migrations_after_crash += 1
+            self._move(route, link, None, crashed=True)
+        link.routes.clear()
+
+    # -- client connections ------------------------------------------------------------------------
+
+    async def on_connect(self, conn: Connection) -> None:
+        request = conn.request
+        name = request.query_param("hub") if request is not None else None
+        hub = self.hubs.get(name or "")
+        link = hub.pick() if hub is not None else None
+        if hub is None or link is None:
+            self.stats.closed_no_app_server += 1
+            conn.abort("no app server is linked for this hub")
+            return
+        route = ClientRoute(conn, hub, link)
+        conn.application_state = route
+        link.routes[conn.connection_id] = route
+        self.stats.opened += 1
+        link.send(self._open_frame(route, None))
+
+    def _open_frame(self, route: ClientRoute, migrated: dict[str, Any] | None) -> OpenConnection:
+        conn = route.conn
+        request = conn.request
+        principal = conn.principal
+        claims = principal.claims.get(CLAIMS) if principal is not None else None
+        features = conn.features
+        ext: dict[str, Any] = {
+            "transport": features.name if features else "WebSockets",
+            "binary": bool(features.binary) if features else True,
+            "keepalive": bool(features.inherent_keep_alive) if features else False,
+            "path": request.path if request else "",
+        }
+        if migrated is not None:
+            ext["migrated"] = migrated
+        return OpenConnection(
+            conn.connection_id,
+            claims if isinstance(claims, dict) else None,
+            dict(request.headers) if request else {},
+            dict(request.query) if request else {},
+            ext,
+        )
+
+    async def on_receive(self, conn: Connection, data: bytes) -> None:
+        route: ClientRoute | None = conn.application_state
+        if route is None:
+            return
+        if route.handshake is None:
+            route.inbound += data
+            if not self._read_handshake(route):
+                return
+            data = bytes(route.inbound)
+            route.inbound = bytearray()
+            assert route.handshake is not None
+            rest = data[len(route.handshake) :]
+            route.track_inbound(rest)
+        else:
+            route.track_inbound(data)
+        if route.moving:
+            route.held.append(data)
+            route.held_bytes += len(data)
+            if route.held_bytes > HOLD_LIMIT:
+                self._close_client(route, "too much input while the connection moved")
+            return
+        route.link.send(ConnectionData(conn.connection_id, data))
+
+    def _read_handshake(self, route: ClientRoute) -> bool:
+        """True once the client's handshake is complete (it is forwarded either way)."""
+        try:
+            parsed = parse_handshake(route.inbound, self.options.maximum_receive_message_size)
+        except HandshakeError:
+            route.handshake = bytes(route.inbound)  # the app server answers with the error
+            return True
+        if parsed is None:
+            return False
+        request, used = parsed
+        route.handshake = bytes(route.inbound[:used])
+        protocol = self.protocols.get(request.protocol)
+        if protocol is not None:
+            route.protocol = protocol
+            route.version = request.version
+            route.conn.transfer_format = protocol.transfer_format  # binary frames for MessagePack
+            route.tracking = protocol.parser(self.options.maximum_receive_message_size)
+        return True
+
+    async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
+        route: ClientRoute | None = conn.application_state
+        if route is None:
+            return
+        if route.link.routes.get(conn.connection_id) is route:
+            del route.link.routes[conn.connection_id]
+            route.link.send(CloseConnection(conn.connection_id, None if error is None else str(error)))
+        if route.ctx is not None:
+            await route.hub.manager.on_disconnected(route.ctx)
+
+    def drain(self, conn: Connection, hand_over: Any, final: bool) -> bool:
+        route: ClientRoute | None = conn.application_state
+        if route is not None:
+            self._close_client(route, None)
+        else:
+            conn.abort("server shutting down")
+        return True
+
+    def server_closing(self, conn: Connection) -> None:
+        self.drain(conn, None, True)
+
+    def _close_client(self, route: ClientRoute, error: str | None) -> None:
+        """Close with "reconnect allowed" (the client's own automatic reconnect comes back)."""
+        if route.protocol is not None and route.replied:
+            route.conn.write_control(route.protocol.write_message(CloseMessage(error, allow_reconnect=True)))
+        route.conn.abort(error or "closed")
+
+    # -- frames from app servers -------------------------------------------------------------------
+
+    def on_frame(self, link: NodeLink, frame: ServiceFrame) -> None:
+        """A frame from ``link`` (the link reader calls this in order)."""
+        match frame:
+            case ConnectionData():
+                self._from_app(link, frame)
+            case CloseConnection():
+                self._closed_by_app(link, frame)
+            case Ping():
+                if frame.values.get("shutdown"):
+                    link.draining = True
+            case GroupCommand():
+                self._spawn(self._group_command(link, frame))
+            case _:
+                self._fan_out(link, frame)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _from_app(self, link: NodeLink, frame: ConnectionData) -> None:
+        route = link.routes.get(frame.connection_id)
+        if route is None:
+            return  # the client is gone
+        if frame.ext.get("bounced"):
+            route.bounced.append(frame.payload)  # reached the old app server after it let go
+            return
+        data = frame.payload
+        if not route.replied:
+            accepted, used = _handshake_accepted(data)
+            if used == 0:
+                return
+            route.replied = True
+            if route.swallow:
+                data = data[used:]
+                route.swallow = False
+            elif accepted and route.protocol is not None:
+                self._register(route)
+        route.track_outbound(data)
+        if data:
+            route.conn.write(data)
+
+    def _register(self, route: ClientRoute) -> None:
+        assert route.protocol is not None
+        ctx = HubConnectionContext(route.conn, route.protocol, route.version, 1)
+        route.ctx = ctx
+        self._spawn(route.hub.manager.on_connected(ctx))
+
+    def _closed_by_app(self, link: NodeLink, frame: CloseConnection) -> None:
+        route = link.routes.get(frame.connection_id)
+        if route is None or route.link is not link:
+            return
+        ext = frame.ext
+        if "migrate" in ext:  # the app server let go of it: hold the client's input
+            route.moving = True
+            state = ext["migrate"]
+            route.conn.items["hubwire.service.state"] = state if isinstance(state, dict) else {}
+            link.send(CloseConnection(frame.connection_id, None, {"ack": True}))
+        elif ext.get("released"):  # everything that reached the old app server came back
+            del link.routes[frame.connection_id]
+            state = route.conn.items.pop("hubwire.service.state", {})
+            self.stats.migrations += 1
+            self._move(route, link, state, crashed=False)
+        else:  # the hub closed it (its Close message went out as data before this)
+            del link.routes[frame.connection_id]
+            route.conn.abort(frame.error or "closed by the app server")
+
+    def _move(self, route: ClientRoute, old: NodeLink, state: dict[str, Any] | None, crashed: bool) -> None:
+        """Open ``route``'s connection on another app server; what it sent meanwhile follows."""
+        new = route.hub.pick()
+        if new is None or route.protocol is None or not route.replied or route.conn.outbox.closed:
+            self.stats.closed_no_app_server += 1
+            self._close_client(route, None)
+            return
+        migrated: dict[str, Any] = {
+            "from": old.server_id,
+            "protocol": route.protocol.name,
+            "version": route.version,
+            "groups": sorted(route.ctx.groups) if route.ctx is not None else [],
+            "crashed": crashed,
+        }
+        items = (state or {}).get("items")
+        if isinstance(items, bytes):
+            migrated["items"] = items
+        route.link = new
+        new.routes[route.conn.connection_id] = route
+        new.send(self._open_frame(route, migrated))
+        cid = route.conn.connection_id
+        for data in (*route.bounced, *route.held):
+            new.send(ConnectionData(cid, data))
+        route.bounced.clear()
+        route.held.clear()
+        route.held_bytes = 0
+        route.moving = False
+
+    async def _group_command(self, link: NodeLink, frame: GroupCommand) -> None:
+        manager = self.hubs[link.hub].manager
+        try:
+            if frame.join:
+                await manager.add_to_group(frame.connection_id, frame.group)
+            else:
+                await manager.remove_from_group(frame.connection_id, frame.group)
+        except HubException as exc:
+            link.send(Ack(frame.ack_id, ACK_ERROR, str(exc)))
+            return
+        except Exception as exc:  # the backplane's ack timed out, Redis is down
+            log.warning("group command for %s failed: %s", frame.connection_id, exc)
+            link.send(Ack(frame.ack_id, ACK_ERROR, "The group change could not be made."))
+            return
+        link.send(Ack(frame.ack_id, ACK_OK))
+
+    def _fan_out(self, link: NodeLink, frame: ServiceFrame) -> None:
+        """Deliver through this node's manager (and the backplane to the other nodes), in order."""
+        send = self.hubs[link.hub].manager.send_serialized
+        match frame:
+            case BroadcastData():
+                send("all", (), _message(frame.payloads), frame.excluded)
+            case GroupBroadcastData():
+                send("groups", (frame.group,), _message(frame.payloads), frame.excluded)
+            case MultiGroupBroadcastData():
+                send("groups", frame.groups, _message(frame.payloads), frame.excluded)
+            case UserData():
+                send("users", (frame.user_id,), _message(frame.payloads))
+            case MultiUserData():
+                send("users", frame.user_ids, _message(frame.payloads))
+            case MultiConnectionData():
+                send("connections", frame.connection_ids, _message(frame.payloads))
+            case _:
+                log.warning("unexpected frame from app server %s: %s", link.server_id, type(frame).__name__)
+
+
+def _message(payloads: dict[str, bytes]) -> PreframedMessage:
+    """A message already framed for each protocol (the app server framed it once)."""
+    return PreframedMessage(_UNFRAMED, dict(payloads))
+
+
+#: what a pre-framed message stands for; never framed itself (PreframedMessage)
+_UNFRAMED = InvocationMessage("", [])

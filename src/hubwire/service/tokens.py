@@ -1,0 +1,99 @@
+"""Tokens of the connection service, all HS256 JWTs signed with the shared access key.
+
+Three kinds, told apart by their audience so that none can stand in for another:
+an app server's link (``…/server/?hub=H``), a client sent to the service by an app
+server's negotiate (``…/client/?hub=H``, carrying the user the app server
+authenticated), and a REST call. A node behind a load balancer is known by several
+host names, so the audience is checked on its path and hub only; the signature with
+the access key is what authenticates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import quote
+
+import jwt
+
+from ..auth import bearer_token
+from ..connections.connection import Principal, RequestInfo
+
+__all__ = [
+    "CLAIMS",
+    "ClientAuthenticator",
+    "client_audience",
+    "client_token",
+    "link_token",
+    "verify",
+]
+
+#: the claim carrying the app user's own claims (absent: the user is anonymous to the app)
+CLAIMS = "hubwire.claims"
+#: ASP.NET's short name of the user-id claim, as Azure SignalR Service puts it in client tokens
+NAMEID = "nameid"
+
+
+def _aud_suffix(kind: str, hub: str) -> str:
+    return f"/{kind}/?hub={quote(hub, safe='')}"
+
+
+def client_audience(base_url: str, hub: str) -> str:
+    """The URL a client is sent to (and its token's audience): ``{base}/client/?hub={hub}``."""
+    return base_url.rstrip("/") + _aud_suffix("client", hub)
+
+
+def link_token(access_key: str, node_url: str, hub: str, lifetime: float = 3600.0) -> str:
+    """What an app server shows a node to open a link for ``hub``."""
+    now = int(time.time())
+    aud = node_url.rstrip("/") + _aud_suffix("server", hub)
+    return jwt.encode({"aud": aud, "iat": now, "exp": now + int(lifetime)}, access_key, "HS256")
+
+
+def client_token(access_key: str, url: str, principal: Principal | None, lifetime: float = 3600.0) -> str:
+    """What a client shows a node: the app server vouches for its user (or for an anonymous one)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"aud": url, "iat": now, "exp": now + int(lifetime)}
+    if principal is not None:
+        claims[CLAIMS] = principal.claims
+        if principal.identifier is not None:
+            claims[NAMEID] = principal.identifier
+    return jwt.encode(claims, access_key, "HS256")
+
+
+def verify(access_key: str, token: str, kind: str, hub: str) -> dict[str, Any] | None:
+    """The claims of a valid, unexpired token of ``kind`` ("server" or "client") for ``hub``."""
+    try:
+        claims = jwt.decode(
+            token, access_key, algorithms=["HS256"], options={"verify_aud": False, "require": ["exp"]}
+        )
+    except jwt.PyJWTError:
+        return None
+    aud = claims.get("aud") if isinstance(claims, dict) else None
+    if not isinstance(aud, str) or not aud.endswith(_aud_suffix(kind, hub)):
+        return None
+    return claims
+
+
+class ClientAuthenticator:
+    """A node's authenticator: the token an app server's negotiate gave the client.
+
+    Every client of a node has a principal (anonymous app users too: the app server
+    vouched for them); ``claims[CLAIMS]`` is absent for those.
+    """
+
+    challenge = "Bearer"
+
+    def __init__(self, access_key: str) -> None:
+        self.access_key = access_key
+
+    def __call__(self, request: RequestInfo) -> Principal | None:
+        token = bearer_token(request)
+        hub = request.query_param("hub")
+        if token is None or not hub:
+            return None
+        claims = verify(self.access_key, token, "client", hub)
+        if claims is None:
+            return None
+        user = claims.get(NAMEID)
+        return Principal(user if isinstance(user, str) else None, claims)

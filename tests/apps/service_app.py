@@ -1,0 +1,95 @@
+"""Hub app and node of the connection-service tests (``tests/test_service.py``).
+
+App server: ``hubwire run tests.apps.service_app:app --service URL[,URL] --access-key K``.
+Node: ``hubwire service --access-key K --redis URL`` (or ``tests.apps.service_app:node``).
+``GET /debug/lifecycle`` shows ``on_connected`` / ``on_disconnected`` runs per connection id on
+this app server; ``POST /broadcast?n=N`` sends ``Tick(N)`` to everyone from an HTTP handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hubwire import Hub, HubServer
+
+SERVER = os.environ.get("HUBWIRE_SERVICE_SERVER_ID", "app")
+LIFECYCLE: dict[str, dict[str, int]] = {}
+
+
+class ChatHub(Hub):
+    async def on_connected(self) -> None:
+        entry = LIFECYCLE.setdefault(self.context.connection_id, {"connected": 0, "disconnected": 0})
+        entry["connected"] += 1
+        self.context.items["joined_at"] = SERVER
+        group = self.context.query.get("group")
+        if group:
+            await self.groups.add(self.context.connection_id, group)
+
+    async def on_disconnected(self, exception: BaseException | None) -> None:
+        entry = LIFECYCLE.setdefault(self.context.connection_id, {"connected": 0, "disconnected": 0})
+        entry["disconnected"] += 1
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    async def where(self) -> dict[str, Any]:
+        return {
+            "server": SERVER,
+            "connectionId": self.context.connection_id,
+            "user": self.context.user_identifier,
+            "migratedFrom": self.context.migrated_from,
+            "items": {str(k): v for k, v in self.context.items.items()},
+            "transport": self.context.transport,
+        }
+
+    async def set_item(self, key: str, value: Any) -> None:
+        self.context.items[key] = value
+
+    async def join(self, group: str) -> None:
+        await self.groups.add(self.context.connection_id, group)
+
+    async def leave(self, group: str) -> None:
+        await self.groups.remove(self.context.connection_id, group)
+
+    async def to_group(self, group: str, value: Any) -> None:
+        await self.clients.group(group).send("Group", group, value)
+
+    async def tick(self, n: int) -> None:
+        await self.clients.all.send("Tick", n)
+
+    async def to_others(self, value: Any) -> None:
+        await self.clients.others.send("Other", value)
+
+    async def to_me(self, value: Any) -> None:
+        await self.clients.caller.send("Me", value)
+
+    async def to_user(self, user: str, value: Any) -> None:
+        await self.clients.user(user).send("User", value)
+
+    async def slow(self, ms: int) -> str:
+        await asyncio.sleep(ms / 1000)
+        return SERVER
+
+
+async def lifecycle(request: Request) -> JSONResponse:
+    return JSONResponse(LIFECYCLE)
+
+
+async def broadcast(request: Request) -> JSONResponse:
+    await server.hub_context(ChatHub).clients.all.send("Tick", int(request.query_params["n"]))
+    return JSONResponse({"sent": True})
+
+
+web = Starlette(
+    routes=[Route("/debug/lifecycle", lifecycle), Route("/broadcast", broadcast, methods=["POST"])]
+)
+server = HubServer(app=web, health_path="/health")
+server.add_hub("/chat", ChatHub)
+app = server
