@@ -1,0 +1,1 @@
+"""The hubwire connection service: hubs hosted for apps that keep no connections themselves."""
