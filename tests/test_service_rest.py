@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -656,12 +656,12 @@ def _manager() -> InMemoryLifetimeManager:
 
 async def _call(api: ServiceRestApi, scope: dict[str, Any], body: bytes = b"") -> tuple[int, bytes]:
     pending = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         return pending.pop(0) if pending else {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     await api(scope, receive, send)
@@ -713,12 +713,12 @@ async def test_audiences_in_process() -> None:
     ]
     for scope, aud in refused:
         assert (await _call(api, _authorized(scope, aud), body))[0] == 401, aud
-    websocket: list[dict[str, Any]] = []
+    websocket: list[MutableMapping[str, Any]] = []
 
     async def ws_receive() -> dict[str, Any]:
         return {"type": "websocket.connect"}
 
-    async def ws_send(message: dict[str, Any]) -> None:
+    async def ws_send(message: MutableMapping[str, Any]) -> None:
         websocket.append(message)
 
     await api({"type": "websocket", "path": "/x", "headers": []}, ws_receive, ws_send)
