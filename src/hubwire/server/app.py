@@ -40,7 +40,7 @@ from .drain import Drainer
 from .inspection import ServerInspection
 from .keys import KeyAgreement
 from .lifespan import heartbeat, serve_lifespan
-from .metrics import internal_apps, metrics_app, server_stats
+from .metrics import internal_apps, server_stats
 from .routes import Router, check_transports
 
 __all__ = ["HubServer"]
@@ -61,6 +61,7 @@ class HubServer:
     taking the request: :mod:`~hubwire.server.dashboard`, e.g. its ``BasicAuth``);
     ``drain_timeout``: how long a graceful shutdown (:meth:`begin_drain`) may wait for running
     calls and for handed-over connections to resume elsewhere (``HUBWIRE_DRAIN_TIMEOUT``, 10 s).
+    ``HUBWIRE_SERVICE_URLS``: run the hubs for a connection service (:mod:`hubwire.service`).
     """
 
     def __init__(
@@ -127,11 +128,6 @@ class HubServer:
             self.router.add_internal(path, internal)
         #: the live cluster page and its hub (None unless ``dashboard_path`` was given)
         self.dashboard = Dashboard.enable(self, dashboard_path, dashboard_auth)
-
-    @property
-    def refused(self) -> dict[str, int]:
-        """Refused connection attempts by reason (``max_connections``, ``origin``)."""
-        return self.http.refused
 
     # -- registration ----------------------------------------------------------------------------
 
@@ -205,20 +201,14 @@ class HubServer:
         return [ep for ep in self.router.endpoints() if isinstance(ep, HubConnectionHandler)]
 
     def adopt_manager(self, name: str, manager: HubLifetimeManager) -> None:
-        """A manager made outside :meth:`add_hub` (a service node's hubs), stopped with the server."""
-        self._managers[name] = manager
+        self._managers[name] = manager  # made outside add_hub (a service node's), stopped with us
 
     def manager(self, hub_cls: type[Hub]) -> HubLifetimeManager:
         """The lifetime manager serving ``hub_cls``."""
         return self._managers[self._hub_names[hub_cls]]
 
-    def metrics_app(self) -> ASGIApp:
-        """An ASGI app serving this server's Prometheus metrics (needs ``prometheus-client``)."""
-        return metrics_app(self)
-
     def stats(self) -> dict[str, Any]:
-        """A snapshot of connections, tasks, subscriptions, memory and counters."""
-        return server_stats(self)
+        return server_stats(self)  # connections, tasks, subscriptions, memory and counters
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ def server_stats(server: HubServer) -> dict[str, Any]:
         "slow_consumer_closes": _connection.stats.slow_consumer_closes,
         # permessage-deflate on natively served WebSockets (the whole process)
         "websocket_compression": compression_stats.as_dict(),
-        "refused": dict(server.refused),
+        "refused": dict(server.http.refused),
         "hubs": hubs,
         "backplane": backplane,
         # the dashboard's viewers are not in "hubs" (nor in hub_connections and messages_sent)
@@ -191,7 +191,7 @@ class _Collector:
         refused = CounterMetricFamily(
             "hubwire_connections_refused", "Connection attempts refused", labels=["reason"]
         )
-        for reason, n in sorted(server.refused.items()):
+        for reason, n in sorted(server.http.refused.items()):
             refused.add_metric([reason], n)
         yield refused
         yield CounterMetricFamily(

@@ -19,6 +19,7 @@ from ..hubs.lifetime import HubLifetimeManager
 from ..options import HubOptions
 from ..service.acceptor import LinkAcceptor
 from ..service.node import ServiceClients
+from ..service.rest import ServiceRestApi
 from ..service.tokens import ClientAuthenticator
 from ..transports.websocket import reject_websocket
 from .app import HubServer
@@ -103,14 +104,9 @@ def from_env() -> HubServer:
     return service_node(key)
 
 
-def _rest_api(access_key: str, clients: ServiceClients) -> ASGIApp | None:
-    try:
-        from ..service.rest import ServiceRestApi
-    except ImportError:  # the REST API is not part of this build
-        return None
-
+def _rest_api(access_key: str, clients: ServiceClients) -> ASGIApp:
     def manager_for(name: str) -> HubLifetimeManager | None:
-        hub = clients.hubs.get(name)
+        hub = clients.hubs.get(name.lower())
         return hub.manager if hub is not None else None
 
-    return ServiceRestApi(access_key, manager_for)  # type: ignore[no-any-return]
+    return ServiceRestApi(access_key, manager_for)

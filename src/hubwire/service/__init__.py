@@ -3,6 +3,7 @@
 :mod:`~hubwire.service.node` is the node's side of the app-server links and of the client
 connections it holds; :mod:`~hubwire.service.applink` the app server's side (its links, the
 connections they carry, a lifetime manager that sends through the service);
-:mod:`~hubwire.service.tokens` the tokens both sides and the clients carry. The frames are in
-:mod:`hubwire.protocol.service`.
+:mod:`~hubwire.service.tokens` the tokens both sides and the clients carry;
+:mod:`~hubwire.service.rest` the serverless REST API (send and manage groups with no app
+server). The frames are in :mod:`hubwire.protocol.service`.
 """

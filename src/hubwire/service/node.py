@@ -277,16 +277,16 @@ class ServiceClients(ConnectionApplication):
     async def hub(self, name: str) -> ServiceHub:
         """The hub ``name``, created when its first app server links."""
         async with self._hub_lock:
-            hub = self.hubs.get(name)
+            hub = self.hubs.get(name.lower())  # hub names are case-insensitive (REST paths too)
             if hub is None:
                 manager = await self._create_manager(name)
-                hub = self.hubs[name] = ServiceHub(name, manager)
+                hub = self.hubs[name.lower()] = ServiceHub(name, manager)
             return hub
 
     def link_closed(self, link: NodeLink) -> None:
         """An app server's link is gone: fail what ran there, move its connections."""
         link.close()
-        hub = self.hubs.get(link.hub)
+        hub = self.hubs.get(link.hub.lower())
         if hub is not None and link in hub.links:
             hub.links.remove(link)
         for route in list(link.routes.values()):
@@ -302,7 +302,7 @@ class ServiceClients(ConnectionApplication):
     async def on_connect(self, conn: Connection) -> None:
         request = conn.request
         name = request.query_param("hub") if request is not None else None
-        hub = self.hubs.get(name or "")
+        hub = self.hubs.get((name or "").lower())
         link = hub.pick() if hub is not None else None
         if hub is None or link is None:
             self.stats.closed_no_app_server += 1
@@ -503,7 +503,7 @@ class ServiceClients(ConnectionApplication):
         route.moving = False
 
     async def _group_command(self, link: NodeLink, frame: GroupCommand) -> None:
-        manager = self.hubs[link.hub].manager
+        manager = self.hubs[link.hub.lower()].manager
         try:
             if frame.join:
                 await manager.add_to_group(frame.connection_id, frame.group)
@@ -520,7 +520,7 @@ class ServiceClients(ConnectionApplication):
 
     def _fan_out(self, link: NodeLink, frame: ServiceFrame) -> None:
         """Deliver through this node's manager (and the backplane to the other nodes), in order."""
-        send = self.hubs[link.hub].manager.send_serialized
+        send = self.hubs[link.hub.lower()].manager.send_serialized
         match frame:
             case BroadcastData():
                 send("all", (), _message(frame.payloads), frame.excluded)
