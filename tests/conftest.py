@@ -72,7 +72,10 @@ class ServerProcess:
         port: int | None = None,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        command: str = "run",
     ) -> None:
+        """``command``: ``run`` serves ``app``; ``service`` serves a connection-service node
+        (``app`` is not used)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._last_output = ""
@@ -88,8 +91,8 @@ class ServerProcess:
                 PYTHON,
                 "-m",
                 "hubwire.cli",
-                "run",
-                app,
+                command,
+                *([app] if command == "run" else []),
                 "--port",
                 str(self.port),
                 "--log-level",

@@ -82,13 +82,22 @@ async def lifecycle(request: Request) -> JSONResponse:
     return JSONResponse(LIFECYCLE)
 
 
+async def links(request: Request) -> JSONResponse:
+    """The app server's links to the nodes (how many are up) and the connections it runs."""
+    return JSONResponse(server.backplane.health())
+
+
 async def broadcast(request: Request) -> JSONResponse:
     await server.hub_context(ChatHub).clients.all.send("Tick", int(request.query_params["n"]))
     return JSONResponse({"sent": True})
 
 
 web = Starlette(
-    routes=[Route("/debug/lifecycle", lifecycle), Route("/broadcast", broadcast, methods=["POST"])]
+    routes=[
+        Route("/debug/lifecycle", lifecycle),
+        Route("/debug/links", links),
+        Route("/broadcast", broadcast, methods=["POST"]),
+    ]
 )
 server = HubServer(app=web, health_path="/health")
 server.add_hub("/chat", ChatHub)

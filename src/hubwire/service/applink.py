@@ -23,8 +23,10 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Collection, Sequence
+from collections import deque
+from collections.abc import Collection, Coroutine, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
@@ -104,6 +106,8 @@ class AppLink:
         self.conns: dict[str, Connection] = {}
         #: connections let go of (draining) whose node has not confirmed yet: their data returns
         self.released: set[str] = set()
+        #: what each connection has queued for the hub (handled in order, off the reader)
+        self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
         self.ready = asyncio.Event()
         self._queue: list[bytes] = []
         self._wake = asyncio.Event()
@@ -189,6 +193,9 @@ class AppLink:
         self.ready.clear()
         self._queue.clear()
         self.released.clear()
+        for queue in self._inbox.values():
+            while queue:
+                queue.popleft().close()  # their connections end now
         conns, self.conns = list(self.conns.values()), {}
         for conn in conns:
             conn.outbox.sink = None
@@ -206,7 +213,7 @@ class AppLink:
                     return
                 conn = self.conns.get(cid)
                 if conn is not None:
-                    await self.endpoint.on_receive(conn, frame.payload)
+                    self._queue_work(conn, self.endpoint.on_receive(conn, frame.payload))
             case OpenConnection():
                 await self._open(frame)
             case CloseConnection():
@@ -240,13 +247,40 @@ class AppLink:
         self.conns[cid] = conn
         migrated = ext.get("migrated")
         if isinstance(migrated, dict):
-            try:
-                await self.endpoint.migrate_in(conn, migrated)
-            except ValueError as exc:
-                log.warning("connection %s could not move here: %s", cid, exc)
-                conn.abort("could not move")
+            self._queue_work(conn, self._migrate_in(conn, migrated))
+        else:
+            self._queue_work(conn, self.endpoint.on_connect(conn))
+
+    async def _migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
+        try:
+            await self.endpoint.migrate_in(conn, state)
+        except ValueError as exc:
+            log.warning("connection %s could not move here: %s", conn.connection_id, exc)
+            conn.abort("could not move")
+
+    def _queue_work(self, conn: Connection, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` after what is queued for ``conn``, in order, off the link's reader.
+
+        Why: the hub may wait for the node (a group change waits for its Ack, which this link
+        reads), and one connection's slow handling must not hold up the others'."""
+        cid = conn.connection_id
+        queue = self._inbox.get(cid)
+        if queue is not None:
+            queue.append(work)
             return
-        await self.endpoint.on_connect(conn)
+        self._inbox[cid] = deque((work,))
+        self.owner.tasks.spawn(self._work_through(cid), name=f"linked {cid}")
+
+    async def _work_through(self, cid: str) -> None:
+        queue = self._inbox[cid]
+        try:
+            while queue:
+                try:
+                    await queue.popleft()
+                except Exception:
+                    log.exception("handling data of %s failed", cid)
+        finally:
+            del self._inbox[cid]
 
     async def _closed_by_node(self, frame: CloseConnection) -> None:
         cid = frame.connection_id
@@ -272,8 +306,8 @@ class AppLink:
     def release(self, conn: Connection) -> bool:
         """Draining: let ``conn`` move to another app server (its calls and streams are done)."""
         cid = conn.connection_id
-        if self._ws is None or self.conns.get(cid) is not conn:
-            return False
+        if self._ws is None or self.conns.get(cid) is not conn or cid in self._inbox:
+            return False  # (input of it not handled yet: asked again shortly)
         state = self.endpoint.export_for_migration(conn)
         if isinstance(state, str):
             log.info("connection %s cannot move: %s", cid, state)
@@ -462,6 +496,10 @@ class ServiceLifetimeManager(HubLifetimeManager):
         return self.results.complete(completion, connection.connection_id)
 
 
+#: query parameters of a negotiate that are not the app's (the client adds them again)
+_NOT_FORWARDED = frozenset({"negotiateversion", "access_token", "hub", "id"})
+
+
 class ServiceBackplane(Backplane):
     """What an app server in service mode uses as its backplane: the nodes deliver and fan out,
     negotiates are sent to a node, and a drain moves connections to the other app servers."""
@@ -480,8 +518,11 @@ class ServiceBackplane(Backplane):
         key = self.links.access_key
 
         def redirect(request: RequestInfo, principal: Principal | None) -> tuple[str, str | None]:
-            url = client_audience(self.links.client_url(hub_name), hub_name)
-            return url, client_token(key, url, principal)
+            audience = client_audience(self.links.client_url(hub_name), hub_name)
+            # the client's own query goes along: hub code reads it (context.query) on the node's request
+            extra = [(k, v) for k, v in request.query.items() if k.lower() not in _NOT_FORWARDED]
+            url = audience + ("&" + urlencode(extra) if extra else "")
+            return url, client_token(key, audience, principal)
 
         return redirect
 

@@ -1,0 +1,220 @@
+"""The connection service: nodes hold the clients, app servers run the hubs, restarts go unseen.
+
+Everything is a real process: a private ``redis-server``, two nodes (``hubwire service``), two app
+servers (``hubwire run tests.apps.service_app:app --service ...``) behind a round-robin front for
+negotiates, and the official JS client (``tests/js/service_fleet.cjs``) over every transport and
+both protocols. Clients negotiate at the app servers and follow the redirect to a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from hubwire.service.rest import rest_token
+from tests.conftest import ROOT, RedisServer, ServerProcess
+from tests.requirements import NODE_CLIENT, requires
+from tests.stateful_tools import NODE, cutting_proxy
+from tests.test_drain import stop
+from tests.test_scaleout import new_prefix
+
+APP = "tests.apps.service_app:app"
+FLEET = ROOT / "tests" / "js" / "service_fleet.cjs"
+KEY = "service-test-access-key-0123456789abcdef"
+
+
+class Cluster:
+    """Nodes and app servers of one test (closed at its end)."""
+
+    def __init__(self, redis: RedisServer, nodes: int = 2) -> None:
+        self.redis = redis
+        self.prefix = new_prefix("svc")
+        self.every: list[ServerProcess] = []
+        self.nodes = [self.node() for _ in range(nodes)]
+        self.apps: dict[str, ServerProcess] = {}
+
+    def node(self, port: int | None = None) -> ServerProcess:
+        args = ["--redis", self.redis.url, "--channel-prefix", self.prefix, "--log-level", "info"]
+        server = ServerProcess(
+            "", port=port, args=args, env={"HUBWIRE_SERVICE_ACCESS_KEY": KEY}, command="service"
+        )
+        self.every.append(server)
+        return server
+
+    def app(self, name: str, port: int | None = None) -> ServerProcess:
+        urls = ",".join(n.url for n in self.nodes)
+        env = {"HUBWIRE_SERVICE_ACCESS_KEY": KEY, "HUBWIRE_SERVICE_SERVER_ID": name}
+        server = ServerProcess(APP, port=port, args=["--service", urls, "--log-level", "info"], env=env)
+        self.every.append(server)
+        self.apps[name] = server
+        return server
+
+    async def linked(self, name: str, links: int, timeout: float = 15.0) -> None:
+        """Until app server ``name`` has ``links`` links up."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=5) as http:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    health = (await http.get(f"{self.apps[name].url}/debug/links")).json()
+                    if health["links_up"] == links:
+                        return
+                assert time.monotonic() < deadline, f"app server {name} not linked to {links} nodes"
+                await asyncio.sleep(0.1)
+
+    def close(self) -> str:
+        """Stop everything; the logs of every process (for a failure's message)."""
+        logs = []
+        for server in self.every:
+            server.kill()
+            with contextlib.suppress(OSError):
+                logs.append(server.output()[-3000:])
+            server.close()
+        return "\n---\n".join(logs)
+
+
+@pytest.fixture
+def cluster(private_redis: RedisServer) -> Iterator[Cluster]:
+    made = Cluster(private_redis)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+class Fleet:
+    """The Node process of ``service_fleet.cjs`` and its JSON lines."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def event(self, kind: str, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.01, deadline - time.monotonic()))
+            assert line, f"the Node clients exited ({self.proc.returncode})"
+            event: dict[str, Any] = json.loads(line)
+            assert event["event"] != "error", event
+            if event["event"] == kind:
+                return event
+
+    async def command(
+        self, cmd: dict[str, Any], answer: str | None = None, timeout: float = 30
+    ) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self.event(answer, timeout) if answer else {}
+
+    async def report(self) -> list[dict[str, Any]]:
+        clients: list[dict[str, Any]] = (await self.command({"cmd": "report"}, "report"))["clients"]
+        return clients
+
+
+@contextlib.asynccontextmanager
+async def fleet(url: str, kinds: list[dict[str, Any]], groups: int = 10) -> AsyncIterator[Fleet]:
+    assert NODE is not None
+    proc = await asyncio.create_subprocess_exec(
+        NODE,
+        str(FLEET),
+        url,
+        json.dumps(kinds),
+        str(groups),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        limit=16 * 1024 * 1024,
+    )
+    try:
+        yield Fleet(proc)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+def kinds(ws_json: int, ws_mp: int, sse: int, lp_json: int, lp_mp: int) -> list[dict[str, Any]]:
+    return (
+        [{"transport": "ws", "protocol": "json"}] * ws_json
+        + [{"transport": "ws", "protocol": "messagepack"}] * ws_mp
+        + [{"transport": "sse", "protocol": "json"}] * sse
+        + [{"transport": "lp", "protocol": "json"}] * lp_json
+        + [{"transport": "lp", "protocol": "messagepack"}] * lp_mp
+    )
+
+
+async def until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@requires(*NODE_CLIENT)
+async def test_rolling_restart_of_both_app_servers_goes_unseen(cluster: Cluster) -> None:
+    """300 clients echo every 200 ms and get a numbered broadcast every 100 ms while each app server
+    in turn gets SIGTERM and starts again: no client notices anything."""
+    a, b = cluster.app("A"), cluster.app("B")
+    await cluster.linked("A", 2)
+    await cluster.linked("B", 2)
+    clients_kinds = kinds(100, 60, 60, 40, 40)
+    async with cutting_proxy(a.port) as front:
+        front.rotation = [a.port, b.port]
+        async with fleet(f"{front.url}/chat", clients_kinds, groups=30) as clients:
+            ready = await clients.event("ready", 120)
+            assert len(ready["clients"]) == 300
+            await clients.command({"cmd": "start", "echoMs": 200, "tickMs": 100})
+            await asyncio.sleep(2.0)
+            for name in ("A", "B"):
+                server = cluster.apps[name]
+                await stop(server)
+                await asyncio.to_thread(cluster.app, name, server.port)
+                await cluster.linked(name, 2)
+                await asyncio.sleep(2.0)
+            stopped = await clients.command({"cmd": "stopticks"}, "ticksStopped")
+            sent = stopped["sent"]
+            assert stopped["tickErrors"] == []
+            report: list[dict[str, Any]] = []
+
+            async def all_ticks() -> bool:
+                nonlocal report
+                report = await clients.report()
+                return all(c["ticks"]["last"] == sent for c in report)
+
+            await until(all_ticks, 15, f"every client to get tick {sent}")
+            await clients.command({"cmd": "stopechoes"}, "echoesStopped")
+            report = await clients.report()
+            groups = (await clients.command({"cmd": "groups"}, "groups"))["results"]
+            where = (await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"]
+            await clients.command({"cmd": "stop"})
+    assert sent > 40
+    for c in report:
+        assert c["reconnecting"] == 0 and c["closed"] == 0, c
+        assert c["connectionId"] == c["firstId"], c
+        assert c["echoFailCount"] == 0 and c["echoes"] > 10, c
+        assert c["ticks"] == {
+            "first": 1,
+            "last": sent,
+            "count": sent,
+            "duplicates": 0,
+            "missing": 0,
+            "outOfOrder": 0,
+        }, c
+    for g in groups:
+        assert g["got"] == g["expected"], g
+    assert all(w["ok"] for w in where), [w for w in where if not w["ok"]][:3]
+    # both app servers restarted: every connection moved at least once, keeping its id
+    moved = [w["value"]["migratedFrom"] for w in where]
+    assert all(m in ("A", "B") for m in moved), moved
+    print(f"\nrolling restart: {sent} ticks to 300 clients, every connection moved, none noticed")
