@@ -218,3 +218,138 @@ async def test_rolling_restart_of_both_app_servers_goes_unseen(cluster: Cluster)
     moved = [w["value"]["migratedFrom"] for w in where]
     assert all(m in ("A", "B") for m in moved), moved
     print(f"\nrolling restart: {sent} ticks to 300 clients, every connection moved, none noticed")
+
+
+async def lifecycle(server: ServerProcess) -> dict[str, dict[str, int]]:
+    async with httpx.AsyncClient(timeout=5) as http:
+        answer: dict[str, dict[str, int]] = (await http.get(f"{server.url}/debug/lifecycle")).json()
+        return answer
+
+
+@requires(*NODE_CLIENT)
+async def test_a_killed_app_server_fails_its_calls_at_once_and_its_clients_carry_on(cluster: Cluster) -> None:
+    """SIGKILL: every call the dead app server was running is answered with an error within
+    seconds (none hangs); its clients keep their connections and ids, on the other app server."""
+    a, b = cluster.app("A"), cluster.app("B")
+    await cluster.linked("A", 2)
+    await cluster.linked("B", 2)
+    async with cutting_proxy(a.port) as front:
+        front.rotation = [a.port, b.port]
+        async with fleet(f"{front.url}/chat", kinds(10, 10, 10, 5, 5)) as clients:
+            ready = await clients.event("ready", 60)
+            before = (await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"]
+            on_a = [r["value"]["server"] == "A" for r in before]
+            assert 0 < sum(on_a) < len(on_a), "the clients should be spread over both app servers"
+            await clients.command({"cmd": "call", "method": "Slow", "args": [6000]})
+            await asyncio.sleep(1.0)
+            killed = time.monotonic()
+            a.kill(signal.SIGKILL)
+            slow = (await clients.event("call", 30))["results"]
+            waited = time.monotonic() - killed
+            after = (await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"]
+            report = await clients.report()
+            await clients.command({"cmd": "stop"})
+    for was_on_a, result in zip(on_a, slow, strict=True):
+        if was_on_a:
+            assert not result["ok"] and "app server" in result["error"], result
+            assert result["ms"] < 4000, result  # answered at the kill, not when the call would end
+        else:
+            assert result == {"ok": True, "value": "B", "ms": result["ms"]}, result
+    assert waited < 10
+    assert all(r["ok"] and r["value"]["server"] == "B" for r in after), after
+    for was_on_a, r in zip(on_a, after, strict=True):
+        assert r["value"]["migratedFrom"] == ("A" if was_on_a else None), r
+    ids = [c["connectionId"] for c in ready["clients"]]
+    assert [c["connectionId"] for c in report] == ids
+    assert all(c["reconnecting"] == 0 and c["closed"] == 0 for c in report), report
+
+
+@requires(*NODE_CLIENT)
+async def test_a_killed_node_s_clients_reconnect_to_the_other_node(cluster: Cluster) -> None:
+    """SIGKILL of a node: its clients reconnect (their own automatic reconnect, through an app
+    server's negotiate, to the node still there) and keep working; the app servers end each lost
+    connection once (``on_disconnected``)."""
+    a, b = cluster.app("A"), cluster.app("B")
+    await cluster.linked("A", 2)
+    await cluster.linked("B", 2)
+    async with cutting_proxy(a.port) as front:
+        front.rotation = [a.port, b.port]
+        async with fleet(f"{front.url}/chat", kinds(10, 10, 10, 5, 5)) as clients:
+            await clients.event("ready", 60)
+            cluster.nodes[0].kill(signal.SIGKILL)
+            report: list[dict[str, Any]] = []
+
+            async def all_back() -> bool:
+                nonlocal report
+                report = await clients.report()
+                return all(c["state"] == "Connected" for c in report) and any(
+                    c["reconnecting"] for c in report
+                )
+
+            await until(all_back, 30, "every client to be connected again")
+            echo = (await clients.command({"cmd": "call", "method": "Echo", "args": [7]}, "call"))["results"]
+            moved = [c for c in report if c["reconnecting"]]
+            stayed = [c for c in report if not c["reconnecting"]]
+            ran: dict[str, dict[str, int]] = {}
+
+            async def ended_once() -> bool:
+                ran.update({**(await lifecycle(a)), **(await lifecycle(b))})
+                return all(ran[c["firstId"]]["disconnected"] == 1 for c in moved)
+
+            await until(ended_once, 10, "the app servers to end the lost connections")
+            await clients.command({"cmd": "stop"})
+    assert all(r == {"ok": True, "value": 7, "ms": r["ms"]} for r in echo), echo
+    assert moved and stayed, "both nodes should have held clients"
+    assert all(c["connectionId"] != c["firstId"] for c in moved)
+    assert all(c["connectionId"] == c["firstId"] for c in stayed)
+    assert all(ran[c["firstId"]] == {"connected": 1, "disconnected": 0} for c in stayed)
+    assert all(ran[c["firstId"]] == {"connected": 1, "disconnected": 1} for c in moved)
+
+
+@requires(*NODE_CLIENT)
+async def test_the_rest_api_of_a_node_reaches_clients_of_every_node(cluster: Cluster) -> None:
+    """Serverless sends through one node's REST API reach the clients of both nodes; a bad token
+    is refused (401) and delivers nothing."""
+    a = cluster.app("A")
+    await cluster.linked("A", 2)
+    node = cluster.nodes[1]
+    async with fleet(f"{a.url}/chat", kinds(6, 4, 4, 3, 3), groups=2) as clients, httpx.AsyncClient() as http:
+        await clients.event("ready", 60)
+        url = f"{node.url}/api/v1/hubs/chathub"
+        good = {"Authorization": f"Bearer {rest_token(KEY, url)}"}
+        bad = {"Authorization": f"Bearer {rest_token('another-key-of-the-same-length-000000', url)}"}
+        refused = await http.post(url, json={"target": "Tick", "arguments": [99]}, headers=bad)
+        assert refused.status_code == 401
+        for n in (1, 2, 3):
+            answer = await http.post(url, json={"target": "Tick", "arguments": [n]}, headers=good)
+            assert answer.status_code == 202, answer.text
+        report: list[dict[str, Any]] = []
+
+        async def all_three() -> bool:
+            nonlocal report
+            report = await clients.report()
+            return all(c["ticks"]["count"] >= 3 for c in report)
+
+        await until(all_three, 10, "every client to get the three REST sends")
+        await clients.command({"cmd": "stop"})
+    assert all(
+        c["ticks"] == {"first": 1, "last": 3, "count": 3, "duplicates": 0, "missing": 0, "outOfOrder": 0}
+        for c in report
+    ), report
+
+
+async def test_an_app_server_in_service_mode_serves_no_client_transport(cluster: Cluster) -> None:
+    """Clients only ever reach nodes: a WebSocket straight to the app server gets 404, and its
+    negotiate answers with the node's URL and a token."""
+    import websockets
+
+    a = cluster.app("A")
+    await cluster.linked("A", 2)
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(f"ws://127.0.0.1:{a.port}/chat?id=anything"):
+            pass
+    assert refused.value.response.status_code == 404
+    async with httpx.AsyncClient() as http:
+        answer = (await http.post(f"{a.url}/chat/negotiate?negotiateVersion=1&room=r1")).json()
+    assert answer["url"].split("/client/?hub=ChatHub")[0] in [n.url for n in cluster.nodes]
+    assert answer["url"].endswith("&room=r1") and answer["accessToken"]

@@ -374,8 +374,11 @@ class ServiceLinks:
                 link.send(Ping({"shutdown": "fin"}))
 
     def client_url(self, hub: str) -> str:
-        """Where a negotiating client is sent: the nodes in turn."""
-        return self.node_urls[next(self._rr) % len(self.node_urls)]
+        """Where a negotiating client is sent: the nodes this app server is linked to, in turn
+        (a node that went away is skipped until it is back), else any."""
+        up = [link.node_url for link in self.links.get(hub, ()) if link.ready.is_set()]
+        choices = up or self.node_urls
+        return choices[next(self._rr) % len(choices)]
 
     def link_for(self, hub: str, connection: Connection | None = None) -> AppLink:
         """The link to send on: the connection's own (its frames keep their order), else any."""
