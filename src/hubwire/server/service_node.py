@@ -8,6 +8,7 @@ hubs, the app servers' links at ``/server`` and the REST API at ``/api``.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import replace
 from typing import Any
@@ -20,7 +21,7 @@ from ..options import HubOptions
 from ..service.acceptor import LinkAcceptor
 from ..service.node import ServiceClients
 from ..service.rest import ServiceRestApi
-from ..service.tokens import ClientAuthenticator
+from ..service.tokens import ALL_TRANSPORTS, ClientAuthenticator, transports_path
 from ..transports.websocket import reject_websocket
 from .app import HubServer
 
@@ -89,7 +90,9 @@ def service_node(
         return manager
 
     clients = ServiceClients(opts, server.protocols, create_manager)
-    server.router.add("/client", clients)
+    for size in range(1, len(ALL_TRANSPORTS) + 1):  # a path per choice of transports an app may make
+        for transports in itertools.combinations(ALL_TRANSPORTS, size):
+            server.router.add(transports_path(transports), clients.variant(transports))
     acceptor = LinkAcceptor(clients, access_key)
     server.app = _NodeRoutes(acceptor, _rest_api(access_key, clients))
     server.service_clients = clients  # type: ignore[attr-defined]

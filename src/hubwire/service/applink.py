@@ -64,7 +64,7 @@ from ..protocol.service import (
     ServiceProtocolError,
     encode_frame,
 )
-from .tokens import client_audience, client_token, link_token
+from .tokens import client_audience, client_token, client_url, link_token
 
 __all__ = ["AppLink", "ServiceBackplane", "ServiceLifetimeManager", "ServiceLinks"]
 
@@ -521,11 +521,11 @@ class ServiceBackplane(Backplane):
         key = self.links.access_key
 
         def redirect(request: RequestInfo, principal: Principal | None) -> tuple[str, str | None]:
-            audience = client_audience(self.links.client_url(hub_name), hub_name)
+            node = self.links.client_url(hub_name)
             # the client's own query goes along: hub code reads it (context.query) on the node's request
             extra = [(k, v) for k, v in request.query.items() if k.lower() not in _NOT_FORWARDED]
-            url = audience + ("&" + urlencode(extra) if extra else "")
-            return url, client_token(key, audience, principal)
+            url = client_url(node, hub_name, endpoint.transports) + ("&" + urlencode(extra) if extra else "")
+            return url, client_token(key, client_audience(node, hub_name), principal)
 
         return redirect
 

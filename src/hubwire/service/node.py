@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -271,6 +272,13 @@ class ServiceClients(ConnectionApplication):
         self._hub_lock = asyncio.Lock()
         self.stats = ServiceNodeStats()
         self.tasks: set[asyncio.Task[Any]] = set()
+
+    def variant(self, transports: Sequence[str]) -> ServiceClients:
+        """The same clients endpoint offering only ``transports`` (a hub path that narrows them):
+        it shares every hub, link and counter with this one."""
+        view = copy.copy(self)
+        view.transports = tuple(transports)
+        return view
 
     # -- hubs and links --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ the access key is what authenticates.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -20,11 +21,14 @@ from ..auth import bearer_token
 from ..connections.connection import Principal, RequestInfo
 
 __all__ = [
+    "ALL_TRANSPORTS",
     "CLAIMS",
     "ClientAuthenticator",
     "client_audience",
     "client_token",
+    "client_url",
     "link_token",
+    "transports_path",
     "verify",
 ]
 
@@ -39,8 +43,25 @@ def _aud_suffix(kind: str, hub: str) -> str:
 
 
 def client_audience(base_url: str, hub: str) -> str:
-    """The URL a client is sent to (and its token's audience): ``{base}/client/?hub={hub}``."""
+    """A client token's audience: ``{base}/client/?hub={hub}``."""
     return base_url.rstrip("/") + _aud_suffix("client", hub)
+
+
+_SHORT = {"WebSockets": "ws", "ServerSentEvents": "sse", "LongPolling": "lp"}
+ALL_TRANSPORTS = tuple(_SHORT)
+
+
+def transports_path(transports: Sequence[str]) -> str:
+    """A node's client path for a hub path that offers only ``transports`` (``/client`` for all):
+    negotiate there lists exactly those, and the others are refused, as on the app's own path."""
+    if set(transports) >= set(ALL_TRANSPORTS):
+        return "/client"
+    return "/client/" + "-".join(_SHORT[t] for t in ALL_TRANSPORTS if t in transports)
+
+
+def client_url(base_url: str, hub: str, transports: Sequence[str]) -> str:
+    """Where a negotiating client is sent: the node's client path and the hub."""
+    return base_url.rstrip("/") + transports_path(transports) + f"/?hub={quote(hub, safe='')}"
 
 
 def link_token(access_key: str, node_url: str, hub: str, lifetime: float = 3600.0) -> str:
