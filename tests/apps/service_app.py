@@ -99,6 +99,6 @@ web = Starlette(
         Route("/broadcast", broadcast, methods=["POST"]),
     ]
 )
-server = HubServer(app=web, health_path="/health")
+server = HubServer(app=web, health_path="/health", metrics_path="/metrics")
 server.add_hub("/chat", ChatHub)
 app = server

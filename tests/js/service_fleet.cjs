@@ -3,6 +3,7 @@
 // (tests/test_service.py), all in one process, negotiating at app servers and sent to nodes.
 // One JSON object per stdout line; stdin takes one JSON command per line:
 //   {"cmd": "start", "echoMs": 200, "tickMs": 100}  every client echoes, a broadcaster invokes Tick(n)
+//   {"cmd": "sent"}            -> {"event": "sent", "sent": n} (ticks sent so far)
 //   {"cmd": "stopticks"}        -> {"event": "ticksStopped", "sent": n, "tickErrors": [...]}
 //   {"cmd": "stopechoes"}       -> {"event": "echoesStopped"} once no echo is in flight
 //   {"cmd": "call", "method": "Slow", "args": [3000]} -> {"event": "call", "results": [{ok, value, error, ms}]}
@@ -128,6 +129,8 @@ async function main() {
       }
       broadcaster.running = true;
       broadcaster.loop = tickLoop(cmd.tickMs);
+    } else if (cmd.cmd === "sent") {
+      emit({ event: "sent", sent: broadcaster.sent });
     } else if (cmd.cmd === "stopticks") {
       broadcaster.running = false;
       await broadcaster.loop;

@@ -38,6 +38,11 @@ Metrics (all prefixed ``hubwire_``):
   ``websocket_compression_saved_bytes_total`` bytes those saved on the wire,
   ``websocket_inflated_messages_total`` compressed client messages inflated (native serving; the
   whole process, like ``slow_consumer_closes_total``);
+* connection service: on an app server ``service_links``, ``service_links_up``,
+  ``service_linked_connections`` and per hub ``migrated_in_total`` / ``migrated_out_total``; on a
+  node ``service_app_server_connections{hub,app_server}``, ``service_opened_total``,
+  ``service_migrations_total``, ``service_migrations_after_crash_total``,
+  ``service_synthesized_errors_total``, ``service_closed_no_app_server_total``;
 * ``dashboard_viewers`` (with ``dashboard_path``: its pages are never counted as hub connections);
 * ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
 """
@@ -53,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 from ..connections import connection as _connection
 from ..http import ASGIApp, Receive, Scope, Send, respond
 from ..hubs.handler import HubConnectionHandler
+from ..service.node import ServiceClients
 from ..transports.direct import compression_stats
 from ..transports.httpbase import HttpConnectionState
 
@@ -222,8 +228,11 @@ class _Collector:
                 value=sum(server.dashboard.viewers.values()),
             )
         health = _backplane_health(server)
-        if health is not None:
+        if health is not None and "links" in health:
+            yield from _app_server_metrics(health)
+        elif health is not None:
             yield from _backplane_metrics(health)
+        yield from _node_metrics(server)
 
 
 #: counters of each hub endpoint's stats: metric name, help, EndpointStats attribute
@@ -242,12 +251,55 @@ _PER_HUB = (
         "handed_over",
     ),
     ("hubwire_drain_closed", "Draining: connections closed with reconnect allowed", "drain_closed"),
+    ("hubwire_migrated_in", "Connections a service node moved here from another app server", "migrated_in"),
+    ("hubwire_migrated_out", "Connections moved to another app server (draining)", "migrated_out"),
     (
         "hubwire_forged_completions",
         "Client-result completions refused: sent by a connection the call was not sent to",
         "forged_completions",
     ),
 )
+
+
+def _app_server_metrics(health: dict[str, Any]) -> Iterator[Any]:
+    """An app server of the connection service: its links to the nodes and what they carry."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    yield GaugeMetricFamily("hubwire_service_links", "Links to service nodes", value=health["links"])
+    yield GaugeMetricFamily("hubwire_service_links_up", "Links to service nodes up", value=health["links_up"])
+    yield GaugeMetricFamily(
+        "hubwire_service_linked_connections",
+        "Client connections the service nodes run on this app server",
+        value=health["connections"],
+    )
+
+
+def _node_metrics(server: HubServer) -> Iterator[Any]:
+    """A service node: app-server links, connections per app server, moves, synthesized errors."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    nodes = {id(ep.stats): ep for ep in server.router.endpoints() if isinstance(ep, ServiceClients)}
+    if not nodes:
+        return
+    pinned = GaugeMetricFamily(
+        "hubwire_service_app_server_connections",
+        "Client connections pinned to each app server's link",
+        labels=["hub", "app_server"],
+    )
+    for clients in nodes.values():
+        for hub in list(clients.hubs.values()):
+            for link in list(hub.links):
+                pinned.add_metric([hub.name, link.server_id], len(link.routes))
+    yield pinned
+    for attr, doc in (
+        ("opened", "Client connections opened on an app server"),
+        ("migrations", "Connections moved off a draining app server"),
+        ("migrations_after_crash", "Connections moved off an app server whose link died"),
+        ("synthesized_errors", "Calls answered with an error because their app server died"),
+        ("closed_no_app_server", "Client connections closed for want of an app server"),
+    ):
+        total = sum(getattr(c.stats, attr) for c in nodes.values())
+        yield CounterMetricFamily(f"hubwire_service_{attr}", doc, value=total)
 
 
 def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:

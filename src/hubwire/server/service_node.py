@@ -8,6 +8,7 @@ hubs, the app servers' links at ``/server`` and the REST API at ``/api``.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 from dataclasses import replace
@@ -100,11 +101,14 @@ def service_node(
 
 
 def from_env() -> HubServer:
-    """The node ``hubwire service`` serves: ``HUBWIRE_SERVICE_ACCESS_KEY``, ``HUBWIRE_REDIS_URL``."""
+    """The node ``hubwire service`` serves: ``HUBWIRE_SERVICE_ACCESS_KEY``, ``HUBWIRE_REDIS_URL``;
+    readiness at ``/health``, a JSON snapshot at ``/debug/stats``, and Prometheus metrics at
+    ``/metrics`` when ``prometheus-client`` is installed."""
     key = os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY")
     if not key:
         raise ValueError("a service node needs HUBWIRE_SERVICE_ACCESS_KEY")
-    return service_node(key)
+    metrics = "/metrics" if importlib.util.find_spec("prometheus_client") is not None else None
+    return service_node(key, health_path="/health", stats_path="/debug/stats", metrics_path=metrics)
 
 
 def _rest_api(access_key: str, clients: ServiceClients) -> ASGIApp:

@@ -72,6 +72,9 @@ log = logging.getLogger("hubwire.service")
 
 #: how long a group change may wait for the node's answer
 GROUP_ACK_TIMEOUT = 10.0
+#: a link's backlog (bytes) past which its connections' input and the hub's sends wait
+BACKLOG_HIGH = 4 * 1024 * 1024
+BACKLOG_LOW = 1024 * 1024
 #: keep-alive of a link (both ways), and how long silence means the other side is gone
 LINK_PING = 5.0
 LINK_TIMEOUT = 30.0
@@ -109,6 +112,10 @@ class AppLink:
         #: what each connection has queued for the hub (handled in order, off the reader)
         self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
         self.ready = asyncio.Event()
+        #: bytes queued for the node; over the high mark this link's input and sends wait
+        self.queued = 0
+        self.writable = asyncio.Event()
+        self.writable.set()
         self._queue: list[bytes] = []
         self._wake = asyncio.Event()
         self._ws: ClientConnection | None = None
@@ -119,7 +126,11 @@ class AppLink:
     def send(self, frame: ServiceFrame) -> None:
         if self._ws is None:
             return  # not linked: the node's side of its connections is gone too
-        self._queue.append(encode_frame(frame))
+        data = encode_frame(frame)
+        self._queue.append(data)
+        self.queued += len(data)
+        if self.queued > BACKLOG_HIGH:
+            self.writable.clear()
         self._wake.set()
 
     async def _writer(self, ws: ClientConnection) -> None:
@@ -130,7 +141,11 @@ class AppLink:
             if not self._queue:
                 self._queue.append(encode_frame(Ping()))
             batch, self._queue = self._queue, []
-            await ws.send(b"".join(batch))
+            data = b"".join(batch)
+            await ws.send(data)
+            self.queued = max(0, self.queued - len(data))
+            if self.queued <= BACKLOG_LOW:
+                self.writable.set()
 
     # -- the link's life ------------------------------------------------------------------------------
 
@@ -192,6 +207,8 @@ class AppLink:
         self._ws = None
         self.ready.clear()
         self._queue.clear()
+        self.queued = 0
+        self.writable.set()
         self.released.clear()
         for queue in self._inbox.values():
             while queue:
@@ -275,6 +292,8 @@ class AppLink:
         queue = self._inbox[cid]
         try:
             while queue:
+                if not self.writable.is_set():
+                    await self.writable.wait()  # the node is behind: this link's clients wait
                 try:
                     await queue.popleft()
                 except Exception:
@@ -431,9 +450,13 @@ class ServiceLifetimeManager(HubLifetimeManager):
     async def close(self) -> None:
         await self.links.stop_hub(self.hub_name)
 
-    def _link(self, connection_id: str | None = None) -> AppLink:
+    async def _link(self, connection_id: str | None = None) -> AppLink:
+        """The link to send on, once it has room (a send waits while the node is behind)."""
         ctx = self.local.get(connection_id) if connection_id else current_connection.get()
-        return self.links.link_for(self.hub_name, ctx.connection if ctx is not None else None)
+        link = self.links.link_for(self.hub_name, ctx.connection if ctx is not None else None)
+        if not link.writable.is_set():
+            await link.writable.wait()
+        return link
 
     def _payloads(self, method: str, args: Sequence[Any]) -> dict[str, bytes]:
         return SerializedMessage(InvocationMessage(method, list(args))).serialize_all(self.protocols)
@@ -446,14 +469,14 @@ class ServiceLifetimeManager(HubLifetimeManager):
         self.results.fail_connection(connection.connection_id)
 
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
-        self._link().send(BroadcastData(list(exclude), self._payloads(method, args)))
+        (await self._link()).send(BroadcastData(list(exclude), self._payloads(method, args)))
 
     async def send_connections(
         self, connection_ids: Collection[str], method: str, args: Sequence[Any]
     ) -> None:
         ids = list(dict.fromkeys(connection_ids))
         if ids:
-            self._link().send(MultiConnectionData(ids, self._payloads(method, args)))
+            (await self._link()).send(MultiConnectionData(ids, self._payloads(method, args)))
 
     async def send_groups(
         self, groups: Collection[str], method: str, args: Sequence[Any], exclude: Collection[str] = ()
@@ -461,12 +484,12 @@ class ServiceLifetimeManager(HubLifetimeManager):
         names = [g for g in dict.fromkeys(groups) if g]
         if names:
             payloads = self._payloads(method, args)
-            self._link().send(MultiGroupBroadcastData(names, payloads, list(exclude)))
+            (await self._link()).send(MultiGroupBroadcastData(names, payloads, list(exclude)))
 
     async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
         users = list(dict.fromkeys(user_ids))
         if users:
-            self._link().send(MultiUserData(users, self._payloads(method, args)))
+            (await self._link()).send(MultiUserData(users, self._payloads(method, args)))
 
     async def add_to_group(self, connection_id: str, group: str) -> None:
         await self._group(True, connection_id, group)
@@ -481,7 +504,7 @@ class ServiceLifetimeManager(HubLifetimeManager):
             limit = ctx.max_groups
             if join and limit is not None and group not in ctx.groups and len(ctx.groups) >= limit:
                 raise HubException(f"The connection is already in {limit} groups, the most allowed.")
-        await self.links.group_command(self._link(connection_id), join, connection_id, group)
+        await self.links.group_command(await self._link(connection_id), join, connection_id, group)
         if ctx is not None:
             (ctx.groups.add if join else ctx.groups.discard)(group)
 

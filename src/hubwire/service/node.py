@@ -79,6 +79,10 @@ log = logging.getLogger("hubwire.service")
 APP_SERVER_LOST = "The app server running this call stopped; the call's outcome is unknown."
 #: most bytes a client may send while its connection moves (then it is closed, reconnect allowed)
 HOLD_LIMIT = 1024 * 1024
+#: a link's backlog (bytes) past which the clients pinned to it wait before sending more, and
+#: below which they go on: a slow app server slows its own clients only
+BACKLOG_HIGH = 4 * 1024 * 1024
+BACKLOG_LOW = 1024 * 1024
 #: a link's keep-alive (both sides)
 LINK_PING = 5.0
 _PING = encode_frame(Ping())
@@ -112,11 +116,19 @@ class NodeLink:
         self._queue: list[bytes] = []
         self._wake = asyncio.Event()
         self.last_seen = time.monotonic()
+        #: bytes queued for the app server; over the high mark its clients' input waits
+        self.queued = 0
+        self.writable = asyncio.Event()
+        self.writable.set()
 
     def send(self, frame: ServiceFrame) -> None:
         if self.closed:
             return
-        self._queue.append(encode_frame(frame))
+        data = encode_frame(frame)
+        self._queue.append(data)
+        self.queued += len(data)
+        if self.queued > BACKLOG_HIGH:
+            self.writable.clear()
         self._wake.set()
 
     async def writer(self) -> None:
@@ -129,10 +141,17 @@ class NodeLink:
             if not self._queue:
                 self._queue.append(_PING)
             batch, self._queue = self._queue, []
-            await self._write(b"".join(batch))
+            data = b"".join(batch)
+            await self._write(data)
+            self.queued = max(0, self.queued - len(data))
+            if self.queued <= BACKLOG_LOW:
+                self.writable.set()
 
     def close(self) -> None:
         self.closed = True
+        self._queue.clear()
+        self.queued = 0
+        self.writable.set()  # whoever waits for room sees the link is gone
         self._wake.set()
 
 
@@ -348,6 +367,8 @@ class ServiceClients(ConnectionApplication):
         route: ClientRoute | None = conn.application_state
         if route is None:
             return
+        if not route.link.writable.is_set():
+            await route.link.writable.wait()  # back-pressure: this client's app server is behind
         if route.handshake is None:
             route.inbound += data
             if not self._read_handshake(route):
