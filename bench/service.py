@@ -1,0 +1,202 @@
+"""What the connection service costs and saves: app-server memory and CPU apart from the client count.
+
+    .venv/bin/python bench/service.py [--counts 1000,10000] [--broadcasts 300] [--echoes 2000]
+
+One Redis, one node (``hubwire service``), one app server (``hubwire run
+bench.servers.hubwire_app:app --service ...``) and, for the latency comparison, the same app served
+directly (one plain hubwire instance). Clients are the raw WebSocket clients of bench/loadgen.py: they
+get the node's URL and token from the app server's negotiate once, then connect to the node without
+negotiating (as pysignalr does). For each client count the table shows:
+
+- the app server's and the node's RSS with the clients idle (settled 3 s), and their idle CPU;
+- broadcasts from one client (``Broadcast(payload)``: the app server sends one frame to the node,
+  the node delivers), closed loop with 4 in flight: the app server's CPU per broadcast and the node's
+  CPU per delivery, deliveries lost or duplicated;
+- the echo round trip of one more client (an invocation answered by the hub, 1 at a time) through
+  the service and against the plain instance, p50 / p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.run import (  # noqa: E402 - after the path fix, as a script
+    PY,
+    LoadGen,
+    Processes,
+    Redis,
+    cpu_seconds,
+    free_port,
+    rss_kb,
+    split,
+    wait_port,
+)
+
+KEY = "bench-service-access-key-0123456789abcdef"
+APP = "bench.servers.hubwire_app:app"
+
+
+def start(procs: Processes, name: str, argv: list[str], env: dict[str, str]) -> tuple[int, int]:
+    port = free_port()
+    full = dict(os.environ, HUBWIRE_SERVICE_ACCESS_KEY=KEY, **env)
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), full.get("PYTHONPATH", "")])
+    proc = procs.start(
+        name, [PY, "-m", "hubwire.cli", *argv, "--port", str(port), "--log-level", "warning"], env=full
+    )
+    wait_port(port, proc)
+    return port, proc.pid
+
+
+def negotiate(port: int) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/hub/negotiate?negotiateVersion=1", method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        body: dict[str, Any] = json.loads(answer.read())
+    return body
+
+
+async def echo_rtts(port: int, path: str, count: int) -> list[float]:
+    """Round trips (ms) of ``count`` invocations, one at a time, on one fresh WebSocket."""
+    import websockets
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}{path}", compression=None) as ws:
+        await ws.send('{"protocol":"json","version":1}\x1e')
+        await ws.recv()  # the handshake answer
+        rtts = []
+        for i in range(count):
+            started = time.perf_counter()
+            await ws.send(
+                json.dumps({"type": 1, "invocationId": str(i), "target": "ConnectionId", "arguments": []})
+                + "\x1e"
+            )
+            while True:
+                records = str(await ws.recv()).split("\x1e")
+                if any(r and json.loads(r).get("type") == 3 for r in records):
+                    break
+            rtts.append((time.perf_counter() - started) * 1000)
+    return rtts
+
+
+def quantiles(rtts: list[float]) -> tuple[float, float]:
+    points = statistics.quantiles(rtts, n=100)
+    return points[49], points[98]
+
+
+def settle_and_measure(pids: dict[str, int], seconds: float = 3.0) -> dict[str, float]:
+    time.sleep(seconds)
+    before = {k: cpu_seconds([p]) for k, p in pids.items()}
+    time.sleep(5.0)
+    out: dict[str, float] = {
+        f"{k}_idle_cpu_pct": (cpu_seconds([p]) - before[k]) / 5.0 * 100 for k, p in pids.items()
+    }
+    out.update({f"{k}_rss_mb": rss_kb([p]) / 1024 for k, p in pids.items()})
+    return out
+
+
+def broadcasts(lg: LoadGen, pids: dict[str, int], count: int, phase: int) -> dict[str, float]:
+    lg.all({"cmd": "begin", "phase": phase})
+    before = {k: cpu_seconds([p]) for k, p in pids.items()}
+    sent = lg.first({"cmd": "send", "duration": 120, "count": count, "window": 4, "senders": 2}, 150)["sent"]
+    ends = lg.all({"cmd": "end", "sent": sent, "drain_timeout": 30}, 60)
+    used = {k: cpu_seconds([p]) - before[k] for k, p in pids.items()}
+    delivered = sum(e["distinct"] for e in ends)
+    return {
+        "sent": sent,
+        "delivered": delivered,
+        "lost": sum(e["lost"] for e in ends),
+        "dups": sum(e["dups"] for e in ends),
+        "app_ms_per_broadcast": used["app"] / max(1, sent) * 1000,
+        "node_us_per_delivery": used["node"] / max(1, delivered) * 1e6,
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    workdir = Path(tempfile.mkdtemp(prefix="hubwire-bench-service-"))
+    procs = Processes(workdir)
+    rows: list[dict[str, Any]] = []
+    try:
+        redis = Redis(procs, workdir)
+        node_port, node_pid = start(
+            procs, "node", ["service", "--redis", redis.url, "--channel-prefix", "bench"], {}
+        )
+        app_port, app_pid = start(
+            procs, "app", ["run", APP, "--service", f"http://127.0.0.1:{node_port}"], {}
+        )
+        direct_port, _ = start(procs, "direct", ["run", APP], {"HUBWIRE_SERVICE_URLS": ""})
+        time.sleep(2.0)  # the app server links to the node
+        redirect = negotiate(app_port)
+        path = "/client/?hub=BenchHub&access_token=" + redirect["accessToken"]
+        pids = {"app": app_pid, "node": node_pid}
+        lg = LoadGen(procs, args.loadgens)
+        connected = 0
+        for phase, count in enumerate(args.counts, start=1):
+            jobs = split(count - connected, len(lg))
+            lg.call(
+                [
+                    {"cmd": "connect", "kind": "signalr", "targets": [["127.0.0.1", node_port, path]],
+                     "first": connected + first, "count": n, "concurrency": 200, "timeout": 60}
+                    for first, n in jobs
+                ],
+                600,
+            )  # fmt: skip
+            connected = count
+            row: dict[str, Any] = {"clients": count}
+            row.update(settle_and_measure(pids))
+            row.update(broadcasts(lg, pids, args.broadcasts, phase))
+            service = asyncio.run(echo_rtts(node_port, path, args.echoes))
+            direct = asyncio.run(echo_rtts(direct_port, "/hub", args.echoes))
+            row["echo_service_p50"], row["echo_service_p99"] = quantiles(service)
+            row["echo_direct_p50"], row["echo_direct_p99"] = quantiles(direct)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        lg.close()
+    finally:
+        procs.stop_all()
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| clients | app RSS MB | node RSS MB | app idle CPU % | app ms CPU / broadcast "
+        "| node µs CPU / delivery | lost / dup | echo p50 / p99 ms via service | echo p50 / p99 ms direct |",
+        "|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['clients']:,} | {r['app_rss_mb']:.1f} | {r['node_rss_mb']:.1f} "
+            f"| {r['app_idle_cpu_pct']:.1f} | {r['app_ms_per_broadcast']:.3f} "
+            f"| {r['node_us_per_delivery']:.2f} | {r['lost']} / {r['dups']} "
+            f"| {r['echo_service_p50']:.2f} / {r['echo_service_p99']:.2f} "
+            f"| {r['echo_direct_p50']:.2f} / {r['echo_direct_p99']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000])
+    parser.add_argument("--broadcasts", type=int, default=300)
+    parser.add_argument("--echoes", type=int, default=2000)
+    parser.add_argument("--loadgens", type=int, default=2)
+    args = parser.parse_args()
+    rows = run(args)
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
