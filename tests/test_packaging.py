@@ -45,7 +45,7 @@ PROJECT = PYPROJECT["project"]
 SRC = ROOT / "src" / "hubwire"
 #: the extras whose minimums are installed with the runtime dependencies (``demo`` and ``test`` are
 #: tools around the library, not part of it)
-RUNTIME_EXTRAS = ("jwt", "metrics", "otel")
+RUNTIME_EXTRAS = ("jwt", "metrics", "otel", "service")
 #: what building the wheel reads besides src/ (the demo image's Dockerfile copies the same)
 BUILD_FILES = ("pyproject.toml", "README.md", "LICENSE")
 _SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?>=([0-9][0-9.]*)$")

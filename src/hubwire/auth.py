@@ -15,18 +15,19 @@ SignalR docs configure it: the ``Authorization: Bearer`` header, else the
 WebSocket and EventSource requests (and the JS client puts the token in the
 query for SSE even in Node).
 
-Requires the ``jwt`` extra (PyJWT).
+:class:`JwtBearerAuthenticator` requires the ``jwt`` extra (PyJWT); the rest of this module does not.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
-
-import jwt
+from typing import TYPE_CHECKING, Any
 
 from .connections.connection import Principal, RequestInfo
+
+if TYPE_CHECKING:
+    import jwt
 
 __all__ = [
     "NAME_IDENTIFIER",
@@ -100,6 +101,8 @@ class JwtBearerAuthenticator:
 
     def decode(self, token: str) -> dict[str, Any] | None:
         """The token's claims, or None when it does not validate."""
+        import jwt  # PyJWT (the ``jwt`` extra), imported where used: bearer_token needs none
+
         options: jwt.types.Options = {
             "verify_aud": self.audience is not None,
             "require": ["exp"] if self.require_expiration else [],

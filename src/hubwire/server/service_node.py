@@ -22,7 +22,7 @@ from ..options import HubOptions
 from ..service.acceptor import LinkAcceptor
 from ..service.node import ServiceClients
 from ..service.rest import ServiceRestApi
-from ..service.tokens import ALL_TRANSPORTS, ClientAuthenticator, transports_path
+from ..service.tokens import ALL_TRANSPORTS, ClientAuthenticator, require_pyjwt, transports_path
 from ..transports.websocket import reject_websocket
 from .app import HubServer
 
@@ -76,6 +76,7 @@ def service_node(
     Nodes of one service share ``access_key`` and a Redis backplane (``backplane``, else
     ``HUBWIRE_REDIS_URL``), like instances of one app.
     """
+    require_pyjwt()
     opts = replace(options or HubOptions(), allow_stateful_reconnect=False)
     # never the service's app-server side (HUBWIRE_SERVICE_URLS), whatever the environment says
     backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()

@@ -64,7 +64,7 @@ from ..protocol.service import (
     ServiceProtocolError,
     encode_frame,
 )
-from .tokens import client_audience, client_token, client_url, link_token
+from .tokens import client_audience, client_token, client_url, link_token, require_pyjwt
 
 __all__ = ["AppLink", "ServiceBackplane", "ServiceLifetimeManager", "ServiceLinks"]
 
@@ -358,6 +358,7 @@ class ServiceLinks:
     def __init__(self, node_urls: Sequence[str], access_key: str, server_id: str | None = None) -> None:
         if not node_urls:
             raise ValueError("the connection service needs at least one node URL")
+        require_pyjwt()
         self.node_urls = [u.rstrip("/") for u in node_urls]
         self.access_key = access_key
         self.server_id = server_id or "app-" + secrets.token_hex(6)

@@ -10,12 +10,11 @@ the access key is what authenticates.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
-
-import jwt
 
 from ..auth import bearer_token
 from ..connections.connection import Principal, RequestInfo
@@ -28,6 +27,7 @@ __all__ = [
     "client_token",
     "client_url",
     "link_token",
+    "require_pyjwt",
     "transports_path",
     "verify",
 ]
@@ -36,6 +36,12 @@ __all__ = [
 CLAIMS = "hubwire.claims"
 #: ASP.NET's short name of the user-id claim, as Azure SignalR Service puts it in client tokens
 NAMEID = "nameid"
+
+
+def require_pyjwt() -> None:
+    """Fail at startup, in one line, when PyJWT is missing (not at the first token)."""
+    if importlib.util.find_spec("jwt") is None:
+        raise RuntimeError("the connection service needs PyJWT: pip install 'hubwire[service]'")
 
 
 def _aud_suffix(kind: str, hub: str) -> str:
@@ -66,6 +72,8 @@ def client_url(base_url: str, hub: str, transports: Sequence[str]) -> str:
 
 def link_token(access_key: str, node_url: str, hub: str, lifetime: float = 3600.0) -> str:
     """What an app server shows a node to open a link for ``hub``."""
+    import jwt  # PyJWT (the ``service`` extra): imported where used, so ``import hubwire`` needs none
+
     now = int(time.time())
     aud = node_url.rstrip("/") + _aud_suffix("server", hub)
     return jwt.encode({"aud": aud, "iat": now, "exp": now + int(lifetime)}, access_key, "HS256")
@@ -73,6 +81,8 @@ def link_token(access_key: str, node_url: str, hub: str, lifetime: float = 3600.
 
 def client_token(access_key: str, url: str, principal: Principal | None, lifetime: float = 3600.0) -> str:
     """What a client shows a node: the app server vouches for its user (or for an anonymous one)."""
+    import jwt
+
     now = int(time.time())
     claims: dict[str, Any] = {"aud": url, "iat": now, "exp": now + int(lifetime)}
     if principal is not None:
@@ -84,6 +94,8 @@ def client_token(access_key: str, url: str, principal: Principal | None, lifetim
 
 def verify(access_key: str, token: str, kind: str, hub: str) -> dict[str, Any] | None:
     """The claims of a valid, unexpired token of ``kind`` ("server" or "client") for ``hub``."""
+    import jwt
+
     try:
         claims = jwt.decode(
             token, access_key, algorithms=["HS256"], options={"verify_aud": False, "require": ["exp"]}
