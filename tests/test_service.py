@@ -20,7 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
+from hubwire import Principal
 from hubwire.service.rest import rest_token
+from hubwire.service.serverless import NO_APP_SERVER
+from hubwire.service.tokens import client_audience, client_token
 from tests.conftest import ROOT, RedisServer, ServerProcess
 from tests.requirements import NODE_CLIENT, requires
 from tests.stateful_tools import NODE, cutting_proxy
@@ -42,8 +45,8 @@ class Cluster:
         self.nodes = [self.node() for _ in range(nodes)]
         self.apps: dict[str, ServerProcess] = {}
 
-    def node(self, port: int | None = None) -> ServerProcess:
-        args = ["--redis", self.redis.url, "--channel-prefix", self.prefix, "--log-level", "info"]
+    def node(self, port: int | None = None, *extra: str) -> ServerProcess:
+        args = ["--redis", self.redis.url, "--channel-prefix", self.prefix, "--log-level", "info", *extra]
         server = ServerProcess(
             "", port=port, args=args, env={"HUBWIRE_SERVICE_ACCESS_KEY": KEY}, command="service"
         )
@@ -369,3 +372,48 @@ async def test_an_app_server_in_service_mode_serves_no_client_transport(cluster:
         answer = (await http.post(f"{a.url}/chat/negotiate?negotiateVersion=1&room=r1")).json()
     assert answer["url"].split("/client/?hub=ChatHub")[0] in [n.url for n in cluster.nodes]
     assert answer["url"].endswith("&room=r1") and answer["accessToken"]
+
+
+@requires(*NODE_CLIENT)
+async def test_a_serverless_node_serves_listen_only_clients_of_a_hub_no_app_server_runs(
+    cluster: Cluster,
+) -> None:
+    """``hubwire service --serverless``: clients with a token minted from the access key connect
+    to a hub no app server runs, get what the REST API sends, and a call gets a clear error; a
+    node without ``--serverless`` refuses them."""
+    serverless = cluster.node(None, "--serverless")
+    hub = "Feed"
+    audience = client_audience(serverless.url, hub)
+    token = client_token(KEY, audience, Principal("u1", {"sub": "u1"}))
+    url = f"{serverless.url}/client/?hub={hub}&access_token={token}"
+    async with fleet(url, kinds(2, 2, 2, 1, 1)) as clients, httpx.AsyncClient() as http:
+        await clients.event("ready", 60)
+        rest = f"{cluster.nodes[0].url}/api/v1/hubs/{hub.lower()}"  # another node: over Redis
+        headers = {"Authorization": f"Bearer {rest_token(KEY, rest)}"}
+        for n in (1, 2):
+            answer = await http.post(rest, json={"target": "Tick", "arguments": [n]}, headers=headers)
+            assert answer.status_code == 202
+        user = f"{serverless.url}/api/v1/hubs/{hub.lower()}/users/u1"
+        answer = await http.post(
+            user,
+            json={"target": "Tick", "arguments": [3]},
+            headers={"Authorization": f"Bearer {rest_token(KEY, user)}"},
+        )
+        assert answer.status_code == 202
+        report: list[dict[str, Any]] = []
+
+        async def all_three() -> bool:
+            nonlocal report
+            report = await clients.report()
+            return all(c["ticks"]["count"] >= 3 for c in report)
+
+        await until(all_three, 10, "every client to get the REST sends")
+        calls = (await clients.command({"cmd": "call", "method": "Echo", "args": [1]}, "call"))["results"]
+        await clients.command({"cmd": "stop"})
+    assert all(c["ticks"]["last"] == 3 and c["ticks"]["count"] == 3 for c in report), report
+    assert all(not r["ok"] and NO_APP_SERVER in r["error"] for r in calls), calls
+    # the same token's hub on a node that is not serverless: refused, nothing runs it
+    refused_url = f"{cluster.nodes[1].url}/client/?hub={hub}&access_token={token}"
+    async with fleet(refused_url, kinds(1, 0, 0, 0, 0)) as clients:
+        with pytest.raises(AssertionError, match="error"):
+            await clients.event("ready", 30)

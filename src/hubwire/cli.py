@@ -541,6 +541,12 @@ def _add_run(sub: Any) -> None:
         "service", help="serve a connection-service node: it holds clients, app servers run the hubs"
     )
     _access_key_option(svc)
+    svc.add_argument(
+        "--serverless",
+        action="store_true",
+        help="serve clients of hubs no app server runs, listen-only (REST sends reach them; sets "
+        "HUBWIRE_SERVICE_SERVERLESS=1)",
+    )
     _serve_options(svc)
     svc.set_defaults(func=_service, app="hubwire.server.service_node:from_env", factory=True, service=None)
 
@@ -554,6 +560,8 @@ def _access_key_option(parser: Any) -> None:
 
 
 def _service(args: argparse.Namespace) -> None:
+    if args.serverless:
+        os.environ["HUBWIRE_SERVICE_SERVERLESS"] = "1"
     if args.access_key:
         os.environ["HUBWIRE_SERVICE_ACCESS_KEY"] = args.access_key
     if not os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY"):

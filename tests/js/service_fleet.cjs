@@ -45,7 +45,9 @@ function summary(ticks) {
 
 function build(kind, query) {
   let builder = new signalR.HubConnectionBuilder()
-    .withUrl(url + query, { transport: TRANSPORTS[kind.transport] })
+    .withUrl(url + (query && url.includes("?") ? query.replace("?", "&") : query), {
+      transport: TRANSPORTS[kind.transport],
+    })
     .withAutomaticReconnect([0, 250, 500, 1000, 2000, 5000])
     .configureLogging(signalR.LogLevel.None);
   if (kind.protocol === "messagepack") builder = builder.withHubProtocol(new MessagePackHubProtocol());

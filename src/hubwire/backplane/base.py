@@ -52,6 +52,12 @@ class Backplane:
         """The lifetime manager of one hub (called once per hub name)."""
         raise NotImplementedError
 
+    async def start(self) -> None:
+        """Join the cluster (the server starts it, and each hub's manager; counted, not repeated)."""
+
+    async def close(self) -> None:
+        """Leave it (once per :meth:`start`)."""
+
     def bind(self, connections: ConnectionManager) -> None:
         """The server's connection manager (the connection service opens connections in it)."""
 

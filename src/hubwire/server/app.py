@@ -143,10 +143,9 @@ class HubServer:
     ) -> HubConnectionHandler:
         """Serve ``hub_cls`` at ``path`` (one hub class may be served at several paths).
 
-        ``transports`` narrows this path's transports (others get 404); ``name`` is the hub's
-        backplane name (default: the class name; a .NET hub's full type name shares a Redis with
-        .NET servers); ``negotiate_redirect(request)`` may return ``(url, access_token)`` to send
-        negotiating clients elsewhere (after authorization), or None.
+        ``transports`` narrows this path's transports (others get 404); ``name``: the hub's backplane
+        name (default: the class name; a .NET hub's full type name shares a Redis with .NET servers);
+        ``negotiate_redirect(request)`` may send negotiating clients elsewhere: ``(url, token)``.
         """
         opts = options or self.options
         hub_name = name or self._hub_names.get(hub_cls) or hub_cls.__name__
@@ -204,8 +203,7 @@ class HubServer:
         self._managers[name] = manager  # made outside add_hub (a service node's), stopped with us
 
     def manager(self, hub_cls: type[Hub]) -> HubLifetimeManager:
-        """The lifetime manager serving ``hub_cls``."""
-        return self._managers[self._hub_names[hub_cls]]
+        return self._managers[self._hub_names[hub_cls]]  # the lifetime manager serving hub_cls
 
     def stats(self) -> dict[str, Any]:
         return server_stats(self)  # connections, tasks, subscriptions, memory and counters
@@ -223,6 +221,7 @@ class HubServer:
                 return
             # which backplane this instance uses: a typo'd or forgotten Redis setting shows here
             log.info("backplane: %s", self.backplane.describe())
+            await self.backplane.start()  # a service node with no hub yet joins the cluster too
             for manager in self._managers.values():
                 await manager.start()
             if not await self.keys.agree():  # not ready (503) until the instances agree on the key
@@ -251,6 +250,7 @@ class HubServer:
             await endpoint.close()
         for manager in self._managers.values():
             await manager.close()
+        await self.backplane.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:

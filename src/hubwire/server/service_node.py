@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..options import HubOptions
 from ..service.acceptor import LinkAcceptor
 from ..service.node import ServiceClients
 from ..service.rest import ServiceRestApi
+from ..service.serverless import ServerlessLink
 from ..service.tokens import ALL_TRANSPORTS, ClientAuthenticator, require_pyjwt, transports_path
 from ..transports.websocket import reject_websocket
 from .app import HubServer
@@ -68,30 +70,35 @@ def service_node(
     *,
     options: HubOptions | None = None,
     backplane: Backplane | None = None,
+    serverless: bool | None = None,
     **server_args: Any,
 ) -> HubServer:
     """A service node: clients connect at ``/client/?hub=H`` (sent there by an app server's
     negotiate), app servers link at ``/server/?hub=H``, serverless senders call ``/api/...``.
 
     Nodes of one service share ``access_key`` and a Redis backplane (``backplane``, else
-    ``HUBWIRE_REDIS_URL``), like instances of one app.
+    ``HUBWIRE_REDIS_URL``), like instances of one app. ``serverless`` (else
+    ``HUBWIRE_SERVICE_SERVERLESS=1``): clients of a hub no app server runs are served listen-only
+    (:mod:`hubwire.service.serverless`) instead of refused.
     """
     require_pyjwt()
     opts = replace(options or HubOptions(), allow_stateful_reconnect=False)
+    serverless = serverless if serverless is not None else os.environ.get("HUBWIRE_SERVICE_SERVERLESS") == "1"
     # never the service's app-server side (HUBWIRE_SERVICE_URLS), whatever the environment says
     backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()
     server = HubServer(
         opts, backplane=backplane, authenticator=ClientAuthenticator(access_key), **server_args
     )
 
-    async def create_manager(name: str) -> HubLifetimeManager:
+    def create_manager(name: str) -> tuple[HubLifetimeManager, Awaitable[None]]:
         manager = server.backplane.create_manager(name)
         manager.protocols = tuple(server.protocols.values())
         server.adopt_manager(name, manager)
-        await manager.start()
-        return manager
+        return manager, manager.start()
 
     clients = ServiceClients(opts, server.protocols, create_manager)
+    if serverless:
+        clients.serverless = ServerlessLink
     for size in range(1, len(ALL_TRANSPORTS) + 1):  # a path per choice of transports an app may make
         for transports in itertools.combinations(ALL_TRANSPORTS, size):
             server.router.add(transports_path(transports), clients.variant(transports))
@@ -114,7 +121,9 @@ def from_env() -> HubServer:
 
 def _rest_api(access_key: str, clients: ServiceClients) -> ASGIApp:
     def manager_for(name: str) -> HubLifetimeManager | None:
-        hub = clients.hubs.get(name.lower())
+        # any node sends for any hub (the hub's clients may all be on other nodes): a REST call
+        # makes the hub here if it is new (callers hold the access key)
+        hub = clients.hub_now(name, create=True)
         return hub.manager if hub is not None else None
 
     return ServiceRestApi(access_key, manager_for)

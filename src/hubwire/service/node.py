@@ -45,6 +45,7 @@ from ..protocol.base import HubProtocol
 from ..protocol.errors import HandshakeError, InvalidDataError
 from ..protocol.handshake import parse_handshake
 from ..protocol.messages import (
+    PING,
     CloseMessage,
     CompletionMessage,
     InvocationMessage,
@@ -167,6 +168,7 @@ class ClientRoute:
         "held_bytes",
         "hub",
         "inbound",
+        "last_write",
         "link",
         "moving",
         "pending",
@@ -193,6 +195,7 @@ class ClientRoute:
         self.pending: dict[str, bool] = {}  # invocation id -> is a stream invocation
         self.uploads: set[str] = set()
         self.moving = False
+        self.last_write = 0.0
         self.bounced: list[bytes] = []
         self.held: list[bytes] = []
         self.held_bytes = 0
@@ -266,6 +269,10 @@ class ServiceHub:
         self.name = name
         self.manager = manager
         self.links: list[NodeLink] = []
+        #: serves clients while no app server is linked (serverless nodes only)
+        self.serverless: NodeLink | None = None
+        #: set once the manager started (subscribed)
+        self.started = asyncio.Event()
 
     def pick(self) -> NodeLink | None:
         """The least loaded link that is not draining."""
@@ -280,7 +287,7 @@ class ServiceClients(ConnectionApplication):
         self,
         options: HubOptions,
         protocols: dict[str, HubProtocol],
-        create_manager: Callable[[str], Awaitable[HubLifetimeManager]],
+        create_manager: Callable[[str], tuple[HubLifetimeManager, Awaitable[None]]],
     ) -> None:
         self.options = options
         self.transports = tuple(options.transports)
@@ -288,27 +295,49 @@ class ServiceClients(ConnectionApplication):
         self.protocols = protocols
         self.hubs: dict[str, ServiceHub] = {}
         self._create_manager = create_manager
-        self._hub_lock = asyncio.Lock()
+        #: makes the stand-in link of a hub no app server runs (None: such clients are refused)
+        self.serverless: Callable[[ServiceHub, Callable[[ClientRoute], None]], NodeLink] | None = None
         self.stats = ServiceNodeStats()
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: the endpoint its variants were made from (the heartbeat's tick runs once, here)
+        self.primary = True
 
     def variant(self, transports: Sequence[str]) -> ServiceClients:
         """The same clients endpoint offering only ``transports`` (a hub path that narrows them):
         it shares every hub, link and counter with this one."""
         view = copy.copy(self)
         view.transports = tuple(transports)
+        view.primary = False
         return view
 
     # -- hubs and links --------------------------------------------------------------------------
 
     async def hub(self, name: str) -> ServiceHub:
-        """The hub ``name``, created when its first app server links."""
-        async with self._hub_lock:
-            hub = self.hubs.get(name.lower())  # hub names are case-insensitive (REST paths too)
-            if hub is None:
-                manager = await self._create_manager(name)
-                hub = self.hubs[name.lower()] = ServiceHub(name, manager)
-            return hub
+        """The hub ``name``, created when its first app server links, once its manager started."""
+        hub = self.hub_now(name, create=True)
+        assert hub is not None
+        await hub.started.wait()
+        return hub
+
+    def hub_now(self, name: str, create: bool = False) -> ServiceHub | None:
+        """The hub ``name`` (hub names are case-insensitive, as REST paths are); made now when
+        ``create`` or on a serverless node - its manager starts in the background, and what is sent
+        meanwhile waits in the backplane's buffer."""
+        hub = self.hubs.get(name.lower())
+        if hub is None and (create or self.serverless is not None):
+            # its backplane name is lower-case on every node, whoever named it first (an app
+            # server's link, a client, a REST path), so that all nodes meet on the same channels
+            manager, start = self._create_manager(name.lower())
+            hub = self.hubs[name.lower()] = ServiceHub(name, manager)
+            self._spawn(self._start(hub, start))
+        return hub
+
+    @staticmethod
+    async def _start(hub: ServiceHub, start: Awaitable[None]) -> None:
+        try:
+            await start
+        finally:
+            hub.started.set()
 
     def link_closed(self, link: NodeLink) -> None:
         """An app server's link is gone: fail what ran there, move its connections."""
@@ -328,9 +357,15 @@ class ServiceClients(ConnectionApplication):
 
     async def on_connect(self, conn: Connection) -> None:
         request = conn.request
-        name = request.query_param("hub") if request is not None else None
-        hub = self.hubs.get((name or "").lower())
+        name = (request.query_param("hub") if request is not None else None) or ""
+        hub = self.hubs.get(name.lower())
+        if hub is None and self.serverless is not None and name:
+            hub = await self.hub(name)
         link = hub.pick() if hub is not None else None
+        if link is None and hub is not None and self.serverless is not None:
+            if hub.serverless is None:
+                hub.serverless = self.serverless(hub, self._register)
+            link = hub.serverless
         if hub is None or link is None:
             self.stats.closed_no_app_server += 1
             conn.abort("no app server is linked for this hub")
@@ -483,6 +518,29 @@ class ServiceClients(ConnectionApplication):
         ctx = HubConnectionContext(route.conn, route.protocol, route.version, 1)
         route.ctx = ctx
         self._spawn(route.hub.manager.on_connected(ctx))
+
+    def tick(self, now: float) -> None:
+        """Keep-alive and handshake timeout of the clients a node serves itself (serverless hubs);
+        the others' are their app server's."""
+        if not self.primary:
+            return
+        opts = self.options
+        for hub in list(self.hubs.values()):
+            link = hub.serverless
+            if link is None:
+                continue
+            for route in list(link.routes.values()):
+                out = route.conn.outbox
+                if not route.replied:
+                    if now - route.conn.created > opts.handshake_timeout:
+                        route.conn.abort("handshake timed out")
+                elif out.wrote:
+                    out.wrote = False
+                    route.last_write = now
+                elif now - route.last_write >= opts.keep_alive_interval and route.protocol is not None:
+                    out.write_control(route.protocol.write_message(PING))
+                    out.wrote = False
+                    route.last_write = now
 
     def _closed_by_app(self, link: NodeLink, frame: CloseConnection) -> None:
         route = link.routes.get(frame.connection_id)
