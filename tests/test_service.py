@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from hubwire import Principal
+from hubwire.emitter import AsyncEmitter
 from hubwire.service.rest import rest_token
 from hubwire.service.serverless import NO_APP_SERVER
 from hubwire.service.tokens import client_audience, client_token
@@ -328,7 +329,7 @@ async def test_a_killed_node_s_clients_reconnect_to_the_other_node(cluster: Clus
 @requires(*NODE_CLIENT)
 async def test_the_rest_api_of_a_node_reaches_clients_of_every_node(cluster: Cluster) -> None:
     """Serverless sends through one node's REST API reach the clients of both nodes; a bad token
-    is refused (401) and delivers nothing."""
+    is refused (401) and delivers nothing; the emitter's sends reach them as well."""
     a = cluster.app("A")
     await cluster.linked("A", 2)
     node = cluster.nodes[1]
@@ -342,17 +343,21 @@ async def test_the_rest_api_of_a_node_reaches_clients_of_every_node(cluster: Clu
         for n in (1, 2, 3):
             answer = await http.post(url, json={"target": "Tick", "arguments": [n]}, headers=good)
             assert answer.status_code == 202, answer.text
+        # the emitter (another process publishing to the nodes' Redis) reaches them too: nodes name
+        # hubs in lower case on the backplane
+        async with AsyncEmitter(cluster.redis.url, cluster.prefix, hub="chathub") as emitter:
+            await emitter.all.send("Tick", 4)
         report: list[dict[str, Any]] = []
 
-        async def all_three() -> bool:
+        async def all_four() -> bool:
             nonlocal report
             report = await clients.report()
-            return all(c["ticks"]["count"] >= 3 for c in report)
+            return all(c["ticks"]["count"] >= 4 for c in report)
 
-        await until(all_three, 10, "every client to get the three REST sends")
+        await until(all_four, 10, "every client to get the three REST sends and the emitter's")
         await clients.command({"cmd": "stop"})
     assert all(
-        c["ticks"] == {"first": 1, "last": 3, "count": 3, "duplicates": 0, "missing": 0, "outOfOrder": 0}
+        c["ticks"] == {"first": 1, "last": 4, "count": 4, "duplicates": 0, "missing": 0, "outOfOrder": 0}
         for c in report
     ), report
 
