@@ -46,11 +46,10 @@ class Cluster:
         self.nodes = [self.node() for _ in range(nodes)]
         self.apps: dict[str, ServerProcess] = {}
 
-    def node(self, port: int | None = None, *extra: str) -> ServerProcess:
+    def node(self, port: int | None = None, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
         args = ["--redis", self.redis.url, "--channel-prefix", self.prefix, "--log-level", "info", *extra]
-        server = ServerProcess(
-            "", port=port, args=args, env={"HUBWIRE_SERVICE_ACCESS_KEY": KEY}, command="service"
-        )
+        env = {"HUBWIRE_SERVICE_ACCESS_KEY": KEY, **(env or {})}
+        server = ServerProcess("", port=port, args=args, env=env, command="service")
         self.every.append(server)
         return server
 
@@ -422,3 +421,35 @@ async def test_a_serverless_node_serves_listen_only_clients_of_a_hub_no_app_serv
     async with fleet(refused_url, kinds(1, 0, 0, 0, 0)) as clients:
         with pytest.raises(AssertionError, match="error"):
             await clients.event("ready", 30)
+
+
+async def test_keep_alive_is_the_node_s(private_redis: RedisServer) -> None:
+    """Nodes ping idle clients and close silent ones (reconnect allowed); app servers do neither,
+    so an idle client costs them nothing."""
+    import websockets
+
+    made = Cluster(private_redis, nodes=0)
+    try:
+        env = {"HUBWIRE_SERVICE_KEEP_ALIVE": "1", "HUBWIRE_SERVICE_CLIENT_TIMEOUT": "3"}
+        made.nodes = [made.node(None, env=env)]
+        made.app("A")
+        await made.linked("A", 1)
+        async with httpx.AsyncClient() as http:
+            redirect = (await http.post(f"{made.apps['A'].url}/chat/negotiate?negotiateVersion=1")).json()
+        url = redirect["url"].replace("http://", "ws://") + "&access_token=" + redirect["accessToken"]
+        async with websockets.connect(url) as ws:
+            await ws.send('{"protocol":"json","version":1}\x1e')
+            assert await ws.recv() == "{}\x1e"
+            started = time.monotonic()
+            records: list[dict[str, Any]] = []
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while time.monotonic() - started < 15:
+                    frame = await asyncio.wait_for(ws.recv(), 10)
+                    records += [json.loads(r) for r in str(frame).split("\x1e") if r]
+            waited = time.monotonic() - started
+        pings = [r for r in records if r["type"] == 6]
+        assert len(pings) >= 2, records  # about one a second while the client said nothing
+        assert records[-1] == {"type": 7, "error": "Connection closed with an error.", "allowReconnect": True}
+        assert 2.5 < waited < 8, waited
+    finally:
+        made.close()

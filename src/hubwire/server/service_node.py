@@ -101,7 +101,8 @@ def service_node(
         clients.serverless = ServerlessLink
     for size in range(1, len(ALL_TRANSPORTS) + 1):  # a path per choice of transports an app may make
         for transports in itertools.combinations(ALL_TRANSPORTS, size):
-            server.router.add(transports_path(transports), clients.variant(transports))
+            full = len(transports) == len(ALL_TRANSPORTS)
+            server.router.add(transports_path(transports), clients if full else clients.variant(transports))
     acceptor = LinkAcceptor(clients, access_key)
     server.app = _NodeRoutes(acceptor, _rest_api(access_key, clients))
     server.service_clients = clients  # type: ignore[attr-defined]
@@ -109,14 +110,22 @@ def service_node(
 
 
 def from_env() -> HubServer:
-    """The node ``hubwire service`` serves: ``HUBWIRE_SERVICE_ACCESS_KEY``, ``HUBWIRE_REDIS_URL``;
+    """The node ``hubwire service`` serves: ``HUBWIRE_SERVICE_ACCESS_KEY``, ``HUBWIRE_REDIS_URL``,
+    ``HUBWIRE_SERVICE_KEEP_ALIVE`` / ``HUBWIRE_SERVICE_CLIENT_TIMEOUT`` (seconds; 15 and 30);
     readiness at ``/health``, a JSON snapshot at ``/debug/stats``, and Prometheus metrics at
     ``/metrics`` when ``prometheus-client`` is installed."""
     key = os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY")
     if not key:
         raise ValueError("a service node needs HUBWIRE_SERVICE_ACCESS_KEY")
     metrics = "/metrics" if importlib.util.find_spec("prometheus_client") is not None else None
-    return service_node(key, health_path="/health", stats_path="/debug/stats", metrics_path=metrics)
+    options = HubOptions()
+    for name, field in (("KEEP_ALIVE", "keep_alive_interval"), ("CLIENT_TIMEOUT", "client_timeout_interval")):
+        raw = os.environ.get(f"HUBWIRE_SERVICE_{name}")
+        if raw:
+            options = replace(options, **{field: float(raw)})
+    return service_node(
+        key, options=options, health_path="/health", stats_path="/debug/stats", metrics_path=metrics
+    )
 
 
 def _rest_api(access_key: str, clients: ServiceClients) -> ASGIApp:

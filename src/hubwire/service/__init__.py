@@ -7,3 +7,21 @@ connections they carry, a lifetime manager that sends through the service);
 :mod:`~hubwire.service.rest` the serverless REST API (send and manage groups with no app
 server). The frames are in :mod:`hubwire.protocol.service`.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .applink import ServiceBackplane, ServiceLinks
+
+__all__ = ["ServiceBackplane", "connection_service"]
+
+
+def connection_service(
+    node_urls: Sequence[str], access_key: str, *, server_id: str | None = None
+) -> ServiceBackplane:
+    """Run this app server's hubs for a connection service: ``HubServer(backplane=connection_service(
+    ["http://node1:8080", "http://node2:8080"], access_key=...))`` - what ``hubwire run --service``
+    (``HUBWIRE_SERVICE_URLS``) sets up. ``server_id`` names this app server to the nodes (logs,
+    metrics); a random one by default."""
+    return ServiceBackplane(ServiceLinks(node_urls, access_key, server_id))

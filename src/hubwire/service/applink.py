@@ -249,9 +249,10 @@ class AppLink:
         claims = frame.claims
         principal = None if claims is None else Principal(_user_of(claims), claims)
         ext = frame.ext
+        # keep-alive (pings, the client timeout) is the node's: an idle client costs nothing here
         features = TransportFeatures(
             str(ext.get("transport", "WebSockets")),
-            inherent_keep_alive=bool(ext.get("keepalive")),
+            inherent_keep_alive=True,
             binary=bool(ext.get("binary", True)),
         )
         request = RequestInfo(str(ext.get("path", "")), frame.headers, frame.query, {})

@@ -39,6 +39,7 @@ from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection
 from ..exceptions import HubException
 from ..hubs.context import HubConnectionContext
+from ..hubs.dispatcher import CONNECTION_ERROR
 from ..hubs.lifetime import HubLifetimeManager, PreframedMessage
 from ..options import HubOptions
 from ..protocol.base import HubProtocol
@@ -113,6 +114,8 @@ class NodeLink:
         self.routes: dict[str, ClientRoute] = {}
         self.draining = False
         self.closed = False
+        #: stands for the node itself (a hub no app server runs)
+        self.serverless = False
         self._write = write
         self._queue: list[bytes] = []
         self._wake = asyncio.Event()
@@ -172,7 +175,9 @@ class ClientRoute:
         "link",
         "moving",
         "pending",
+        "ping",
         "protocol",
+        "received",
         "replied",
         "swallow",
         "tracking",
@@ -196,6 +201,8 @@ class ClientRoute:
         self.uploads: set[str] = set()
         self.moving = False
         self.last_write = 0.0
+        self.received = time.monotonic()
+        self.ping = b""  # the client's protocol's Ping record, once the handshake said which
         self.bounced: list[bytes] = []
         self.held: list[bytes] = []
         self.held_bytes = 0
@@ -301,6 +308,8 @@ class ServiceClients(ConnectionApplication):
         self.tasks: set[asyncio.Task[Any]] = set()
         #: the endpoint its variants were made from (the heartbeat's tick runs once, here)
         self.primary = True
+        #: every client connection held here (shared with the variants)
+        self.routes: dict[str, ClientRoute] = {}
 
     def variant(self, transports: Sequence[str]) -> ServiceClients:
         """The same clients endpoint offering only ``transports`` (a hub path that narrows them):
@@ -373,6 +382,7 @@ class ServiceClients(ConnectionApplication):
         route = ClientRoute(conn, hub, link)
         conn.application_state = route
         link.routes[conn.connection_id] = route
+        self.routes[conn.connection_id] = route
         self.stats.opened += 1
         link.send(self._open_frame(route, None))
 
@@ -402,8 +412,11 @@ class ServiceClients(ConnectionApplication):
         route: ClientRoute | None = conn.application_state
         if route is None:
             return
+        route.received = time.monotonic()
         if not route.link.writable.is_set():
             await route.link.writable.wait()  # back-pressure: this client's app server is behind
+        if data == route.ping:
+            return  # keep-alive is the node's business (tick): a Ping alone goes no further
         if route.handshake is None:
             route.inbound += data
             if not self._read_handshake(route):
@@ -439,6 +452,7 @@ class ServiceClients(ConnectionApplication):
             route.protocol = protocol
             route.version = request.version
             route.conn.transfer_format = protocol.transfer_format  # binary frames for MessagePack
+            route.ping = protocol.write_message(PING)
             route.tracking = protocol.parser(self.options.maximum_receive_message_size)
         return True
 
@@ -446,6 +460,8 @@ class ServiceClients(ConnectionApplication):
         route: ClientRoute | None = conn.application_state
         if route is None:
             return
+        if self.routes.get(conn.connection_id) is route:
+            del self.routes[conn.connection_id]
         if route.link.routes.get(conn.connection_id) is route:
             del route.link.routes[conn.connection_id]
             route.link.send(CloseConnection(conn.connection_id, None if error is None else str(error)))
@@ -520,27 +536,32 @@ class ServiceClients(ConnectionApplication):
         self._spawn(route.hub.manager.on_connected(ctx))
 
     def tick(self, now: float) -> None:
-        """Keep-alive and handshake timeout of the clients a node serves itself (serverless hubs);
-        the others' are their app server's."""
+        """Keep-alive of every client held here, as a hub server does it: a Ping after 15 s without
+        a write, a Close (reconnect allowed) after 30 s without a word from the client (long polls
+        are their own keep-alive). The node does it, not the app servers: an idle client costs an
+        app server nothing. Serverless clients also time out when their handshake does not come."""
         if not self.primary:
             return
         opts = self.options
-        for hub in list(self.hubs.values()):
-            link = hub.serverless
-            if link is None:
+        for route in list(self.routes.values()):
+            protocol = route.protocol
+            if not route.replied or protocol is None:
+                if route.link.serverless and now - route.conn.created > opts.handshake_timeout:
+                    route.conn.abort("handshake timed out")
                 continue
-            for route in list(link.routes.values()):
-                out = route.conn.outbox
-                if not route.replied:
-                    if now - route.conn.created > opts.handshake_timeout:
-                        route.conn.abort("handshake timed out")
-                elif out.wrote:
-                    out.wrote = False
-                    route.last_write = now
-                elif now - route.last_write >= opts.keep_alive_interval and route.protocol is not None:
-                    out.write_control(route.protocol.write_message(PING))
-                    out.wrote = False
-                    route.last_write = now
+            features = route.conn.features
+            if features is not None and features.inherent_keep_alive:
+                continue
+            out = route.conn.outbox
+            if out.wrote:
+                out.wrote = False
+                route.last_write = now
+            elif now - route.last_write >= opts.keep_alive_interval:
+                out.write_control(protocol.write_message(PING))
+                out.wrote = False
+                route.last_write = now
+            if now - route.received > opts.client_timeout_interval:
+                self._close_client(route, CONNECTION_ERROR)
 
     def _closed_by_app(self, link: NodeLink, frame: CloseConnection) -> None:
         route = link.routes.get(frame.connection_id)

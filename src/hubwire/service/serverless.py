@@ -35,6 +35,7 @@ class ServerlessLink(NodeLink):
         super().__init__("serverless", hub.name, self._nowhere)
         self.service_hub = hub
         self.register = register
+        self.serverless = True
 
     @staticmethod
     async def _nowhere(data: bytes) -> None:
