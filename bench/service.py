@@ -8,7 +8,8 @@ directly (one plain hubwire instance). Clients are the raw WebSocket clients of 
 get the node's URL and token from the app server's negotiate once, then connect to the node without
 negotiating (as pysignalr does). For each client count the table shows:
 
-- the app server's and the node's RSS with the clients idle (settled 3 s), and their idle CPU;
+- the app server's and the node's RSS with the clients idle (settled 3 s), and their idle CPU; and
+  the RSS of a plain instance holding as many clients itself (for comparison);
 - broadcasts from one client (``Broadcast(payload)``: the app server sends one frame to the node,
   the node delivers), closed loop with 4 in flight: the app server's CPU per broadcast and the node's
   CPU per delivery, deliveries lost or duplicated;
@@ -107,19 +108,28 @@ def settle_and_measure(pids: dict[str, int], seconds: float = 3.0) -> dict[str, 
     return out
 
 
-def broadcasts(lg: LoadGen, pids: dict[str, int], count: int, phase: int) -> dict[str, float]:
+def broadcasts(
+    lg: LoadGen, pids: dict[str, int], count: int, phase: int, idle: dict[str, float]
+) -> dict[str, float]:
+    """Broadcasts through the service; the app server's CPU per broadcast is what it spent beyond
+    its idle rate (measured just before) over the same time."""
     lg.all({"cmd": "begin", "phase": phase})
     before = {k: cpu_seconds([p]) for k, p in pids.items()}
+    started = time.monotonic()
     sent = lg.first({"cmd": "send", "duration": 120, "count": count, "window": 4, "senders": 2}, 150)["sent"]
     ends = lg.all({"cmd": "end", "sent": sent, "drain_timeout": 30}, 60)
+    seconds = time.monotonic() - started
     used = {k: cpu_seconds([p]) - before[k] for k, p in pids.items()}
     delivered = sum(e["distinct"] for e in ends)
+    app_net = max(0.0, used["app"] - idle["app_idle_cpu_pct"] / 100 * seconds)
     return {
         "sent": sent,
+        "seconds": seconds,
         "delivered": delivered,
         "lost": sum(e["lost"] for e in ends),
         "dups": sum(e["dups"] for e in ends),
         "app_ms_per_broadcast": used["app"] / max(1, sent) * 1000,
+        "app_net_ms_per_broadcast": app_net / max(1, sent) * 1000,
         "node_us_per_delivery": used["node"] / max(1, delivered) * 1e6,
     }
 
@@ -136,13 +146,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         app_port, app_pid = start(
             procs, "app", ["run", APP, "--service", f"http://127.0.0.1:{node_port}"], {}
         )
-        direct_port, _ = start(procs, "direct", ["run", APP], {"HUBWIRE_SERVICE_URLS": ""})
+        direct_port, direct_pid = start(procs, "direct", ["run", APP], {"HUBWIRE_SERVICE_URLS": ""})
         time.sleep(2.0)  # the app server links to the node
         redirect = negotiate(app_port)
         path = "/client/?hub=BenchHub&access_token=" + redirect["accessToken"]
         pids = {"app": app_pid, "node": node_pid}
         lg = LoadGen(procs, args.loadgens)
-        connected = 0
+        lg_direct = LoadGen(procs, args.loadgens, tag="direct-loadgen")
+        connected = direct_connected = 0
         for phase, count in enumerate(args.counts, start=1):
             jobs = split(count - connected, len(lg))
             lg.call(
@@ -156,7 +167,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             connected = count
             row: dict[str, Any] = {"clients": count}
             row.update(settle_and_measure(pids))
-            row.update(broadcasts(lg, pids, args.broadcasts, phase))
+            row.update(broadcasts(lg, pids, args.broadcasts, phase, row))
+            # the same clients held by a plain instance (it runs the hub and holds the sockets)
+            lg_direct.call(
+                [
+                    {"cmd": "connect", "kind": "signalr", "targets": [["127.0.0.1", direct_port, "/hub"]],
+                     "first": direct_connected + first, "count": n, "concurrency": 200, "timeout": 60}
+                    for first, n in split(count - direct_connected, len(lg_direct))
+                ],
+                600,
+            )  # fmt: skip
+            direct_connected = count
+            row["direct_rss_mb"] = settle_and_measure({"direct": direct_pid})["direct_rss_mb"]
             service = asyncio.run(echo_rtts(node_port, path, args.echoes))
             direct = asyncio.run(echo_rtts(direct_port, "/hub", args.echoes))
             row["echo_service_p50"], row["echo_service_p99"] = quantiles(service)
@@ -164,6 +186,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append(row)
             print(json.dumps(row), flush=True)
         lg.close()
+        lg_direct.close()
     finally:
         procs.stop_all()
     return rows
@@ -171,14 +194,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| clients | app RSS MB | node RSS MB | app idle CPU % | app ms CPU / broadcast "
-        "| node µs CPU / delivery | lost / dup | echo p50 / p99 ms via service | echo p50 / p99 ms direct |",
-        "|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "| clients | app server RSS MB | node RSS MB | plain instance RSS MB | app idle CPU % "
+        "| app ms CPU / broadcast (beyond idle) | node µs CPU / delivery | lost / dup "
+        "| echo p50 / p99 ms via service | echo p50 / p99 ms plain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['clients']:,} | {r['app_rss_mb']:.1f} | {r['node_rss_mb']:.1f} "
-            f"| {r['app_idle_cpu_pct']:.1f} | {r['app_ms_per_broadcast']:.3f} "
+            f"| {r['clients']:,} | {r['app_rss_mb']:.1f} | {r['node_rss_mb']:.1f} | {r['direct_rss_mb']:.1f} "
+            f"| {r['app_idle_cpu_pct']:.1f} "
+            f"| {r['app_ms_per_broadcast']:.3f} ({r['app_net_ms_per_broadcast']:.3f}) "
             f"| {r['node_us_per_delivery']:.2f} | {r['lost']} / {r['dups']} "
             f"| {r['echo_service_p50']:.2f} / {r['echo_service_p99']:.2f} "
             f"| {r['echo_direct_p50']:.2f} / {r['echo_direct_p99']:.2f} |"
