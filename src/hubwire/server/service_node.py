@@ -118,11 +118,13 @@ def from_env() -> HubServer:
     if not key:
         raise ValueError("a service node needs HUBWIRE_SERVICE_ACCESS_KEY")
     metrics = "/metrics" if importlib.util.find_spec("prometheus_client") is not None else None
+    keep_alive = os.environ.get("HUBWIRE_SERVICE_KEEP_ALIVE")
+    timeout = os.environ.get("HUBWIRE_SERVICE_CLIENT_TIMEOUT")
     options = HubOptions()
-    for name, field in (("KEEP_ALIVE", "keep_alive_interval"), ("CLIENT_TIMEOUT", "client_timeout_interval")):
-        raw = os.environ.get(f"HUBWIRE_SERVICE_{name}")
-        if raw:
-            options = replace(options, **{field: float(raw)})
+    if keep_alive:
+        options = replace(options, keep_alive_interval=float(keep_alive))
+    if timeout:
+        options = replace(options, client_timeout_interval=float(timeout))
     return service_node(
         key, options=options, health_path="/health", stats_path="/debug/stats", metrics_path=metrics
     )

@@ -250,11 +250,7 @@ class AppLink:
         principal = None if claims is None else Principal(_user_of(claims), claims)
         ext = frame.ext
         # keep-alive (pings, the client timeout) is the node's: an idle client costs nothing here
-        features = TransportFeatures(
-            str(ext.get("transport", "WebSockets")),
-            inherent_keep_alive=True,
-            binary=bool(ext.get("binary", True)),
-        )
+        features = _features(str(ext.get("transport", "WebSockets")), bool(ext.get("binary", True)))
         request = RequestInfo(str(ext.get("path", "")), frame.headers, frame.query, {})
         conn = self.owner.connections.register_linked(cid, principal)
         self.owner.connections.activate(conn, features, request, principal)
@@ -343,6 +339,18 @@ class AppLink:
         self.owner.connections.release(conn, lambda data: self.send(ConnectionData(cid, data)))
         self.owner.tasks.spawn(self.endpoint.release_moved(conn), name=f"release {cid}")
         return True
+
+
+_FEATURES: dict[tuple[str, bool], TransportFeatures] = {}
+
+
+def _features(transport: str, binary: bool) -> TransportFeatures:
+    """What a linked connection's transport can do (one shared object per kind: they are many)."""
+    key = (transport[:32], binary)
+    found = _FEATURES.get(key)
+    if found is None and len(_FEATURES) < 16:
+        found = _FEATURES[key] = TransportFeatures(key[0], inherent_keep_alive=True, binary=binary)
+    return found or TransportFeatures(key[0], inherent_keep_alive=True, binary=binary)
 
 
 def _user_of(claims: dict[str, Any]) -> str | None:
