@@ -33,6 +33,7 @@ what holds instead):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -49,6 +50,10 @@ from examples.interop.app import generate_token
 from signalrcore.types import HttpTransportType
 from websockets.sync.client import connect as connect_sync
 
+from hubwire.protocol.base import HubProtocol
+from hubwire.protocol.json_protocol import JsonHubProtocol
+from hubwire.protocol.messagepack_protocol import MessagePackHubProtocol
+from hubwire.protocol.messages import CloseMessage, InvocationMessage
 from hubwire.service.tokens import client_audience, client_token
 from tests.conftest import RedisServer, ServerProcess
 from tests.hwtools import unexpected_tracebacks
@@ -322,9 +327,37 @@ def test_the_service_token_ends_with_the_app_token(service: Service) -> None:
     assert 3500 < lifetime <= 3600
 
 
+#: interop-contract.md 4: the Close message of a hub message over 32768 bytes (detailed errors on)
+TOO_LARGE_CLOSE = CloseMessage(
+    "Connection closed with an error. InvalidDataException: The maximum message size of 32768B was "
+    "exceeded. The message size can be configured in AddHubOptions.",
+    allow_reconnect=True,
+)
+
+
+@pytest.mark.parametrize("protocol", [JsonHubProtocol(), MessagePackHubProtocol()], ids=lambda p: p.name)
+async def test_message_too_large_closes_with_the_contract_s_close_message(
+    service: Service, protocol: HubProtocol
+) -> None:
+    """Over 32768 bytes through the node: the app server's Close message reaches the client whole
+    (ASP.NET's text, reconnect allowed), and then the connection ends."""
+    url, token = _redirect(service.app.url, "/testhub")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with websockets.connect(url.replace("http", "ws", 1), additional_headers=headers) as ws:
+        await ws.send(f'{{"protocol":"{protocol.name}","version":1}}\x1e')
+        # the handshake answer comes in the protocol's frames (Text for JSON, Binary for MessagePack)
+        assert await ws.recv() == ("{}\x1e" if protocol.name == "json" else b"{}\x1e")
+        await ws.send(protocol.write_message(InvocationMessage("Echo", ["x" * 40000], "1")))
+        received = b""
+        async with asyncio.timeout(WAIT):
+            async for frame in ws:  # until the node closes the WebSocket
+                received += frame if isinstance(frame, bytes) else frame.encode()
+    assert protocol.parse_all(received) == [TOO_LARGE_CLOSE]
+
+
 @requires(*NODE_CLIENT)
 def test_no_unexpected_tracebacks(service: Service, node_runs: dict[str, NodeRun]) -> None:
-    """After every client above: the node logged no traceback, the app server only its hub's own
-    (``ThrowException`` and ``StreamThrowException`` raise on purpose)."""
+    """After every client above (this test comes last): the node logged no traceback, the app
+    server only its hub's own (``ThrowException`` and ``StreamThrowException`` raise on purpose)."""
     assert unexpected_tracebacks(service.node.output()) == []
     assert unexpected_tracebacks(service.app.output(), ("InvalidOperationException",)) == []
