@@ -13,7 +13,9 @@ transport x hub protocol, and the once checks), and the PyPI clients do what
 ``tests/test_interop_python_clients.py`` has them do. The app server still serves what is not a hub:
 ``/echo`` (a raw connection), ``/generateJwtToken``, ``/redirect``, ``/bad-negotiate``,
 ``/disconnected/{id}`` and ``/clientresult/{id}`` (which reaches the connections this app server runs:
-with one app server, all of them).
+with one app server, all of them). Raw requests check what the clients do not show: a version-0
+negotiate and ``id=<connectionId>`` at the node, the whole Close message of an oversized message,
+the node's token checks, and that no side logged an unexpected traceback.
 
 What the contract cannot mean in service mode (those checks do not run; the tests at the end check
 what holds instead):
