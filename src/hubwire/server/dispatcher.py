@@ -153,7 +153,9 @@ class HttpConnectionDispatcher:
         gate = self.gates.get(endpoint)
         if gate is None and self._origin_refused(endpoint, request, websocket=True):
             return 403, texts.ORIGIN_NOT_ALLOWED
-        if websocket.FEATURES.name not in endpoint.transports:
+        if websocket.FEATURES.name not in endpoint.transports or endpoint in self.user_redirects:
+            # (an app server of a connection service serves no transport, skipNegotiation's
+            # negotiate-less WebSocket included: its clients are held by the nodes)
             return 404, texts.transport_not_supported(websocket.FEATURES.name)
         token = request.query_param("id")
         if self._at_capacity(token):

@@ -80,7 +80,8 @@ def link_token(access_key: str, node_url: str, hub: str, lifetime: float = 3600.
 
 
 def client_token(access_key: str, url: str, principal: Principal | None, lifetime: float = 3600.0) -> str:
-    """What a client shows a node: the app server vouches for its user (or for an anonymous one)."""
+    """What a client shows a node: the app server vouches for its user (or for an anonymous one),
+    for ``lifetime`` seconds or until the user's own token (claim ``exp``) expires, if sooner."""
     import jwt
 
     now = int(time.time())
@@ -89,6 +90,11 @@ def client_token(access_key: str, url: str, principal: Principal | None, lifetim
         claims[CLAIMS] = principal.claims
         if principal.identifier is not None:
             claims[NAMEID] = principal.identifier
+        # never past the app's own token: a node authorizes every SSE / long-polling request
+        # with this one, as the app server would have with the app's token
+        app_exp = principal.claims.get("exp")
+        if isinstance(app_exp, int | float) and not isinstance(app_exp, bool):
+            claims["exp"] = min(claims["exp"], int(app_exp))
     return jwt.encode(claims, access_key, "HS256")
 
 
