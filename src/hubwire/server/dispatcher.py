@@ -270,16 +270,10 @@ class HttpConnectionDispatcher:
         except NegotiateError as exc:
             await respond(send, 200, negotiate_error(str(exc)), "application/json", cors)
             return
-        hook = self.redirects.get(endpoint)
-        user_hook = self.user_redirects.get(endpoint)
-        if hook is not None or user_hook is not None:
-            target = hook(request) if hook is not None else user_hook(request, principal)  # type: ignore[misc]
-            if inspect.isawaitable(target):
-                target = await target
-            if target is not None:
-                url, access_token = target
-                await respond(send, 200, redirect_response(url, access_token), "application/json", cors)
-                return
+        target = await self._redirect(endpoint, request, principal)
+        if target is not None:
+            await respond(send, 200, redirect_response(*target), "application/json", cors)
+            return
         if self._at_capacity(None):
             body = texts.TOO_MANY_CONNECTIONS.encode()
             await respond(send, 503, body, headers=[*cors, ("retry-after", "1")])
@@ -294,6 +288,21 @@ class HttpConnectionDispatcher:
             version, conn.connection_id, conn.token, endpoint.transports, use_stateful_reconnect=stateful
         )
         await respond(send, 200, body, "application/json", cors)
+
+    async def _redirect(
+        self, endpoint: ConnectionApplication, request: RequestInfo, principal: Principal | None
+    ) -> tuple[str, str | None] | None:
+        """Where to send a negotiating client: the path's own hook first, then the connection
+        service (an app server in service mode serves no client itself), or None: here."""
+        hook = self.redirects.get(endpoint)
+        if hook is not None:
+            target = hook(request)
+            if inspect.isawaitable(target):
+                target = await target
+            if target is not None:
+                return target
+        user_hook = self.user_redirects.get(endpoint)
+        return user_hook(request, principal) if user_hook is not None else None
 
     @staticmethod
     def _grants_stateful_reconnect(
