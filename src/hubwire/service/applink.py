@@ -75,6 +75,8 @@ GROUP_ACK_TIMEOUT = 10.0
 #: a link's backlog (bytes) past which its connections' input and the hub's sends wait
 BACKLOG_HIGH = 4 * 1024 * 1024
 BACKLOG_LOW = 1024 * 1024
+#: how long a stopping app server waits for the nodes to confirm the connections it let go of
+SETTLE_TIMEOUT = 5.0
 #: keep-alive of a link (both ways), and how long silence means the other side is gone
 LINK_PING = 5.0
 LINK_TIMEOUT = 30.0
@@ -151,6 +153,16 @@ class AppLink:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link {self.node_url}")
+
+    async def settle(self, timeout: float) -> None:
+        """Until every connection this link let go of is confirmed by the node and what is queued
+        went out (bounded): closing the link sooner would look like a crash to the node."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (self.released or self._queue) and self._ws is not None:
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("link to %s closing with %d moves unconfirmed", self.node_url, len(self.released))
+                return
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -393,6 +405,7 @@ class ServiceLinks:
 
     async def stop_hub(self, hub: str) -> None:
         for link in self.links.get(hub, ()):
+            await link.settle(SETTLE_TIMEOUT)
             await link.stop()
 
     def begin_drain(self) -> None:
