@@ -46,6 +46,7 @@ from hubwire.protocol.service import (
 from hubwire.service.tokens import (
     CLAIMS,
     ClientAuthenticator,
+    check_access_key,
     client_audience,
     client_token,
     link_token,
@@ -400,3 +401,12 @@ def test_the_client_authenticator_refuses_without_a_valid_token() -> None:
 
 def test_ack_defaults() -> None:
     assert Ack(1).status == ACK_OK
+
+
+def test_a_short_access_key_is_refused() -> None:
+    """Every client sees a token signed with the key: a short key would be guessed offline."""
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        ClientAuthenticator("secret")
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        check_access_key("x" * 31)
+    assert check_access_key("x" * 32) == "x" * 32

@@ -176,3 +176,8 @@ async def test_a_link_whose_app_server_stops_reading_is_closed_past_its_queue_bo
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer
+
+
+def test_a_node_with_a_short_access_key_does_not_start() -> None:
+    with pytest.raises(RuntimeError, match="at least 32 bytes"):
+        ServerProcess("", env={"HUBWIRE_SERVICE_ACCESS_KEY": "short-key"}, command="service")

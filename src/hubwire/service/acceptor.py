@@ -25,7 +25,7 @@ from ..protocol.service import (
 )
 from ..transports.websocket import reject_websocket
 from .node import NodeLink, ServiceClients
-from .tokens import verify
+from .tokens import check_access_key, verify
 
 __all__ = ["LinkAcceptor"]
 
@@ -51,7 +51,7 @@ class LinkAcceptor:
 
     def __init__(self, clients: ServiceClients, access_key: str, max_frame: int = 16 * 1024 * 1024) -> None:
         self.clients = clients
-        self.access_key = access_key
+        self.access_key = check_access_key(access_key)
         self.max_frame = max_frame
         self.links = 0
 
