@@ -30,6 +30,7 @@ from hubwire.protocol.service import (
     ServiceFrameParser,
     encode_frame,
 )
+from hubwire.service.acceptor import HANDSHAKE_TIMEOUT
 from hubwire.service.applink import ServiceLinks
 from hubwire.service.node import NodeLink
 from hubwire.service.tokens import client_audience, client_token, link_token
@@ -73,9 +74,9 @@ async def _linked(node: ServerProcess, ws: ClientConnection) -> ServiceFramePars
     return parser
 
 
-async def _closed_with(ws: ClientConnection) -> int | None:
+async def _closed_with(ws: ClientConnection, within: float = 10) -> int | None:
     with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(within):
             while True:
                 await ws.recv()
     assert ws.close_code is not None
@@ -250,3 +251,9 @@ async def test_a_client_piling_up_calls_is_closed_past_a_bound(node: ServerProce
             assert await _closed_with(ws) is not None
         finally:
             await ws.close()
+
+
+async def test_a_link_without_a_handshake_is_closed_after_the_handshake_deadline(node: ServerProcess) -> None:
+    async with raw_link(node) as ws:
+        await ws.send(b"\x05\x95")  # the start of a frame, never finished
+        assert await _closed_with(ws, HANDSHAKE_TIMEOUT + 5) == 1002

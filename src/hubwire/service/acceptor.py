@@ -115,7 +115,10 @@ class LinkAcceptor:
             await send({"type": "websocket.close", "code": 1011})
             return
         link = NodeLink(server_id, hub_name, write)
-        await write(encode_frame(HandshakeResponse(None, {"node": "hubwire"})))
+        try:
+            await write(encode_frame(HandshakeResponse(None, {"node": "hubwire"})))
+        except (OSError, TimeoutError):  # gone (or not reading) before its link was up
+            return
         hub.links.append(link)
         self.links += 1
         loop = asyncio.get_running_loop()
