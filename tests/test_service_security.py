@@ -22,7 +22,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from hubwire.protocol.messagepack_protocol import write_varint
 from hubwire.protocol.service import (
     BroadcastData,
-    ConnectionData,
     HandshakeRequest,
     HandshakeResponse,
     Ping,
@@ -32,7 +31,6 @@ from hubwire.protocol.service import (
 )
 from hubwire.service.acceptor import HANDSHAKE_TIMEOUT
 from hubwire.service.applink import ServiceLinks
-from hubwire.service.node import NodeLink
 from hubwire.service.tokens import client_audience, client_token, link_token
 from tests.conftest import ServerProcess
 
@@ -159,44 +157,6 @@ async def test_a_big_send_of_an_app_server_keeps_its_link(node: ServerProcess) -
         assert link._ws is ws, "a 200 KiB send dropped the link"
     finally:
         await link.stop()
-
-
-# -- a link's queue (in-process: NodeLink is plain asyncio) -----------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="NodeLink._queue has no bound in bytes: an app server that stops reading makes the node "
-    "queue every client's input for it until LINK_TIMEOUT; proposed NodeLink.MAX_QUEUED closes the link",
-)
-async def test_a_link_whose_app_server_stops_reading_is_closed_past_its_queue_bound() -> None:
-    stalled = asyncio.Event()
-
-    async def write(data: bytes) -> None:
-        await stalled.wait()  # the app server reads nothing
-
-    link = NodeLink("stuck", "chat", write)
-    writer = asyncio.get_running_loop().create_task(link.writer())
-    try:
-        await asyncio.sleep(0)
-        chunk = ConnectionData("c", b"x" * 64 * 1024)
-        for _ in range(2048):  # 128 MiB of client input
-            link.send(chunk)
-            if link.closed:
-                break
-        assert link.closed
-    finally:
-        link.close()
-        stalled.set()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-
-
-def test_a_node_with_a_short_access_key_does_not_start() -> None:
-    with pytest.raises(RuntimeError, match="at least 32 bytes"):
-        ServerProcess("", env={"HUBWIRE_SERVICE_ACCESS_KEY": "short-key"}, command="service")
 
 
 @contextlib.asynccontextmanager
