@@ -25,6 +25,7 @@ __all__ = [
     "ACK_ERROR",
     "ACK_NOT_FOUND",
     "ACK_OK",
+    "VERSION",
     "Ack",
     "BroadcastData",
     "CloseConnection",
@@ -299,7 +300,9 @@ def decode_frame(body: bytes) -> ServiceFrame:
         items = _decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise ServiceProtocolError(f"not MessagePack: {exc}") from None
-    if not isinstance(items, list) or not items or not isinstance(items[0], int):
+    except RecursionError:  # msgspec's bound on nesting (a few bytes a level)
+        raise ServiceProtocolError("not MessagePack: nested too deep") from None
+    if not isinstance(items, list) or not items or type(items[0]) is not int:
         raise ServiceProtocolError("a frame is an array starting with its type")
     kind = items[0]
     match kind:

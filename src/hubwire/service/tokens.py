@@ -22,7 +22,9 @@ from ..connections.connection import Principal, RequestInfo
 __all__ = [
     "ALL_TRANSPORTS",
     "CLAIMS",
+    "MIN_KEY_BYTES",
     "ClientAuthenticator",
+    "check_access_key",
     "client_audience",
     "client_token",
     "client_url",
@@ -42,6 +44,22 @@ def require_pyjwt() -> None:
     """Fail at startup, in one line, when PyJWT is missing (not at the first token)."""
     if importlib.util.find_spec("jwt") is None:
         raise RuntimeError("the connection service needs PyJWT: pip install 'hubwire[service]'")
+
+
+#: the shortest access key taken (RFC 7518: an HS256 key has at least 256 bits). Why: every client
+#: is handed a token signed with it, so a short key can be guessed offline from any negotiate's
+#: answer, and with it links (all clients' traffic) and any user's client token can be forged.
+MIN_KEY_BYTES = 32
+
+
+def check_access_key(access_key: str) -> str:
+    """``access_key``, or ValueError when it is too short to sign with."""
+    if len(access_key.encode()) < MIN_KEY_BYTES:
+        raise ValueError(
+            f"the connection service's access key must have at least {MIN_KEY_BYTES} bytes "
+            "(every client gets a token signed with it; a short one can be guessed offline)"
+        )
+    return access_key
 
 
 def _aud_suffix(kind: str, hub: str) -> str:
@@ -124,7 +142,7 @@ class ClientAuthenticator:
     challenge = "Bearer"
 
     def __init__(self, access_key: str) -> None:
-        self.access_key = access_key
+        self.access_key = check_access_key(access_key)
 
     def __call__(self, request: RequestInfo) -> Principal | None:
         token = bearer_token(request)
