@@ -2,9 +2,8 @@
 
 A real node process (``hubwire service``) and raw app-server links opened by the test with the
 access key: a malformed frame or a link of another version gets a clear refusal and the node
-carries on; tokens of the wrong kind or hub are refused at the door. Tests marked xfail(strict)
-pin findings of the review whose fix belongs to ``service/node.py``, ``service/applink.py`` or
-the CLI: they pass once the fix is in (then drop the mark).
+carries on; tokens of the wrong kind or hub are refused at the door; a big send keeps its link;
+a client piling up calls is closed past a bound.
 """
 
 from __future__ import annotations
@@ -134,13 +133,6 @@ async def test_a_text_message_or_a_frame_before_the_handshake_is_refused(node: S
         assert await _closed_with(ws) == 1002
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="AppLink._writer sends everything queued as one WebSocket message, and a node's /server "
-    "WebSocket is bounded by uvicorn's ws_max_size, sized for hub clients (4 x 32 KiB): a 200 KiB "
-    "broadcast (or many small frames at once) drops the link with 1009 and moves every connection on it",
-)
 async def test_a_big_send_of_an_app_server_keeps_its_link(node: ServerProcess) -> None:
     links = ServiceLinks([node.url], KEY, "big-sender")
     links.add_hub("chat", cast(Any, None))  # no client connects: the endpoint is never called
@@ -193,13 +185,6 @@ async def _client_through_node(app: ServerProcess) -> ClientConnection:
     return ws
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="a node reads its clients without pause and an app server queues each linked connection's "
-    "input without bound (AppLink._inbox; ClientRoute.pending on the node): a client piling up calls "
-    "behind a slow one makes the service hold all of it, where a direct connection stops being read",
-)
 async def test_a_client_piling_up_calls_is_closed_past_a_bound(node: ServerProcess) -> None:
     async with app_server(node) as app:
         ws = await _client_through_node(app)

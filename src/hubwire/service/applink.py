@@ -64,7 +64,7 @@ from ..protocol.service import (
     ServiceProtocolError,
     encode_frame,
 )
-from .tokens import client_audience, client_token, client_url, link_token, require_pyjwt
+from .tokens import check_access_key, client_audience, client_token, client_url, link_token, require_pyjwt
 
 __all__ = ["AppLink", "ServiceBackplane", "ServiceLifetimeManager", "ServiceLinks"]
 
@@ -80,6 +80,14 @@ SETTLE_TIMEOUT = 5.0
 #: keep-alive of a link (both ways), and how long silence means the other side is gone
 LINK_PING = 5.0
 LINK_TIMEOUT = 30.0
+#: largest WebSocket message a link's writer sends: frames are a byte stream, cut anywhere (a node's
+#: server bounds each message: uvicorn's ws_max_size, 128 KiB for default hub options)
+LINK_MESSAGE = 64 * 1024
+#: largest WebSocket message taken from a node (nodes cut theirs at LINK_MESSAGE too)
+LINK_MAX_SIZE = 16 * 1024 * 1024
+#: most bytes of one connection's input waiting for its hub here; past it the connection is closed
+#: (its node reads the client without pause: the backpressure of a direct transport is lost)
+INBOX_LIMIT = 1024 * 1024
 
 
 class _LinkSink:
@@ -113,6 +121,8 @@ class AppLink:
         self.released: set[str] = set()
         #: what each connection has queued for the hub (handled in order, off the reader)
         self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
+        #: bytes of input in each connection's inbox
+        self._inbox_bytes: dict[str, int] = {}
         self.ready = asyncio.Event()
         #: bytes queued for the node; over the high mark this link's input and sends wait
         self.queued = 0
@@ -144,7 +154,14 @@ class AppLink:
                 self._queue.append(encode_frame(Ping()))
             batch, self._queue = self._queue, []
             data = b"".join(batch)
-            await ws.send(data)
+            try:
+                async with asyncio.timeout(LINK_TIMEOUT):
+                    for start in range(0, len(data), LINK_MESSAGE):
+                        await ws.send(data[start : start + LINK_MESSAGE])
+            except TimeoutError:  # the node reads nothing: without this, every send here waits forever
+                log.warning("link to %s (hub %s): the node stopped reading", self.node_url, self.hub)
+                ws.transport.abort()  # the reader ends; the link is opened again
+                return
             self.queued = max(0, self.queued - len(data))
             if self.queued <= BACKLOG_LOW:
                 self.writable.set()
@@ -182,6 +199,9 @@ class AppLink:
                 level = logging.WARNING if failures == 0 else logging.DEBUG
                 log.log(level, "link to %s (hub %s) down: %s", self.node_url, self.hub, exc)
                 failures += 1
+            except Exception:  # a bug must not end the link for good: it is opened again
+                log.exception("link to %s (hub %s) failed", self.node_url, self.hub)
+                failures += 1
             finally:
                 await self._lost()
             await asyncio.sleep(delay)
@@ -192,7 +212,7 @@ class AppLink:
         token = link_token(self.owner.access_key, self.node_url, self.hub)
         headers = {"Authorization": f"Bearer {token}"}
         async with connect(
-            url, additional_headers=headers, max_size=None, ping_interval=None, compression=None
+            url, additional_headers=headers, max_size=LINK_MAX_SIZE, ping_interval=None, compression=None
         ) as ws:
             await ws.send(encode_frame(HandshakeRequest(ext={"server": self.owner.server_id})))
             parser = ServiceFrameParser()
@@ -222,6 +242,7 @@ class AppLink:
         self.queued = 0
         self.writable.set()
         self.released.clear()
+        self._inbox_bytes.clear()
         for queue in self._inbox.values():
             while queue:
                 queue.popleft().close()  # their connections end now
@@ -242,7 +263,7 @@ class AppLink:
                     return
                 conn = self.conns.get(cid)
                 if conn is not None:
-                    self._queue_work(conn, self.endpoint.on_receive(conn, frame.payload))
+                    self._take_input(conn, frame.payload)
             case OpenConnection():
                 await self._open(frame)
             case CloseConnection():
@@ -277,6 +298,24 @@ class AppLink:
         else:
             self._queue_work(conn, self.endpoint.on_connect(conn))
 
+    def _take_input(self, conn: Connection, data: bytes) -> None:
+        cid = conn.connection_id
+        waiting = self._inbox_bytes.get(cid, 0) + len(data)
+        if waiting > INBOX_LIMIT:
+            log.warning("connection %s: %d bytes of input wait for the hub; closing it", cid, waiting)
+            conn.abort("too much input waiting for the hub")
+            return
+        self._inbox_bytes[cid] = waiting
+        self._queue_work(conn, self._receive(conn, data))
+
+    async def _receive(self, conn: Connection, data: bytes) -> None:
+        try:
+            await self.endpoint.on_receive(conn, data)
+        finally:
+            cid = conn.connection_id
+            if cid in self._inbox_bytes:
+                self._inbox_bytes[cid] -= len(data)
+
     async def _migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
         try:
             await self.endpoint.migrate_in(conn, state)
@@ -309,6 +348,7 @@ class AppLink:
                     log.exception("handling data of %s failed", cid)
         finally:
             del self._inbox[cid]
+            self._inbox_bytes.pop(cid, None)
 
     async def _closed_by_node(self, frame: CloseConnection) -> None:
         cid = frame.connection_id
@@ -317,6 +357,7 @@ class AppLink:
                 self.released.discard(cid)
                 self.send(CloseConnection(cid, None, {"released": True}))
             return
+        self.released.discard(cid)  # (gone before the node saw it let go: no ack comes)
         conn = self.conns.pop(cid, None)
         if conn is None:
             return
@@ -381,7 +422,7 @@ class ServiceLinks:
             raise ValueError("the connection service needs at least one node URL")
         require_pyjwt()
         self.node_urls = [u.rstrip("/") for u in node_urls]
-        self.access_key = access_key
+        self.access_key = check_access_key(access_key)
         self.server_id = server_id or "app-" + secrets.token_hex(6)
         self.links: dict[str, list[AppLink]] = {}
         self.draining = False

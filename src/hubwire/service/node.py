@@ -87,6 +87,13 @@ BACKLOG_HIGH = 4 * 1024 * 1024
 BACKLOG_LOW = 1024 * 1024
 #: a link's keep-alive (both sides)
 LINK_PING = 5.0
+#: largest WebSocket message a link's writer sends (frames are a byte stream, cut anywhere)
+LINK_MESSAGE = 64 * 1024
+#: most calls and upload streams of one client in flight at once (a node reads its clients without
+#: pause while the link has room, so nothing else bounds what a client piles up behind a slow call)
+MAX_IN_FLIGHT = 1000
+#: how long a connection may stay between two app servers (the old one never said "released")
+MOVE_TIMEOUT = 30.0
 _PING = encode_frame(Ping())
 
 
@@ -146,7 +153,8 @@ class NodeLink:
                 self._queue.append(_PING)
             batch, self._queue = self._queue, []
             data = b"".join(batch)
-            await self._write(data)
+            for start in range(0, len(data), LINK_MESSAGE):
+                await self._write(data[start : start + LINK_MESSAGE])
             self.queued = max(0, self.queued - len(data))
             if self.queued <= BACKLOG_LOW:
                 self.writable.set()
@@ -428,6 +436,9 @@ class ServiceClients(ConnectionApplication):
             route.track_inbound(rest)
         else:
             route.track_inbound(data)
+        if len(route.pending) + len(route.uploads) > MAX_IN_FLIGHT:
+            self._close_client(route, f"more than {MAX_IN_FLIGHT} calls in flight")
+            return
         if route.moving:
             route.held.append(data)
             route.held_bytes += len(data)
@@ -570,6 +581,7 @@ class ServiceClients(ConnectionApplication):
         ext = frame.ext
         if "migrate" in ext:  # the app server let go of it: hold the client's input
             route.moving = True
+            asyncio.get_running_loop().call_later(MOVE_TIMEOUT, self._move_overdue, route, link)
             state = ext["migrate"]
             route.conn.items["hubwire.service.state"] = state if isinstance(state, dict) else {}
             link.send(CloseConnection(frame.connection_id, None, {"ack": True}))
@@ -581,6 +593,14 @@ class ServiceClients(ConnectionApplication):
         else:  # the hub closed it (its Close message went out as data before this)
             del link.routes[frame.connection_id]
             route.conn.abort(frame.error or "closed by the app server")
+
+    def _move_overdue(self, route: ClientRoute, link: NodeLink) -> None:
+        """The old app server never gave the connection back: close it (the client reconnects)."""
+        if route.moving and route.link is link and link.routes.get(route.conn.connection_id) is route:
+            log.warning(
+                "connection %s: app server %s never released it", route.conn.connection_id, link.server_id
+            )
+            self._close_client(route, None)
 
     def _move(self, route: ClientRoute, old: NodeLink, state: dict[str, Any] | None, crashed: bool) -> None:
         """Open ``route``'s connection on another app server; what it sent meanwhile follows."""
