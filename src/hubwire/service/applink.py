@@ -319,7 +319,7 @@ class AppLink:
     async def _migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
         try:
             await self.endpoint.migrate_in(conn, state)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # a malformed state (too deep items, say)
             log.warning("connection %s could not move here: %s", conn.connection_id, exc)
             conn.abort("could not move")
 
