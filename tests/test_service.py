@@ -454,3 +454,30 @@ async def test_keep_alive_is_the_node_s(private_redis: RedisServer) -> None:
         assert 3.5 < waited < 10, waited
     finally:
         made.close()
+
+
+@requires(*NODE_CLIENT)
+async def test_client_results_reach_connections_run_by_other_app_servers(cluster: Cluster) -> None:
+    """``clients.client(id).invoke`` from either app server reaches every client, whichever app
+    server runs it and whichever node holds it; an unknown id fails at once."""
+    a, b = cluster.app("A"), cluster.app("B")
+    await cluster.linked("A", 2)
+    await cluster.linked("B", 2)
+    async with cutting_proxy(a.port) as front, httpx.AsyncClient(timeout=20) as http:
+        front.rotation = [a.port, b.port]
+        async with fleet(f"{front.url}/chat", kinds(3, 3, 2, 2, 2)) as clients:
+            ready = await clients.event("ready", 60)
+            where = (await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"]
+            answers = {}
+            for i, client in enumerate(ready["clients"]):
+                for app in (a, b):
+                    answers[(i, app.url)] = (await http.get(f"{app.url}/ask/{client['connectionId']}")).json()
+            started = time.monotonic()
+            missing = (await http.get(f"{a.url}/ask/no-such-connection")).json()
+            waited = time.monotonic() - started
+            await clients.command({"cmd": "stop"})
+    runs = {w["value"]["server"] for w in where}
+    assert runs == {"A", "B"}, "the clients should be run by both app servers"
+    for (i, _), answer in answers.items():
+        assert answer.get("value") == i * 10, answer
+    assert "does not exist" in missing["error"] and waited < 5, (missing, waited)

@@ -26,8 +26,11 @@ from hubwire.protocol.service import (
     ACK_OK,
     Ack,
     BroadcastData,
+    ClientCompletion,
+    ClientInvocation,
     CloseConnection,
     ConnectionData,
+    ErrorCompletion,
     GroupBroadcastData,
     GroupCommand,
     HandshakeRequest,
@@ -92,6 +95,9 @@ EVERY_KIND: list[ServiceFrame] = [
     GroupCommand(False, "cid-1", "room", 2**40),
     Ack(1),
     Ack(2, ACK_ERROR, "no such group"),
+    ClientInvocation("v1", "cid-1", "app-a", {"json": b"{}\x1e", "messagepack": b"\x01\x90"}),
+    ClientCompletion("v1", "cid-1", "app-a", "json", b'{"type":3,"invocationId":"v1","result":1}\x1e'),
+    ErrorCompletion("v1", "cid-1", "app-a", "Connection 'cid-1' does not exist.", {"absent": True}),
 ]
 
 
@@ -132,6 +138,7 @@ GOLDEN: list[tuple[ServiceFrame, bytes]] = [
     (Ping({"shutdown": "fin"}), b"\x0f" + b"\x93\x03" + b"\xa8shutdown" + b"\xa3fin"),
     (ConnectionData("c1", b"\x01\x02"), b"\x0a" + b"\x94\x06" + b"\xa2c1" + b"\xc4\x02\x01\x02" + b"\x80"),
     (Ack(7), b"\x05" + b"\x94\x14\x07\x01\xc0"),
+    (ErrorCompletion("i", "c", "s", "e"), b"\x0b" + b"\x96\x25\xa1i\xa1c\xa1s\xa1e\x80"),
     (Ack(300, ACK_ERROR, "x"), b"\x08" + b"\x94\x14" + b"\xcd\x01\x2c" + b"\x04" + b"\xa1x"),
     (GroupCommand(True, "c", "g", 1), b"\x07" + b"\x94\x12\xa1c\xa1g\x01"),
     (GroupCommand(False, "c", "g", 1), b"\x07" + b"\x94\x13\xa1c\xa1g\x01"),

@@ -87,6 +87,19 @@ async def links(request: Request) -> JSONResponse:
     return JSONResponse(server.backplane.health())
 
 
+async def ask(request: Request) -> JSONResponse:
+    """A client result of any connection, whichever app server runs it (``clients.client(id).invoke``)."""
+    try:
+        value = (
+            await server.hub_context(ChatHub)
+            .clients.client(request.path_params["cid"])
+            .invoke("Result", timeout=10)
+        )
+    except Exception as exc:
+        return JSONResponse({"error": str(exc), "server": SERVER})
+    return JSONResponse({"value": value, "server": SERVER})
+
+
 async def broadcast(request: Request) -> JSONResponse:
     await server.hub_context(ChatHub).clients.all.send("Tick", int(request.query_params["n"]))
     return JSONResponse({"sent": True})
@@ -96,6 +109,7 @@ web = Starlette(
     routes=[
         Route("/debug/lifecycle", lifecycle),
         Route("/debug/links", links),
+        Route("/ask/{cid}", ask),
         Route("/broadcast", broadcast, methods=["POST"]),
     ]
 )

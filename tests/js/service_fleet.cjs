@@ -65,6 +65,7 @@ function client(kind, index) {
   connection.on("Tick", (n) => {
     state.ticks.push(n); // a handler returning a value would be taken for a client result
   });
+  connection.on("Result", () => index * 10); // a client result, for whoever asks
   connection.on("Group", (g, value) => {
     state.groupGot.push(`${g}:${value}`);
   });

@@ -28,8 +28,11 @@ __all__ = [
     "VERSION",
     "Ack",
     "BroadcastData",
+    "ClientCompletion",
+    "ClientInvocation",
     "CloseConnection",
     "ConnectionData",
+    "ErrorCompletion",
     "GroupBroadcastData",
     "GroupCommand",
     "HandshakeRequest",
@@ -184,6 +187,42 @@ class Ack:
     type = 20
 
 
+@dataclass(slots=True)
+class ClientInvocation:
+    """An app server asks a client it does not run for a result (``clients.client(id).invoke``):
+    ``payloads`` is the Invocation framed per protocol; the node holding the client answers the
+    caller with a :class:`ClientCompletion` (or :class:`ErrorCompletion`; ``ext["absent"]``: the
+    connection is not on that node)."""
+
+    invocation_id: str
+    connection_id: str
+    caller: str
+    payloads: dict[str, bytes]
+    type = 34
+
+
+@dataclass(slots=True)
+class ClientCompletion:
+    """The client's Completion of a :class:`ClientInvocation`, framed in ``protocol``."""
+
+    invocation_id: str
+    connection_id: str
+    caller: str
+    protocol: str
+    payload: bytes
+    type = 36
+
+
+@dataclass(slots=True)
+class ErrorCompletion:
+    invocation_id: str
+    connection_id: str
+    caller: str
+    error: str
+    ext: dict[str, Any] = field(default_factory=dict)
+    type = 37
+
+
 ServiceFrame = (
     HandshakeRequest
     | HandshakeResponse
@@ -199,6 +238,9 @@ ServiceFrame = (
     | MultiGroupBroadcastData
     | GroupCommand
     | Ack
+    | ClientInvocation
+    | ClientCompletion
+    | ErrorCompletion
 )
 
 _encoder = msgspec.msgpack.Encoder()
@@ -235,6 +277,12 @@ def _fields(frame: ServiceFrame) -> list[Any]:
             return [frame.type, frame.connection_id, frame.group, frame.ack_id]
         case Ack():
             return [20, frame.ack_id, frame.status, frame.message]
+        case ClientInvocation():
+            return [34, frame.invocation_id, frame.connection_id, frame.caller, frame.payloads]
+        case ClientCompletion():
+            return [36, frame.invocation_id, frame.connection_id, frame.caller, frame.protocol, frame.payload]
+        case ErrorCompletion():
+            return [37, frame.invocation_id, frame.connection_id, frame.caller, frame.error, frame.ext]
     raise TypeError(f"not a service frame: {frame!r}")  # pragma: no cover
 
 
@@ -364,7 +412,23 @@ def decode_frame(body: bytes) -> ServiceFrame:
         case 20:
             _arity(items, 4)
             return Ack(_int(items[1], "ack id"), _int(items[2], "status"), _opt_str(items[3], "message"))
+        case 34 | 36 | 37:
+            return _client_result(kind, items)
     raise ServiceProtocolError(f"unknown frame type {kind}")
+
+
+def _client_result(kind: int, items: list[Any]) -> ServiceFrame:
+    """Frames 34, 36 and 37 (client results across app servers)."""
+    _arity(items, 5 if kind == 34 else 6)
+    ids = _str(items[1], "invocation id", 256), _str(items[2], "connection id", 256)
+    caller = _str(items[3], "caller", 256)
+    if kind == 34:
+        return ClientInvocation(*ids, caller, _payloads(items[4]))
+    if kind == 36:
+        if not isinstance(items[5], bytes):
+            raise ServiceProtocolError("client completion: expected bytes")
+        return ClientCompletion(*ids, caller, _str(items[4], "protocol", 64), items[5])
+    return ErrorCompletion(*ids, caller, _str(items[4], "error"), _map(items[5], "ext"))
 
 
 class ServiceFrameParser:

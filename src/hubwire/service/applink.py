@@ -42,6 +42,7 @@ from ..hubs.lifetime import (
     CompletionOutcome,
     HubLifetimeManager,
     SerializedMessage,
+    await_result,
     check_group_name,
 )
 from ..protocol.messages import CompletionMessage, InvocationMessage
@@ -49,8 +50,11 @@ from ..protocol.service import (
     ACK_OK,
     Ack,
     BroadcastData,
+    ClientCompletion,
+    ClientInvocation,
     CloseConnection,
     ConnectionData,
+    ErrorCompletion,
     GroupCommand,
     HandshakeRequest,
     HandshakeResponse,
@@ -270,6 +274,10 @@ class AppLink:
                 await self._closed_by_node(frame)
             case Ack():
                 self.owner.acked(frame)
+            case ClientCompletion() | ErrorCompletion():
+                manager = self.owner.managers.get(self.hub)
+                if manager is not None:
+                    manager.remote_result(frame)
             case Ping() | HandshakeResponse():
                 pass
             case _:
@@ -425,6 +433,8 @@ class ServiceLinks:
         self.access_key = check_access_key(access_key)
         self.server_id = server_id or "app-" + secrets.token_hex(6)
         self.links: dict[str, list[AppLink]] = {}
+        #: each hub's lifetime manager (client results come back through the links)
+        self.managers: dict[str, ServiceLifetimeManager] = {}
         self.draining = False
         self.connections: ConnectionManager = ConnectionManager()
         self.tasks: Any = None
@@ -507,6 +517,9 @@ class ServiceLifetimeManager(HubLifetimeManager):
         self.hub_name = hub_name
         self.local: dict[str, HubConnectionContext] = {}
         self.results = ClientResults("v")
+        #: client results asked of the nodes: how many have not said "not here" yet
+        self._asked: dict[str, int] = {}
+        links.managers[hub_name] = self
 
     async def start(self) -> None:
         self.links.start_hub(self.hub_name)
@@ -576,9 +589,48 @@ class ServiceLifetimeManager(HubLifetimeManager):
         self, connection_id: str, method: str, args: Sequence[Any], timeout: float | None = None
     ) -> Any:
         ctx = self.local.get(connection_id)
-        if ctx is None:
-            raise HubException(f"Connection '{connection_id}' is not run by this app server.")
-        return await self.results.invoke_local(ctx, method, args, timeout)
+        if ctx is not None:
+            return await self.results.invoke_local(ctx, method, args, timeout)
+        # run by another app server: every node is asked, the one holding the client answers
+        links = [link for link in self.links.links.get(self.hub_name, ()) if link.ready.is_set()]
+        if not links:
+            raise HubException("No connection service node is reachable.")
+        invocation_id = self.results.new_id()
+        future = self.results.add(invocation_id, connection_id)
+        self._asked[invocation_id] = len(links)
+        message = InvocationMessage(method, list(args), invocation_id=invocation_id)
+        payloads = SerializedMessage(message).serialize_all(self.protocols)
+        frame = ClientInvocation(invocation_id, connection_id, self.links.server_id, payloads)
+        for link in links:
+            link.send(frame)
+        try:
+            return await await_result(future, timeout)
+        finally:
+            self.results.discard(invocation_id)
+            self._asked.pop(invocation_id, None)
+
+    def remote_result(self, frame: ClientCompletion | ErrorCompletion) -> None:
+        """A node's answer to a :class:`ClientInvocation` of this app server."""
+        if frame.invocation_id not in self._asked:
+            return  # late, or not ours
+        if isinstance(frame, ErrorCompletion):
+            if frame.ext.get("absent"):  # that node does not hold it; the others may
+                self._asked[frame.invocation_id] -= 1
+                if self._asked[frame.invocation_id] > 0:
+                    return
+            completion = CompletionMessage.with_error(frame.invocation_id, frame.error)
+        else:
+            protocol = next((p for p in self.protocols if p.name == frame.protocol), None)
+            try:
+                parsed = protocol.parse_all(frame.payload) if protocol is not None else []
+            except ValueError:
+                parsed = []
+            if len(parsed) != 1 or not isinstance(parsed[0], CompletionMessage):
+                return
+            completion = parsed[0]
+            if completion.invocation_id != frame.invocation_id:
+                return
+        self.results.complete(completion, frame.connection_id)
 
     def set_connection_result(
         self, connection: HubConnectionContext, completion: CompletionMessage

@@ -58,8 +58,11 @@ from ..protocol.service import (
     ACK_OK,
     Ack,
     BroadcastData,
+    ClientCompletion,
+    ClientInvocation,
     CloseConnection,
     ConnectionData,
+    ErrorCompletion,
     GroupBroadcastData,
     GroupCommand,
     MultiConnectionData,
@@ -187,6 +190,7 @@ class ClientRoute:
         "protocol",
         "received",
         "replied",
+        "results",
         "swallow",
         "tracking",
         "uploads",
@@ -211,6 +215,8 @@ class ClientRoute:
         self.last_write = 0.0
         self.received = time.monotonic()
         self.ping = b""  # the client's protocol's Ping record, once the handshake said which
+        #: client results asked of this client by app servers that do not run it: id -> their link
+        self.results: dict[str, NodeLink] | None = None
         self.bounced: list[bytes] = []
         self.held: list[bytes] = []
         self.held_bytes = 0
@@ -237,8 +243,34 @@ class ClientRoute:
                     self.uploads.update(msg.stream_ids)
             elif isinstance(msg, CompletionMessage):
                 self.uploads.discard(msg.invocation_id)  # an upload stream's end
+                if self.results and msg.invocation_id in self.results:
+                    self._result_to_caller(msg)
             elif isinstance(msg, StreamItemMessage):
                 pass
+
+    def _result_to_caller(self, msg: CompletionMessage) -> None:
+        """The client answered an app server that does not run it: that one gets the Completion
+        (the one running the client gets it too, and finds no such call of its own)."""
+        assert self.results is not None and self.protocol is not None
+        caller = self.results.pop(msg.invocation_id)
+        frame = ClientCompletion(
+            msg.invocation_id,
+            self.conn.connection_id,
+            caller.server_id,
+            self.protocol.name,
+            self.protocol.write_message(msg),
+        )
+        caller.send(frame)
+
+    def fail_results(self) -> None:
+        """The client is gone: every app server waiting for a result of it hears so now."""
+        if not self.results:
+            return
+        cid = self.conn.connection_id
+        for invocation_id, caller in self.results.items():
+            error = f"Connection '{cid}' disconnected."
+            caller.send(ErrorCompletion(invocation_id, cid, caller.server_id, error))
+        self.results = None
 
     def track_outbound(self, data: bytes) -> None:
         """Completions going out end pending calls (payloads are whole messages)."""
@@ -471,6 +503,7 @@ class ServiceClients(ConnectionApplication):
         route: ClientRoute | None = conn.application_state
         if route is None:
             return
+        route.fail_results()
         if self.routes.get(conn.connection_id) is route:
             del self.routes[conn.connection_id]
         if route.link.routes.get(conn.connection_id) is route:
@@ -510,6 +543,8 @@ class ServiceClients(ConnectionApplication):
                     link.draining = True
             case GroupCommand():
                 self._spawn(self._group_command(link, frame))
+            case ClientInvocation():
+                self._client_invocation(link, frame)
             case _:
                 self._fan_out(link, frame)
 
@@ -573,6 +608,32 @@ class ServiceClients(ConnectionApplication):
                 route.last_write = now
             if now - route.received > opts.client_timeout_interval:
                 self._close_client(route, CONNECTION_ERROR)
+
+    def _client_invocation(self, link: NodeLink, frame: ClientInvocation) -> None:
+        """Ask a client held here for a result on behalf of an app server that does not run it
+        (it asks every node; the ones without the client say so)."""
+        cid = frame.connection_id
+        route = self.routes.get(cid)
+        protocol = route.protocol if route is not None else None
+        if (
+            route is None
+            or protocol is None
+            or not route.replied
+            or route.conn.outbox.closed
+            or route.hub.name.lower() != link.hub.lower()
+        ):
+            error = f"Connection '{cid}' does not exist."
+            link.send(ErrorCompletion(frame.invocation_id, cid, link.server_id, error, {"absent": True}))
+            return
+        data = frame.payloads.get(protocol.name)
+        results = route.results if route.results is not None else {}
+        if data is None or len(results) >= MAX_IN_FLIGHT or route.tracking is None:
+            error = "The client cannot be asked for a result now."
+            link.send(ErrorCompletion(frame.invocation_id, cid, link.server_id, error))
+            return
+        results[frame.invocation_id] = link
+        route.results = results
+        route.conn.write(data)
 
     def _closed_by_app(self, link: NodeLink, frame: CloseConnection) -> None:
         route = link.routes.get(frame.connection_id)
