@@ -560,6 +560,12 @@ def _access_key_option(parser: Any) -> None:
 
 
 def _service(args: argparse.Namespace) -> None:
+    if args.workers > 1:
+        # app servers link to every node; workers sharing one port cannot each be reached
+        raise SystemExit(
+            "hubwire service: --workers is not for nodes (an app server must link to each node, and "
+            "workers share one port): run more nodes on their own ports instead"
+        )
     if args.serverless:
         os.environ["HUBWIRE_SERVICE_SERVERLESS"] = "1"
     if args.access_key:
