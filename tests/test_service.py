@@ -481,3 +481,21 @@ async def test_client_results_reach_connections_run_by_other_app_servers(cluster
     for (i, _), answer in answers.items():
         assert answer.get("value") == i * 10, answer
     assert "does not exist" in missing["error"] and waited < 5, (missing, waited)
+
+
+def test_a_node_refuses_workers() -> None:
+    """App servers link to each node: node workers sharing a port could not all be reached."""
+    import subprocess
+
+    from tests.conftest import PYTHON
+
+    env = dict(os.environ, HUBWIRE_SERVICE_ACCESS_KEY=KEY)
+    done = subprocess.run(
+        [PYTHON, "-m", "hubwire.cli", "service", "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "run more nodes on their own ports" in done.stderr
