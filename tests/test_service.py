@@ -499,3 +499,71 @@ def test_a_node_refuses_workers() -> None:
         timeout=60,
     )
     assert done.returncode != 0 and "run more nodes on their own ports" in done.stderr
+
+
+async def _raw_client(app: ServerProcess) -> Any:
+    """A WebSocket client through the service (the redirect's URL and token), handshake done."""
+    import websockets
+
+    async with httpx.AsyncClient() as http:
+        redirect = (await http.post(f"{app.url}/chat/negotiate?negotiateVersion=1")).json()
+    url = redirect["url"].replace("http://", "ws://") + "&access_token=" + redirect["accessToken"]
+    ws = await websockets.connect(url)
+    await ws.send('{"protocol":"json","version":1}\x1e')
+    assert await asyncio.wait_for(ws.recv(), 10) == "{}\x1e"
+    return ws
+
+
+async def _records(ws: Any, until_type: int, timeout: float = 10) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    while not any(r.get("type") == until_type for r in records):
+        frame = await asyncio.wait_for(ws.recv(), timeout)
+        records += [json.loads(r) for r in str(frame).split("\x1e") if r]
+    return records
+
+
+async def test_what_a_hub_method_sends_arrives_in_its_order(cluster: Cluster) -> None:
+    """A send to the caller, then to a group it joined, then the completion: in that order, as
+    without the service (the caller's bytes go out before a fan-out frame)."""
+    a = cluster.app("A")
+    await cluster.linked("A", 2)
+    for _ in range(5):
+        ws = await _raw_client(a)
+        try:
+            call = {"type": 1, "invocationId": "1", "target": "MeThenGroup", "arguments": ["order"]}
+            await ws.send(json.dumps(call) + "\x1e")
+            records = [r for r in await _records(ws, 3) if r["type"] in (1, 3)]
+        finally:
+            await ws.close()
+        assert [r.get("target", r["type"]) for r in records] == ["Me", "Group", 3], records
+
+
+async def test_a_client_of_the_last_app_server_ends_there_when_it_stops(
+    private_redis: RedisServer, tmp_path: Any
+) -> None:
+    """No other app server to move to: the client is closed with reconnect allowed, and the app
+    server it ran on runs on_disconnected for it before it exits."""
+    made = Cluster(private_redis, nodes=1)
+    events = tmp_path / "events"
+    try:
+        urls = made.nodes[0].url
+        env = {
+            "HUBWIRE_SERVICE_ACCESS_KEY": KEY,
+            "HUBWIRE_SERVICE_SERVER_ID": "A",
+            "SERVICE_APP_EVENTS": str(events),
+        }
+        a = ServerProcess(APP, args=["--service", urls, "--log-level", "info"], env=env)
+        made.every.append(a)
+        made.apps["A"] = a
+        await made.linked("A", 1)
+        ws = await _raw_client(a)
+        who = {"type": 1, "invocationId": "1", "target": "Where", "arguments": []}
+        await ws.send(json.dumps(who) + "\x1e")
+        cid = next(r for r in await _records(ws, 3) if r["type"] == 3)["result"]["connectionId"]
+        await stop(a)
+        records = await _records(ws, 7)
+        await ws.close()
+        assert records[-1] == {"type": 7, "allowReconnect": True}, records
+        assert events.read_text().split("\n").count(f"disconnected {cid}") == 1
+    finally:
+        made.close()

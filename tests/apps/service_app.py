@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -21,6 +22,8 @@ from hubwire import Hub, HubServer
 
 SERVER = os.environ.get("HUBWIRE_SERVICE_SERVER_ID", "app")
 LIFECYCLE: dict[str, dict[str, int]] = {}
+#: a file that gets a line per on_disconnected (``SERVICE_APP_EVENTS``)
+EVENTS = os.environ.get("SERVICE_APP_EVENTS")
 
 
 class ChatHub(Hub):
@@ -35,6 +38,9 @@ class ChatHub(Hub):
     async def on_disconnected(self, exception: BaseException | None) -> None:
         entry = LIFECYCLE.setdefault(self.context.connection_id, {"connected": 0, "disconnected": 0})
         entry["disconnected"] += 1
+        if EVENTS:  # outlives this process (a test reads it after a SIGTERM); a test app: one small write
+            with Path(EVENTS).open("a") as out:  # noqa: ASYNC230
+                out.write(f"disconnected {self.context.connection_id}\n")
 
     async def echo(self, value: Any) -> Any:
         return value
@@ -72,6 +78,12 @@ class ChatHub(Hub):
 
     async def to_user(self, user: str, value: Any) -> None:
         await self.clients.user(user).send("User", value)
+
+    async def me_then_group(self, group: str) -> None:
+        """Joins ``group``, then sends to the caller and to the group: the client gets them in order."""
+        await self.groups.add(self.context.connection_id, group)
+        await self.clients.caller.send("Me", 1)
+        await self.clients.group(group).send("Group", group, 2)
 
     async def slow(self, ms: int) -> str:
         await asyncio.sleep(ms / 1000)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from .replay import ReplayBuffer
 
-__all__ = ["Journal", "Outbox", "set_delivery_tag"]
+__all__ = ["Journal", "Outbox", "flush_dirty", "set_delivery_tag"]
 
 #: what a delivery is tagged with: (origin instance, its sequence number, the channel it came on)
 Tag = tuple[str, int, str]
@@ -53,6 +53,13 @@ _delivery_tag: list[Tag | None] = [None]
 def set_delivery_tag(tag: Tag | None) -> None:
     """Tag the writes that follow with a backplane message id (None: untagged)."""
     _delivery_tag[0] = tag
+
+
+def flush_dirty() -> None:
+    """Hand what every connection was written so far to its sink now (before a frame that must
+    follow it: a link's fan-out or group change)."""
+    if _dirty:
+        _flush_dirty()
 
 
 def _flush_dirty() -> None:

@@ -323,6 +323,8 @@ class HubConnectionHandler(ConnectionApplication):
             return "no hub connection"
         if ctx.busy:
             return "a call or a stream of it is running"
+        if state is not None and state.parser is not None and state.parser.buffered:
+            return "a message of it is half received"
         try:
             return {"items": _items_encoder.encode(conn.items)}
         except (TypeError, ValueError, OverflowError) as exc:
@@ -434,6 +436,8 @@ class HubConnectionHandler(ConnectionApplication):
         of it is running (its results reach the client), or at the deadline.
         """
         ctx = self.connected.get(conn.connection_id)
+        if ctx is None and conn.migrate is not None and not final:
+            return False  # a linked connection that has not started here yet: it moves once it has
         if ctx is None or ctx.connection is not conn:
             conn.abort("server shutting down")
             return True
@@ -443,6 +447,8 @@ class HubConnectionHandler(ConnectionApplication):
             if not ctx.busy and conn.migrate():
                 self.stats.migrated_out += 1
                 return True
+            if not final:
+                return False  # (input of it queued, a message half received): asked again shortly
         streaming = bool(ctx.active_streams or ctx.upload_streams)
         if hand_over is not None and conn.outbox.replay is not None and not streaming:
             if conn.outbox.detached:

@@ -35,6 +35,7 @@ from ..backplane.base import Backplane, UserRedirect
 from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection, Principal, RequestInfo, TransportFeatures
 from ..connections.manager import ConnectionManager
+from ..connections.outbox import flush_dirty
 from ..exceptions import HubException
 from ..hubs.context import HubConnectionContext, current_connection
 from ..hubs.lifetime import (
@@ -123,6 +124,8 @@ class AppLink:
         self.conns: dict[str, Connection] = {}
         #: connections let go of (draining) whose node has not confirmed yet: their data returns
         self.released: set[str] = set()
+        #: connections let go of, until the node says they run elsewhere or ended
+        self.leaving: dict[str, Connection] = {}
         #: what each connection has queued for the hub (handled in order, off the reader)
         self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
         #: bytes of input in each connection's inbox
@@ -142,6 +145,8 @@ class AppLink:
     def send(self, frame: ServiceFrame) -> None:
         if self._ws is None:
             return  # not linked: the node's side of its connections is gone too
+        if not isinstance(frame, ConnectionData | Ping):
+            flush_dirty()  # what hub code wrote before (a Caller.send, a handshake reply) goes first
         data = encode_frame(frame)
         self._queue.append(data)
         self.queued += len(data)
@@ -179,9 +184,9 @@ class AppLink:
         """Until every connection this link let go of is confirmed by the node and what is queued
         went out (bounded): closing the link sooner would look like a crash to the node."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while (self.released or self._queue) and self._ws is not None:
+        while (self.released or self.leaving or self.queued) and self._ws is not None:  # until sent
             if asyncio.get_running_loop().time() > deadline:
-                log.warning("link to %s closing with %d moves unconfirmed", self.node_url, len(self.released))
+                log.warning("link to %s closing with %d moves unconfirmed", self.node_url, len(self.leaving))
                 return
             await asyncio.sleep(0.01)
 
@@ -246,6 +251,11 @@ class AppLink:
         self.queued = 0
         self.writable.set()
         self.released.clear()
+        for cid in list(self.leaving):  # the node is gone: so are they, wherever they were going
+            self._left(cid, False, "the service node's link was lost")
+        manager = self.owner.managers.get(self.hub)
+        if manager is not None:
+            manager.link_lost()
         self._inbox_bytes.clear()
         for queue in self._inbox.values():
             while queue:
@@ -254,7 +264,7 @@ class AppLink:
         for conn in conns:
             conn.outbox.sink = None
             conn.abort("the service node's link was lost")
-            await self.owner.connections.end(conn)
+            self.owner.connections.end_soon(conn)  # hub code's on_disconnected may wait: not here
 
     # -- frames from the node ---------------------------------------------------------------------------
 
@@ -325,6 +335,8 @@ class AppLink:
                 self._inbox_bytes[cid] -= len(data)
 
     async def _migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
+        if conn.outbox.closed:
+            return  # the client left before its turn came: it ended here already
         try:
             await self.endpoint.migrate_in(conn, state)
         except (ValueError, RecursionError) as exc:  # a malformed state (too deep items, say)
@@ -366,12 +378,16 @@ class AppLink:
                 self.send(CloseConnection(cid, None, {"released": True}))
             return
         self.released.discard(cid)  # (gone before the node saw it let go: no ack comes)
+        if cid in self.leaving:  # moved ("moved"), or it ended before it could (anything else)
+            self._left(cid, bool(frame.ext.get("moved")), frame.error)
+            return
         conn = self.conns.pop(cid, None)
         if conn is None:
             return
         conn.outbox.sink = None  # the client is gone: nothing to tell the node
         conn.abort(frame.error or "the client disconnected")
-        await self.owner.connections.end(conn)
+        # not on the reader: on_disconnected may wait for a frame only this reader reads (an Ack)
+        self.owner.connections.end_soon(conn)
 
     def local_close(self, conn: Connection) -> None:
         """The hub closed ``conn`` (its outbox closed): tell the node, end it here."""
@@ -394,12 +410,24 @@ class AppLink:
             flush.flush(conn.outbox)  # what it was sent goes out before it moves
         del self.conns[cid]
         self.released.add(cid)
+        self.leaving[cid] = conn
         conn.outbox.sink = None
         self.send(CloseConnection(cid, None, {"migrate": state}))
         # hub code still holding it (it should not: nothing runs) writes to the client through here
         self.owner.connections.release(conn, lambda data: self.send(ConnectionData(cid, data)))
-        self.owner.tasks.spawn(self.endpoint.release_moved(conn), name=f"release {cid}")
         return True
+
+    def _left(self, cid: str, moved: bool, error: str | None = None) -> None:
+        """The node's last word on a connection let go of: it runs elsewhere now (unregistered
+        here, no ``on_disconnected``), or it ended before it could (``on_disconnected`` runs)."""
+        conn = self.leaving.pop(cid, None)
+        if conn is None:
+            return
+        if moved:
+            self.owner.tasks.spawn(self.endpoint.release_moved(conn), name=f"release {cid}")
+        else:
+            failure = ConnectionError(error) if error else None
+            self.owner.tasks.spawn(self.endpoint.on_disconnect(conn, failure), name=f"left {cid}")
 
 
 _FEATURES: dict[tuple[str, bool], TransportFeatures] = {}
@@ -607,6 +635,14 @@ class ServiceLifetimeManager(HubLifetimeManager):
             return await await_result(future, timeout)
         finally:
             self.results.discard(invocation_id)
+            self._asked.pop(invocation_id, None)
+
+    def link_lost(self) -> None:
+        """A node's link dropped: the results asked of other app servers' clients may have gone
+        with it, so they fail now rather than wait forever (a call without a timeout would)."""
+        for invocation_id in list(self._asked):
+            error = "The node holding the client was lost; the result is unknown."
+            self.results.complete(CompletionMessage.with_error(invocation_id, error), None)
             self._asked.pop(invocation_id, None)
 
     def remote_result(self, frame: ClientCompletion | ErrorCompletion) -> None:

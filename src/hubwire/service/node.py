@@ -189,6 +189,7 @@ class ClientRoute:
         "ping",
         "protocol",
         "received",
+        "registering",
         "replied",
         "results",
         "swallow",
@@ -220,6 +221,8 @@ class ClientRoute:
         self.bounced: list[bytes] = []
         self.held: list[bytes] = []
         self.held_bytes = 0
+        #: the node manager's on_connected of it (its on_disconnected waits for it)
+        self.registering: asyncio.Task[None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -284,16 +287,37 @@ class ClientRoute:
             if isinstance(msg, CompletionMessage):
                 self.pending.pop(msg.invocation_id, None)
 
-    def fail_pending(self, error: str) -> int:
-        """Answer every call in flight with ``error`` (their app server is gone)."""
+    def fail_pending(self, error: str, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        """Answer every call in flight with ``error`` (their app server is gone), but those in
+        ``keep`` (the next app server gets them: they never ran)."""
         protocol = self.protocol
         if protocol is None or not self.pending:
             return 0
-        count = len(self.pending)
-        for invocation_id in self.pending:
+        failed = [i for i in self.pending if i not in keep]
+        for invocation_id in failed:
             self.conn.write(protocol.write_message(CompletionMessage.with_error(invocation_id, error)))
-        self.pending.clear()
-        return count
+        self.pending = {i: v for i, v in self.pending.items() if i in keep}
+        self.uploads.clear()
+        return len(failed)
+
+    def carried(self) -> set[str]:
+        """Ids of the calls in the input held or returned during a move (they will run on the next
+        app server, not on the one that let go)."""
+        if self.protocol is None or not (self.bounced or self.held):
+            return set()
+        parser = self.protocol.parser(None)
+        ids: set[str] = set()
+        for data in (*self.bounced, *self.held):
+            try:
+                messages = parser.feed(data)
+            except InvalidDataError:
+                break
+            ids.update(
+                m.invocation_id
+                for m in messages
+                if isinstance(m, InvocationMessage | StreamInvocationMessage) and m.invocation_id
+            )
+        return ids
 
 
 def _handshake_accepted(data: bytes) -> tuple[bool, int]:
@@ -397,9 +421,13 @@ class ServiceClients(ConnectionApplication):
         for route in list(link.routes.values()):
             if route.moving and route.link is not link:
                 continue
-            self.stats.synthesized_errors += route.fail_pending(APP_SERVER_LOST)
+            state, carried = None, set()
+            if route.moving:  # it had let go of it (items sent): only the crash is new
+                state = route.conn.items.pop("hubwire.service.state", None)
+                carried = route.carried()
+            self.stats.synthesized_errors += route.fail_pending(APP_SERVER_LOST, carried)
             self.stats.migrations_after_crash += 1
-            self._move(route, link, None, crashed=True)
+            self._move(route, link, state if isinstance(state, dict) else None, crashed=state is None)
         link.routes.clear()
 
     # -- client connections ------------------------------------------------------------------------
@@ -510,6 +538,9 @@ class ServiceClients(ConnectionApplication):
             del route.link.routes[conn.connection_id]
             route.link.send(CloseConnection(conn.connection_id, None if error is None else str(error)))
         if route.ctx is not None:
+            if route.registering is not None:  # not before it is registered: it would stay for good
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(route.registering)
             await route.hub.manager.on_disconnected(route.ctx)
 
     def drain(self, conn: Connection, hand_over: Any, final: bool) -> bool:
@@ -556,7 +587,10 @@ class ServiceClients(ConnectionApplication):
     def _from_app(self, link: NodeLink, frame: ConnectionData) -> None:
         route = link.routes.get(frame.connection_id)
         if route is None:
-            return  # the client is gone
+            moved = self.routes.get(frame.connection_id)
+            if moved is not None and moved.replied and not frame.ext.get("bounced"):
+                moved.conn.write(frame.payload)  # a late write of the app server it moved off
+            return  # else the client is gone
         if frame.ext.get("bounced"):
             route.bounced.append(frame.payload)  # reached the old app server after it let go
             return
@@ -579,7 +613,10 @@ class ServiceClients(ConnectionApplication):
         assert route.protocol is not None
         ctx = HubConnectionContext(route.conn, route.protocol, route.version, 1)
         route.ctx = ctx
-        self._spawn(route.hub.manager.on_connected(ctx))
+        task: asyncio.Task[None] = asyncio.ensure_future(route.hub.manager.on_connected(ctx))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        route.registering = task
 
     def tick(self, now: float) -> None:
         """Keep-alive of every client held here, as a hub server does it: a Ping after 15 s without
@@ -666,10 +703,13 @@ class ServiceClients(ConnectionApplication):
     def _move(self, route: ClientRoute, old: NodeLink, state: dict[str, Any] | None, crashed: bool) -> None:
         """Open ``route``'s connection on another app server; what it sent meanwhile follows."""
         new = route.hub.pick()
+        cid = route.conn.connection_id
         if new is None or route.protocol is None or not route.replied or route.conn.outbox.closed:
             self.stats.closed_no_app_server += 1
+            old.send(CloseConnection(cid, None, {"gone": True}))  # its hub's on_disconnected runs there
             self._close_client(route, None)
             return
+        old.send(CloseConnection(cid, None, {"moved": True}))  # it runs elsewhere: forgotten there
         migrated: dict[str, Any] = {
             "from": old.server_id,
             "protocol": route.protocol.name,
@@ -683,7 +723,6 @@ class ServiceClients(ConnectionApplication):
         route.link = new
         new.routes[route.conn.connection_id] = route
         new.send(self._open_frame(route, migrated))
-        cid = route.conn.connection_id
         for data in (*route.bounced, *route.held):
             new.send(ConnectionData(cid, data))
         route.bounced.clear()
@@ -693,6 +732,10 @@ class ServiceClients(ConnectionApplication):
 
     async def _group_command(self, link: NodeLink, frame: GroupCommand) -> None:
         manager = self.hubs[link.hub.lower()].manager
+        route = self.routes.get(frame.connection_id)
+        if route is not None and route.registering is not None:  # its registration goes first
+            with contextlib.suppress(Exception):
+                await asyncio.shield(route.registering)
         try:
             if frame.join:
                 await manager.add_to_group(frame.connection_id, frame.group)
