@@ -47,6 +47,8 @@ class CuttingProxy:
         self.accepted = 0
         #: connections dropped by :meth:`cut`
         self.cuts = 0
+        #: connections dropped because no target accepted them
+        self.unplaced = 0
         #: refuse new connections (accept and drop them at once)
         self.refusing = False
         self._pairs: set[_Pair] = set()
@@ -55,12 +57,20 @@ class CuttingProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _next_target(self) -> int:
+    def _targets(self) -> list[int]:
+        """Where one new connection may go, in order: the instance whose turn it is, then each
+        other one once (a load balancer tries the next instance for this connection when one
+        refuses, as nginx's ``proxy_next_upstream`` does).
+
+        One turn per connection, taken before any await: connections accepted at the same time
+        must not take turns from each other, or one of them could be sent to the same refusing
+        instance again and again and be dropped although other instances were up.
+        """
         if not self.rotation:
-            return self.target
-        port = self.rotation[self._turn % len(self.rotation)]
+            return [self.target]
+        first = self._turn % len(self.rotation)
         self._turn += 1
-        return port
+        return self.rotation[first:] + self.rotation[:first]
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -79,14 +89,14 @@ class CuttingProxy:
         if self.refusing:
             writer.transport.abort()
             return
-        # a refused target is skipped for the next one, as a load balancer's health check would
-        for _ in range(max(1, len(self.rotation))):
+        for port in self._targets():
             try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._next_target())
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
                 break
             except OSError:
-                continue
+                continue  # refused (stopped, restarting): the next instance
         else:
+            self.unplaced += 1
             writer.transport.abort()
             return
         pair = _Pair(writer, up_writer)

@@ -282,6 +282,7 @@ class Takeovers:
             return  # a repeat (the bus publishes a batch again when Redis's answer was lost)
         self._remember(key)
         if message.cid in self._offered:
+            log.debug("refused handing %s over to %s: 409, already offered", message.cid, message.origin)
             self._send(message.origin, _Refuse(message.rid, self.server_name, 409))  # already moving
             return
         request = TakeoverRequest(message.origin, message.cid, message.digest, message.user, message.path)
@@ -293,6 +294,7 @@ class Takeovers:
         if answer is None:
             return  # not held here: the holder answers
         if isinstance(answer, int):
+            log.debug("refused handing %s over to %s: %d", message.cid, message.origin, answer)
             self._send(message.origin, _Refuse(message.rid, self.server_name, answer))
             return
         timer = asyncio.get_running_loop().call_later(

@@ -143,8 +143,23 @@ class HttpConnectionDispatcher:
     ) -> Connection | tuple[int, str]:
         """Check a WebSocket request: the connection to serve, or ``(status, body)`` to refuse it.
 
-        Shared by the ASGI path and the native protocol so both answer alike.
+        Shared by the ASGI path and the native protocol so both answer alike. A refusal is
+        logged (debug) with its status and reason: for a stateful-reconnect resume it is the
+        client's one attempt, and the client starts a new connection after it.
         """
+        admitted = await self._admit_websocket(endpoint, request)
+        if isinstance(admitted, tuple):
+            log.debug(
+                "WebSocket %s refused: %d %s",
+                "resume or start" if request.query_param("id") else "start",
+                admitted[0],
+                admitted[1] or "(no body)",
+            )
+        return admitted
+
+    async def _admit_websocket(
+        self, endpoint: ConnectionApplication, request: RequestInfo
+    ) -> Connection | tuple[int, str]:
         if not self.keys.ready:
             return 503, texts.NOT_READY
         if self.draining:  # new or resuming: either is served better by an instance that stays

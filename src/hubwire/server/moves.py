@@ -295,6 +295,12 @@ class ConnectionMoves:
             )
             return 404, texts.NO_CONNECTION
         if isinstance(answer, int):
+            log.info(
+                "instance holding %s refused to hand it over (%d): resume refused, the client starts afresh",
+                cid,
+                answer,
+                extra={"connection_id": cid, "event": "resume_refused"},
+            )
             return answer, (texts.RESUME_OTHER_USER if answer == 403 else "")
         return await self._adopt(resume, answer)
 
