@@ -10,9 +10,9 @@ negotiating (as pysignalr does). For each client count the table shows:
 
 - the app server's and the node's RSS with the clients idle (settled 3 s), and their idle CPU; and
   the RSS of a plain instance holding as many clients itself (for comparison);
-- broadcasts from one client (``Broadcast(payload)``: the app server sends one frame to the node,
-  the node delivers), closed loop with 4 in flight: the app server's CPU per broadcast and the node's
-  CPU per delivery, deliveries lost or duplicated;
+- broadcasts from two clients (``Broadcast(payload)``: the app server sends one frame to the node,
+  the node delivers), 50 a second: the app server's CPU per broadcast (total, and beyond its idle
+  rate) and the node's CPU per delivery, deliveries lost or duplicated;
 - the echo round trip of one more client (an invocation answered by the hub, 1 at a time) through
   the service and against the plain instance, p50 / p99.
 """
@@ -109,14 +109,16 @@ def settle_and_measure(pids: dict[str, int], seconds: float = 3.0) -> dict[str, 
 
 
 def broadcasts(
-    lg: LoadGen, pids: dict[str, int], count: int, phase: int, idle: dict[str, float]
+    lg: LoadGen, pids: dict[str, int], count: int, phase: int, idle: dict[str, float], rate: float
 ) -> dict[str, float]:
     """Broadcasts through the service; the app server's CPU per broadcast is what it spent beyond
     its idle rate (measured just before) over the same time."""
     lg.all({"cmd": "begin", "phase": phase})
     before = {k: cpu_seconds([p]) for k, p in pids.items()}
     started = time.monotonic()
-    sent = lg.first({"cmd": "send", "duration": 120, "count": count, "window": 4, "senders": 2}, 150)["sent"]
+    # open loop at a fixed rate: the same time per broadcast whatever the client count, so the app
+    # server's idle cost weighs the same on both rows
+    sent = lg.first({"cmd": "send", "duration": 120, "count": count, "rate": rate, "senders": 2}, 150)["sent"]
     ends = lg.all({"cmd": "end", "sent": sent, "drain_timeout": 30}, 60)
     seconds = time.monotonic() - started
     used = {k: cpu_seconds([p]) - before[k] for k, p in pids.items()}
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             connected = count
             row: dict[str, Any] = {"clients": count}
             row.update(settle_and_measure(pids))
-            row.update(broadcasts(lg, pids, args.broadcasts, phase, row))
+            row.update(broadcasts(lg, pids, args.broadcasts, phase, row, args.rate))
             # the same clients held by a plain instance (it runs the hub and holds the sockets)
             lg_direct.call(
                 [
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000])
     parser.add_argument("--broadcasts", type=int, default=300)
     parser.add_argument("--echoes", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=50.0, help="broadcasts per second")
     parser.add_argument("--loadgens", type=int, default=2)
     args = parser.parse_args()
     rows = run(args)

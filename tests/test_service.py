@@ -424,8 +424,8 @@ async def test_a_serverless_node_serves_listen_only_clients_of_a_hub_no_app_serv
 
 
 async def test_keep_alive_is_the_node_s(private_redis: RedisServer) -> None:
-    """Nodes ping idle clients and close silent ones (reconnect allowed); app servers do neither,
-    so an idle client costs them nothing."""
+    """Nodes ping idle clients and close silent ones that have pinged before (reconnect allowed),
+    as a hub server does; app servers do neither, so an idle client costs them nothing."""
     import websockets
 
     made = Cluster(private_redis, nodes=0)
@@ -441,6 +441,7 @@ async def test_keep_alive_is_the_node_s(private_redis: RedisServer) -> None:
         async with websockets.connect(url) as ws:
             await ws.send('{"protocol":"json","version":1}\x1e')
             assert await ws.recv() == "{}\x1e"
+            await ws.send('{"type":6}\x1e')  # a client that pings: from now on it must keep doing so
             started = time.monotonic()
             records: list[dict[str, Any]] = []
             with contextlib.suppress(websockets.ConnectionClosed):

@@ -50,8 +50,8 @@ from ..protocol.messages import (
     CloseMessage,
     CompletionMessage,
     InvocationMessage,
+    PingMessage,
     StreamInvocationMessage,
-    StreamItemMessage,
 )
 from ..protocol.service import (
     ACK_ERROR,
@@ -187,6 +187,7 @@ class ClientRoute:
         "moving",
         "pending",
         "ping",
+        "pinged",
         "protocol",
         "received",
         "registering",
@@ -216,6 +217,7 @@ class ClientRoute:
         self.last_write = 0.0
         self.received = time.monotonic()
         self.ping = b""  # the client's protocol's Ping record, once the handshake said which
+        self.pinged = False  # the client sent a Ping (from then on the client timeout applies)
         #: client results asked of this client by app servers that do not run it: id -> their link
         self.results: dict[str, NodeLink] | None = None
         self.bounced: list[bytes] = []
@@ -248,8 +250,8 @@ class ClientRoute:
                 self.uploads.discard(msg.invocation_id)  # an upload stream's end
                 if self.results and msg.invocation_id in self.results:
                     self._result_to_caller(msg)
-            elif isinstance(msg, StreamItemMessage):
-                pass
+            elif isinstance(msg, PingMessage):
+                self.pinged = True
 
     def _result_to_caller(self, msg: CompletionMessage) -> None:
         """The client answered an app server that does not run it: that one gets the Completion
@@ -484,6 +486,7 @@ class ServiceClients(ConnectionApplication):
         if not route.link.writable.is_set():
             await route.link.writable.wait()  # back-pressure: this client's app server is behind
         if data == route.ping:
+            route.pinged = True
             return  # keep-alive is the node's business (tick): a Ping alone goes no further
         if route.handshake is None:
             route.inbound += data
@@ -643,7 +646,9 @@ class ServiceClients(ConnectionApplication):
                 out.write_control(protocol.write_message(PING))
                 out.wrote = False
                 route.last_write = now
-            if now - route.received > opts.client_timeout_interval:
+            # as a hub server: the client timeout runs once the client has shown it pings (some
+            # clients never do; they end when their transport does)
+            if route.pinged and now - route.received > opts.client_timeout_interval:
                 self._close_client(route, CONNECTION_ERROR)
 
     def _client_invocation(self, link: NodeLink, frame: ClientInvocation) -> None:
