@@ -570,10 +570,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
     # published; the copy coming back from Redis is dropped (its origin is this instance).
 
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
-        message, serializations = self._serialize(InvocationMessage(method, list(args)))
-        channel = self.channels.all
-        seq = self._deliver_local(channel, list(self.local.connections.values()), message, exclude)
-        self._publish(channel, serializations, exclude, seq)
+        self.send_serialized("all", (), SerializedMessage(InvocationMessage(method, list(args))), exclude)
 
     async def send_connections(
         self, connection_ids: Collection[str], method: str, args: Sequence[Any]
@@ -596,26 +593,13 @@ class RedisHubLifetimeManager(HubLifetimeManager):
     async def send_groups(
         self, groups: Collection[str], method: str, args: Sequence[Any], exclude: Collection[str] = ()
     ) -> None:
-        names = [g for g in dict.fromkeys(groups) if g]
-        if not names:
-            return
-        message, serializations = self._serialize(InvocationMessage(method, list(args)))
-        for group in names:
-            members = self.local.groups.get(group)
-            channel = self.channels.group(group)
-            seq = self._deliver_local(channel, list(members.values()) if members else [], message, exclude)
-            self._publish(channel, serializations, exclude, seq)
+        if any(groups):
+            message = SerializedMessage(InvocationMessage(method, list(args)))
+            self.send_serialized("groups", groups, message, exclude)
 
     async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
-        users = list(dict.fromkeys(user_ids))
-        if not users:
-            return
-        message, serializations = self._serialize(InvocationMessage(method, list(args)))
-        for uid in users:
-            members = self.local.users.get(uid)
-            channel = self.channels.user(uid)
-            seq = self._deliver_local(channel, list(members.values()) if members else [], message)
-            self._publish(channel, serializations, (), seq)
+        if user_ids:
+            self.send_serialized("users", user_ids, SerializedMessage(InvocationMessage(method, list(args))))
 
     def send_serialized(
         self,

@@ -377,31 +377,23 @@ class InMemoryLifetimeManager(HubLifetimeManager):
         self.results.fail_connection(connection.connection_id)
 
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
-        message = SerializedMessage(InvocationMessage(method, list(args)))
-        self.local.deliver(list(self.local.connections.values()), message, exclude)
+        self.send_serialized("all", (), SerializedMessage(InvocationMessage(method, list(args))), exclude)
 
     async def send_connections(
         self, connection_ids: Collection[str], method: str, args: Sequence[Any]
     ) -> None:
         message = SerializedMessage(InvocationMessage(method, list(args)))
-        conns = self.local.connections
-        self.local.deliver([conns[c] for c in dict.fromkeys(connection_ids) if c in conns], message)
+        self.send_serialized("connections", connection_ids, message)
 
     async def send_groups(
         self, groups: Collection[str], method: str, args: Sequence[Any], exclude: Collection[str] = ()
     ) -> None:
-        message = SerializedMessage(InvocationMessage(method, list(args)))
-        for group in dict.fromkeys(groups):
-            members = self.local.groups.get(group)
-            if members:
-                self.local.deliver(list(members.values()), message, exclude)
+        self.send_serialized(
+            "groups", groups, SerializedMessage(InvocationMessage(method, list(args))), exclude
+        )
 
     async def send_users(self, user_ids: Collection[str], method: str, args: Sequence[Any]) -> None:
-        message = SerializedMessage(InvocationMessage(method, list(args)))
-        for uid in dict.fromkeys(user_ids):
-            members = self.local.users.get(uid)
-            if members:
-                self.local.deliver(list(members.values()), message)
+        self.send_serialized("users", user_ids, SerializedMessage(InvocationMessage(method, list(args))))
 
     def send_serialized(
         self,
@@ -414,11 +406,11 @@ class InMemoryLifetimeManager(HubLifetimeManager):
         if kind == "all":
             local.deliver(list(local.connections.values()), message, exclude)
             return
-        table = {"groups": local.groups, "users": local.users}.get(kind)
-        if table is None:  # connections
+        if kind == "connections":
             conns = local.connections
             local.deliver([conns[c] for c in dict.fromkeys(targets) if c in conns], message, exclude)
             return
+        table = local.groups if kind == "groups" else local.users
         for name in dict.fromkeys(targets):
             members = table.get(name)
             if members:
