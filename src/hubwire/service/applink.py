@@ -69,6 +69,7 @@ from ..protocol.service import (
     ServiceProtocolError,
     encode_frame,
 )
+from .outgoing import Outgoing
 from .tokens import check_access_key, client_audience, client_token, client_url, link_token, require_pyjwt
 
 __all__ = ["AppLink", "ServiceBackplane", "ServiceLifetimeManager", "ServiceLinks"]
@@ -77,18 +78,11 @@ log = logging.getLogger("hubwire.service")
 
 #: how long a group change may wait for the node's answer
 GROUP_ACK_TIMEOUT = 10.0
-#: a link's backlog (bytes) past which its connections' input and the hub's sends wait
-BACKLOG_HIGH = 4 * 1024 * 1024
-BACKLOG_LOW = 1024 * 1024
 #: how long a stopping app server waits for the nodes to confirm the connections it let go of
 SETTLE_TIMEOUT = 5.0
-#: keep-alive of a link (both ways), and how long silence means the other side is gone
-LINK_PING = 5.0
+#: how long silence means the other side of a link is gone (each side pings every 5 s)
 LINK_TIMEOUT = 30.0
-#: largest WebSocket message a link's writer sends: frames are a byte stream, cut anywhere (a node's
-#: server bounds each message: uvicorn's ws_max_size, 128 KiB for default hub options)
-LINK_MESSAGE = 64 * 1024
-#: largest WebSocket message taken from a node (nodes cut theirs at LINK_MESSAGE too)
+#: largest WebSocket message taken from a node (nodes cut theirs at 64 KiB)
 LINK_MAX_SIZE = 16 * 1024 * 1024
 #: most bytes of one connection's input waiting for its hub here; past it the connection is closed
 #: (its node reads the client without pause: the backpressure of a direct transport is lost)
@@ -131,49 +125,36 @@ class AppLink:
         #: bytes of input in each connection's inbox
         self._inbox_bytes: dict[str, int] = {}
         self.ready = asyncio.Event()
-        #: bytes queued for the node; over the high mark this link's input and sends wait
-        self.queued = 0
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self._queue: list[bytes] = []
-        self._wake = asyncio.Event()
+        #: frames for the node; past its high mark this link's input and sends wait
+        self.out = Outgoing()
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- sending ------------------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> asyncio.Event:
+        return self.out.writable
 
     def send(self, frame: ServiceFrame) -> None:
         if self._ws is None:
             return  # not linked: the node's side of its connections is gone too
         if not isinstance(frame, ConnectionData | Ping):
             flush_dirty()  # what hub code wrote before (a Caller.send, a handshake reply) goes first
-        data = encode_frame(frame)
-        self._queue.append(data)
-        self.queued += len(data)
-        if self.queued > BACKLOG_HIGH:
-            self.writable.clear()
-        self._wake.set()
+        self.out.put(encode_frame(frame))
 
     async def _writer(self, ws: ClientConnection) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), LINK_PING)
-            self._wake.clear()
-            if not self._queue:
-                self._queue.append(encode_frame(Ping()))
-            batch, self._queue = self._queue, []
-            data = b"".join(batch)
+            data = await self.out.batch()
             try:
                 async with asyncio.timeout(LINK_TIMEOUT):
-                    for start in range(0, len(data), LINK_MESSAGE):
-                        await ws.send(data[start : start + LINK_MESSAGE])
+                    for message in self.out.messages(data):
+                        await ws.send(message)
             except TimeoutError:  # the node reads nothing: without this, every send here waits forever
                 log.warning("link to %s (hub %s): the node stopped reading", self.node_url, self.hub)
                 ws.transport.abort()  # the reader ends; the link is opened again
                 return
-            self.queued = max(0, self.queued - len(data))
-            if self.queued <= BACKLOG_LOW:
-                self.writable.set()
+            self.out.sent(len(data))
 
     # -- the link's life ------------------------------------------------------------------------------
 
@@ -184,7 +165,7 @@ class AppLink:
         """Until every connection this link let go of is confirmed by the node and what is queued
         went out (bounded): closing the link sooner would look like a crash to the node."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while (self.released or self.leaving or self.queued) and self._ws is not None:  # until sent
+        while (self.released or self.leaving or self.out.queued) and self._ws is not None:  # until sent
             if asyncio.get_running_loop().time() > deadline:
                 log.warning("link to %s closing with %d moves unconfirmed", self.node_url, len(self.leaving))
                 return
@@ -247,9 +228,7 @@ class AppLink:
         """The node is gone: so are the connections it held (``on_disconnected`` runs once each)."""
         self._ws = None
         self.ready.clear()
-        self._queue.clear()
-        self.queued = 0
-        self.writable.set()
+        self.out.clear()
         self.released.clear()
         for cid in list(self.leaving):  # the node is gone: so are they, wherever they were going
             self._left(cid, False, "the service node's link was lost")

@@ -74,6 +74,7 @@ from ..protocol.service import (
     UserData,
     encode_frame,
 )
+from .outgoing import Outgoing
 from .tokens import CLAIMS
 
 __all__ = ["ClientRoute", "NodeLink", "ServiceClients", "ServiceNodeStats"]
@@ -84,20 +85,11 @@ log = logging.getLogger("hubwire.service")
 APP_SERVER_LOST = "The app server running this call stopped; the call's outcome is unknown."
 #: most bytes a client may send while its connection moves (then it is closed, reconnect allowed)
 HOLD_LIMIT = 1024 * 1024
-#: a link's backlog (bytes) past which the clients pinned to it wait before sending more, and
-#: below which they go on: a slow app server slows its own clients only
-BACKLOG_HIGH = 4 * 1024 * 1024
-BACKLOG_LOW = 1024 * 1024
-#: a link's keep-alive (both sides)
-LINK_PING = 5.0
-#: largest WebSocket message a link's writer sends (frames are a byte stream, cut anywhere)
-LINK_MESSAGE = 64 * 1024
 #: most calls and upload streams of one client in flight at once (a node reads its clients without
 #: pause while the link has room, so nothing else bounds what a client piles up behind a slow call)
 MAX_IN_FLIGHT = 1000
 #: how long a connection may stay between two app servers (the old one never said "released")
 MOVE_TIMEOUT = 30.0
-_PING = encode_frame(Ping())
 
 
 class ServiceNodeStats:
@@ -127,47 +119,29 @@ class NodeLink:
         #: stands for the node itself (a hub no app server runs)
         self.serverless = False
         self._write = write
-        self._queue: list[bytes] = []
-        self._wake = asyncio.Event()
+        self.out = Outgoing()
         self.last_seen = time.monotonic()
-        #: bytes queued for the app server; over the high mark its clients' input waits
-        self.queued = 0
-        self.writable = asyncio.Event()
-        self.writable.set()
+
+    @property
+    def writable(self) -> asyncio.Event:
+        """Set while the app server keeps up (its clients' input waits while it is clear)."""
+        return self.out.writable
 
     def send(self, frame: ServiceFrame) -> None:
-        if self.closed:
-            return
-        data = encode_frame(frame)
-        self._queue.append(data)
-        self.queued += len(data)
-        if self.queued > BACKLOG_HIGH:
-            self.writable.clear()
-        self._wake.set()
+        if not self.closed:
+            self.out.put(encode_frame(frame))
 
     async def writer(self) -> None:
-        """Send queued frames until the link closes (a slow app server slows only its link);
-        a ping when nothing went out for 5 seconds."""
+        """Send queued frames until the link closes (a slow app server slows only its link)."""
         while not self.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), LINK_PING)
-            self._wake.clear()
-            if not self._queue:
-                self._queue.append(_PING)
-            batch, self._queue = self._queue, []
-            data = b"".join(batch)
-            for start in range(0, len(data), LINK_MESSAGE):
-                await self._write(data[start : start + LINK_MESSAGE])
-            self.queued = max(0, self.queued - len(data))
-            if self.queued <= BACKLOG_LOW:
-                self.writable.set()
+            data = await self.out.batch()
+            for message in self.out.messages(data):
+                await self._write(message)
+            self.out.sent(len(data))
 
     def close(self) -> None:
         self.closed = True
-        self._queue.clear()
-        self.queued = 0
-        self.writable.set()  # whoever waits for room sees the link is gone
-        self._wake.set()
+        self.out.clear()
 
 
 class ClientRoute:
