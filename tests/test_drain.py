@@ -80,13 +80,17 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def fleet(url: str, kinds: list[dict[str, Any]]) -> AsyncIterator[Fleet]:
+async def fleet(
+    url: str, kinds: list[dict[str, Any]], *extra: str, script: Path = FLEET, cls: type[Fleet] = Fleet
+) -> AsyncIterator[Any]:
+    """The Node process of ``script`` (``fleet.cjs`` unless told) with the clients of ``kinds``."""
     assert NODE is not None
     proc = await asyncio.create_subprocess_exec(
         NODE,
-        str(FLEET),
+        str(script),
         url,
         json.dumps(kinds),
+        *extra,
         cwd=ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -94,7 +98,7 @@ async def fleet(url: str, kinds: list[dict[str, Any]]) -> AsyncIterator[Fleet]:
         limit=16 * 1024 * 1024,  # a report line holds every client's recent log
     )
     try:
-        yield Fleet(proc)
+        yield cls(proc)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,8 +27,9 @@ from hubwire.service.serverless import NO_APP_SERVER
 from hubwire.service.tokens import client_audience, client_token
 from tests.conftest import ROOT, RedisServer, ServerProcess
 from tests.requirements import NODE_CLIENT, requires
-from tests.stateful_tools import NODE, cutting_proxy
-from tests.test_drain import stop
+from tests.stateful_tools import cutting_proxy
+from tests.test_drain import Fleet, stop
+from tests.test_drain import fleet as drain_fleet
 from tests.test_scaleout import new_prefix
 
 APP = "tests.apps.service_app:app"
@@ -93,22 +94,8 @@ def cluster(private_redis: RedisServer) -> Iterator[Cluster]:
         made.close()
 
 
-class Fleet:
-    """The Node process of ``service_fleet.cjs`` and its JSON lines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-
-    async def event(self, kind: str, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.01, deadline - time.monotonic()))
-            assert line, f"the Node clients exited ({self.proc.returncode})"
-            event: dict[str, Any] = json.loads(line)
-            assert event["event"] != "error", event
-            if event["event"] == kind:
-                return event
+class ServiceFleet(Fleet):
+    """The Node process of ``service_fleet.cjs``: commands on stdin, JSON lines back."""
 
     async def command(
         self, cmd: dict[str, Any], answer: str | None = None, timeout: float = 30
@@ -123,28 +110,9 @@ class Fleet:
         return clients
 
 
-@contextlib.asynccontextmanager
-async def fleet(url: str, kinds: list[dict[str, Any]], groups: int = 10) -> AsyncIterator[Fleet]:
-    assert NODE is not None
-    proc = await asyncio.create_subprocess_exec(
-        NODE,
-        str(FLEET),
-        url,
-        json.dumps(kinds),
-        str(groups),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        limit=16 * 1024 * 1024,
-    )
-    try:
-        yield Fleet(proc)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        await asyncio.wait_for(proc.wait(), 10)
+def fleet(url: str, kinds: list[dict[str, Any]], groups: int = 10) -> Any:
+    """Official JS clients (``service_fleet.cjs``) of ``kinds``, in ``groups`` groups."""
+    return drain_fleet(url, kinds, str(groups), script=FLEET, cls=ServiceFleet)
 
 
 def kinds(ws_json: int, ws_mp: int, sse: int, lp_json: int, lp_mp: int) -> list[dict[str, Any]]:

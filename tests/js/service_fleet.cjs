@@ -15,6 +15,7 @@
 const readline = require("node:readline");
 const signalR = require("@microsoft/signalr");
 const { MessagePackHubProtocol } = require("@microsoft/signalr-protocol-msgpack");
+const { summary } = require("./ticks.cjs");
 
 const [url, kindsText, groupsText] = [process.argv[2], process.argv[3], process.argv[4]];
 const groupCount = Number(groupsText || 10);
@@ -26,21 +27,6 @@ const TRANSPORTS = {
 
 function emit(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n");
-}
-
-function summary(ticks) {
-  if (ticks.length === 0) return { first: null, last: null, count: 0, duplicates: 0, missing: 0, outOfOrder: 0 };
-  const seen = new Set();
-  let duplicates = 0;
-  let outOfOrder = 0;
-  for (let i = 0; i < ticks.length; i++) {
-    if (seen.has(ticks[i])) duplicates++;
-    seen.add(ticks[i]);
-    if (i > 0 && ticks[i] < ticks[i - 1]) outOfOrder++;
-  }
-  const first = Math.min(...ticks);
-  const last = Math.max(...ticks);
-  return { first, last, count: ticks.length, duplicates, outOfOrder, missing: last - first + 1 - seen.size };
 }
 
 function build(kind, query) {
