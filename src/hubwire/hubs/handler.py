@@ -266,41 +266,53 @@ class HubConnectionHandler(ConnectionApplication):
             "items": items,
         }
 
+    def _moved_state(
+        self, conn: Connection, state: dict[str, Any], lowest_version: int
+    ) -> tuple[HubProtocol, int, list[str]]:
+        """Protocol, handshake version and groups of a connection moved here (checked: the state
+        came from another process), and its items put on ``conn``. Raises ``ValueError``."""
+        protocol = self.protocols.get(state.get("protocol"))  # type: ignore[arg-type]
+        version, groups, items = state.get("version"), state.get("groups"), state.get("items")
+        if (
+            protocol is None
+            or not isinstance(version, int)
+            or not lowest_version <= version <= protocol.version
+            or not isinstance(groups, list)
+            or not all(isinstance(g, str) for g in groups)
+            or not isinstance(items, bytes)
+        ):
+            raise ValueError("malformed state of a moved connection")
+        decoded = _items_decoder.decode(items)
+        if not isinstance(decoded, dict):
+            raise ValueError("malformed items of a moved connection")
+        conn.items = decoded
+        return protocol, version, groups
+
+    def _adopt(self, conn: Connection, protocol: HubProtocol, version: int) -> HubConnectionContext:
+        """The hub state of a connection moved here, its handshake done elsewhere."""
+        ctx = self._context(conn, protocol, version)
+        hub_state = _HubConnectionState()
+        hub_state.ctx = ctx
+        hub_state.parser = protocol.parser(self.options.maximum_receive_message_size)
+        conn.application_state = hub_state
+        conn.transfer_format = protocol.transfer_format
+        return ctx
+
     async def import_moved(self, conn: Connection, state: dict[str, Any]) -> None:
         """Register a connection moved here (its context, user and groups) before its replay.
 
         It is suspended (no transport yet): what is sent to it from now on is kept.
         ``on_connected`` does not run again: for hub code this is the same connection.
         """
-        protocol = self.protocols.get(state.get("protocol"))  # type: ignore[arg-type]
-        version = state.get("version")
+        protocol, version, groups = self._moved_state(conn, state, lowest_version=2)
         user = state.get("user")
-        groups = state.get("groups")
-        items = state.get("items")
-        if (
-            protocol is None
-            or not isinstance(version, int)
-            or not 2 <= version <= protocol.version
-            or not (user is None or isinstance(user, str))
-            or not isinstance(groups, list)
-            or not all(isinstance(g, str) for g in groups)
-            or not isinstance(items, bytes)
-        ):
+        if not (user is None or isinstance(user, str)):
             raise ValueError("malformed state of a moved connection")
         owner = conn.principal.identifier if conn.principal is not None else None
         if user != owner:
             raise ValueError("the moved connection belongs to another user")
-        decoded = _items_decoder.decode(items)
-        if not isinstance(decoded, dict):
-            raise ValueError("malformed items of a moved connection")
-        conn.items = decoded
-        ctx = self._context(conn, protocol, version)
-        hub_state = _HubConnectionState()
-        hub_state.ctx = ctx
-        hub_state.parser = protocol.parser(self.options.maximum_receive_message_size)
-        conn.application_state = hub_state
+        ctx = self._adopt(conn, protocol, version)
         conn.application = self
-        conn.transfer_format = protocol.transfer_format
         opts = self.options
         size = opts.stateful_reconnect_buffer_size
         conn.outbox.enable_replay(size, opts.max_buffered_bytes or 10 * size)
@@ -334,30 +346,11 @@ class HubConnectionHandler(ConnectionApplication):
         """Run a connection another app server ran (the service replays no handshake: the client
         did it once). Its groups are the service's; ``on_connected`` runs again only when its
         old app server died (its items died with it)."""
-        protocol = self.protocols.get(state.get("protocol"))  # type: ignore[arg-type]
-        version, groups, items = state.get("version"), state.get("groups"), state.get("items", b"\x80")
-        if (
-            protocol is None
-            or not isinstance(version, int)
-            or not 0 <= version <= protocol.version
-            or not isinstance(groups, list)
-            or not all(isinstance(g, str) for g in groups)
-            or not isinstance(items, bytes)
-        ):
-            raise ValueError("malformed state of a moved connection")
-        decoded = _items_decoder.decode(items)
-        if not isinstance(decoded, dict):
-            raise ValueError("malformed items of a moved connection")
-        conn.items = decoded
-        ctx = self._context(conn, protocol, version)
+        protocol, version, groups = self._moved_state(conn, {"items": b"\x80", **state}, lowest_version=0)
+        ctx = self._adopt(conn, protocol, version)
         ctx.groups = set(groups)
         origin = state.get("from")
         ctx.migrated_from = origin if isinstance(origin, str) else "?"
-        hub_state = _HubConnectionState()
-        hub_state.ctx = ctx
-        hub_state.parser = protocol.parser(self.options.maximum_receive_message_size)
-        conn.application_state = hub_state
-        conn.transfer_format = protocol.transfer_format
         self.connected[conn.connection_id] = ctx
         self.stats.migrated_in += 1
         await self.manager.on_connected(ctx)
