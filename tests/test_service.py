@@ -54,9 +54,9 @@ class Cluster:
         self.every.append(server)
         return server
 
-    def app(self, name: str, port: int | None = None) -> ServerProcess:
+    def app(self, name: str, port: int | None = None, **extra: str) -> ServerProcess:
         urls = ",".join(n.url for n in self.nodes)
-        env = {"HUBWIRE_SERVICE_ACCESS_KEY": KEY, "HUBWIRE_SERVICE_SERVER_ID": name}
+        env = {"HUBWIRE_SERVICE_ACCESS_KEY": KEY, "HUBWIRE_SERVICE_SERVER_ID": name, **extra}
         server = ServerProcess(APP, port=port, args=["--service", urls, "--log-level", "info"], env=env)
         self.every.append(server)
         self.apps[name] = server
@@ -536,3 +536,50 @@ async def test_a_client_of_the_last_app_server_ends_there_when_it_stops(
         assert events.read_text().split("\n").count(f"disconnected {cid}") == 1
     finally:
         made.close()
+
+
+@requires(*NODE_CLIENT)
+async def test_idle_connections_are_parked_and_come_back_whole(cluster: Cluster) -> None:
+    """An app server keeps idle connections as compact records: a call wakes one with its items,
+    user and groups (no on_connected again), a group send reaches parked ones through the nodes,
+    and a drain moves parked connections like the others."""
+    park = {"HUBWIRE_SERVICE_PARK_AFTER": "1"}
+    a, b = cluster.app("A", **park), cluster.app("B", **park)
+    await cluster.linked("A", 2)
+    await cluster.linked("B", 2)
+
+    async def parked(http: httpx.AsyncClient, count: int) -> bool:
+        """``count`` connections parked (the fleet's 12 clients and its broadcaster: 13)."""
+        links = [(await http.get(f"{app.url}/debug/links")).json() for app in cluster.apps.values()]
+        return sum(h["parked"] for h in links) == count
+
+    async with cutting_proxy(a.port) as front, httpx.AsyncClient(timeout=10) as http:
+        front.rotation = [a.port, b.port]
+        async with fleet(f"{front.url}/chat", kinds(4, 2, 2, 2, 2), groups=3) as clients:
+            ready = await clients.event("ready", 60)
+            await clients.command({"cmd": "call", "method": "SetItem", "args": ["k", "v"]}, "call")
+            await until(lambda: parked(http, 13), 20, "every connection to be parked")
+            where = (await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"]
+            await until(lambda: parked(http, 13), 20, "every connection to be parked again")
+            groups = (await clients.command({"cmd": "groups"}, "groups"))["results"]
+            ran = {**(await lifecycle(a)), **(await lifecycle(b))}
+            await until(lambda: parked(http, 13), 20, "every connection to be parked once more")
+            await stop(a)  # its connections are parked: they move to B like awake ones
+            after = (await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"]
+            report = await clients.report()
+            await clients.command({"cmd": "stop"})
+    ids = [c["connectionId"] for c in ready["clients"]]
+    assert all(
+        w["ok"] and w["value"]["items"]["k"] == "v" and w["value"]["migratedFrom"] is None for w in where
+    )
+    assert [w["value"]["connectionId"] for w in where] == ids
+    assert all(ran[cid] == {"connected": 1, "disconnected": 0} for cid in ids), ran
+    for g in groups:
+        assert g["got"] == g["expected"], g
+    was_on_a = [w["value"]["server"] == "A" for w in where]
+    assert any(was_on_a) and not all(was_on_a)
+    for on_a, w in zip(was_on_a, after, strict=True):
+        assert w["ok"] and w["value"]["server"] == "B" and w["value"]["items"]["k"] == "v", w
+        assert w["value"]["migratedFrom"] == ("A" if on_a else None), w
+    assert all(c["reconnecting"] == 0 and c["closed"] == 0 for c in report), report
+    assert [c["connectionId"] for c in report] == ids

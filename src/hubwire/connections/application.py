@@ -104,8 +104,9 @@ class ConnectionApplication(abc.ABC):
     async def refresh_moved(self, conn: Connection, state: dict[str, Any]) -> None:  # noqa: B027
         """The state at hand-over time (groups or items changed on the old holder meanwhile)."""
 
-    async def release_moved(self, conn: Connection) -> None:  # noqa: B027 - optional hook
-        """``conn`` moved to another instance: unregister it here, without ``on_disconnect``."""
+    async def release_moved(self, conn: Connection, parked: bool = False) -> None:  # noqa: B027
+        """``conn`` moved to another instance (or, ``parked``, is kept as a record here until it
+        is needed): unregister it here, without ``on_disconnect``."""
 
     async def abandon_moved(self, conn: Connection) -> None:  # noqa: B027 - optional hook
         """Undo :meth:`import_moved` (the move failed half-way; the client starts afresh)."""

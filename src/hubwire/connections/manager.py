@@ -258,6 +258,15 @@ class ConnectionManager:
         conn.inactive_since = None
         conn.closed.set()
 
+    def forget(self, conn: Connection) -> None:
+        """A linked connection parked by its app server: it lives on as a compact record there
+        (it comes back through :meth:`register_linked`); no end, no hooks."""
+        if self._by_id.get(conn.connection_id) is conn:
+            del self._by_id[conn.connection_id]
+        conn.outbox.close()
+        conn.status = ConnectionStatus.DISPOSED
+        conn.closed.set()
+
     def adopt(self, verified: VerifiedToken, token: str, principal: Principal | None) -> Connection:
         """A connection moving here from another instance, registered before its state arrives.
 

@@ -338,9 +338,17 @@ class HubConnectionHandler(ConnectionApplication):
         if state is not None and state.parser is not None and state.parser.buffered:
             return "a message of it is half received"
         try:
-            return {"items": _items_encoder.encode(conn.items)}
+            items = _items_encoder.encode(conn.items)
         except (TypeError, ValueError, OverflowError) as exc:
             return f"its items cannot be serialized ({exc})"
+        # the protocol, groups and origin matter when it is parked and comes back here
+        return {
+            "items": items,
+            "protocol": ctx.protocol.name,
+            "version": ctx.handshake_version,
+            "groups": sorted(ctx.groups),
+            "from": ctx.migrated_from,
+        }
 
     async def migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
         """Run a connection another app server ran (the service replays no handshake: the client
@@ -350,9 +358,11 @@ class HubConnectionHandler(ConnectionApplication):
         ctx = self._adopt(conn, protocol, version)
         ctx.groups = set(groups)
         origin = state.get("from")
-        ctx.migrated_from = origin if isinstance(origin, str) else "?"
+        parked = bool(state.get("parked"))  # it comes back from being parked here: not a move
+        ctx.migrated_from = origin if isinstance(origin, str) else (None if parked else "?")
         self.connected[conn.connection_id] = ctx
-        self.stats.migrated_in += 1
+        if not parked:
+            self.stats.migrated_in += 1
         await self.manager.on_connected(ctx)
         if state.get("crashed"):
             try:
@@ -382,15 +392,16 @@ class HubConnectionHandler(ConnectionApplication):
             except HubException as exc:  # this instance's limits: it stays out of that group
                 log.warning("moved connection %s not put back in a group: %s", conn.connection_id, exc)
 
-    async def release_moved(self, conn: Connection) -> None:
-        """``conn`` moved away: unregister it here; hub methods still running keep running
-        (what they send is forwarded to the new owner)."""
+    async def release_moved(self, conn: Connection, parked: bool = False) -> None:
+        """``conn`` moved away (or, ``parked``, sleeps as a record here): unregister it here; hub
+        methods still running keep running (what they send is forwarded to the new owner)."""
         state: _HubConnectionState | None = conn.application_state
         ctx = state.ctx if state is not None else None
         if ctx is None or self.connected.get(conn.connection_id) is not ctx:
             return
         del self.connected[conn.connection_id]
-        self.stats.moved_out += 1
+        if not parked:
+            self.stats.moved_out += 1
         ctx.disconnected = True  # nothing new starts here for it
         await self.manager.on_disconnected(ctx)
 

@@ -144,6 +144,10 @@ class ClientResults:
         finally:
             self.discard(invocation_id)
 
+    def owes(self, connection_id: str) -> bool:
+        """A result is awaited from this connection."""
+        return any(owner == connection_id for _, owner in self._pending.values())
+
     def fail_connection(self, connection_id: str) -> None:
         """The connection went away: every result it owed fails."""
         for invocation_id, (future, owner) in list(self._pending.items()):

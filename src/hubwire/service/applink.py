@@ -78,6 +78,8 @@ log = logging.getLogger("hubwire.service")
 
 #: how long a group change may wait for the node's answer
 GROUP_ACK_TIMEOUT = 10.0
+#: seconds without input after which an app server keeps a connection as a compact record only
+PARK_AFTER = 10.0
 #: how long a stopping app server waits for the nodes to confirm the connections it let go of
 SETTLE_TIMEOUT = 5.0
 #: how long silence means the other side of a link is gone (each side pings every 5 s)
@@ -120,6 +122,10 @@ class AppLink:
         self.released: set[str] = set()
         #: connections let go of, until the node says they run elsewhere or ended
         self.leaving: dict[str, Connection] = {}
+        #: idle connections kept as their encoded OpenConnection (with their hub state) only
+        self.parked: dict[str, bytes] = {}
+        #: when each connection's input last came (loop time): idle ones are parked
+        self._last_input: dict[str, float] = {}
         #: what each connection has queued for the hub (handled in order, off the reader)
         self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
         #: bytes of input in each connection's inbox
@@ -214,6 +220,7 @@ class AppLink:
             if self.owner.draining:
                 self.send(Ping({"shutdown": "fin"}))
             writer = asyncio.get_running_loop().create_task(self._writer(ws))
+            sweeper = asyncio.get_running_loop().create_task(self._sweep())
             try:
                 for frame in answer[1:]:
                     await self._on_frame(frame)
@@ -223,6 +230,7 @@ class AppLink:
                         await self._on_frame(frame)
             finally:
                 writer.cancel()
+                sweeper.cancel()
 
     async def _lost(self) -> None:
         """The node is gone: so are the connections it held (``on_disconnected`` runs once each)."""
@@ -240,10 +248,15 @@ class AppLink:
             while queue:
                 queue.popleft().close()  # their connections end now
         conns, self.conns = list(self.conns.values()), {}
+        self._last_input.clear()
         for conn in conns:
             conn.outbox.sink = None
             conn.abort("the service node's link was lost")
             self.owner.connections.end_soon(conn)  # hub code's on_disconnected may wait: not here
+        for cid in list(self.parked):  # back to life to end (their on_disconnected runs once too)
+            woken = self._unpark(cid)
+            if woken is not None:
+                self._queue_work(woken, self._end(woken, "the service node's link was lost"))
 
     # -- frames from the node ---------------------------------------------------------------------------
 
@@ -254,11 +267,12 @@ class AppLink:
                 if cid in self.released:
                     self.send(ConnectionData(cid, frame.payload, {"bounced": True}))
                     return
-                conn = self.conns.get(cid)
+                conn = self.conns.get(cid) or self._unpark(cid)
                 if conn is not None:
+                    self._last_input[cid] = asyncio.get_running_loop().time()
                     self._take_input(conn, frame.payload)
             case OpenConnection():
-                await self._open(frame)
+                self._open(frame)
             case CloseConnection():
                 await self._closed_by_node(frame)
             case Ack():
@@ -272,7 +286,7 @@ class AppLink:
             case _:
                 log.warning("unexpected frame from node %s: %s", self.node_url, type(frame).__name__)
 
-    async def _open(self, frame: OpenConnection) -> None:
+    def _open(self, frame: OpenConnection) -> None:
         cid = frame.connection_id
         if cid in self.conns:
             return
@@ -360,6 +374,11 @@ class AppLink:
         if cid in self.leaving:  # moved ("moved"), or it ended before it could (anything else)
             self._left(cid, bool(frame.ext.get("moved")), frame.error)
             return
+        if cid in self.parked:  # back to life to end: hub code's on_disconnected sees it whole
+            conn = self._unpark(cid)
+            if conn is not None:
+                self._queue_work(conn, self._end(conn, frame.error or "the client disconnected"))
+            return
         conn = self.conns.pop(cid, None)
         if conn is None:
             return
@@ -408,6 +427,71 @@ class AppLink:
             failure = ConnectionError(error) if error else None
             self.owner.tasks.spawn(self.endpoint.on_disconnect(conn, failure), name=f"left {cid}")
 
+    # -- parking idle connections -----------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Park the connections idle for ``park_after`` seconds (checked every few seconds)."""
+        park_after = self.owner.park_after
+        while True:
+            await asyncio.sleep(min(5.0, max(0.5, park_after / 2)))
+            if self.owner.draining:
+                continue  # a drain moves every connection: none sleeps now
+            now = asyncio.get_running_loop().time()
+            for cid, conn in list(self.conns.items()):
+                if cid not in self._inbox and now - self._last_input.get(cid, 0.0) >= park_after:
+                    self._park(conn)
+
+    def _park(self, conn: Connection) -> bool:
+        """Keep an idle connection as one encoded frame (what opens it again, with its hub state)
+        instead of its objects: an idle client costs an app server a few hundred bytes."""
+        cid = conn.connection_id
+        manager = self.owner.managers.get(self.hub)
+        request, features = conn.request, conn.features
+        if request is None or features is None or (manager is not None and manager.results.owes(cid)):
+            return False
+        state = self.endpoint.export_for_migration(conn)
+        if isinstance(state, str):
+            return False
+        principal = conn.principal
+        ext = {
+            "transport": features.name,
+            "binary": features.binary,
+            "path": request.path,
+            "migrated": {**state, "parked": True},
+        }
+        claims = principal.claims if principal is not None else None
+        record = encode_frame(OpenConnection(cid, claims, request.headers, request.query, ext))
+        del self.conns[cid]
+        self._last_input.pop(cid, None)
+        conn.outbox.sink = None
+        self.owner.connections.forget(conn)
+        self.owner.tasks.spawn(self.endpoint.release_moved(conn, parked=True), name=f"park {cid}")
+        self.parked[cid] = record
+        return True
+
+    def _unpark(self, cid: str) -> Connection | None:
+        """A parked connection back as objects (its hub state restored before its input)."""
+        record = self.parked.pop(cid, None)
+        if record is None:
+            return None
+        (frame,) = ServiceFrameParser().feed(record)
+        assert isinstance(frame, OpenConnection)
+        self._open(frame)
+        self._last_input[cid] = asyncio.get_running_loop().time()
+        return self.conns.get(cid)
+
+    def unpark_all(self) -> None:
+        """Every parked connection back (a drain moves them; a lost node ends them)."""
+        for cid in list(self.parked):
+            self._unpark(cid)
+
+    async def _end(self, conn: Connection, reason: str) -> None:
+        if self.conns.get(conn.connection_id) is conn:
+            del self.conns[conn.connection_id]
+        conn.outbox.sink = None
+        conn.abort(reason)
+        await self.owner.connections.end(conn)
+
 
 _FEATURES: dict[tuple[str, bool], TransportFeatures] = {}
 
@@ -443,6 +527,8 @@ class ServiceLinks:
         #: each hub's lifetime manager (client results come back through the links)
         self.managers: dict[str, ServiceLifetimeManager] = {}
         self.draining = False
+        #: seconds without input after which a connection is parked (``HUBWIRE_SERVICE_PARK_AFTER``)
+        self.park_after = float(os.environ.get("HUBWIRE_SERVICE_PARK_AFTER") or PARK_AFTER)
         self.connections: ConnectionManager = ConnectionManager()
         self.tasks: Any = None
         self._acks: dict[int, asyncio.Future[Ack]] = {}
@@ -472,6 +558,7 @@ class ServiceLinks:
         for links in self.links.values():
             for link in links:
                 link.send(Ping({"shutdown": "fin"}))
+                link.unpark_all()  # the drain moves them like the others
 
     def client_url(self, hub: str) -> str:
         """Where a negotiating client is sent: the nodes this app server is linked to, in turn
@@ -549,8 +636,9 @@ class ServiceLifetimeManager(HubLifetimeManager):
         self.local[connection.connection_id] = connection
 
     async def on_disconnected(self, connection: HubConnectionContext) -> None:
-        self.local.pop(connection.connection_id, None)
-        self.results.fail_connection(connection.connection_id)
+        if self.local.get(connection.connection_id) is connection:  # (not its next life, unparked)
+            del self.local[connection.connection_id]
+            self.results.fail_connection(connection.connection_id)
 
     async def send_all(self, method: str, args: Sequence[Any], exclude: Collection[str] = ()) -> None:
         (await self._link()).send(BroadcastData(list(exclude), self._payloads(method, args)))
@@ -694,7 +782,8 @@ class ServiceBackplane(Backplane):
         return {
             "links": len(links),
             "links_up": sum(1 for link in links if link.ready.is_set()),
-            "connections": sum(len(link.conns) for link in links),
+            "connections": sum(len(link.conns) + len(link.parked) for link in links),
+            "parked": sum(len(link.parked) for link in links),
         }
 
 
