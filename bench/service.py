@@ -8,7 +8,8 @@ directly (one plain hubwire instance). Clients are the raw WebSocket clients of 
 get the node's URL and token from the app server's negotiate once, then connect to the node without
 negotiating (as pysignalr does). For each client count the table shows:
 
-- the app server's and the node's RSS with the clients idle (settled 3 s), and their idle CPU; and
+- the app server's and the node's RSS with the clients idle (settled 15 s: the app server parks
+  connections idle for 10 s), and their idle CPU; and
   the RSS of a plain instance holding as many clients itself (for comparison);
 - broadcasts from two clients (``Broadcast(payload)``: the app server sends one frame to the node,
   the node delivers), 50 a second: the app server's CPU per broadcast (total, and beyond its idle
@@ -47,6 +48,8 @@ from bench.run import (  # noqa: E402 - after the path fix, as a script
 )
 
 KEY = "bench-service-access-key-0123456789abcdef"
+#: the app server parks connections idle for 10 s: its RSS is read after that
+PARKED_AFTER = 15.0
 APP = "bench.servers.hubwire_app:app"
 
 
@@ -168,7 +171,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             )  # fmt: skip
             connected = count
             row: dict[str, Any] = {"clients": count}
-            row.update(settle_and_measure(pids))
+            row.update(settle_and_measure(pids, PARKED_AFTER))
             row.update(broadcasts(lg, pids, args.broadcasts, phase, row, args.rate))
             # the same clients held by a plain instance (it runs the hub and holds the sockets)
             lg_direct.call(

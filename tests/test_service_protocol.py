@@ -417,3 +417,24 @@ def test_a_short_access_key_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 32 bytes"):
         check_access_key("x" * 31)
     assert check_access_key("x" * 32) == "x" * 32
+
+
+async def test_an_idle_link_sends_one_ping_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing queued: the writer gets a Ping after the keep-alive interval, and the next batch
+    waits a whole interval again (not at once: a link must not spin on pings)."""
+    import asyncio
+    import time
+
+    from hubwire.service import outgoing
+
+    monkeypatch.setattr(outgoing, "LINK_PING", 0.2)
+    out = outgoing.Outgoing()
+    started = time.monotonic()
+    first = await out.batch()
+    out.sent(len(first))
+    second = await out.batch()
+    waited = time.monotonic() - started
+    assert first == second == encode_frame(Ping())
+    assert waited >= 0.35, waited  # two intervals, not one
+    out.put(b"x")
+    assert await asyncio.wait_for(out.batch(), 1) == b"x"  # a frame goes at once

@@ -49,8 +49,9 @@ class Outgoing:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), LINK_PING)
         self._wake.clear()
-        if not self._frames:
-            self.put(_PING)
+        if not self._frames:  # (not through put: that would wake the next call at once)
+            self._frames.append(_PING)
+            self.queued += len(_PING)
         frames, self._frames = self._frames, []
         return b"".join(frames)
 
