@@ -150,8 +150,9 @@ async def forward(
     negotiated here but taken over elsewhere). A relayed request is answered
     with the owner's status, body and content type. A relayed poll still waiting
     when ``stopping`` is set (this instance drained and is about to exit) ends empty,
-    as a poll that timed out, with ``Connection: close``; what the owner had for it
-    stays queued there. A poll arriving after that gets 503 (it may be a first poll).
+    as a poll that timed out, with ``Connection: close``, when its connection is started
+    somewhere (else it is a first poll: 503); what the owner had for it stays queued there.
+    A poll arriving after that gets 503 (it may be a first poll).
     """
     verified = manager.issuer.verify(token, check_age=False)
     if verified is None:
