@@ -325,14 +325,21 @@ class RedisBackplane(Backplane):
         """
         key = claim_key(self.channel_prefix, connection_id)
         try:
-            # one round trip: set when absent, and say who holds it otherwise (Redis >= 7.0)
+            # set when absent, and say who holds it otherwise (Redis >= 7.0)
             previous = await self.bus.command(
                 "SET", key, self.server_name, "NX", "GET", "EX", max(1, math.ceil(ttl))
             )
+            if previous is None:
+                return True
+            if not isinstance(previous, bytes | str):
+                # redis-py turns SET's reply into "was it set" (False) unless told otherwise: ask
+                previous = await self.bus.command("GET", key)
         except Exception as exc:
             log.warning("cannot claim connection %s (%s); refusing its start", connection_id, exc)
             return None
-        return previous is None or previous == self.server_name.encode()
+        if isinstance(previous, str):
+            previous = previous.encode()
+        return bool(previous == self.server_name.encode())
 
     async def instance_alive(self, server_name: str) -> bool:
         """True while the instance's lease exists (or Redis cannot tell: then it may be alive)."""

@@ -399,18 +399,23 @@ class Relay:
             if owner is not None and death is not None:
                 self.leases.unwatch(owner, death)
 
-    async def _claimed_by(self, connection_id: str) -> str | None:
-        """The instance that started ``connection_id``, from its claim (kept while its token is young)."""
-        try:
-            value = await asyncio.wait_for(
-                self.bus.command("GET", claim_key(self.channel_prefix, connection_id)), self.leases.interval
-            )
-        except Exception:
-            return None
+    async def holder(self, connection_id: str) -> str | None:
+        """The instance that started ``connection_id`` (this one included), from its claim, kept
+        while its token is young; None when none did. Raises when Redis cannot tell in time."""
+        value = await asyncio.wait_for(
+            self.bus.command("GET", claim_key(self.channel_prefix, connection_id)), self.leases.interval
+        )
         if not isinstance(value, bytes | str) or not value:
             return None
-        owner = value.decode(errors="replace") if isinstance(value, bytes) else value
-        if owner == self.server_name:
+        return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+    async def _claimed_by(self, connection_id: str) -> str | None:
+        """The instance that started ``connection_id`` when it is another one (None: unknown)."""
+        try:
+            owner = await self.holder(connection_id)
+        except Exception:
+            return None
+        if owner is None or owner == self.server_name:
             return None
         self._remember(connection_id, owner)
         return owner

@@ -359,6 +359,10 @@ class HttpConnectionDispatcher:
         if conn is None or not self.connections.is_live(conn):
             await respond(send, 404, texts.NO_CONNECTION.encode(), headers=cors)
         elif method == "POST":
+            refusal = await self._hold_unstarted(endpoint, conn)
+            if refusal is not None:
+                await respond(send, refusal[0], refusal[1].encode(), headers=cors)
+                return
             # the user is that of the transport request (SSE GET / polls), as in ASP.NET: a POST
             # authorizes itself but does not change who the connection belongs to
             await handle_post(self.connections, endpoint, conn, request, receive, send, cors)
@@ -470,6 +474,29 @@ class HttpConnectionDispatcher:
         elif features is sse.FEATURES:
             return 409, ""  # one event stream per connection
         return conn
+
+    async def _hold_unstarted(
+        self, endpoint: ConnectionApplication, conn: Connection
+    ) -> tuple[int, str] | None:
+        """A POST for a connection negotiated here whose transport started nowhere that answers.
+
+        Its bytes wait for the start (as in ASP.NET) only where the start will run them: with
+        other instances, this one claims the connection and answers its relay channel, so the
+        first poll, wherever it lands, is relayed here. When another instance started it (and no
+        longer answers for it: it ended, or that instance is gone) the POST gets 404 - a 200 would
+        accept bytes that no application ever gets. 503 when Redis cannot tell.
+        """
+        relay = self.backplane.relay
+        if relay is None or conn.transport_name is not None:
+            return None
+        ttl = self.connections.issuer.max_age + _CLAIM_SLACK
+        claimed = await self.backplane.claim_connection(conn.connection_id, ttl)
+        if claimed is None:
+            return 503, texts.BACKPLANE_UNAVAILABLE
+        if not claimed:
+            return 404, texts.NO_CONNECTION
+        await serve_relayed(relay, self.http, endpoint, conn)
+        return None
 
     async def _take_ownership(
         self, endpoint: ConnectionApplication, conn: Connection, features: TransportFeatures

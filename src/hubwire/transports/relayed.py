@@ -105,6 +105,9 @@ class RequestRelay(Protocol):
     def available(self) -> bool:
         """False while the backplane is unreachable (a relayed request could not be answered)."""
 
+    async def holder(self, connection_id: str) -> str | None:
+        """The instance that started ``connection_id`` (None: none did); raises when unknown."""
+
     async def request(
         self, connection_id: str, payload: bytes, timeout: float, gone: asyncio.Future[Any] | None = None
     ) -> Answer | None:
@@ -147,8 +150,9 @@ async def forward(
     negotiated here but taken over elsewhere). A relayed request is answered
     with the owner's status, body and content type. A relayed poll still waiting
     when ``stopping`` is set (this instance drained and is about to exit) ends empty,
-    as a poll that timed out, with ``Connection: close``; what the owner had for it
-    stays queued there. A poll arriving after that gets 503 (it may be a first poll).
+    as a poll that timed out, with ``Connection: close``, when its connection is started
+    somewhere (else it is a first poll: 503); what the owner had for it stays queued there.
+    A poll arriving after that gets 503 (it may be a first poll).
     """
     verified = manager.issuer.verify(token, check_age=False)
     if verified is None:
@@ -183,7 +187,7 @@ async def forward(
             if answer is not None:
                 answer.settle(False)  # what the owner had for this poll stays queued there
             if gone.result() == "stopping":
-                await respond(send, 200, b"", headers=[*cors, ("connection", "close")])
+                await _end_stopped_poll(relay, verified.connection_id, answer is not None, send, cors)
             return True
     finally:
         if gone is not None:
@@ -197,11 +201,31 @@ async def forward(
                 await respond(send, 404, texts.NO_CONNECTION.encode(), headers=cors)
                 return True
             return False  # nobody holds it: the caller may start it here
-        # negotiated here and not started anywhere yet: handle it here with the body already read
+        # negotiated here, and no instance answers for it: handled here with the body already read
+        # (the dispatcher accepts a POST only if no other instance started the connection)
         await serve_http(endpoint, {**scope, LOCAL_ONLY: True}, _replay(body), send)
         return True
     await _pass_on(answer, send, cors)
     return True
+
+
+async def _end_stopped_poll(
+    relay: RequestRelay, connection_id: str, answered: bool, send: Send, cors: list[tuple[str, str]]
+) -> None:
+    """This instance is about to exit while relaying a poll: end it, empty, when its connection is
+    started elsewhere (the client polls again, elsewhere); else it may be a first poll, which an
+    empty 200 would wrongly confirm (the client would send its handshake to a connection no
+    instance serves): 503, and the client starts again."""
+    started = answered
+    if not started:
+        try:
+            started = await relay.holder(connection_id) is not None
+        except Exception:  # Redis cannot tell: the poll may be a first one
+            started = False
+    if started:
+        await respond(send, 200, b"", headers=[*cors, ("connection", "close")])
+    else:
+        await refuse_draining(send, 503, cors)
 
 
 async def _pass_on(answer: Answer, send: Send, cors: list[tuple[str, str]]) -> None:
