@@ -260,10 +260,12 @@ async def test_workers_serve_one_port_as_instances_over_redis(private_redis: Red
         pids: set[int] = set()
         limits = httpx.Limits(max_keepalive_connections=0)  # a new TCP connection each time
         async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=limits) as c:
-            for _ in range(60):
+            # the port listens once the supervisor bound it; a worker still importing the app (a
+            # loaded machine) accepts nothing yet, so ask until both answered (bounded)
+            deadline = time.monotonic() + 30
+            while len(pids) < 2 and time.monotonic() < deadline:
                 pids.add((await c.get("/debug/pid")).json()["pid"])
-                if len(pids) == 2:
-                    break
+                await asyncio.sleep(0.02)
             assert len(pids) == 2, pids  # two processes accept on the one port
             assert server.proc.pid not in pids  # the supervisor serves nothing itself
             # a broadcast made by one worker reaches the clients of both (the backplane)
