@@ -120,7 +120,6 @@ class NodeLink:
         self.serverless = False
         self._write = write
         self.out = Outgoing()
-        self.last_seen = time.monotonic()
 
     @property
     def writable(self) -> asyncio.Event:
@@ -167,7 +166,6 @@ class ClientRoute:
         "registering",
         "replied",
         "results",
-        "swallow",
         "tracking",
         "uploads",
         "version",
@@ -183,7 +181,6 @@ class ClientRoute:
         self.version = 1
         self.ctx: HubConnectionContext | None = None
         self.replied = False
-        self.swallow = False
         self.tracking: Any = None  # the client's message parser (None: not tracking)
         self.pending: dict[str, bool] = {}  # invocation id -> is a stream invocation
         self.uploads: set[str] = set()
@@ -577,10 +574,7 @@ class ServiceClients(ConnectionApplication):
             if used == 0:
                 return
             route.replied = True
-            if route.swallow:
-                data = data[used:]
-                route.swallow = False
-            elif accepted and route.protocol is not None:
+            if accepted and route.protocol is not None:
                 self._register(route)
         route.track_outbound(data)
         if data:
