@@ -583,3 +583,43 @@ async def test_idle_connections_are_parked_and_come_back_whole(cluster: Cluster)
         assert w["value"]["migratedFrom"] == ("A" if on_a else None), w
     assert all(c["reconnecting"] == 0 and c["closed"] == 0 for c in report), report
     assert [c["connectionId"] for c in report] == ids
+
+
+@requires(*NODE_CLIENT)
+async def test_connections_sleep_past_the_awake_bound_and_keep_working(cluster: Cluster) -> None:
+    """New connections are parked once their handshake is handled, and past
+    ``HUBWIRE_SERVICE_AWAKE_MAX`` awake ones per link the least recently active are parked
+    whatever their idle time (the idle rule is out of play here: 600 s). Clients that call and
+    get group sends all the while see nothing of it: every call answered with the items it set,
+    every group send once, no on_connected again, no reconnect."""
+    bound = {"HUBWIRE_SERVICE_PARK_AFTER": "600", "HUBWIRE_SERVICE_AWAKE_MAX": "1"}
+    a, b = cluster.app("A", **bound), cluster.app("B", **bound)
+    await cluster.linked("A", 2)
+    await cluster.linked("B", 2)
+
+    async def parked_at_least(http: httpx.AsyncClient, count: int) -> bool:
+        links = [(await http.get(f"{app.url}/debug/links")).json() for app in (a, b)]
+        return sum(h["parked"] for h in links) >= count
+
+    async with cutting_proxy(a.port) as front, httpx.AsyncClient(timeout=10) as http:
+        front.rotation = [a.port, b.port]
+        async with fleet(f"{front.url}/chat", kinds(4, 2, 2, 2, 2), groups=3) as clients:
+            ready = await clients.event("ready", 60)
+            # 13 connections (12 clients, the broadcaster) over 4 links with at most 1 awake on each
+            await until(lambda: parked_at_least(http, 9), 20, "connections past the bound parked")
+            await clients.command({"cmd": "call", "method": "SetItem", "args": ["k", "v"]}, "call")
+            rounds = [(await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"]]
+            rounds.append((await clients.command({"cmd": "call", "method": "Where"}, "call"))["results"])
+            groups = (await clients.command({"cmd": "groups"}, "groups"))["results"]
+            await until(lambda: parked_at_least(http, 9), 20, "the woken ones parked again")
+            ran = {**(await lifecycle(a)), **(await lifecycle(b))}
+            report = await clients.report()
+            await clients.command({"cmd": "stop"})
+    ids = [c["connectionId"] for c in ready["clients"]]
+    for where in rounds:
+        assert [w["value"]["connectionId"] for w in where] == ids
+        assert all(w["ok"] and w["value"]["items"]["k"] == "v" for w in where), where
+    for g in groups:
+        assert g["got"] == g["expected"], g
+    assert all(ran[cid] == {"connected": 1, "disconnected": 0} for cid in ids), ran
+    assert all(c["reconnecting"] == 0 and c["closed"] == 0 for c in report), report

@@ -33,7 +33,13 @@ from websockets.exceptions import WebSocketException
 
 from ..backplane.base import Backplane, UserRedirect
 from ..connections.application import ConnectionApplication
-from ..connections.connection import Connection, Principal, RequestInfo, TransportFeatures
+from ..connections.connection import (
+    Connection,
+    ConnectionStatus,
+    Principal,
+    RequestInfo,
+    TransportFeatures,
+)
 from ..connections.manager import ConnectionManager
 from ..connections.outbox import flush_dirty
 from ..exceptions import HubException
@@ -80,6 +86,9 @@ log = logging.getLogger("hubwire.service")
 GROUP_ACK_TIMEOUT = 10.0
 #: seconds without input after which an app server keeps a connection as a compact record only
 PARK_AFTER = 10.0
+#: most connections of one link kept awake (as objects); past it the least recently active are
+#: parked, whatever their idle time: a burst of busy clients does not raise the memory high-water mark
+AWAKE_MAX = 1000
 #: how long a stopping app server waits for the nodes to confirm the connections it let go of
 SETTLE_TIMEOUT = 5.0
 #: how long silence means the other side of a link is gone (each side pings every 5 s)
@@ -126,6 +135,9 @@ class AppLink:
         self.parked: dict[str, bytes] = {}
         #: when each connection's input last came (loop time): idle ones are parked
         self._last_input: dict[str, float] = {}
+        #: new connections, parked as soon as their handshake is handled: a connect burst never
+        #: has every connection awake at once (the process keeps its memory's high-water mark)
+        self._fresh: set[str] = set()
         #: what each connection has queued for the hub (handled in order, off the reader)
         self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
         #: bytes of input in each connection's inbox
@@ -249,6 +261,7 @@ class AppLink:
                 queue.popleft().close()  # their connections end now
         conns, self.conns = list(self.conns.values()), {}
         self._last_input.clear()
+        self._fresh.clear()
         for conn in conns:
             conn.outbox.sink = None
             conn.abort("the service node's link was lost")
@@ -269,7 +282,7 @@ class AppLink:
                     return
                 conn = self.conns.get(cid) or self._unpark(cid)
                 if conn is not None:
-                    self._last_input[cid] = asyncio.get_running_loop().time()
+                    self._touch(cid)
                     self._take_input(conn, frame.payload)
             case OpenConnection():
                 self._open(frame)
@@ -307,6 +320,7 @@ class AppLink:
         if isinstance(migrated, dict):
             self._queue_work(conn, self._migrate_in(conn, migrated))
         else:
+            self._fresh.add(cid)
             self._queue_work(conn, self.endpoint.on_connect(conn))
 
     def _take_input(self, conn: Connection, data: bytes) -> None:
@@ -328,8 +342,8 @@ class AppLink:
                 self._inbox_bytes[cid] -= len(data)
 
     async def _migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
-        if conn.outbox.closed:
-            return  # the client left before its turn came: it ended here already
+        if conn.status in (ConnectionStatus.ENDING, ConnectionStatus.DISPOSED):
+            return  # it ended before its turn came (its link was lost, say)
         try:
             await self.endpoint.migrate_in(conn, state)
         except (ValueError, RecursionError) as exc:  # a malformed state (too deep items, say)
@@ -362,6 +376,10 @@ class AppLink:
         finally:
             del self._inbox[cid]
             self._inbox_bytes.pop(cid, None)
+            if cid in self._fresh:
+                self._park_fresh(cid)
+            if len(self.conns) > self.owner.awake_max:
+                self._trim()
 
     async def _closed_by_node(self, frame: CloseConnection) -> None:
         cid = frame.connection_id
@@ -375,21 +393,29 @@ class AppLink:
             self._left(cid, bool(frame.ext.get("moved")), frame.error)
             return
         if cid in self.parked:  # back to life to end: hub code's on_disconnected sees it whole
-            conn = self._unpark(cid)
-            if conn is not None:
-                self._queue_work(conn, self._end(conn, frame.error or "the client disconnected"))
-            return
-        conn = self.conns.pop(cid, None)
+            self._unpark(cid)
+        conn = self._drop(cid)
         if conn is None:
             return
         conn.outbox.sink = None  # the client is gone: nothing to tell the node
-        conn.abort(frame.error or "the client disconnected")
+        conn.abort(frame.error or "the client disconnected")  # (its input waiting is not handled)
+        if cid in self._inbox:
+            # its hub state is not back yet (a moved or unparked connection whose open is queued):
+            # it ends after it, so on_disconnected runs, with it
+            self._queue_work(conn, self.owner.connections.end(conn))
+            return
         # not on the reader: on_disconnected may wait for a frame only this reader reads (an Ack)
         self.owner.connections.end_soon(conn)
 
+    def _drop(self, cid: str) -> Connection | None:
+        """``cid`` no longer runs here as objects: its entries go with it."""
+        self._last_input.pop(cid, None)
+        self._fresh.discard(cid)
+        return self.conns.pop(cid, None)
+
     def local_close(self, conn: Connection) -> None:
         """The hub closed ``conn`` (its outbox closed): tell the node, end it here."""
-        if self.conns.pop(conn.connection_id, None) is None:
+        if self._drop(conn.connection_id) is None:
             return
         self.send(CloseConnection(conn.connection_id, conn.abort_reason))
         self.owner.connections.end_soon(conn)
@@ -406,7 +432,7 @@ class AppLink:
         flush = conn.outbox.sink
         if flush is not None and conn.outbox.dirty:
             flush.flush(conn.outbox)  # what it was sent goes out before it moves
-        del self.conns[cid]
+        self._drop(cid)
         self.released.add(cid)
         self.leaving[cid] = conn
         conn.outbox.sink = None
@@ -430,16 +456,45 @@ class AppLink:
     # -- parking idle connections -----------------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """Park the connections idle for ``park_after`` seconds (checked every few seconds)."""
+        """Park the connections idle for ``park_after`` seconds and those past the awake bound
+        (checked every two seconds at most)."""
         park_after = self.owner.park_after
         while True:
-            await asyncio.sleep(min(5.0, max(0.5, park_after / 2)))
+            await asyncio.sleep(min(2.0, max(0.5, park_after / 2)))
             if self.owner.draining:
                 continue  # a drain moves every connection: none sleeps now
+            if len(self.conns) > self.owner.awake_max:
+                self._trim()  # (those whose calls were still running when their input was handled)
             now = asyncio.get_running_loop().time()
             for cid, conn in list(self.conns.items()):
                 if cid not in self._inbox and now - self._last_input.get(cid, 0.0) >= park_after:
                     self._park(conn)
+
+    def _touch(self, cid: str) -> None:
+        """Input of ``cid`` now (it moves to the end: ``_last_input`` runs least recent first)."""
+        self._last_input.pop(cid, None)
+        self._last_input[cid] = asyncio.get_running_loop().time()
+
+    def _trim(self) -> None:
+        """Park the least recently active connections until a tenth fewer than the most allowed
+        are awake (in batches: each pass walks the awake ones)."""
+        if self.owner.draining:
+            return
+        excess = len(self.conns) - self.owner.awake_max + self.owner.awake_max // 10
+        for cid in list(self._last_input):
+            if excess <= 0:
+                return
+            conn = self.conns.get(cid)
+            if conn is not None and cid not in self._inbox and self._park(conn):
+                excess -= 1
+
+    def _park_fresh(self, cid: str) -> None:
+        """A new connection whose input is all handled: parked once its handshake is done."""
+        conn = self.conns.get(cid)
+        if conn is None or conn.outbox.closed:
+            self._fresh.discard(cid)
+        elif not self.owner.draining:
+            self._park(conn)  # (not yet when its handshake has not come: it stays fresh)
 
     def _park(self, conn: Connection) -> bool:
         """Keep an idle connection as one encoded frame (what opens it again, with its hub state)
@@ -461,8 +516,10 @@ class AppLink:
         }
         claims = principal.claims if principal is not None else None
         record = encode_frame(OpenConnection(cid, claims, request.headers, request.query, ext))
-        del self.conns[cid]
-        self._last_input.pop(cid, None)
+        flush = conn.outbox.sink
+        if flush is not None and conn.outbox.dirty:
+            flush.flush(conn.outbox)  # what it was sent (its handshake reply, say) goes out first
+        self._drop(cid)
         conn.outbox.sink = None
         self.owner.connections.forget(conn)
         self.owner.tasks.spawn(self.endpoint.release_moved(conn, parked=True), name=f"park {cid}")
@@ -477,7 +534,7 @@ class AppLink:
         (frame,) = ServiceFrameParser().feed(record)
         assert isinstance(frame, OpenConnection)
         self._open(frame)
-        self._last_input[cid] = asyncio.get_running_loop().time()
+        self._touch(cid)
         return self.conns.get(cid)
 
     def unpark_all(self) -> None:
@@ -487,7 +544,7 @@ class AppLink:
 
     async def _end(self, conn: Connection, reason: str) -> None:
         if self.conns.get(conn.connection_id) is conn:
-            del self.conns[conn.connection_id]
+            self._drop(conn.connection_id)
         conn.outbox.sink = None
         conn.abort(reason)
         await self.owner.connections.end(conn)
@@ -529,6 +586,8 @@ class ServiceLinks:
         self.draining = False
         #: seconds without input after which a connection is parked (``HUBWIRE_SERVICE_PARK_AFTER``)
         self.park_after = float(os.environ.get("HUBWIRE_SERVICE_PARK_AFTER") or PARK_AFTER)
+        #: most connections of a link awake at once (``HUBWIRE_SERVICE_AWAKE_MAX``)
+        self.awake_max = max(1, int(os.environ.get("HUBWIRE_SERVICE_AWAKE_MAX") or AWAKE_MAX))
         self.connections: ConnectionManager = ConnectionManager()
         self.tasks: Any = None
         self._acks: dict[int, asyncio.Future[Ack]] = {}
