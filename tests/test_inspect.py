@@ -296,6 +296,10 @@ async def test_forged_and_malformed_messages_change_nothing(cluster: Cluster) ->
         finally:
             stop.set()
             await sprayer
+    async with httpx.AsyncClient(timeout=10) as http:
+        health = [(await http.get(f"{i.url}/health")).json() for i in cluster.instances]
+    # what was dropped is counted on every instance (``hubwire_backplane_inspect_malformed_total``)
+    assert all(h["inspect_malformed"] > 0 for h in health), health
     for instance in cluster.instances:
         assert "Traceback" not in instance.output()
 

@@ -362,6 +362,8 @@ class RedisBackplane(Backplane):
             "moved_out": self.takeovers.moved_out,
             "takeover_malformed": self.takeovers.malformed,
             "takeover_requests": self.takeovers.requests,
+            "inspect_malformed": self.inspector.malformed,
+            "inspect_unanswered": self.inspector.unanswered,
         }
         if self.durable is not None:
             moves["journal_writes"] = self.durable.journal_writes

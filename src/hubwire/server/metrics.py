@@ -28,7 +28,8 @@ Metrics (all prefixed ``hubwire_``):
   ``backplane_reconnects_total{link}``, ``backplane_subscriber_restarts_total``,
   ``backplane_stalls_total``, ``backplane_duplicates_dropped_total``,
   ``backplane_lease_failures_total``, ``backplane_moved_in_total``, ``backplane_moved_out_total``,
-  ``backplane_takeover_malformed_total``, ``backplane_journal_writes_total``,
+  ``backplane_takeover_malformed_total``, ``backplane_inspect_malformed_total``,
+  ``backplane_inspect_unanswered_total``, ``backplane_journal_writes_total``,
   ``backplane_journal_failures_total``, ``backplane_history_errors_total``, ``backplane_buffered``,
   ``backplane_subscriptions``, ``backplane_publish_lag_seconds``,
   ``backplane_connected`` (Redis backplane only);
@@ -321,6 +322,8 @@ def _backplane_metrics(health: dict[str, Any]) -> Iterator[Any]:
         ("moved_in", "Resumable connections taken over from another instance"),
         ("moved_out", "Resumable connections handed over to another instance"),
         ("takeover_malformed", "Malformed connection-takeover messages from Redis (dropped)"),
+        ("inspect_malformed", "Malformed inspection queries or answers from Redis (dropped)"),
+        ("inspect_unanswered", "Inspection queries left unanswered (past this instance's answer rate)"),
         ("journal_writes", "Durable resume: messages journaled in Redis before being sent"),
         ("journal_failures", "Durable resume: journal write batches Redis did not take"),
         ("history_errors", "Durable resume: channel history writes Redis refused"),
