@@ -16,6 +16,11 @@ negotiating (as pysignalr does). For each client count the table shows:
   rate) and the node's CPU per delivery, deliveries lost or duplicated;
 - the echo round trip of one more client (an invocation answered by the hub, 1 at a time) through
   the service and against the plain instance, p50 / p99.
+
+Then what waking a parked connection costs: another node and app server with
+``HUBWIRE_SERVICE_AWAKE_MAX=1``, two clients calling in turn, so every call wakes its connection
+and parks the other one: the round trip p50 / p99 and the app server's CPU per call, beside the
+same with the default bound (both stay awake).
 """
 
 from __future__ import annotations
@@ -93,6 +98,65 @@ async def echo_rtts(port: int, path: str, count: int) -> list[float]:
                     break
             rtts.append((time.perf_counter() - started) * 1000)
     return rtts
+
+
+async def echo_pair_rtts(port: int, path: str, count: int) -> list[float]:
+    """Round trips (ms) of ``count`` invocations made in turn by two clients, one at a time."""
+    import websockets
+
+    async with (
+        websockets.connect(f"ws://127.0.0.1:{port}{path}", compression=None) as one,
+        websockets.connect(f"ws://127.0.0.1:{port}{path}", compression=None) as two,
+    ):
+        for ws in (one, two):
+            await ws.send('{"protocol":"json","version":1}\x1e')
+            await ws.recv()  # the handshake answer
+        rtts = []
+        for i in range(count):
+            ws = (one, two)[i % 2]
+            started = time.perf_counter()
+            call = {"type": 1, "invocationId": str(i), "target": "ConnectionId", "arguments": []}
+            await ws.send(json.dumps(call) + "\x1e")
+            while True:
+                records = str(await ws.recv()).split("\x1e")
+                if any(r and json.loads(r).get("type") == 3 for r in records):
+                    break
+            rtts.append((time.perf_counter() - started) * 1000)
+    return rtts
+
+
+def churn(procs: Processes, redis: Redis, count: int) -> list[dict[str, Any]]:
+    """Two clients calling in turn, with every call waking a parked connection and without."""
+    rows = []
+    for label, awake in (("awake (default bound)", ""), ("woken each call (bound 1)", "1")):
+        prefix = f"bench-churn-{awake or 'default'}"
+        node_port, _ = start(
+            procs, f"churn-node-{awake}", ["service", "--redis", redis.url, "--channel-prefix", prefix], {}
+        )
+        env = {"HUBWIRE_SERVICE_AWAKE_MAX": awake} if awake else {}
+        app_port, app_pid = start(
+            procs, f"churn-app-{awake}", ["run", APP, "--service", f"http://127.0.0.1:{node_port}"], env
+        )
+        time.sleep(2.0)  # the app server links to the node
+        path = "/client/?hub=BenchHub&access_token=" + negotiate(app_port)["accessToken"]
+        asyncio.run(echo_pair_rtts(node_port, path, 200))  # warm up
+        before = cpu_seconds([app_pid])
+        rtts = asyncio.run(echo_pair_rtts(node_port, path, count))
+        used = cpu_seconds([app_pid]) - before
+        p50, p99 = quantiles(rtts)
+        rows.append({"label": label, "p50": p50, "p99": p99, "app_us_per_call": used / count * 1e6})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def churn_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| two clients calling in turn | echo p50 / p99 ms | app server µs CPU / call |",
+        "|---|---|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['p50']:.2f} / {r['p99']:.2f} | {r['app_us_per_call']:.0f} |")
+    return "\n".join(lines)
 
 
 def quantiles(rtts: list[float]) -> tuple[float, float]:
@@ -192,6 +256,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(json.dumps(row), flush=True)
         lg.close()
         lg_direct.close()
+        if args.churn_calls:
+            rows.append({"churn": churn(procs, redis, args.churn_calls)})
     finally:
         procs.stop_all()
     return rows
@@ -205,6 +271,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
+        if "churn" in r:
+            continue
         lines.append(
             f"| {r['clients']:,} | {r['app_rss_mb']:.1f} | {r['node_rss_mb']:.1f} | {r['direct_rss_mb']:.1f} "
             f"| {r['app_idle_cpu_pct']:.1f} "
@@ -223,10 +291,15 @@ def main() -> None:
     parser.add_argument("--echoes", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=50.0, help="broadcasts per second")
     parser.add_argument("--loadgens", type=int, default=2)
+    parser.add_argument("--churn-calls", type=int, default=2000, help="0: no wake-cost measurement")
     args = parser.parse_args()
     rows = run(args)
     print()
     print(table(rows))
+    for r in rows:
+        if "churn" in r:
+            print()
+            print(churn_table(r["churn"]))
 
 
 if __name__ == "__main__":
