@@ -1,19 +1,22 @@
 """Exactly once over the Redis backplane, in-process: envelope ids, the dedupe window, the manager.
 
-The real-process counterparts (Redis killed, Redis asleep) are in tests/test_outage_exactly_once.py.
-Here a fake Redis fans each publish out to every manager subscribed to its channel, the sender's
-included, and can hold messages back (an outage) or deliver them twice (the bus re-publishing a batch
-whose answer was lost).
+The hubwire-process counterparts (Redis killed, Redis asleep) are in tests/test_outage_exactly_once.py.
+Here the managers of two instances run in one process against a private ``redis-server``: it is
+killed and started again (an outage), and what was published is published once more (what the bus
+does with a batch whose answer was lost).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +25,9 @@ from hubwire.backplane.redis import RedisBackplane, RedisHubLifetimeManager
 from hubwire.protocol import JsonHubProtocol, MessagePackHubProtocol
 from hubwire.protocol.backplane import RedisInvocation, decode_invocation, encode_invocation
 
+from .conftest import RedisServer
 from .test_backplane_protocol import JSON_SEND, MSGPACK_SEND, SEND_ALL
+from .test_scaleout import new_prefix
 
 # -- envelope ---------------------------------------------------------------------------------------
 
@@ -145,54 +150,48 @@ def test_origins_not_heard_from_are_forgotten() -> None:
     assert len(dedupe) == 3 and not dedupe.first_time("e", 1) and dedupe.first_time("a", 2)
 
 
-# -- the manager over a fake Redis --------------------------------------------------------------------
+# -- the manager over a real Redis --------------------------------------------------------------------
 
 
-class FakeRedis:
-    """Fans publishes out to every subscribed handler (the sender's too); holds them while down."""
+class Wire:
+    """Every message published under a prefix, as Redis delivered it, to publish once more: what
+    the bus does with a batch whose answer it lost (it cannot know whether Redis took it)."""
 
-    def __init__(self) -> None:
-        self.up = True
-        self.held: list[tuple[bytes, bytes]] = []
-        self.sent: list[tuple[bytes, bytes]] = []
-        self.handlers: list[dict[bytes, Callable[[bytes, bytes], None]]] = []
+    def __init__(self, url: str, prefix: str) -> None:
+        self.client = aioredis.Redis.from_url(url)
+        self.pubsub = self.client.pubsub()
+        self.prefix = prefix
+        self.seen: list[tuple[bytes, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
 
-    def fan_out(self, channel: bytes, payload: bytes) -> None:
-        for handlers in self.handlers:
-            handler = handlers.get(channel)
-            if handler is not None:
-                handler(channel, payload)
+    async def start(self) -> None:
+        await self.pubsub.psubscribe(f"{self.prefix}*")
+        async with asyncio.timeout(5):  # until Redis confirms: later publishes are seen
+            while (await self.pubsub.get_message(timeout=1.0)) is None:
+                pass
+        self._task = asyncio.ensure_future(self._read())
 
-    def flush(self) -> None:
-        held, self.held = self.held, []
-        for channel, payload in held:
-            self.sent.append((channel, payload))
-            self.fan_out(channel, payload)
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self.pubsub.get_message(timeout=1.0)
+            except aioredis.ConnectionError:  # Redis was killed (an outage test): nothing more to see
+                return
+            if message is not None and message["type"] == "pmessage":
+                self.seen.append((message["channel"], message["data"]))
 
-    def replay(self) -> None:
-        """Everything published so far, once more (the bus re-publishing what it was not sure of)."""
-        for channel, payload in list(self.sent):
-            self.fan_out(channel, payload)
+    async def replay(self, count: int) -> None:
+        """The first ``count`` messages seen, once more (the wire sees its own copies too)."""
+        for channel, data in self.seen[:count]:
+            await self.client.publish(channel, data)
 
-
-class FakeBus:
-    def __init__(self, redis: FakeRedis) -> None:
-        self.redis = redis
-        self.handlers: dict[bytes, Callable[[bytes, bytes], None]] = {}
-        redis.handlers.append(self.handlers)
-
-    def publish(
-        self, channel: str, payload: bytes, want_receivers: bool = False, history: bool = False
-    ) -> None:
-        self.redis.held.append((channel.encode(), payload))
-        if self.redis.up:
-            self.redis.flush()
-
-    async def subscribe(self, channel: str, handler: Callable[[bytes, bytes], None]) -> None:
-        self.handlers[channel.encode()] = handler
-
-    def unsubscribe(self, channel: str) -> None:
-        self.handlers.pop(channel.encode(), None)
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.client.aclose()
 
 
 class FakeOutbox:
@@ -209,6 +208,8 @@ class FakeOutbox:
 
 
 class FakeConnection:
+    """What the manager needs of a hub connection (its outbox keeps what it was sent)."""
+
     def __init__(self, cid: str, protocol: Any, user: str | None = None) -> None:
         self.connection_id = cid
         self.protocol = protocol
@@ -228,23 +229,31 @@ class FakeConnection:
         return out
 
 
-async def cluster(n: int) -> tuple[FakeRedis, list[RedisHubLifetimeManager]]:
-    redis = FakeRedis()
-    managers = []
-    for _ in range(n):
-        backplane = RedisBackplane("redis://127.0.0.1:1", ack_timeout=2)
-        manager = RedisHubLifetimeManager(backplane, "Hub")
-        manager.protocols = (JsonHubProtocol(), MessagePackHubProtocol())
-        manager.bus = FakeBus(redis)  # type: ignore[assignment]
-        for channel, handler in (
-            (manager.channels.all, manager._on_all),
-            (manager.channels.group_management, manager._on_group_command),
-            (manager._ack_channel, manager._on_ack),
-            (manager._return_channel, manager._on_return),
-        ):
-            await manager.bus.subscribe(channel, handler)
-        managers.append(manager)
-    return redis, managers
+@contextlib.asynccontextmanager
+async def cluster(url: str, n: int) -> AsyncIterator[tuple[Wire, list[RedisHubLifetimeManager]]]:
+    """``n`` instances' managers of one hub on the Redis at ``url`` (a prefix of their own)."""
+    prefix = new_prefix("dedupe")
+    wire = Wire(url, prefix)
+    await wire.start()
+    backplanes: list[RedisBackplane] = []
+    managers: list[RedisHubLifetimeManager] = []
+    try:
+        for _ in range(n):
+            backplane = RedisBackplane(url, prefix, ack_timeout=5)
+            backplanes.append(backplane)
+            await backplane.start()
+            manager = backplane.create_manager("Hub")
+            assert isinstance(manager, RedisHubLifetimeManager)
+            manager.protocols = (JsonHubProtocol(), MessagePackHubProtocol())
+            await manager.start()
+            managers.append(manager)
+        yield wire, managers
+    finally:
+        for manager in managers:
+            await manager.close()
+        for backplane in backplanes:
+            await backplane.close()
+        await wire.close()
 
 
 async def connect(manager: RedisHubLifetimeManager, cid: str, *, msgpack: bool = False) -> FakeConnection:
@@ -254,67 +263,107 @@ async def connect(manager: RedisHubLifetimeManager, cid: str, *, msgpack: bool =
     return conn
 
 
-async def test_local_recipients_at_once_remote_after_and_each_once() -> None:
-    redis, (a, b) = await cluster(2)
-    a1, a2 = await connect(a, "a1"), await connect(a, "a2", msgpack=True)
-    b1 = await connect(b, "b1", msgpack=True)
-    await a._join_local(a1, "g")
-    await b._join_local(b1, "g")
-    redis.up = False
-    await a.send_all("Message", ["all", "x1"])
-    await a.send_all("Message", ["all", "x2"], exclude=["a2"])
-    await a.send_groups(["g"], "Message", ["group", "x3"], exclude=["b1"])
-    await a.send_users(["user-a2", "user-b1"], "Message", ["user", "x4"])
-    await a.send_connections(["a2", "b1"], "Message", ["clients", "x5"])
-    assert (a1.values(), a2.values(), b1.values()) == (["x1", "x2", "x3"], ["x1", "x4", "x5"], [])
-    redis.up = True
-    redis.flush()
-    redis.replay()
-    redis.replay()
-    assert (a1.values(), a2.values(), b1.values()) == (
-        ["x1", "x2", "x3"],
-        ["x1", "x4", "x5"],
-        ["x1", "x2", "x4", "x5"],
-    )
-    # five envelopes reached b (the group one too: b1 was excluded), each repeated twice; a drops its
-    # own copies without looking them up
-    assert b.duplicates_dropped == 10 and a.duplicates_dropped == 0
+async def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
-async def test_one_publish_per_group_each_with_its_own_number() -> None:
+async def test_local_recipients_at_once_remote_after_an_outage_each_once(private_redis: RedisServer) -> None:
+    """Redis down: an instance's own clients get its sends at once; the others' get them once
+    Redis is back (the bus publishes what it buffered), each once."""
+    async with cluster(private_redis.url, 2) as (_, (a, b)):
+        a1, a2 = await connect(a, "a1"), await connect(a, "a2", msgpack=True)
+        b1 = await connect(b, "b1", msgpack=True)
+        await a._join_local(a1, "g")  # type: ignore[arg-type]
+        await b._join_local(b1, "g")  # type: ignore[arg-type]
+        private_redis.kill()
+        await a.send_all("Message", ["all", "x1"])
+        await a.send_all("Message", ["all", "x2"], exclude=["a2"])
+        await a.send_groups(["g"], "Message", ["group", "x3"], exclude=["b1"])
+        await a.send_users(["user-a2", "user-b1"], "Message", ["user", "x4"])
+        await a.send_connections(["a2", "b1"], "Message", ["clients", "x5"])
+        assert (a1.values(), a2.values(), b1.values()) == (["x1", "x2", "x3"], ["x1", "x4", "x5"], [])
+        private_redis.start()
+        await until(lambda: len(b1.values()) >= 4, "the buffered sends to reach the other instance")
+        await asyncio.sleep(0.5)  # (a repeat would come by now)
+        assert (a1.values(), a2.values(), b1.values()) == (
+            ["x1", "x2", "x3"],
+            ["x1", "x4", "x5"],
+            ["x1", "x2", "x4", "x5"],
+        )
+
+
+async def test_envelopes_published_again_are_delivered_once(redis_server: RedisServer) -> None:
+    """Every envelope published twice more: the receiving instance drops each repeat; the sending
+    one drops its own copies without looking them up."""
+    async with cluster(redis_server.url, 2) as (wire, (a, b)):
+        a1 = await connect(a, "a1")
+        b1 = await connect(b, "b1", msgpack=True)
+        await b._join_local(b1, "g")  # type: ignore[arg-type]
+        await a.send_all("Message", ["all", "x1"])
+        await a.send_groups(["g"], "Message", ["group", "x2"])
+        await a.send_users(["user-b1"], "Message", ["user", "x3"])
+        await a.send_connections(["b1"], "Message", ["clients", "x4"])
+        await until(lambda: len(b1.values()) == 4, "the sends to reach the other instance")
+        await until(lambda: len(wire.seen) >= 4, "the wire to see them")
+        seen = len(wire.seen)
+        await wire.replay(seen)
+        await wire.replay(seen)
+        await until(lambda: b.duplicates_dropped == 2 * seen, "every repeat to be dropped")
+        await asyncio.sleep(0.2)
+        assert (a1.values(), b1.values()) == (["x1"], ["x1", "x2", "x3", "x4"])
+        assert a.duplicates_dropped == 0
+
+
+async def test_one_publish_per_group_each_with_its_own_number(redis_server: RedisServer) -> None:
     """A member of two groups sent to together gets it twice (as in SignalR), not once."""
-    redis, (a, b) = await cluster(2)
-    b1 = await connect(b, "b1")
-    await b._join_local(b1, "g1")
-    await b._join_local(b1, "g2")
-    await a.send_groups(["g1", "g2"], "Message", ["groups", "y"])
-    redis.replay()
-    assert b1.values() == ["y", "y"]
+    async with cluster(redis_server.url, 2) as (wire, (a, b)):
+        b1 = await connect(b, "b1")
+        await b._join_local(b1, "g1")  # type: ignore[arg-type]
+        await b._join_local(b1, "g2")  # type: ignore[arg-type]
+        await a.send_groups(["g1", "g2"], "Message", ["groups", "y"])
+        await until(lambda: b1.values() == ["y", "y"], "both group sends")
+        await until(lambda: len(wire.seen) >= 2, "the wire to see them")
+        await wire.replay(2)
+        await until(lambda: b.duplicates_dropped == 2, "the repeats to be dropped")
+        assert b1.values() == ["y", "y"]
 
 
-async def test_envelopes_without_an_id_are_delivered_as_before() -> None:
-    redis, (a,) = await cluster(1)
-    a1 = await connect(a, "a1")
-    framed = {p.name: p.write_message(_message("z")) for p in a.protocols}
-    a.bus.publish(a.channels.all, encode_invocation(RedisInvocation(framed)))
-    redis.replay()  # a .NET server never repeats itself; if it did, its repeat would be delivered
-    assert a1.values() == ["z", "z"]
+async def test_envelopes_without_an_id_are_delivered_as_before(redis_server: RedisServer) -> None:
+    """A .NET server's envelope (no id) is delivered each time it comes."""
+    async with cluster(redis_server.url, 1) as (_, (a,)):
+        a1 = await connect(a, "a1")
+        framed = {p.name: p.write_message(_message("z")) for p in a.protocols}
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            for _ in range(2):  # a .NET server never repeats itself; if it did, its repeat is delivered
+                await raw.publish(a.channels.all, encode_invocation(RedisInvocation(framed)))
+        finally:
+            await raw.aclose()
+        await until(lambda: a1.values() == ["z", "z"], "both envelopes")
 
 
-async def test_a_repeated_group_command_does_not_undo_a_later_change() -> None:
-    redis, (a, b) = await cluster(2)
-    b1 = await connect(b, "b1")
-    await a.add_to_group("b1", "room")
-    assert b1.groups == {"room"}
-    b._leave_local(b1, "room")  # the client left on its own instance
-    redis.replay()  # a's add comes again
-    await asyncio.sleep(0)  # the join (if any) runs in a task
-    assert b1.groups == set()
-    await a.remove_from_group("b1", "room")
-    await b._join_local(b1, "room")
-    redis.replay()
-    assert b1.groups == {"room"}
-    assert b.duplicates_dropped >= 2
+async def test_a_repeated_group_command_does_not_undo_a_later_change(redis_server: RedisServer) -> None:
+    async with cluster(redis_server.url, 2) as (wire, (a, b)):
+        b1 = await connect(b, "b1")
+        await a.add_to_group("b1", "room")  # acknowledged by b: it is done
+        assert b1.groups == {"room"}
+        b._leave_local(b1, "room")  # type: ignore[arg-type] # the client left on its own instance
+        dropped = b.duplicates_dropped
+        await wire.replay(len(wire.seen))  # a's add comes again (and b's ack of it)
+        await until(lambda: b.duplicates_dropped > dropped, "the repeated add to be dropped")
+        await asyncio.sleep(0.2)  # (a join, if any, runs in a task)
+        assert b1.groups == set()
+        await a.remove_from_group("b1", "room")
+        await b._join_local(b1, "room")  # type: ignore[arg-type]
+        dropped = b.duplicates_dropped
+        await until(lambda: len(wire.seen) >= 6, "the wire to see the remove")
+        await wire.replay(len(wire.seen))  # the add and the remove again
+        await until(lambda: b.duplicates_dropped >= dropped + 2, "the repeated commands to be dropped")
+        await asyncio.sleep(0.2)
+        assert b1.groups == {"room"}
 
 
 def _message(value: str) -> Any:

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from hubwire.backplane import RedisBackplane
+from hubwire.backplane.bus import RedisBus
 from hubwire.backplane.lease import InstanceLease, LeaseWatch
 
 from .conftest import RedisServer, ServerProcess
@@ -315,17 +316,15 @@ async def test_lease_keys_set_refreshed_expired_after_kill_deleted_on_clean_stop
     r.close()
 
 
-class FakeBus:
-    """A bus whose commands take ``delay`` seconds, or fail while ``failing``; counts what ran."""
+class SpyBus:
+    """A real bus whose commands wait ``delay`` seconds first (a slow Redis); counts what ran."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, bus: RedisBus, delay: float = 0.0) -> None:
+        self.bus = bus
         self.delay = delay
-        self.failing = False
         self.calls: list[tuple[object, ...]] = []
         self.in_flight = 0
         self.most_in_flight = 0
-        self.leases: dict[str, int] = {}  # key -> PTTL answer
-        self.listed: set[str] = set()
 
     async def command(self, *args: object) -> object:
         self.in_flight += 1
@@ -333,18 +332,22 @@ class FakeBus:
         try:
             self.calls.append(args)
             await asyncio.sleep(self.delay)
-            if self.failing:
-                raise ConnectionRefusedError("redis is down")
-            if args[0] == "PTTL":
-                return self.leases.get(str(args[1]), -2)
-            if args[0] == "HEXISTS":
-                return int(args[2] in self.listed)
-            return 1
+            return await self.bus.command(*args)
         finally:
             self.in_flight -= 1
 
     def count(self, name: str) -> int:
         return sum(1 for call in self.calls if call[0] == name)
+
+
+@contextlib.asynccontextmanager
+async def spy_bus(url: str, delay: float = 0.0) -> AsyncIterator[SpyBus]:
+    bus = RedisBus(url, name="lease-test", max_backoff=0.2)
+    await bus.start()
+    try:
+        yield SpyBus(bus, delay)
+    finally:
+        await bus.close()
 
 
 async def _until(check: Any, timeout: float, what: str) -> None:
@@ -354,58 +357,70 @@ async def _until(check: Any, timeout: float, what: str) -> None:
     await wait_for(condition, timeout, what, 0.01)
 
 
-async def test_lease_refreshes_one_at_a_time_survive_redis_errors_and_delete_on_stop() -> None:
-    bus = FakeBus(delay=0.1)  # slower than the refresh interval
-    lease = InstanceLease(bus, "p:", "me", interval=0.02, ttl=0.1)
-    lease.start()
-    await _until(lambda: bus.count("SET") >= 4, 5, "refreshes of a slow Redis")
-    assert bus.most_in_flight == 1  # never piled up
-    assert bus.calls[0] == (
-        "SET",
-        "p:hubwire:internal:lease:me",
-        json.dumps({"started": lease.started}),
-        "PX",
-        100,
-    )
-    assert bus.calls[1][:3] == ("HSET", "p:hubwire:internal:instances", "me")
-    bus.delay, bus.failing = 0.0, True
-    failures = lease.failures
-    await _until(lambda: lease.failures >= failures + 3, 5, "failed refreshes")
-    assert lease._task is not None and not lease._task.done()  # still refreshing
-    lease.reregister()  # as after a reconnect
-    bus.failing = False
-    listed = bus.count("HSET")
-    await _until(lambda: bus.count("HSET") > listed, 5, "the instance listed again")
-    await lease.stop()
-    assert ("DEL", "p:hubwire:internal:lease:me") in bus.calls
-    assert json.loads(str(bus.calls[-1][3]))["stopped"] > 0
-    calls = len(bus.calls)
-    await asyncio.sleep(0.1)  # stopped: no more refreshes
-    assert len(bus.calls) == calls
-    with pytest.raises(ValueError):
-        InstanceLease(bus, "p:", "me", interval=1.0, ttl=1.0)
+async def test_lease_refreshes_one_at_a_time_survive_redis_errors_and_delete_on_stop(
+    private_redis: RedisServer,
+) -> None:
+    r = redis.Redis.from_url(private_redis.url)
+    async with spy_bus(private_redis.url, delay=0.1) as bus:  # slower than the refresh interval
+        lease = InstanceLease(bus, "p:", "me", interval=0.02, ttl=0.1)  # type: ignore[arg-type]
+        lease.start()
+        await _until(lambda: bus.count("SET") >= 4, 5, "refreshes of a slow Redis")
+        assert bus.most_in_flight == 1  # never piled up
+        assert bus.calls[0] == (
+            "SET",
+            "p:hubwire:internal:lease:me",
+            json.dumps({"started": lease.started}),
+            "PX",
+            100,
+        )
+        assert bus.calls[1][:3] == ("HSET", "p:hubwire:internal:instances", "me")
+        assert r.hexists("p:hubwire:internal:instances", "me")
+        bus.delay = 0.0
+        private_redis.kill()
+        failures = lease.failures
+        await _until(lambda: lease.failures >= failures + 3, 10, "failed refreshes")
+        assert lease._task is not None and not lease._task.done()  # still refreshing
+        private_redis.start()  # empty: no persistence
+        lease.reregister()  # as after a reconnect
+        r = redis.Redis.from_url(private_redis.url)
+        await _until(lambda: r.hexists("p:hubwire:internal:instances", "me"), 10, "the instance listed again")
+        await _until(lambda: r.exists("p:hubwire:internal:lease:me"), 10, "the lease again")
+        await lease.stop()
+        assert ("DEL", "p:hubwire:internal:lease:me") in bus.calls
+        assert not r.exists("p:hubwire:internal:lease:me")  # deleted, not left to expire
+        assert json.loads(r.hget("p:hubwire:internal:instances", "me") or b"{}")["stopped"] > 0
+        calls = len(bus.calls)
+        await asyncio.sleep(0.1)  # stopped: no more refreshes
+        assert len(bus.calls) == calls
+        with pytest.raises(ValueError):
+            InstanceLease(bus, "p:", "me", interval=1.0, ttl=1.0)  # type: ignore[arg-type]
+    r.close()
 
 
-async def test_lease_watch_shares_checks_and_calls_only_listed_instances_dead() -> None:
-    bus = FakeBus(delay=0.05)
-    watch = LeaseWatch(bus, "p:", interval=0.2)
-    bus.leases["p:hubwire:internal:lease:alive"] = 2500
-    assert await asyncio.gather(*(watch.dead("alive") for _ in range(10))) == [False] * 10
-    assert bus.count("PTTL") == 1  # one round trip for ten concurrent waits
-    assert not await watch.dead("unlisted")  # no lease, never listed (an older version): not dead
-    bus.listed.add("gone")
-    assert await watch.dead("gone") and watch.known_dead("gone")
-    # a watched owner found dead once its lease expires
-    bus.leases["p:hubwire:internal:lease:dying"] = 300
-    bus.listed.add("dying")
-    started = time.monotonic()
-    futures = [watch.watch("dying") for _ in range(3)]
-    del bus.leases["p:hubwire:internal:lease:dying"]
-    await asyncio.wait_for(asyncio.gather(*futures), 2)
-    assert time.monotonic() - started < 1.0
-    bus.failing = True  # Redis cannot tell: not dead
-    assert not await watch.dead("someone")
-    await watch.close()
+async def test_lease_watch_shares_checks_and_calls_only_listed_instances_dead(
+    private_redis: RedisServer,
+) -> None:
+    r = redis.Redis.from_url(private_redis.url)
+    async with spy_bus(private_redis.url, delay=0.05) as bus:
+        watch = LeaseWatch(bus, "p:", interval=0.2)  # type: ignore[arg-type]
+        r.set("p:hubwire:internal:lease:alive", "{}", px=2500)
+        assert await asyncio.gather(*(watch.dead("alive") for _ in range(10))) == [False] * 10
+        assert bus.count("PTTL") == 1  # one round trip for ten concurrent waits
+        assert not await watch.dead("unlisted")  # no lease, never listed (an older version): not dead
+        r.hset("p:hubwire:internal:instances", "gone", "{}")
+        assert await watch.dead("gone") and watch.known_dead("gone")
+        # a watched owner found dead once its lease is gone
+        r.set("p:hubwire:internal:lease:dying", "{}", px=300)
+        r.hset("p:hubwire:internal:instances", "dying", "{}")
+        started = time.monotonic()
+        futures = [watch.watch("dying") for _ in range(3)]
+        r.delete("p:hubwire:internal:lease:dying")
+        await asyncio.wait_for(asyncio.gather(*futures), 2)
+        assert time.monotonic() - started < 1.0
+        private_redis.kill()  # Redis cannot tell: not dead
+        assert not await watch.dead("someone")
+        await watch.close()
+    r.close()
 
 
 async def test_lease_survives_a_redis_outage_and_is_back_after_it(private_redis: RedisServer) -> None:
