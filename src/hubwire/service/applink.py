@@ -89,6 +89,11 @@ PARK_AFTER = 10.0
 #: most connections of one link kept awake (as objects); past it the least recently active are
 #: parked, whatever their idle time: a burst of busy clients does not raise the memory high-water mark
 AWAKE_MAX = 1000
+#: how long after its handshake a new connection is parked (what hub code started in
+#: on_connected - a client-result call, a group change - runs against it awake first)
+FRESH_GRACE = 0.25
+#: connections a trim pass looks at beyond the number it parks (those it cannot park now)
+TRIM_SKIPS = 64
 #: how long a stopping app server waits for the nodes to confirm the connections it let go of
 SETTLE_TIMEOUT = 5.0
 #: how long silence means the other side of a link is gone (each side pings every 5 s)
@@ -135,9 +140,13 @@ class AppLink:
         self.parked: dict[str, bytes] = {}
         #: when each connection's input last came (loop time): idle ones are parked
         self._last_input: dict[str, float] = {}
-        #: new connections, parked as soon as their handshake is handled: a connect burst never
+        #: new connections, parked shortly after their handshake is handled: a connect burst never
         #: has every connection awake at once (the process keeps its memory's high-water mark)
         self._fresh: set[str] = set()
+        #: connections whose hub state (moved or parked) is not back yet: their end waits for it, so
+        #: hub code's on_disconnected sees them whole
+        self._restoring: dict[str, tuple[Connection, dict[str, Any]]] = {}
+        self._trim_soon = False
         #: what each connection has queued for the hub (handled in order, off the reader)
         self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
         #: bytes of input in each connection's inbox
@@ -255,21 +264,26 @@ class AppLink:
         manager = self.owner.managers.get(self.hub)
         if manager is not None:
             manager.link_lost()
+        for cid in list(self.parked):  # back to life to end (their on_disconnected runs once too)
+            self._unpark(cid)
         self._inbox_bytes.clear()
         for queue in self._inbox.values():
             while queue:
-                queue.popleft().close()  # their connections end now
+                queue.popleft().close()  # their connections end now (their input is not handled)
         conns, self.conns = list(self.conns.values()), {}
         self._last_input.clear()
         self._fresh.clear()
+        restoring, self._restoring = self._restoring, {}
+        reason = "the service node's link was lost"
         for conn in conns:
             conn.outbox.sink = None
-            conn.abort("the service node's link was lost")
-            self.owner.connections.end_soon(conn)  # hub code's on_disconnected may wait: not here
-        for cid in list(self.parked):  # back to life to end (their on_disconnected runs once too)
-            woken = self._unpark(cid)
-            if woken is not None:
-                self._queue_work(woken, self._end(woken, "the service node's link was lost"))
+            conn.abort(reason)
+            if conn.connection_id not in restoring:
+                self.owner.connections.end_soon(conn)  # hub code's on_disconnected may wait: not here
+        for conn, state in restoring.values():  # (closed by the node already, some: their end waited)
+            conn.outbox.sink = None
+            conn.abort(reason)
+            self.owner.tasks.spawn(self._restore_then_end(conn, state), name=f"end {conn.connection_id}")
 
     # -- frames from the node ---------------------------------------------------------------------------
 
@@ -316,9 +330,11 @@ class AppLink:
         conn.migrate = lambda: self.release(conn)
         conn.outbox.sink = _LinkSink(self, conn)
         self.conns[cid] = conn
+        self._touch(cid)
         migrated = ext.get("migrated")
         if isinstance(migrated, dict):
-            self._queue_work(conn, self._migrate_in(conn, migrated))
+            self._restoring[cid] = (conn, migrated)
+            self._queue_work(conn, self._migrate_in(conn))
         else:
             self._fresh.add(cid)
             self._queue_work(conn, self.endpoint.on_connect(conn))
@@ -341,9 +357,20 @@ class AppLink:
             if cid in self._inbox_bytes:
                 self._inbox_bytes[cid] -= len(data)
 
-    async def _migrate_in(self, conn: Connection, state: dict[str, Any]) -> None:
+    async def _migrate_in(self, conn: Connection) -> None:
+        entry = self._restoring.get(conn.connection_id)
+        if entry is None or entry[0] is not conn:
+            return  # restored elsewhere (its link was lost: see _lost)
+        del self._restoring[conn.connection_id]
+        await self._restore(conn, entry[1])
+
+    async def _restore_then_end(self, conn: Connection, state: dict[str, Any]) -> None:
+        await self._restore(conn, state)
+        await self.owner.connections.end(conn)
+
+    async def _restore(self, conn: Connection, state: dict[str, Any]) -> None:
         if conn.status in (ConnectionStatus.ENDING, ConnectionStatus.DISPOSED):
-            return  # it ended before its turn came (its link was lost, say)
+            return
         try:
             await self.endpoint.migrate_in(conn, state)
         except (ValueError, RecursionError) as exc:  # a malformed state (too deep items, say)
@@ -374,12 +401,15 @@ class AppLink:
                 except Exception:
                     log.exception("handling data of %s failed", cid)
         finally:
-            del self._inbox[cid]
-            self._inbox_bytes.pop(cid, None)
+            if self._inbox.get(cid) is queue:  # (not a later life's queue, after a lost link)
+                del self._inbox[cid]
+                self._inbox_bytes.pop(cid, None)
+            loop = asyncio.get_running_loop()
             if cid in self._fresh:
-                self._park_fresh(cid)
-            if len(self.conns) > self.owner.awake_max:
-                self._trim()
+                loop.call_later(FRESH_GRACE, self._park_fresh, cid)
+            if len(self.conns) > self.owner.awake_max and not self._trim_soon:
+                self._trim_soon = True  # once per loop pass, however many connections finish in it
+                loop.call_soon(self._trim)
 
     async def _closed_by_node(self, frame: CloseConnection) -> None:
         cid = frame.connection_id
@@ -399,13 +429,16 @@ class AppLink:
             return
         conn.outbox.sink = None  # the client is gone: nothing to tell the node
         conn.abort(frame.error or "the client disconnected")  # (its input waiting is not handled)
-        if cid in self._inbox:
-            # its hub state is not back yet (a moved or unparked connection whose open is queued):
-            # it ends after it, so on_disconnected runs, with it
+        self._finish(conn)
+
+    def _finish(self, conn: Connection) -> None:
+        """End ``conn`` (no longer in ``conns``), off the reader: on_disconnected may wait for a
+        frame only this reader reads (an Ack). One whose hub state is not back yet (moved or
+        unparked, its restore queued) ends after it, so on_disconnected runs, and sees it whole."""
+        if conn.connection_id in self._restoring:
             self._queue_work(conn, self.owner.connections.end(conn))
-            return
-        # not on the reader: on_disconnected may wait for a frame only this reader reads (an Ack)
-        self.owner.connections.end_soon(conn)
+        else:
+            self.owner.connections.end_soon(conn)
 
     def _drop(self, cid: str) -> Connection | None:
         """``cid`` no longer runs here as objects: its entries go with it."""
@@ -418,7 +451,7 @@ class AppLink:
         if self._drop(conn.connection_id) is None:
             return
         self.send(CloseConnection(conn.connection_id, conn.abort_reason))
-        self.owner.connections.end_soon(conn)
+        self._finish(conn)
 
     def release(self, conn: Connection) -> bool:
         """Draining: let ``conn`` move to another app server (its calls and streams are done)."""
@@ -477,24 +510,34 @@ class AppLink:
 
     def _trim(self) -> None:
         """Park the least recently active connections until a tenth fewer than the most allowed
-        are awake (in batches: each pass walks the awake ones)."""
-        if self.owner.draining:
+        are awake (a batch, so this runs once per that many wakes). One that cannot be parked now
+        (its call runs, its input waits) goes to the back: the next pass starts past it, so a pass
+        looks at a bounded number of connections, whatever the count awake."""
+        self._trim_soon = False
+        if self.owner.draining or self._ws is None:
             return
         excess = len(self.conns) - self.owner.awake_max + self.owner.awake_max // 10
-        for cid in list(self._last_input):
+        if excess <= 0:
+            return
+        for cid in list(itertools.islice(self._last_input, excess + TRIM_SKIPS)):
             if excess <= 0:
                 return
             conn = self.conns.get(cid)
             if conn is not None and cid not in self._inbox and self._park(conn):
                 excess -= 1
+            elif cid in self._last_input:
+                self._last_input[cid] = self._last_input.pop(cid)  # to the back, its time kept
 
     def _park_fresh(self, cid: str) -> None:
-        """A new connection whose input is all handled: parked once its handshake is done."""
+        """A new connection, its input handled a moment ago: parked once its handshake is done
+        (until then it stays fresh: its next input, when handled, brings it here again)."""
+        if cid not in self._fresh:
+            return
         conn = self.conns.get(cid)
         if conn is None or conn.outbox.closed:
             self._fresh.discard(cid)
-        elif not self.owner.draining:
-            self._park(conn)  # (not yet when its handshake has not come: it stays fresh)
+        elif cid not in self._inbox and not self.owner.draining and self._ws is not None:
+            self._park(conn)
 
     def _park(self, conn: Connection) -> bool:
         """Keep an idle connection as one encoded frame (what opens it again, with its hub state)
@@ -519,6 +562,10 @@ class AppLink:
         flush = conn.outbox.sink
         if flush is not None and conn.outbox.dirty:
             flush.flush(conn.outbox)  # what it was sent (its handshake reply, say) goes out first
+        if manager is not None and manager.local.get(cid) is not None:
+            # from now on hub code reaches it through the node (a client-result call, a group
+            # change), not through objects about to be dropped
+            del manager.local[cid]
         self._drop(cid)
         conn.outbox.sink = None
         self.owner.connections.forget(conn)
@@ -534,20 +581,12 @@ class AppLink:
         (frame,) = ServiceFrameParser().feed(record)
         assert isinstance(frame, OpenConnection)
         self._open(frame)
-        self._touch(cid)
         return self.conns.get(cid)
 
     def unpark_all(self) -> None:
         """Every parked connection back (a drain moves them; a lost node ends them)."""
         for cid in list(self.parked):
             self._unpark(cid)
-
-    async def _end(self, conn: Connection, reason: str) -> None:
-        if self.conns.get(conn.connection_id) is conn:
-            self._drop(conn.connection_id)
-        conn.outbox.sink = None
-        conn.abort(reason)
-        await self.owner.connections.end(conn)
 
 
 _FEATURES: dict[tuple[str, bool], TransportFeatures] = {}

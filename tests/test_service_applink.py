@@ -1,0 +1,233 @@
+"""An app server's side of a link, in process: waking, parking and ending linked connections.
+
+The node is this test: it hands frames to a real :class:`AppLink` (with a real hub handler, lifetime
+manager and connection manager) in the order a node could send them, and reads what the link queued
+for it. The orders here are the narrow ones - a client leaving while its hub state is still on its
+way back, the link lost right after - that the multi-process suites (``test_service.py``) reach only
+by chance. Each checks that hub code's ``on_disconnected`` runs exactly once and nothing of the
+connection is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from hubwire import Hub, HubOptions
+from hubwire.connections.manager import ConnectionManager
+from hubwire.hubs.handler import HubConnectionHandler
+from hubwire.protocol.json_protocol import JsonHubProtocol
+from hubwire.protocol.service import (
+    CloseConnection,
+    ConnectionData,
+    OpenConnection,
+    ServiceFrame,
+    ServiceFrameParser,
+)
+from hubwire.service.applink import FRESH_GRACE, INBOX_LIMIT, AppLink, ServiceLifetimeManager, ServiceLinks
+
+HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
+PING = b'{"type":6}\x1e'
+
+#: what the hub saw, in order: (event, connection id)
+EVENTS: list[tuple[str, str]] = []
+#: when set, on_connected waits for it
+GATE: asyncio.Event | None = None
+#: client results asked from on_connected's background task: values or errors
+RESULTS: list[Any] = []
+#: on_connected asks the client for a result in a background task (as hub code must)
+ASK_IN_BACKGROUND = False
+
+
+class Chat(Hub):
+    async def on_connected(self) -> None:
+        cid = self.context.connection_id
+        EVENTS.append(("connected", cid))
+        if ASK_IN_BACKGROUND:
+            clients = self.clients
+
+            async def ask() -> None:
+                try:
+                    RESULTS.append(await clients.client(cid).invoke("GetName", timeout=5))
+                except Exception as exc:
+                    RESULTS.append(exc)
+
+            asyncio.get_running_loop().create_task(ask())
+        if GATE is not None:
+            await GATE.wait()
+
+    async def on_disconnected(self, exception: BaseException | None) -> None:
+        EVENTS.append(("disconnected", self.context.connection_id))
+
+    async def echo(self, value: str) -> str:
+        return value
+
+
+class Setup:
+    """One link (not connected to anything: its frames are kept in ``link.out``)."""
+
+    def __init__(self, awake_max: int = 1000) -> None:
+        self.links = ServiceLinks(["http://node.invalid"], "k" * 40)
+        self.links.awake_max = awake_max
+        self.manager = ServiceLifetimeManager(self.links, "chat")
+        protocol = JsonHubProtocol()
+        self.manager.protocols = (protocol,)
+        self.handler = HubConnectionHandler(Chat, self.manager, [protocol], HubOptions(), ["WebSockets"])
+        self.connections = ConnectionManager()
+        self.links.bind(self.connections)
+        self.link = AppLink(self.links, "http://node.invalid", "chat", self.handler)
+        self.link._ws = object()  # type: ignore[assignment] # "linked": frames are queued
+
+    async def frame(self, frame: ServiceFrame) -> None:
+        await self.link._on_frame(frame)
+
+    async def connect(self, cid: str) -> None:
+        await self.frame(OpenConnection(cid, None, {}, {}, {}))
+        await self.frame(ConnectionData(cid, HANDSHAKE))
+
+    async def parked(self, cid: str) -> None:
+        """``cid`` connected and parked (new connections are, once their handshake is handled)."""
+        await self.connect(cid)
+        await until(lambda: cid in self.link.parked, f"{cid} to be parked")
+
+    def sent(self) -> list[ServiceFrame]:
+        parser = ServiceFrameParser()
+        return [
+            f for data in self.link.out.messages(b"".join(self.link.out._frames)) for f in parser.feed(data)
+        ]
+
+    def leftovers(self, cid: str) -> list[str]:
+        """Where ``cid`` is still known (nothing, once it ended)."""
+        places = {
+            "connection manager": any(c.connection_id == cid for c in self.connections.connections()),
+            "hub handler": cid in self.handler.connected,
+            "lifetime manager": cid in self.manager.local,
+            "link": cid in self.link.conns or cid in self.link.parked or cid in self.link._restoring,
+            "inbox": cid in self.link._inbox,
+        }
+        return [k for k, v in places.items() if v]
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def ran(cid: str) -> list[str]:
+    return [event for event, who in EVENTS if who == cid]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hub() -> Any:
+    global GATE, ASK_IN_BACKGROUND
+    EVENTS.clear()
+    RESULTS.clear()
+    GATE, ASK_IN_BACKGROUND = None, False
+    yield
+    GATE, ASK_IN_BACKGROUND = None, False
+
+
+async def test_new_connections_are_parked_after_a_grace_and_woken_whole() -> None:
+    s = Setup()
+    await s.connect("c1")
+    await asyncio.sleep(FRESH_GRACE / 5)
+    assert "c1" in s.link.conns  # not in the same moment: what on_connected started runs first
+    await until(lambda: "c1" in s.link.parked, "c1 to be parked")
+    await s.frame(
+        ConnectionData("c1", b'{"type":1,"invocationId":"1","target":"echo","arguments":["hi"]}\x1e')
+    )
+    await until(
+        lambda: any(isinstance(f, ConnectionData) and b'"result":"hi"' in f.payload for f in s.sent()),
+        "the echo",
+    )
+    assert ran("c1") == ["connected"]  # woken, not connected again
+
+
+async def test_a_client_leaving_while_on_connected_runs_then_the_link_lost_ends_once() -> None:
+    global GATE
+    GATE = asyncio.Event()
+    s = Setup()
+    await s.connect("c1")
+    await until(lambda: ran("c1") == ["connected"], "on_connected")
+    await s.frame(CloseConnection("c1", "the client left"))
+    await s.link._lost()
+    GATE.set()
+    await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
+    await until(lambda: not s.leftovers("c1"), "c1 forgotten")
+    await asyncio.sleep(0.05)
+    assert ran("c1") == ["connected", "disconnected"]
+
+
+@pytest.mark.parametrize("lost", [False, True])
+async def test_a_parked_client_leaving_ends_once_even_when_the_link_goes_too(lost: bool) -> None:
+    s = Setup()
+    await s.parked("c1")
+    await s.frame(CloseConnection("c1", "the client left"))
+    if lost:
+        await s.link._lost()
+    await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
+    await until(lambda: not s.leftovers("c1"), "c1 forgotten")
+
+
+async def test_a_connection_woken_as_its_link_is_lost_ends_once() -> None:
+    s = Setup()
+    await s.parked("c1")
+    await s.frame(ConnectionData("c1", PING))  # wakes it: its hub state comes back in its turn
+    await s.link._lost()
+    await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
+    await until(lambda: not s.leftovers("c1"), "c1 forgotten")
+
+
+async def test_a_connection_woken_by_too_much_input_is_closed_and_ends_once() -> None:
+    s = Setup()
+    await s.parked("c1")
+    burst = PING * (INBOX_LIMIT // len(PING) // 4)
+    for _ in range(8):  # more than the bound waits before its hub state is even back
+        await s.frame(ConnectionData("c1", burst))
+    await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
+    await until(lambda: not s.leftovers("c1"), "c1 forgotten")
+    assert any(isinstance(f, CloseConnection) and f.connection_id == "c1" for f in s.sent())
+
+
+async def test_past_the_awake_bound_the_least_recent_are_parked_and_all_end_once() -> None:
+    s = Setup(awake_max=50)
+    ids = [f"c{i}" for i in range(600)]
+    for cid in ids:
+        await s.connect(cid)
+        await s.frame(ConnectionData(cid, PING))  # busy: each wakes or stays awake
+    await until(lambda: not s.link._inbox, "the input handled")
+    await until(lambda: len(s.link.conns) <= 50, "the awake bound")
+    assert len(s.link.conns) + len(s.link.parked) == 600
+    await s.link._lost()
+    await until(lambda: sum(1 for e, _ in EVENTS if e == "disconnected") == 600, "every on_disconnected")
+    assert all(ran(cid) == ["connected", "disconnected"] for cid in ids)
+    assert not any(s.leftovers(cid) for cid in ids)
+
+
+async def test_a_client_result_asked_from_on_connected_reaches_the_client() -> None:
+    """Hub code asks the new client for a result from a task on_connected started: the call goes
+    out to the client and its answer comes back (no "disconnected" from a connection parked under
+    it)."""
+    global ASK_IN_BACKGROUND
+    ASK_IN_BACKGROUND = True
+    s = Setup()
+    await s.connect("c1")
+
+    def invocation_id() -> str | None:
+        for f in s.sent():
+            if isinstance(f, ConnectionData) and b'"target":"GetName"' in f.payload:
+                return f.payload.split(b'"invocationId":"')[1].split(b'"')[0].decode()
+        return None
+
+    await until(lambda: invocation_id() is not None or bool(RESULTS), "the call to the client")
+    assert not RESULTS, RESULTS
+    answer = f'{{"type":3,"invocationId":"{invocation_id()}","result":"ada"}}\x1e'.encode()
+    await s.frame(ConnectionData("c1", answer))
+    await until(lambda: bool(RESULTS), "the result")
+    assert RESULTS == ["ada"]
