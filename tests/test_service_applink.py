@@ -22,8 +22,12 @@ from hubwire.connections.manager import ConnectionManager
 from hubwire.hubs.handler import HubConnectionHandler
 from hubwire.protocol.json_protocol import JsonHubProtocol
 from hubwire.protocol.service import (
+    ACK_OK,
+    Ack,
     CloseConnection,
     ConnectionData,
+    GroupCommand,
+    MultiConnectionData,
     OpenConnection,
     ServiceFrame,
     ServiceFrameParser,
@@ -41,6 +45,8 @@ GATE: asyncio.Event | None = None
 RESULTS: list[Any] = []
 #: on_connected asks the client for a result in a background task (as hub code must)
 ASK_IN_BACKGROUND = False
+#: on_connected starts this with (hub) in a background task, if set
+LATER: Callable[[Hub], Any] | None = None
 
 
 class Chat(Hub):
@@ -57,6 +63,8 @@ class Chat(Hub):
                     RESULTS.append(exc)
 
             asyncio.get_running_loop().create_task(ask())
+        if LATER is not None:
+            asyncio.get_running_loop().create_task(LATER(self))
         if GATE is not None:
             await GATE.wait()
 
@@ -81,6 +89,8 @@ class Setup:
         self.links.bind(self.connections)
         self.link = AppLink(self.links, "http://node.invalid", "chat", self.handler)
         self.link._ws = object()  # type: ignore[assignment] # "linked": frames are queued
+        self.links.links["chat"] = [self.link]
+        self.link.ready.set()
 
     async def frame(self, frame: ServiceFrame) -> None:
         await self.link._on_frame(frame)
@@ -125,12 +135,12 @@ def ran(cid: str) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _fresh_hub() -> Any:
-    global GATE, ASK_IN_BACKGROUND
+    global GATE, ASK_IN_BACKGROUND, LATER
     EVENTS.clear()
     RESULTS.clear()
-    GATE, ASK_IN_BACKGROUND = None, False
+    GATE, ASK_IN_BACKGROUND, LATER = None, False, None
     yield
-    GATE, ASK_IN_BACKGROUND = None, False
+    GATE, ASK_IN_BACKGROUND, LATER = None, False, None
 
 
 async def test_new_connections_are_parked_after_a_grace_and_woken_whole() -> None:
@@ -231,3 +241,100 @@ async def test_a_client_result_asked_from_on_connected_reaches_the_client() -> N
     await s.frame(ConnectionData("c1", answer))
     await until(lambda: bool(RESULTS), "the result")
     assert RESULTS == ["ada"]
+
+
+async def test_a_crashed_move_left_by_its_client_then_its_link_lost_during_on_connected_ends_once() -> None:
+    """Moved here after its app server died (on_connected runs again), the client gone before its
+    state is back, the link lost while on_connected still runs: on_disconnected runs after it."""
+    global GATE
+    GATE = asyncio.Event()
+    s = Setup()
+    state = {"protocol": "json", "version": 1, "groups": [], "items": b"\x80", "crashed": True}
+    await s.frame(OpenConnection("m1", None, {}, {}, {"migrated": state}))
+    await s.frame(CloseConnection("m1", "the client left"))
+    await until(lambda: ran("m1") == ["connected"], "on_connected of the moved connection")
+    await s.link._lost()
+    GATE.set()
+    await until(lambda: ran("m1") == ["connected", "disconnected"], "on_disconnected")
+    await until(lambda: not s.leftovers("m1"), "m1 forgotten")
+
+
+async def test_hub_code_holding_a_parked_connection_still_writes_to_it_and_closes_it() -> None:
+    """A task on_connected started, still running after the connection was parked: what it sends
+    the caller reaches the client, and aborting the context closes the connection (once)."""
+    global LATER
+
+    async def later(hub: Hub) -> None:
+        caller, context = hub.clients.caller, hub.context
+        await until(lambda: "c1" in s.link.parked, "c1 to be parked")
+        await caller.send("Welcome", "hi")
+        context.abort()
+
+    LATER = later
+    s = Setup()
+    await s.connect("c1")
+
+    def welcomed() -> bool:
+        return any(
+            isinstance(f, ConnectionData | MultiConnectionData) and b"Welcome" in bytes(_payload(f))
+            for f in s.sent()
+        )
+
+    await until(welcomed, "the welcome to go to the node")
+    await until(lambda: any(isinstance(f, CloseConnection) for f in s.sent()), "the close to go to the node")
+    await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
+    await until(lambda: not s.leftovers("c1"), "c1 forgotten")
+
+
+def _payload(frame: Any) -> bytes:
+    if isinstance(frame, ConnectionData):
+        return frame.payload
+    return b"".join(frame.payloads.values())
+
+
+async def test_group_changes_around_a_park_are_in_the_woken_connection() -> None:
+    """A group change waiting for the node's Ack keeps the connection awake; one made while it is
+    parked goes into its record: woken, its context has both groups."""
+    global LATER
+
+    async def join(hub: Hub) -> None:
+        await hub.groups.add(hub.context.connection_id, "early")
+
+    LATER = join
+    s = Setup()
+    await s.connect("c1")
+
+    def command(group: str) -> GroupCommand | None:
+        return next((f for f in s.sent() if isinstance(f, GroupCommand) and f.group == group), None)
+
+    await until(lambda: command("early") is not None, "the first group change")
+    await asyncio.sleep(FRESH_GRACE * 2)
+    assert "c1" in s.link.conns  # not parked while its Ack is due
+    early = command("early")
+    assert early is not None
+    await s.frame(Ack(early.ack_id, ACK_OK))
+    await until(lambda: "c1" in s.link.parked, "c1 to be parked")
+    late = asyncio.ensure_future(s.manager.add_to_group("c1", "late"))
+    await until(lambda: command("late") is not None, "the second group change")
+    second = command("late")
+    assert second is not None
+    await s.frame(Ack(second.ack_id, ACK_OK))
+    await late
+    await s.frame(ConnectionData("c1", PING))  # wakes it
+    await until(lambda: "c1" in s.handler.connected, "c1 woken")
+    assert s.handler.connected["c1"].groups == {"early", "late"}
+
+
+async def test_a_link_lost_while_it_waited_for_room_drops_its_input_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = Setup()
+    await s.connect("c1")
+    await until(lambda: "c1" in s.handler.connected, "the handshake")
+    s.link.out.writable.clear()  # the node is behind
+    await s.frame(ConnectionData("c1", PING))
+    await asyncio.sleep(0.05)
+    await s.link._lost()
+    await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
+    await until(lambda: not s.link._inbox, "its work done")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

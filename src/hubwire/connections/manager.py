@@ -260,10 +260,11 @@ class ConnectionManager:
 
     def forget(self, conn: Connection) -> None:
         """A linked connection parked by its app server: it lives on as a compact record there
-        (it comes back through :meth:`register_linked`); no end, no hooks."""
+        (it comes back through :meth:`register_linked`); no end, no hooks. Its outbox stays open:
+        hub code still holding these objects writes through the sink its app server gave it."""
         if self._by_id.get(conn.connection_id) is conn:
             del self._by_id[conn.connection_id]
-        conn.outbox.close()
+        conn.outbox.on_overflow = None  # (a bound method of conn: a cycle that only the GC breaks)
         conn.status = ConnectionStatus.DISPOSED
         conn.closed.set()
 
@@ -328,6 +329,7 @@ class ConnectionManager:
                 await conn.application.on_disconnect(conn, error)
         finally:
             conn.status = ConnectionStatus.DISPOSED
+            conn.outbox.on_overflow = None  # (a bound method of conn: a cycle only the GC breaks)
             conn.closed.set()
 
     def abort_all(self, reason: str) -> None:

@@ -123,6 +123,27 @@ class _LinkSink:
         self.link.local_close(self.conn)
 
 
+class _ParkedSink:
+    """The sink of a parked connection's objects, for hub code that still holds them.
+
+    It holds the connection's id, not the connection: no reference cycle keeps the objects of
+    thousands of parked connections alive until the cyclic garbage collector runs."""
+
+    __slots__ = ("cid", "link")
+
+    def __init__(self, link: AppLink, cid: str) -> None:
+        self.link = link
+        self.cid = cid
+
+    def flush(self, outbox: Any, memo: dict[int, tuple[bytes, bytes]] | None = None) -> None:
+        chunks = outbox.take_nowait()
+        if chunks:
+            self.link.send(ConnectionData(self.cid, b"".join(chunks)))
+
+    def closed(self) -> None:
+        self.link.parked_closed(self.cid)
+
+
 class AppLink:
     """One WebSocket from this app server to one node, for one hub; reconnects until closed."""
 
@@ -358,11 +379,16 @@ class AppLink:
                 self._inbox_bytes[cid] -= len(data)
 
     async def _migrate_in(self, conn: Connection) -> None:
-        entry = self._restoring.get(conn.connection_id)
+        cid = conn.connection_id
+        entry = self._restoring.get(cid)
         if entry is None or entry[0] is not conn:
             return  # restored elsewhere (its link was lost: see _lost)
-        del self._restoring[conn.connection_id]
-        await self._restore(conn, entry[1])
+        del self._restoring[cid]
+        try:
+            await self._restore(conn, entry[1])
+        finally:
+            if self.conns.get(cid) is not conn:  # it ended while its state came back: now it goes
+                await self.owner.connections.end(conn)
 
     async def _restore_then_end(self, conn: Connection, state: dict[str, Any]) -> None:
         await self._restore(conn, state)
@@ -396,6 +422,8 @@ class AppLink:
             while queue:
                 if not self.writable.is_set():
                     await self.writable.wait()  # the node is behind: this link's clients wait
+                    if not queue:
+                        break  # (the link was lost meanwhile: what was queued is dropped)
                 try:
                     await queue.popleft()
                 except Exception:
@@ -434,10 +462,9 @@ class AppLink:
     def _finish(self, conn: Connection) -> None:
         """End ``conn`` (no longer in ``conns``), off the reader: on_disconnected may wait for a
         frame only this reader reads (an Ack). One whose hub state is not back yet (moved or
-        unparked, its restore queued) ends after it, so on_disconnected runs, and sees it whole."""
-        if conn.connection_id in self._restoring:
-            self._queue_work(conn, self.owner.connections.end(conn))
-        else:
+        unparked, its restore queued) is ended by its restore, after it (or by ``_lost``), so
+        on_disconnected runs, and sees it whole."""
+        if conn.connection_id not in self._restoring:
             self.owner.connections.end_soon(conn)
 
     def _drop(self, cid: str) -> Connection | None:
@@ -528,6 +555,11 @@ class AppLink:
             elif cid in self._last_input:
                 self._last_input[cid] = self._last_input.pop(cid)  # to the back, its time kept
 
+    def settled(self, cid: str) -> None:
+        """What kept a new connection awake (a group change) is done: it may be parked now."""
+        if cid in self._fresh:
+            asyncio.get_running_loop().call_later(FRESH_GRACE, self._park_fresh, cid)
+
     def _park_fresh(self, cid: str) -> None:
         """A new connection, its input handled a moment ago: parked once its handshake is done
         (until then it stays fresh: its next input, when handled, brings it here again)."""
@@ -547,6 +579,8 @@ class AppLink:
         request, features = conn.request, conn.features
         if request is None or features is None or (manager is not None and manager.results.owes(cid)):
             return False
+        if cid in self.owner.group_changes:
+            return False  # (its context's groups change when the Ack comes)
         state = self.endpoint.export_for_migration(conn)
         if isinstance(state, str):
             return False
@@ -567,11 +601,20 @@ class AppLink:
             # change), not through objects about to be dropped
             del manager.local[cid]
         self._drop(cid)
-        conn.outbox.sink = None
+        # hub code may still hold these objects (a task on_connected started): what it writes
+        # goes to the node, and closing them closes the connection
+        conn.outbox.sink = _ParkedSink(self, cid)
+        conn.migrate = None
         self.owner.connections.forget(conn)
-        self.owner.tasks.spawn(self.endpoint.release_moved(conn, parked=True), name=f"park {cid}")
+        self.owner.tasks.spawn(self._parked(conn), name=f"park {cid}")
         self.parked[cid] = record
         return True
+
+    async def _parked(self, conn: Connection) -> None:
+        await self.endpoint.release_moved(conn, parked=True)
+        # its hub state and its context point at each other: let go of the state (the context
+        # stays whole for hub code holding it) so these objects go when nothing else holds them
+        conn.application_state = None
 
     def _unpark(self, cid: str) -> Connection | None:
         """A parked connection back as objects (its hub state restored before its input)."""
@@ -582,6 +625,29 @@ class AppLink:
         assert isinstance(frame, OpenConnection)
         self._open(frame)
         return self.conns.get(cid)
+
+    def parked_closed(self, cid: str) -> None:
+        """Hub code closed the objects of a connection parked since (or woken since, as new
+        objects): the connection closes, its on_disconnected runs here."""
+        conn = self.conns.get(cid) or self._unpark(cid)
+        if conn is not None:
+            conn.abort("closed by the hub")
+
+    def parked_groups(self, cid: str, join: bool, group: str) -> None:
+        """A group change of a parked connection (made through the node): its record follows, so
+        it wakes with the groups it is in."""
+        record = self.parked.get(cid)
+        if record is None:
+            return
+        (frame,) = ServiceFrameParser().feed(record)
+        assert isinstance(frame, OpenConnection)
+        state = frame.ext.get("migrated")
+        if not isinstance(state, dict):
+            return
+        groups = {g for g in state.get("groups", ()) if isinstance(g, str)}
+        (groups.add if join else groups.discard)(group)
+        state["groups"] = sorted(groups)
+        self.parked[cid] = encode_frame(frame)
 
     def unpark_all(self) -> None:
         """Every parked connection back (a drain moves them; a lost node ends them)."""
@@ -630,6 +696,8 @@ class ServiceLinks:
         self.connections: ConnectionManager = ConnectionManager()
         self.tasks: Any = None
         self._acks: dict[int, asyncio.Future[Ack]] = {}
+        #: group changes waiting for the node's Ack, per connection (none is parked meanwhile)
+        self.group_changes: dict[str, int] = {}
         self._ack_ids = itertools.count(1)
         self._rr = itertools.count()
 
@@ -681,12 +749,19 @@ class ServiceLinks:
         future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._acks[ack_id] = future
         link.send(GroupCommand(join, connection_id, group, ack_id))
+        changes = self.group_changes
+        changes[connection_id] = changes.get(connection_id, 0) + 1
         try:
             ack = await asyncio.wait_for(future, GROUP_ACK_TIMEOUT)
         except TimeoutError:
             raise HubException("The connection service did not confirm the group change.") from None
         finally:
             self._acks.pop(ack_id, None)
+            if changes[connection_id] == 1:
+                del changes[connection_id]
+                link.settled(connection_id)
+            else:
+                changes[connection_id] -= 1
         if ack.status != ACK_OK:
             raise HubException(ack.message or "The group change failed.")
 
@@ -775,8 +850,12 @@ class ServiceLifetimeManager(HubLifetimeManager):
             if join and limit is not None and group not in ctx.groups and len(ctx.groups) >= limit:
                 raise HubException(f"The connection is already in {limit} groups, the most allowed.")
         await self.links.group_command(await self._link(connection_id), join, connection_id, group)
+        ctx = self.local.get(connection_id)  # (woken meanwhile, maybe: not parked while it waits)
         if ctx is not None:
             (ctx.groups.add if join else ctx.groups.discard)(group)
+        else:  # run elsewhere, or parked here (then its record follows)
+            for link in self.links.links.get(self.hub_name, ()):
+                link.parked_groups(connection_id, join, group)
 
     async def invoke_connection(
         self, connection_id: str, method: str, args: Sequence[Any], timeout: float | None = None
