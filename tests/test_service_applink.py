@@ -338,3 +338,45 @@ async def test_a_link_lost_while_it_waited_for_room_drops_its_input_quietly(
     await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
     await until(lambda: not s.link._inbox, "its work done")
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def test_a_group_change_acknowledged_while_a_woken_connection_restores_is_kept() -> None:
+    s = Setup()
+    await s.parked("c1")
+    change = asyncio.ensure_future(s.manager.add_to_group("c1", "g"))
+
+    def command() -> GroupCommand | None:
+        return next((f for f in s.sent() if isinstance(f, GroupCommand) and f.group == "g"), None)
+
+    await until(lambda: command() is not None, "the group change")
+    s.link.out.writable.clear()  # the node is behind: the woken connection's restore waits
+    await s.frame(ConnectionData("c1", PING))
+    await asyncio.sleep(0.05)
+    sent = command()
+    assert sent is not None
+    await s.frame(Ack(sent.ack_id, ACK_OK))
+    await change
+    s.link.out.writable.set()
+    await until(lambda: "c1" in s.handler.connected, "c1 woken")
+    assert s.handler.connected["c1"].groups == {"g"}
+
+
+async def test_objects_of_an_ended_connection_held_by_hub_code_send_nothing() -> None:
+    global LATER
+    held: dict[str, Any] = {}
+
+    async def keep(hub: Hub) -> None:
+        held["caller"], held["context"] = hub.clients.caller, hub.context
+
+    LATER = keep
+    s = Setup()
+    await s.parked("c1")
+    await s.frame(CloseConnection("c1", "the client left"))
+    await until(lambda: ran("c1") == ["connected", "disconnected"], "on_disconnected")
+    before = len(s.sent())
+    for i in range(3):
+        await held["caller"].send("Tick", i)
+    held["context"].abort()
+    await asyncio.sleep(0.05)
+    assert s.sent()[before:] == []
+    assert ran("c1") == ["connected", "disconnected"]

@@ -137,7 +137,7 @@ class _ParkedSink:
 
     def flush(self, outbox: Any, memo: dict[int, tuple[bytes, bytes]] | None = None) -> None:
         chunks = outbox.take_nowait()
-        if chunks:
+        if chunks and self.link.holds(self.cid):  # (once it ended, nothing goes to the node)
             self.link.send(ConnectionData(self.cid, b"".join(chunks)))
 
     def closed(self) -> None:
@@ -167,6 +167,8 @@ class AppLink:
         #: connections whose hub state (moved or parked) is not back yet: their end waits for it, so
         #: hub code's on_disconnected sees them whole
         self._restoring: dict[str, tuple[Connection, dict[str, Any]]] = {}
+        #: connections whose restore runs now (their end comes after it)
+        self._in_restore: set[str] = set()
         self._trim_soon = False
         #: what each connection has queued for the hub (handled in order, off the reader)
         self._inbox: dict[str, deque[Coroutine[Any, Any, None]]] = {}
@@ -299,7 +301,7 @@ class AppLink:
         for conn in conns:
             conn.outbox.sink = None
             conn.abort(reason)
-            if conn.connection_id not in restoring:
+            if conn.connection_id not in restoring and conn.connection_id not in self._in_restore:
                 self.owner.connections.end_soon(conn)  # hub code's on_disconnected may wait: not here
         for conn, state in restoring.values():  # (closed by the node already, some: their end waited)
             conn.outbox.sink = None
@@ -384,9 +386,11 @@ class AppLink:
         if entry is None or entry[0] is not conn:
             return  # restored elsewhere (its link was lost: see _lost)
         del self._restoring[cid]
+        self._in_restore.add(cid)
         try:
             await self._restore(conn, entry[1])
         finally:
+            self._in_restore.discard(cid)
             if self.conns.get(cid) is not conn:  # it ended while its state came back: now it goes
                 await self.owner.connections.end(conn)
 
@@ -464,7 +468,8 @@ class AppLink:
         frame only this reader reads (an Ack). One whose hub state is not back yet (moved or
         unparked, its restore queued) is ended by its restore, after it (or by ``_lost``), so
         on_disconnected runs, and sees it whole."""
-        if conn.connection_id not in self._restoring:
+        cid = conn.connection_id
+        if cid not in self._restoring and cid not in self._in_restore:
             self.owner.connections.end_soon(conn)
 
     def _drop(self, cid: str) -> Connection | None:
@@ -626,6 +631,10 @@ class AppLink:
         self._open(frame)
         return self.conns.get(cid)
 
+    def holds(self, cid: str) -> bool:
+        """``cid`` runs here (awake, parked, coming back or leaving)."""
+        return cid in self.conns or cid in self.parked or cid in self._restoring or cid in self.leaving
+
     def parked_closed(self, cid: str) -> None:
         """Hub code closed the objects of a connection parked since (or woken since, as new
         objects): the connection closes, its on_disconnected runs here."""
@@ -636,23 +645,31 @@ class AppLink:
     def parked_groups(self, cid: str, join: bool, group: str) -> None:
         """A group change of a parked connection (made through the node): its record follows, so
         it wakes with the groups it is in."""
+        restoring = self._restoring.get(cid)
+        if restoring is not None:  # woken, its state not back yet: the state to restore follows
+            _change_groups(restoring[1], join, group)
+            return
         record = self.parked.get(cid)
         if record is None:
             return
         (frame,) = ServiceFrameParser().feed(record)
         assert isinstance(frame, OpenConnection)
         state = frame.ext.get("migrated")
-        if not isinstance(state, dict):
-            return
-        groups = {g for g in state.get("groups", ()) if isinstance(g, str)}
-        (groups.add if join else groups.discard)(group)
-        state["groups"] = sorted(groups)
-        self.parked[cid] = encode_frame(frame)
+        if isinstance(state, dict):
+            _change_groups(state, join, group)
+            self.parked[cid] = encode_frame(frame)
 
     def unpark_all(self) -> None:
         """Every parked connection back (a drain moves them; a lost node ends them)."""
         for cid in list(self.parked):
             self._unpark(cid)
+
+
+def _change_groups(state: dict[str, Any], join: bool, group: str) -> None:
+    """A moved or parked connection's state, with ``group`` joined or left."""
+    groups = {g for g in state.get("groups", ()) if isinstance(g, str)}
+    (groups.add if join else groups.discard)(group)
+    state["groups"] = sorted(groups)
 
 
 _FEATURES: dict[tuple[str, bool], TransportFeatures] = {}
