@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -78,42 +79,23 @@ def negotiate(port: int) -> dict[str, Any]:
     return body
 
 
-async def echo_rtts(port: int, path: str, count: int) -> list[float]:
-    """Round trips (ms) of ``count`` invocations, one at a time, on one fresh WebSocket."""
+async def echo_rtts(port: int, path: str, count: int, clients: int = 1) -> list[float]:
+    """Round trips (ms) of ``count`` invocations, one at a time, made in turn by ``clients`` fresh
+    WebSockets."""
     import websockets
 
-    async with websockets.connect(f"ws://127.0.0.1:{port}{path}", compression=None) as ws:
-        await ws.send('{"protocol":"json","version":1}\x1e')
-        await ws.recv()  # the handshake answer
-        rtts = []
-        for i in range(count):
-            started = time.perf_counter()
-            await ws.send(
-                json.dumps({"type": 1, "invocationId": str(i), "target": "ConnectionId", "arguments": []})
-                + "\x1e"
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = []
+        for _ in range(clients):
+            ws = await stack.enter_async_context(
+                websockets.connect(f"ws://127.0.0.1:{port}{path}", compression=None)
             )
-            while True:
-                records = str(await ws.recv()).split("\x1e")
-                if any(r and json.loads(r).get("type") == 3 for r in records):
-                    break
-            rtts.append((time.perf_counter() - started) * 1000)
-    return rtts
-
-
-async def echo_pair_rtts(port: int, path: str, count: int) -> list[float]:
-    """Round trips (ms) of ``count`` invocations made in turn by two clients, one at a time."""
-    import websockets
-
-    async with (
-        websockets.connect(f"ws://127.0.0.1:{port}{path}", compression=None) as one,
-        websockets.connect(f"ws://127.0.0.1:{port}{path}", compression=None) as two,
-    ):
-        for ws in (one, two):
             await ws.send('{"protocol":"json","version":1}\x1e')
             await ws.recv()  # the handshake answer
+            sockets.append(ws)
         rtts = []
         for i in range(count):
-            ws = (one, two)[i % 2]
+            ws = sockets[i % clients]
             started = time.perf_counter()
             call = {"type": 1, "invocationId": str(i), "target": "ConnectionId", "arguments": []}
             await ws.send(json.dumps(call) + "\x1e")
@@ -139,9 +121,9 @@ def churn(procs: Processes, redis: Redis, count: int) -> list[dict[str, Any]]:
         )
         time.sleep(2.0)  # the app server links to the node
         path = "/client/?hub=BenchHub&access_token=" + negotiate(app_port)["accessToken"]
-        asyncio.run(echo_pair_rtts(node_port, path, 200))  # warm up
+        asyncio.run(echo_rtts(node_port, path, 200, clients=2))  # warm up
         before = cpu_seconds([app_pid])
-        rtts = asyncio.run(echo_pair_rtts(node_port, path, count))
+        rtts = asyncio.run(echo_rtts(node_port, path, count, clients=2))
         used = cpu_seconds([app_pid]) - before
         p50, p99 = quantiles(rtts)
         rows.append({"label": label, "p50": p50, "p99": p99, "app_us_per_call": used / count * 1e6})
