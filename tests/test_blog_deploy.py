@@ -64,6 +64,14 @@ def test_k8s_readiness_probe_on_the_app(k8s: dict[tuple[str, str], dict[str, Any
     assert "--port" in container["command"] and "8000" in container["command"]
 
 
+def test_k8s_pod_stops_after_it_left_the_service(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """A preStop delay, within the grace period, before SIGTERM starts the drain."""
+    pod = k8s[("Deployment", "blog")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and 0 < int(command[1]) < pod["terminationGracePeriodSeconds"] - 10
+
+
 def test_k8s_service_has_no_session_affinity(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
     service = k8s[("Service", "blog")]["spec"]
     assert service.get("sessionAffinity", "None") == "None"
