@@ -494,6 +494,23 @@ def test_any_chunking_gives_same_messages(
     assert parser.buffered == 0
 
 
+@BOUNDED
+@given(protocol_and_messages(), st.data())
+def test_framed_feeding_gives_each_message_with_its_own_bytes(
+    pm: tuple[HubProtocol, list[HubMessage]], data: st.DataObject
+) -> None:
+    """What a relay passes on message by message is exactly what was written, under any chunking."""
+    protocol, msgs = pm
+    frames = [protocol.write_message(m) for m in msgs]
+    stream = b"".join(frames)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts")))
+    parser = protocol.parser(1 << 20)
+    out: list[tuple[HubMessage | None, bytes]] = []
+    for start, end in itertools.pairwise([0, *cuts, len(stream)]):
+        out.extend(parser.feed_framed(stream[start:end]))
+    assert out == list(zip(msgs, frames, strict=True))
+
+
 @SMALL
 @given(protocol_and_messages(max_size=6))
 def test_byte_by_byte(pm: tuple[HubProtocol, list[HubMessage]]) -> None:

@@ -57,9 +57,22 @@ class MessageParser(abc.ABC):
                 out.append(msg)
         return out
 
+    def feed_framed(self, data: bytes | bytearray | memoryview) -> list[tuple[HubMessage | None, bytes]]:
+        """Like :meth:`feed`, with each message's framed bytes (an unknown type: ``None``).
+
+        Why: a relay that numbers or drops single messages (a service node doing stateful
+        reconnect for the app server behind it) passes the client's own bytes on, not a copy
+        written again."""
+        self._buffer += data
+        return [(self._protocol.parse_record(r), self._frame(r)) for r in self._records()]
+
     @abc.abstractmethod
     def _records(self) -> list[bytes]:
         """Split whole records off the front of the buffer."""
+
+    @abc.abstractmethod
+    def _frame(self, record: bytes) -> bytes:
+        """``record`` framed again as it came."""
 
     def _check_size(self, size: int) -> None:
         if self._max is not None and size > self._max:

@@ -49,6 +49,9 @@ class _JsonParser(MessageParser):
         self._check_size(len(buf))
         return records
 
+    def _frame(self, record: bytes) -> bytes:
+        return record + _RS
+
 
 def _string(obj: dict[str, Any], key: str, required: bool = True) -> str | None:
     value = obj.get(key)

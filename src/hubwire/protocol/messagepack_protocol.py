@@ -78,6 +78,9 @@ class _MessagePackParser(MessageParser):
             del buf[:pos]
         return records
 
+    def _frame(self, record: bytes) -> bytes:
+        return write_varint(len(record)) + record
+
 
 def _str(value: Any, what: str, allow_nil: bool = False) -> str | None:
     if value is None and allow_nil:

@@ -43,7 +43,8 @@ Metrics (all prefixed ``hubwire_``):
   ``service_linked_connections`` and per hub ``migrated_in_total`` / ``migrated_out_total``; on a
   node ``service_app_server_connections{hub,app_server}``, ``service_opened_total``,
   ``service_migrations_total``, ``service_migrations_after_crash_total``,
-  ``service_synthesized_errors_total``, ``service_closed_no_app_server_total``;
+  ``service_synthesized_errors_total``, ``service_closed_no_app_server_total``,
+  ``service_resumed_total``, ``service_replayed_total``;
 * ``dashboard_viewers`` (with ``dashboard_path``: its pages are never counted as hub connections);
 * ``asyncio_tasks`` and the standard ``process_*`` metrics (RSS, CPU, fds).
 """
@@ -298,6 +299,8 @@ def _node_metrics(server: HubServer) -> Iterator[Any]:
         ("migrations_after_crash", "Connections moved off an app server whose link died"),
         ("synthesized_errors", "Calls answered with an error because their app server died"),
         ("closed_no_app_server", "Client connections closed for want of an app server"),
+        ("resumed", "Client transports resumed here by stateful reconnect"),
+        ("replayed", "Messages sent again on resumed client transports"),
     ):
         total = sum(getattr(c.stats, attr) for c in nodes.values())
         yield CounterMetricFamily(f"hubwire_service_{attr}", doc, value=total)

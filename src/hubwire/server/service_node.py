@@ -82,7 +82,8 @@ def service_node(
     (:mod:`hubwire.service.serverless`) instead of refused.
     """
     require_pyjwt()
-    opts = replace(options or HubOptions(), allow_stateful_reconnect=False)
+    # stateful reconnect is the node's: it holds the client's transport and numbers its messages
+    opts = options or HubOptions()
     serverless = serverless if serverless is not None else os.environ.get("HUBWIRE_SERVICE_SERVERLESS") == "1"
     # never the service's app-server side (HUBWIRE_SERVICE_URLS), whatever the environment says
     backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()

@@ -18,10 +18,16 @@ __all__ = ["ServiceBackplane", "connection_service"]
 
 
 def connection_service(
-    node_urls: Sequence[str], access_key: str, *, server_id: str | None = None
+    node_urls: Sequence[str],
+    access_key: str,
+    *,
+    server_id: str | None = None,
+    client_urls: Sequence[str] | None = None,
 ) -> ServiceBackplane:
     """Run this app server's hubs for a connection service: ``HubServer(backplane=connection_service(
     ["http://node1:8080", "http://node2:8080"], access_key=...))`` - what ``hubwire run --service``
     (``HUBWIRE_SERVICE_URLS``) sets up. ``server_id`` names this app server to the nodes (logs,
-    metrics); a random one by default."""
-    return ServiceBackplane(ServiceLinks(node_urls, access_key, server_id))
+    metrics); a random one by default. ``client_urls`` (``HUBWIRE_SERVICE_CLIENT_URLS``): where
+    clients reach the same nodes, in the same order, when not at ``node_urls`` (an ingress): a
+    client's stateful-reconnect resume must reach the node it was sent to."""
+    return ServiceBackplane(ServiceLinks(node_urls, access_key, server_id, client_urls))

@@ -695,11 +695,24 @@ def _user_of(claims: dict[str, Any]) -> str | None:
 class ServiceLinks:
     """All links of one app server: one per hub and node; group changes and their answers."""
 
-    def __init__(self, node_urls: Sequence[str], access_key: str, server_id: str | None = None) -> None:
+    def __init__(
+        self,
+        node_urls: Sequence[str],
+        access_key: str,
+        server_id: str | None = None,
+        client_urls: Sequence[str] | None = None,
+    ) -> None:
         if not node_urls:
             raise ValueError("the connection service needs at least one node URL")
+        if client_urls and len(client_urls) != len(node_urls):
+            raise ValueError("give one client URL per node URL, in the same order")
         require_pyjwt()
         self.node_urls = [u.rstrip("/") for u in node_urls]
+        #: where clients reach each node, when not where this app server links to it (an
+        #: ingress, a proxy): negotiate sends them there
+        self.client_urls = dict(
+            zip(self.node_urls, [u.rstrip("/") for u in client_urls or self.node_urls], strict=True)
+        )
         self.access_key = check_access_key(access_key)
         self.server_id = server_id or "app-" + secrets.token_hex(6)
         self.links: dict[str, list[AppLink]] = {}
@@ -748,7 +761,7 @@ class ServiceLinks:
         (a node that went away is skipped until it is back), else any."""
         up = [link.node_url for link in self.links.get(hub, ()) if link.ready.is_set()]
         choices = up or self.node_urls
-        return choices[next(self._rr) % len(choices)]
+        return self.client_urls[choices[next(self._rr) % len(choices)]]
 
     def link_for(self, hub: str, connection: Connection | None = None) -> AppLink:
         """The link to send on: the connection's own (its frames keep their order), else any."""
@@ -983,11 +996,15 @@ class ServiceBackplane(Backplane):
 
 def service_from_env() -> ServiceBackplane | None:
     """``HUBWIRE_SERVICE_URLS`` (comma-separated node URLs) and ``HUBWIRE_SERVICE_ACCESS_KEY``
-    (what ``hubwire run --service ... --access-key ...`` sets): run hubs for a connection service."""
+    (what ``hubwire run --service ... --access-key ...`` sets): run hubs for a connection service.
+    ``HUBWIRE_SERVICE_CLIENT_URLS``: where clients reach the same nodes, in the same order, when
+    that is not where app servers link to them."""
     urls = [u.strip() for u in os.environ.get("HUBWIRE_SERVICE_URLS", "").split(",") if u.strip()]
     if not urls:
         return None
     key = os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY", "")
     if not key:
         raise ValueError("HUBWIRE_SERVICE_URLS needs HUBWIRE_SERVICE_ACCESS_KEY (the nodes' access key)")
-    return ServiceBackplane(ServiceLinks(urls, key, os.environ.get("HUBWIRE_SERVICE_SERVER_ID")))
+    clients = [u.strip() for u in os.environ.get("HUBWIRE_SERVICE_CLIENT_URLS", "").split(",") if u.strip()]
+    server_id = os.environ.get("HUBWIRE_SERVICE_SERVER_ID")
+    return ServiceBackplane(ServiceLinks(urls, key, server_id, clients or None))

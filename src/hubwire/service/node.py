@@ -37,6 +37,7 @@ import msgspec
 
 from ..connections.application import ConnectionApplication
 from ..connections.connection import Connection
+from ..connections.replay import TRACKABLE, SequenceError
 from ..exceptions import HubException
 from ..hubs.context import HubConnectionContext
 from ..hubs.dispatcher import CONNECTION_ERROR
@@ -47,10 +48,13 @@ from ..protocol.errors import HandshakeError, InvalidDataError
 from ..protocol.handshake import parse_handshake
 from ..protocol.messages import (
     PING,
+    AckMessage,
     CloseMessage,
     CompletionMessage,
+    HubMessage,
     InvocationMessage,
     PingMessage,
+    SequenceMessage,
     StreamInvocationMessage,
 )
 from ..protocol.service import (
@@ -101,6 +105,9 @@ class ServiceNodeStats:
         self.migrations_after_crash = 0
         self.synthesized_errors = 0
         self.closed_no_app_server = 0
+        #: stateful reconnect: transports resumed here, and messages sent again on them
+        self.resumed = 0
+        self.replayed = 0
 
 
 class NodeLink:
@@ -212,17 +219,73 @@ class ClientRoute:
             self.tracking = None  # the app server closes it; it is never a safe point again
             return
         for msg in messages:
-            if isinstance(msg, InvocationMessage | StreamInvocationMessage):
-                if msg.invocation_id is not None:
-                    self.pending[msg.invocation_id] = isinstance(msg, StreamInvocationMessage)
-                if msg.stream_ids:
-                    self.uploads.update(msg.stream_ids)
-            elif isinstance(msg, CompletionMessage):
-                self.uploads.discard(msg.invocation_id)  # an upload stream's end
-                if self.results and msg.invocation_id in self.results:
-                    self._result_to_caller(msg)
-            elif isinstance(msg, PingMessage):
-                self.pinged = True
+            self.track(msg)
+
+    def track(self, msg: HubMessage) -> None:
+        """One message of the client on its way to the app server: calls in flight, uploads,
+        client results for other app servers, pings."""
+        if isinstance(msg, InvocationMessage | StreamInvocationMessage):
+            if msg.invocation_id is not None:
+                self.pending[msg.invocation_id] = isinstance(msg, StreamInvocationMessage)
+            if msg.stream_ids:
+                self.uploads.update(msg.stream_ids)
+        elif isinstance(msg, CompletionMessage):
+            self.uploads.discard(msg.invocation_id)  # an upload stream's end
+            if self.results and msg.invocation_id in self.results:
+                self._result_to_caller(msg)
+        elif isinstance(msg, PingMessage):
+            self.pinged = True
+
+    def stateful_inbound(self, data: bytes) -> bytes | None:
+        """Stateful reconnect, the node's half (it holds the client's transport and numbering;
+        the app server behind it sees a plain stream): Acks trim what is kept for the client,
+        its Sequence rewinds, duplicates it resends after a resume are dropped, the rest is
+        counted and passed on in the client's own bytes. None: its Sequence is a protocol error."""
+        parser, out = self.tracking, self.conn.outbox
+        replay = out.replay
+        if parser is None or replay is None:
+            return data
+        try:
+            framed = parser.feed_framed(data)
+        except InvalidDataError:
+            self.tracking = None  # the app server gets the bytes and closes it with its error
+            return data
+        kept: list[bytes] = []
+        for msg, frame in framed:
+            if msg is None or not replay.accept(msg.type):
+                continue  # (a resent one handled before, or what came before its Sequence)
+            if isinstance(msg, AckMessage):
+                out.ack(msg.sequence_id)
+                continue
+            if isinstance(msg, SequenceMessage):
+                try:
+                    replay.reset_sequence(msg.sequence_id)
+                except SequenceError:
+                    return None
+                continue
+            self.track(msg)
+            kept.append(frame)
+            if msg.type in TRACKABLE:
+                replay.processed()
+        return b"".join(kept)
+
+    def to_client(self, data: bytes) -> None:
+        """What the app server sent: with stateful reconnect each message is numbered and kept
+        (calls, results, items) or sent as is (pings, closes), as a hub server writes them."""
+        out = self.conn.outbox
+        if out.replay is None or self.protocol is None:
+            self.conn.write(data)
+            return
+        try:
+            framed = self.protocol.parser(None).feed_framed(data)
+        except InvalidDataError:
+            log.warning("connection %s: the app server sent a malformed message", self.conn.connection_id)
+            return
+        for msg, frame in framed:
+            if msg is not None and msg.type in TRACKABLE:
+                out.write(frame)
+            else:
+                out.write_control(frame)
 
     def _result_to_caller(self, msg: CompletionMessage) -> None:
         """The client answered an app server that does not run it: that one gets the Completion
@@ -466,10 +529,15 @@ class ServiceClients(ConnectionApplication):
             data = bytes(route.inbound)
             route.inbound = bytearray()
             assert route.handshake is not None
-            rest = data[len(route.handshake) :]
-            route.track_inbound(rest)
+            rest = self._inbound(route, data[len(route.handshake) :])
+            if rest is None:
+                return
+            data = route.handshake + rest
         else:
-            route.track_inbound(data)
+            passed = self._inbound(route, data)
+            if not passed:
+                return  # (only Acks, a Sequence or resent duplicates: nothing for the app server)
+            data = passed
         if len(route.pending) + len(route.uploads) > MAX_IN_FLIGHT:
             self._close_client(route, f"more than {MAX_IN_FLIGHT} calls in flight")
             return
@@ -480,6 +548,30 @@ class ServiceClients(ConnectionApplication):
                 self._close_client(route, "too much input while the connection moved")
             return
         route.link.send(ConnectionData(conn.connection_id, data))
+
+    def _inbound(self, route: ClientRoute, data: bytes) -> bytes | None:
+        if route.conn.outbox.replay is None:
+            route.track_inbound(data)
+            return data
+        passed = route.stateful_inbound(data)
+        if passed is None:  # its Sequence names messages it never sent: as a hub server closes it
+            self._close_client(route, CONNECTION_ERROR)
+        return passed
+
+    async def on_resume(self, conn: Connection) -> None:
+        """Stateful reconnect: the client's new WebSocket (to this node) carries ``conn``: the
+        Sequence and what it has not acknowledged go out, then its own Sequence is awaited."""
+        route: ClientRoute | None = conn.application_state
+        replay = conn.outbox.replay
+        if route is None or route.protocol is None or replay is None:
+            conn.abort("not resumable")
+            return
+        self.stats.resumed += 1
+        sequence = route.protocol.write_message(SequenceMessage(replay.first_id))
+        self.stats.replayed += conn.outbox.attach(sequence)
+        route.tracking = route.protocol.parser(self.options.maximum_receive_message_size)
+        replay.expect_sequence()
+        route.received = time.monotonic()
 
     def _read_handshake(self, route: ClientRoute) -> bool:
         """True once the client's handshake is complete (it is forwarded either way)."""
@@ -499,6 +591,12 @@ class ServiceClients(ConnectionApplication):
             route.conn.transfer_format = protocol.transfer_format  # binary frames for MessagePack
             route.ping = protocol.write_message(PING)
             route.tracking = protocol.parser(self.options.maximum_receive_message_size)
+            features = route.conn.features
+            stateful = route.conn.stateful and features is not None and features.resumable
+            if request.version >= 2 and stateful and self.options.stateful_reconnect_buffer_size > 0:
+                # numbered from the first message after the handshake, as the client numbers
+                size = self.options.stateful_reconnect_buffer_size
+                route.conn.outbox.enable_replay(size, self.options.max_buffered_bytes or 10 * size)
         return True
 
     async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
@@ -563,7 +661,7 @@ class ServiceClients(ConnectionApplication):
         if route is None:
             moved = self.routes.get(frame.connection_id)
             if moved is not None and moved.replied and not frame.ext.get("bounced"):
-                moved.conn.write(frame.payload)  # a late write of the app server it moved off
+                moved.to_client(frame.payload)  # a late write of the app server it moved off
             return  # else the client is gone
         if frame.ext.get("bounced"):
             route.bounced.append(frame.payload)  # reached the old app server after it let go
@@ -576,9 +674,11 @@ class ServiceClients(ConnectionApplication):
             route.replied = True
             if accepted and route.protocol is not None:
                 self._register(route)
+            route.conn.write_control(data[:used])  # (never numbered: stateful reconnect)
+            data = data[used:]
         route.track_outbound(data)
         if data:
-            route.conn.write(data)
+            route.to_client(data)
 
     def _register(self, route: ClientRoute) -> None:
         assert route.protocol is not None
@@ -607,6 +707,13 @@ class ServiceClients(ConnectionApplication):
             if features is not None and features.inherent_keep_alive:
                 continue
             out = route.conn.outbox
+            replay = out.replay
+            if replay is not None:
+                if out.detached:
+                    continue  # waiting for its resume: the disconnect timeout decides
+                acked = replay.ack_due()
+                if acked is not None:
+                    out.write_control(protocol.write_message(AckMessage(acked)))
             if out.wrote:
                 out.wrote = False
                 route.last_write = now
