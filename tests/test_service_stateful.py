@@ -144,16 +144,7 @@ async def test_a_resumed_client_whose_sequence_names_unsent_messages_is_closed(n
     app = ServerProcess(APP, env=env)
     try:
         async with httpx.AsyncClient(timeout=5) as http:
-            redirect = (await http.post(f"{app.url}/hub/negotiate?negotiateVersion=1&user=alice")).json()
-            base, query = redirect["url"].split("?", 1)
-            auth = {"Authorization": f"Bearer {redirect['accessToken']}"}
-            negotiate = f"{base.rstrip('/')}/negotiate?{query}&negotiateVersion=1&useStatefulReconnect=true"
-            negotiated = (await http.post(negotiate, headers=auth)).json()
-            assert negotiated["useStatefulReconnect"] is True
-            token, connection_id = negotiated["connectionToken"], negotiated["connectionId"]
-            url = ws_url(base.rstrip("/"), "/", f"{query}&id={token}&access_token={redirect['accessToken']}")
-            hub = RawHub(await open_ws(url), "json")
-            assert await hub.handshake("json", 2) == {}
+            hub, connection_id, url = await _raw_stateful(app, http)
 
             async def connected() -> bool:
                 lifecycle = (await http.get(f"{app.url}/debug/lifecycle")).json()
@@ -175,3 +166,19 @@ async def test_a_resumed_client_whose_sequence_names_unsent_messages_is_closed(n
             await until(ended, 10, "on_disconnected on the app server")
     finally:
         app.close()
+
+
+async def _raw_stateful(app: ServerProcess, http: httpx.AsyncClient) -> tuple[RawHub, str, str]:
+    """A raw v2 client sent to the node by the app server's negotiate; its connection id and the
+    URL it resumes at."""
+    redirect = (await http.post(f"{app.url}/hub/negotiate?negotiateVersion=1&user=alice")).json()
+    base, query = redirect["url"].split("?", 1)
+    auth = {"Authorization": f"Bearer {redirect['accessToken']}"}
+    negotiate = f"{base.rstrip('/')}/negotiate?{query}&negotiateVersion=1&useStatefulReconnect=true"
+    negotiated = (await http.post(negotiate, headers=auth)).json()
+    assert negotiated["useStatefulReconnect"] is True
+    token = negotiated["connectionToken"]
+    url = ws_url(base.rstrip("/"), "/", f"{query}&id={token}&access_token={redirect['accessToken']}")
+    hub = RawHub(await open_ws(url), "json")
+    assert await hub.handshake("json", 2) == {}
+    return hub, negotiated["connectionId"], url

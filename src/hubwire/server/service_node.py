@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 import os
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -29,6 +30,8 @@ from ..transports.websocket import reject_websocket
 from .app import HubServer
 
 __all__ = ["from_env", "service_node"]
+
+log = logging.getLogger("hubwire.service")
 
 
 class _NodeRoutes:
@@ -87,6 +90,11 @@ def service_node(
     serverless = serverless if serverless is not None else os.environ.get("HUBWIRE_SERVICE_SERVERLESS") == "1"
     # never the service's app-server side (HUBWIRE_SERVICE_URLS), whatever the environment says
     backplane = backplane or RedisBackplane.from_env() or InMemoryBackplane()
+    if isinstance(backplane, RedisBackplane) and backplane.durable is not None:
+        # a node's connection is not recovered on another node (its app-server route dies with
+        # it): journaling each message to Redis first would only delay it
+        log.warning("durable resume does not apply to a service node: it is off")
+        backplane.durable = None
     server = HubServer(
         opts, backplane=backplane, authenticator=ClientAuthenticator(access_key), **server_args
     )
@@ -112,7 +120,9 @@ def service_node(
 
 def from_env() -> HubServer:
     """The node ``hubwire service`` serves: ``HUBWIRE_SERVICE_ACCESS_KEY``, ``HUBWIRE_REDIS_URL``,
-    ``HUBWIRE_SERVICE_KEEP_ALIVE`` / ``HUBWIRE_SERVICE_CLIENT_TIMEOUT`` (seconds; 15 and 30);
+    ``HUBWIRE_SERVICE_KEEP_ALIVE`` / ``HUBWIRE_SERVICE_CLIENT_TIMEOUT`` (seconds; 15 and 30),
+    ``HUBWIRE_SERVICE_MAX_MESSAGE_SIZE`` (bytes; 32 KB, the hubs' default: set the app servers'
+    ``maximum_receive_message_size`` when it differs);
     readiness at ``/health``, a JSON snapshot at ``/debug/stats``, and Prometheus metrics at
     ``/metrics`` when ``prometheus-client`` is installed."""
     key = os.environ.get("HUBWIRE_SERVICE_ACCESS_KEY")
@@ -121,7 +131,10 @@ def from_env() -> HubServer:
     metrics = "/metrics" if importlib.util.find_spec("prometheus_client") is not None else None
     keep_alive = os.environ.get("HUBWIRE_SERVICE_KEEP_ALIVE")
     timeout = os.environ.get("HUBWIRE_SERVICE_CLIENT_TIMEOUT")
+    size = os.environ.get("HUBWIRE_SERVICE_MAX_MESSAGE_SIZE")
     options = HubOptions()
+    if size:  # the app servers' maximum_receive_message_size (stateful clients are parsed here)
+        options = replace(options, maximum_receive_message_size=int(size))
     if keep_alive:
         options = replace(options, keep_alive_interval=float(keep_alive))
     if timeout:

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -157,6 +158,7 @@ class ClientRoute:
         "bounced",
         "conn",
         "ctx",
+        "flusher",
         "handshake",
         "held",
         "held_bytes",
@@ -176,6 +178,8 @@ class ClientRoute:
         "tracking",
         "uploads",
         "version",
+        "waiting",
+        "waiting_bytes",
     )
 
     def __init__(self, conn: Connection, hub: ServiceHub, link: NodeLink) -> None:
@@ -203,6 +207,11 @@ class ClientRoute:
         self.held_bytes = 0
         #: the node manager's on_connected of it (its on_disconnected waits for it)
         self.registering: asyncio.Task[None] | None = None
+        #: a stateful client's input waiting for its app server to have room (and its size), and
+        #: the task passing it on
+        self.waiting: deque[tuple[bytes, list[tuple[HubMessage, bytes]]]] = deque()
+        self.waiting_bytes = 0
+        self.flusher: asyncio.Future[None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -236,21 +245,21 @@ class ClientRoute:
         elif isinstance(msg, PingMessage):
             self.pinged = True
 
-    def stateful_inbound(self, data: bytes) -> bytes | None:
+    def stateful_inbound(self, data: bytes) -> list[tuple[HubMessage, bytes]] | None:
         """Stateful reconnect, the node's half (it holds the client's transport and numbering;
         the app server behind it sees a plain stream): Acks trim what is kept for the client,
-        its Sequence rewinds, duplicates it resends after a resume are dropped, the rest is
-        counted and passed on in the client's own bytes. None: its Sequence is a protocol error."""
+        its Sequence rewinds, duplicates it resends after a resume are dropped; the rest, in the
+        client's own bytes, is for :meth:`forward`. None: a protocol error (a Sequence naming
+        messages it never sent, a malformed or too large message), which closes it."""
         parser, out = self.tracking, self.conn.outbox
         replay = out.replay
         if parser is None or replay is None:
-            return data
+            return None
         try:
             framed = parser.feed_framed(data)
         except InvalidDataError:
-            self.tracking = None  # the app server gets the bytes and closes it with its error
-            return data
-        kept: list[bytes] = []
+            return None  # (the numbering cannot go on past a message it cannot read)
+        kept: list[tuple[HubMessage, bytes]] = []
         for msg, frame in framed:
             if msg is None or not replay.accept(msg.type):
                 continue  # (a resent one handled before, or what came before its Sequence)
@@ -263,11 +272,18 @@ class ClientRoute:
                 except SequenceError:
                     return None
                 continue
+            kept.append((msg, frame))
+        return kept
+
+    def forward(self, framed: list[tuple[HubMessage, bytes]]) -> bytes:
+        """Messages :meth:`stateful_inbound` let through, on their way to the app server now:
+        tracked, and counted for the client's next Ack."""
+        replay = self.conn.outbox.replay
+        for msg, _ in framed:
             self.track(msg)
-            kept.append(frame)
-            if msg.type in TRACKABLE:
+            if replay is not None and msg.type in TRACKABLE:
                 replay.processed()
-        return b"".join(kept)
+        return b"".join(frame for _, frame in framed)
 
     def to_client(self, data: bytes) -> None:
         """What the app server sent: with stateful reconnect each message is numbered and kept
@@ -279,7 +295,7 @@ class ClientRoute:
         try:
             framed = self.protocol.parser(None).feed_framed(data)
         except InvalidDataError:
-            log.warning("connection %s: the app server sent a malformed message", self.conn.connection_id)
+            out.write_control(data)  # (unnumbered, as it came: the client's parser says what is wrong)
             return
         for msg, frame in framed:
             if msg is not None and msg.type in TRACKABLE:
@@ -517,11 +533,10 @@ class ServiceClients(ConnectionApplication):
         if route is None:
             return
         route.received = time.monotonic()
-        if not route.link.writable.is_set():
-            await route.link.writable.wait()  # back-pressure: this client's app server is behind
         if data == route.ping:
             route.pinged = True
             return  # keep-alive is the node's business (tick): a Ping alone goes no further
+        prefix = b""
         if route.handshake is None:
             route.inbound += data
             if not self._read_handshake(route):
@@ -529,15 +544,56 @@ class ServiceClients(ConnectionApplication):
             data = bytes(route.inbound)
             route.inbound = bytearray()
             assert route.handshake is not None
-            rest = self._inbound(route, data[len(route.handshake) :])
-            if rest is None:
+            prefix, data = route.handshake, data[len(route.handshake) :]
+        framed = None
+        if route.conn.outbox.replay is not None:
+            # Acks and a Sequence take effect now, even while its app server is behind: what the
+            # client acknowledged must not pile up here until it counts as a slow consumer
+            framed = route.stateful_inbound(data)
+            if framed is None:  # a protocol error (as a hub server, closed)
+                self._close_client(route, CONNECTION_ERROR)
                 return
-            data = route.handshake + rest
-        else:
-            passed = self._inbound(route, data)
-            if not passed:
+            if not framed and not prefix:
                 return  # (only Acks, a Sequence or resent duplicates: nothing for the app server)
-            data = passed
+            if route.waiting or not route.link.writable.is_set():
+                await self._wait_for_app_server(route, prefix, framed)
+                return
+            # counted (so acknowledged) only now: one that never went on is resent after a resume
+            self._pass_on(route, prefix + route.forward(framed))
+            return
+        if not route.link.writable.is_set():
+            await route.link.writable.wait()  # back-pressure: this client's app server is behind
+        route.track_inbound(data)
+        self._pass_on(route, prefix + data)
+
+    async def _wait_for_app_server(
+        self, route: ClientRoute, prefix: bytes, framed: list[tuple[HubMessage, bytes]]
+    ) -> None:
+        """A stateful client's input while its app server is behind: held (bounded) instead of
+        waiting, so the client's next Acks are read meanwhile - the messages it acknowledged
+        must not pile up here until it counts as a slow consumer. Past the bound it waits."""
+        route.waiting.append((prefix, framed))
+        route.waiting_bytes += len(prefix) + sum(len(frame) for _, frame in framed)
+        if route.flusher is None:
+            route.flusher = asyncio.ensure_future(self._flush_waiting(route))
+        flusher = route.flusher
+        if route.waiting_bytes > HOLD_LIMIT:
+            await asyncio.shield(flusher)  # back-pressure: the client waits as a plain one would
+
+    async def _flush_waiting(self, route: ClientRoute) -> None:
+        try:
+            while route.waiting:
+                if not route.link.writable.is_set():
+                    await route.link.writable.wait()
+                prefix, framed = route.waiting.popleft()
+                route.waiting_bytes -= len(prefix) + sum(len(frame) for _, frame in framed)
+                self._pass_on(route, prefix + route.forward(framed))
+        finally:
+            if route.flusher is asyncio.current_task():
+                route.flusher = None
+
+    def _pass_on(self, route: ClientRoute, data: bytes) -> None:
+        """The client's input, tracked, to its app server (or held while it moves)."""
         if len(route.pending) + len(route.uploads) > MAX_IN_FLIGHT:
             self._close_client(route, f"more than {MAX_IN_FLIGHT} calls in flight")
             return
@@ -547,16 +603,7 @@ class ServiceClients(ConnectionApplication):
             if route.held_bytes > HOLD_LIMIT:
                 self._close_client(route, "too much input while the connection moved")
             return
-        route.link.send(ConnectionData(conn.connection_id, data))
-
-    def _inbound(self, route: ClientRoute, data: bytes) -> bytes | None:
-        if route.conn.outbox.replay is None:
-            route.track_inbound(data)
-            return data
-        passed = route.stateful_inbound(data)
-        if passed is None:  # its Sequence names messages it never sent: as a hub server closes it
-            self._close_client(route, CONNECTION_ERROR)
-        return passed
+        route.link.send(ConnectionData(route.conn.connection_id, data))
 
     async def on_resume(self, conn: Connection) -> None:
         """Stateful reconnect: the client's new WebSocket (to this node) carries ``conn``: the
@@ -567,6 +614,11 @@ class ServiceClients(ConnectionApplication):
             conn.abort("not resumable")
             return
         self.stats.resumed += 1
+        if route.flusher is not None:  # never passed on, so never acknowledged: the client resends it
+            route.flusher.cancel()
+            route.flusher = None
+        route.waiting.clear()
+        route.waiting_bytes = 0
         sequence = route.protocol.write_message(SequenceMessage(replay.first_id))
         self.stats.replayed += conn.outbox.attach(sequence)
         route.tracking = route.protocol.parser(self.options.maximum_receive_message_size)
@@ -604,6 +656,10 @@ class ServiceClients(ConnectionApplication):
         if route is None:
             return
         route.fail_results()
+        if route.flusher is not None:
+            route.flusher.cancel()  # its input goes nowhere now
+            route.flusher = None
+            route.waiting.clear()
         if self.routes.get(conn.connection_id) is route:
             del self.routes[conn.connection_id]
         if route.link.routes.get(conn.connection_id) is route:
