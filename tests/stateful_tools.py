@@ -235,3 +235,41 @@ async def node_client(url: str, protocol: str, mode: str = "stateful") -> AsyncI
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         await asyncio.wait_for(proc.wait(), 10)
+
+
+async def pump_with_cuts(proxy: CuttingProxy, http: Any, connection_id: str, count: int) -> int:
+    """Have the app (``tests.apps.stateful``, through ``http``) send ``count`` numbered messages
+    (direct, group, all) over ~2 s while cutting the connection five times, alternating full cuts
+    and client-side-only cuts (the server does not notice those: the resume replaces a transport
+    it still holds). Returns the proxied connections cut (the WebSocket each time, plus the
+    client's idle keep-alive HTTP connection of negotiate once)."""
+    body = {"connectionId": connection_id, "group": "g1", "count": count, "intervalMs": 20}
+    assert (await http.post("/pump", json=body)).status_code == 202
+    cuts = 0
+    for round_ in range(5):
+        await asyncio.sleep(0.3)
+        before = proxy.accepted
+        cuts += proxy.cut(server_side=round_ % 2 == 0)
+        # the client resumes at once through the proxy (one new connection)
+        deadline = time.monotonic() + 10
+        while not (proxy.accepted > before and proxy.open_connections > 0):
+            assert time.monotonic() < deadline, "timed out waiting for the resume"
+            await asyncio.sleep(0.02)
+    return cuts
+
+
+async def cuts_lose_nothing(
+    proxy: CuttingProxy, http: Any, client: NodeClient, connection_id: str, count: int
+) -> None:
+    """:func:`pump_with_cuts`, then: every message arrived once and in order, on the same
+    connection, which is connected, and the client's automatic reconnect never started (each
+    cut was resumed)."""
+    assert await pump_with_cuts(proxy, http, connection_id, count) >= 5
+    deadline = time.monotonic() + 20
+    while len((await client.report())["nums"]) < count:
+        assert time.monotonic() < deadline, f"timed out waiting for the {count} messages"
+        await asyncio.sleep(0.05)
+    report = await client.report()
+    assert [n for n, _ in report["nums"]] == list(range(count))  # all of them, in order, once
+    assert report["connectionId"] == connection_id and report["state"] == "Connected"
+    assert client.lifecycle_events() == []  # resumed: the automatic reconnect never started

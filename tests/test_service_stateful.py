@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import RedisServer, ServerProcess
 from tests.rawhub import RawHub, open_ws, ws_url
 from tests.requirements import NODE_CLIENT, requires
-from tests.stateful_tools import CuttingProxy, cutting_proxy, node_client
+from tests.stateful_tools import cuts_lose_nothing, cutting_proxy, node_client
 from tests.test_scaleout import new_prefix
 
 KEY = "service-stateful-access-key-0123456789abcdef"
@@ -63,18 +63,6 @@ async def node_counter(node: ServerProcess, name: str) -> float:
     raise AssertionError(f"no {name} on the node")
 
 
-async def cut_while_pumping(proxy: CuttingProxy, http: httpx.AsyncClient, connection_id: str) -> int:
-    body = {"connectionId": connection_id, "group": "g1", "count": PUMPED, "intervalMs": 20}
-    assert (await http.post("/pump", json=body)).status_code == 202
-    cuts = 0
-    for round_ in range(5):
-        await asyncio.sleep(0.3)
-        before = proxy.accepted
-        cuts += proxy.cut(server_side=round_ % 2 == 0)
-        await until(lambda b=before: proxy.accepted > b and proxy.open_connections > 0, 10, "the resume")
-    return cuts
-
-
 @requires(*NODE_CLIENT)
 @pytest.mark.parametrize("protocol", ["json", "messagepack"])
 async def test_js_client_resumes_on_its_node_and_keeps_every_message(
@@ -95,16 +83,7 @@ async def test_js_client_resumes_on_its_node_and_keeps_every_message(
                 ready = await client.wait_for("ready", 30)
                 assert ready["features"]["reconnect"] is True  # the node granted stateful reconnect
                 connection_id = ready["connectionId"]
-                assert await cut_while_pumping(proxy, http, connection_id) >= 5
-
-                async def all_arrived() -> bool:
-                    return len((await client.report())["nums"]) >= PUMPED
-
-                await until(all_arrived, 20, f"the {PUMPED} messages")
-                report = await client.report()
-                assert [n for n, _ in report["nums"]] == list(range(PUMPED))  # all, in order, once
-                assert report["connectionId"] == connection_id and report["state"] == "Connected"
-                assert client.lifecycle_events() == []  # resumed: the automatic reconnect never ran
+                await cuts_lose_nothing(proxy, http, client, connection_id, PUMPED)
                 assert await node_counter(node, "hubwire_service_resumed_total") == 5
                 assert await node_counter(node, "hubwire_service_replayed_total") > 0
 

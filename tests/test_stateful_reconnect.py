@@ -26,7 +26,7 @@ from tests.conftest import ServerProcess
 from tests.hwtools import options_env, wait_for
 from tests.rawhub import RawHub, open_ws, ws_url
 from tests.requirements import NODE_CLIENT, requires
-from tests.stateful_tools import CuttingProxy, cutting_proxy, node_client
+from tests.stateful_tools import cuts_lose_nothing, cutting_proxy, node_client
 
 APP = "tests.apps.stateful:app"
 PUMPED = 100
@@ -94,23 +94,6 @@ async def _negotiate(http: httpx.AsyncClient, query: str) -> dict[str, Any]:
 # -- the official JS client through a cutting proxy ------------------------------------------------
 
 
-async def _pump_with_cuts(proxy: CuttingProxy, http: httpx.AsyncClient, connection_id: str) -> int:
-    """Send PUMPED numbered messages (direct, group, all) over ~2 s while cutting the connection
-    five times, alternating full cuts and client-side-only cuts (the server does not notice those:
-    the resume replaces a transport it still holds). Returns the proxied connections cut (the
-    WebSocket each time, plus the client's idle keep-alive HTTP connection of negotiate once)."""
-    body = {"connectionId": connection_id, "group": "g1", "count": PUMPED, "intervalMs": 20}
-    assert (await http.post("/pump", json=body)).status_code == 202
-    cuts = 0
-    for round_ in range(5):
-        await asyncio.sleep(0.3)
-        before = proxy.accepted
-        cuts += proxy.cut(server_side=round_ % 2 == 0)
-        # the client resumes at once through the proxy (one new connection)
-        await _until(lambda b=before: proxy.accepted > b and proxy.open_connections > 0, 10, "the resume")
-    return cuts
-
-
 @requires(*NODE_CLIENT)
 @pytest.mark.parametrize("protocol", ["json", "messagepack"])
 async def test_js_client_keeps_every_message_across_cuts(
@@ -125,16 +108,7 @@ async def test_js_client_keeps_every_message_across_cuts(
         ready = await client.wait_for("ready", 20)
         assert ready["features"]["reconnect"] is True  # the client runs stateful reconnect
         connection_id = ready["connectionId"]
-        assert await _pump_with_cuts(proxy, http, connection_id) >= 5
-
-        async def all_arrived() -> bool:
-            return len((await client.report())["nums"]) >= PUMPED
-
-        await _until(all_arrived, 20, f"the {PUMPED} messages")
-        report = await client.report()
-        assert [n for n, _ in report["nums"]] == list(range(PUMPED))  # all of them, in order, once
-        assert report["connectionId"] == connection_id and report["state"] == "Connected"
-        assert client.lifecycle_events() == []  # resumed: the automatic reconnect never started
+        await cuts_lose_nothing(proxy, http, client, connection_id, PUMPED)
         stats = await _hub_stats(http)
         assert stats["resumed"] == 5, stats
         assert stats["replayed"] > 0, stats  # unacknowledged messages were sent again
