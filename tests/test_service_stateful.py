@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RedisServer, ServerProcess
+from tests.hwtools import options_env
 from tests.rawhub import RawHub, open_ws, ws_url
 from tests.requirements import NODE_CLIENT, requires
 from tests.stateful_tools import cuts_lose_nothing, cutting_proxy, node_client
@@ -161,3 +162,30 @@ async def _raw_stateful(app: ServerProcess, http: httpx.AsyncClient) -> tuple[Ra
     hub = RawHub(await open_ws(url), "json")
     assert await hub.handshake("json", 2) == {}
     return hub, negotiated["connectionId"], url
+
+
+async def test_a_stateful_client_sending_a_message_past_the_limit_is_closed(node: ServerProcess) -> None:
+    """The node reads a stateful client's messages (it numbers them): one it cannot read - here
+    one past its 32 KB limit, although the app server would take it - closes the client with the
+    protocol's error (passed on unread, it would break the numbering), and the app server, which
+    never saw it, runs on_disconnected."""
+    env = {
+        "HUBWIRE_SERVICE_ACCESS_KEY": KEY,
+        "HUBWIRE_SERVICE_URLS": node.url,
+        **options_env(maximum_receive_message_size=1_000_000),
+    }
+    app = ServerProcess(APP, env=env)
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            hub, connection_id, _ = await _raw_stateful(app, http)
+            await hub.send({"type": 1, "invocationId": "1", "target": "Echo", "arguments": ["x" * 40_000]})
+            close = await hub.expect_close_message()
+            assert close == {"type": 7, "error": "Connection closed with an error.", "allowReconnect": True}
+
+            async def ended() -> bool:
+                entry = (await http.get(f"{app.url}/debug/lifecycle")).json().get(connection_id, {})
+                return (entry.get("connected"), entry.get("disconnected")) == (1, 1)
+
+            await until(ended, 10, "on_disconnected on the app server")
+    finally:
+        app.close()

@@ -88,6 +88,13 @@ class HubOptions:
     #: against ``max_buffered_bytes`` (the slow-consumer bound)
     stateful_reconnect_buffer_size: int = 100_000
 
+    @property
+    def replay_limits(self) -> tuple[int, int]:
+        """A stateful connection's replay bounds: unacknowledged bytes sent, then bytes held
+        (past which it is a slow consumer)."""
+        size = self.stateful_reconnect_buffer_size
+        return size, self.max_buffered_bytes or 10 * size
+
     def copy(self, **changes: object) -> HubOptions:
         """A copy with some options changed (per-hub overrides)."""
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ..protocol.messages import AckMessage, HubMessage, SequenceMessage
 from .replay import ReplayBuffer
+
+if TYPE_CHECKING:
+    from ..protocol.base import HubProtocol
 
 __all__ = ["Journal", "Outbox", "flush_dirty", "set_delivery_tag"]
 
@@ -221,6 +225,36 @@ class Outbox:
             self.journal.trim(replay.first_id - 1)
         if not self.detached and released:
             self._send_kept(replay.first_id + replay.sent_count - len(released), released)
+
+    def peer_control(self, message: HubMessage) -> bool:
+        """Act on the peer's Ack or Sequence (True), or leave ``message`` be (False). Raises
+        :class:`~hubwire.connections.replay.SequenceError` for a Sequence naming messages it
+        never sent. Shared by whatever holds the client's numbering (a hub, a service node)."""
+        if isinstance(message, AckMessage):
+            self.ack(message.sequence_id)
+            return True
+        if isinstance(message, SequenceMessage) and self.replay is not None:
+            self.replay.reset_sequence(message.sequence_id)
+            return True
+        return False
+
+    def resume(self, protocol: HubProtocol) -> int:
+        """A new transport: the Sequence and the replay go out; the peer's messages are ignored
+        until its own Sequence. Returns how many messages were sent again."""
+        replay = self.replay
+        assert replay is not None
+        resent = self.attach(protocol.write_message(SequenceMessage(replay.first_id)))
+        replay.expect_sequence()
+        return resent
+
+    def ack_due(self, protocol: HubProtocol) -> bool:
+        """The periodic Ack of what the peer sent and was handled, when there is news."""
+        replay = self.replay
+        acked = replay.ack_due() if replay is not None else None
+        if acked is None:
+            return False
+        self.write_control(protocol.write_message(AckMessage(acked)))
+        return True
 
     def _send_kept(self, first: int, frames: list[bytes]) -> None:
         """Send kept messages numbered from ``first``: now, or once the journal has them."""

@@ -32,7 +32,7 @@ from ..options import HubOptions
 from ..protocol.base import HubProtocol, MessageParser, TransferFormat
 from ..protocol.errors import HandshakeError, InvalidDataError
 from ..protocol.handshake import HANDSHAKE_CANCELED, handshake_response, parse_handshake
-from ..protocol.messages import PING, AckMessage, HubMessage, SequenceMessage
+from ..protocol.messages import PING, HubMessage
 from .clients import HubCallerClients
 from .context import HubCallerContext, HubConnectionContext
 from .dispatcher import CONNECTION_ERROR, EndpointStats, HubDispatcher, error_text
@@ -139,9 +139,7 @@ class HubConnectionHandler(ConnectionApplication):
         conn.transfer_format = protocol.transfer_format
         conn.write_control(handshake_response())
         if request.version >= 2 and self._resumable(conn):
-            opts = self.options
-            size = opts.stateful_reconnect_buffer_size
-            conn.outbox.enable_replay(size, opts.max_buffered_bytes or 10 * size)
+            conn.outbox.enable_replay(*self.options.replay_limits)
         self.pending.pop(conn.connection_id, None)
         self.connected[conn.connection_id] = ctx
         self.stats.opened += 1
@@ -231,11 +229,8 @@ class HubConnectionHandler(ConnectionApplication):
             conn.abort("not resumable")
             return
         self.stats.resumed += 1
-        self.stats.replayed += conn.outbox.attach(
-            ctx.protocol.write_message(SequenceMessage(replay.first_id))
-        )
+        self.stats.replayed += conn.outbox.resume(ctx.protocol)
         state.parser = ctx.protocol.parser(self.options.maximum_receive_message_size)
-        replay.expect_sequence()
         ctx.received = time.monotonic()
         ctx.received_since_tick = True
 
@@ -313,9 +308,7 @@ class HubConnectionHandler(ConnectionApplication):
             raise ValueError("the moved connection belongs to another user")
         ctx = self._adopt(conn, protocol, version)
         conn.application = self
-        opts = self.options
-        size = opts.stateful_reconnect_buffer_size
-        conn.outbox.enable_replay(size, opts.max_buffered_bytes or 10 * size)
+        conn.outbox.enable_replay(*self.options.replay_limits)
         conn.outbox.detach()
         conn.outbox.tags = []  # told apart from the old owner's copies when its replay arrives
         self.connected[conn.connection_id] = ctx
@@ -482,11 +475,8 @@ class HubConnectionHandler(ConnectionApplication):
             if replay is not None:
                 if out.detached:
                     continue  # suspended: the disconnect timeout decides, not pings or the client timeout
-                acked = replay.ack_due()
-                if acked is not None:
-                    out.write_control(ctx.protocol.write_message(AckMessage(acked)))
-                    if out.journal is not None:
-                        out.journal.touch()  # the handled count is part of the durable record
+                if out.ack_due(ctx.protocol) and out.journal is not None:
+                    out.journal.touch()  # the handled count is part of the durable record
             if out.wrote:
                 out.wrote = False
                 ctx.last_write = now
@@ -534,20 +524,13 @@ class HubConnectionHandler(ConnectionApplication):
 
     def _stateful_message(self, ctx: HubConnectionContext, message: HubMessage) -> bool:
         """Act on an Ack or Sequence (True), or leave ``message`` to the dispatcher (False)."""
-        if isinstance(message, AckMessage):
-            ctx.outbox.ack(message.sequence_id)
+        try:
+            return ctx.outbox.peer_control(message)
+        except SequenceError as exc:
+            log.info("closing %s: %s", ctx.connection_id, exc, extra={"connection_id": ctx.connection_id})
+            detailed = self.options.enable_detailed_errors
+            ctx.close(error_text(CONNECTION_ERROR, exc, detailed), allow_reconnect=True)
             return True
-        if isinstance(message, SequenceMessage):
-            replay = ctx.outbox.replay
-            assert replay is not None
-            try:
-                replay.reset_sequence(message.sequence_id)
-            except SequenceError as exc:
-                log.info("closing %s: %s", ctx.connection_id, exc, extra={"connection_id": ctx.connection_id})
-                detailed = self.options.enable_detailed_errors
-                ctx.close(error_text(CONNECTION_ERROR, exc, detailed), allow_reconnect=True)
-            return True
-        return False
 
     def _hub(self, ctx: HubConnectionContext) -> Hub:
         hub = self.hub_cls()

@@ -49,13 +49,11 @@ from ..protocol.errors import HandshakeError, InvalidDataError
 from ..protocol.handshake import parse_handshake
 from ..protocol.messages import (
     PING,
-    AckMessage,
     CloseMessage,
     CompletionMessage,
     HubMessage,
     InvocationMessage,
     PingMessage,
-    SequenceMessage,
     StreamInvocationMessage,
 )
 from ..protocol.service import (
@@ -263,15 +261,11 @@ class ClientRoute:
         for msg, frame in framed:
             if msg is None or not replay.accept(msg.type):
                 continue  # (a resent one handled before, or what came before its Sequence)
-            if isinstance(msg, AckMessage):
-                out.ack(msg.sequence_id)
-                continue
-            if isinstance(msg, SequenceMessage):
-                try:
-                    replay.reset_sequence(msg.sequence_id)
-                except SequenceError:
-                    return None
-                continue
+            try:
+                if out.peer_control(msg):  # an Ack or its Sequence
+                    continue
+            except SequenceError:
+                return None
             kept.append((msg, frame))
         return kept
 
@@ -619,10 +613,8 @@ class ServiceClients(ConnectionApplication):
             route.flusher = None
         route.waiting.clear()
         route.waiting_bytes = 0
-        sequence = route.protocol.write_message(SequenceMessage(replay.first_id))
-        self.stats.replayed += conn.outbox.attach(sequence)
+        self.stats.replayed += conn.outbox.resume(route.protocol)
         route.tracking = route.protocol.parser(self.options.maximum_receive_message_size)
-        replay.expect_sequence()
         route.received = time.monotonic()
 
     def _read_handshake(self, route: ClientRoute) -> bool:
@@ -647,8 +639,7 @@ class ServiceClients(ConnectionApplication):
             stateful = route.conn.stateful and features is not None and features.resumable
             if request.version >= 2 and stateful and self.options.stateful_reconnect_buffer_size > 0:
                 # numbered from the first message after the handshake, as the client numbers
-                size = self.options.stateful_reconnect_buffer_size
-                route.conn.outbox.enable_replay(size, self.options.max_buffered_bytes or 10 * size)
+                route.conn.outbox.enable_replay(*self.options.replay_limits)
         return True
 
     async def on_disconnect(self, conn: Connection, error: BaseException | None) -> None:
@@ -763,13 +754,10 @@ class ServiceClients(ConnectionApplication):
             if features is not None and features.inherent_keep_alive:
                 continue
             out = route.conn.outbox
-            replay = out.replay
-            if replay is not None:
+            if out.replay is not None:
                 if out.detached:
                     continue  # waiting for its resume: the disconnect timeout decides
-                acked = replay.ack_due()
-                if acked is not None:
-                    out.write_control(protocol.write_message(AckMessage(acked)))
+                out.ack_due(protocol)
             if out.wrote:
                 out.wrote = False
                 route.last_write = now
