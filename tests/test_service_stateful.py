@@ -136,16 +136,23 @@ async def test_a_resumed_client_whose_sequence_names_unsent_messages_is_closed(n
             again = RawHub(await open_ws(url), "json")
             assert RawHub.kind(await again.next_message()) == 9  # the node's Sequence
             await again.send({"type": 9, "sequenceId": 5})  # the node received nothing: 1 at most
-            close = await again.expect_close_message()
-            assert close == {"type": 7, "error": "Connection closed with an error.", "allowReconnect": True}
-
-            async def ended() -> bool:
-                entry = (await http.get(f"{app.url}/debug/lifecycle")).json().get(connection_id, {})
-                return (entry.get("connected"), entry.get("disconnected")) == (1, 1)
-
-            await until(ended, 10, "on_disconnected on the app server")
+            await closed_with_error_then_ended(again, http, app, connection_id)
     finally:
         app.close()
+
+
+async def closed_with_error_then_ended(
+    hub: RawHub, http: httpx.AsyncClient, app: ServerProcess, connection_id: str
+) -> None:
+    """The node closed the client as a hub server would, and the app server ran on_disconnected."""
+    close = await hub.expect_close_message()
+    assert close == {"type": 7, "error": "Connection closed with an error.", "allowReconnect": True}
+
+    async def ended() -> bool:
+        entry = (await http.get(f"{app.url}/debug/lifecycle")).json().get(connection_id, {})
+        return (entry.get("connected"), entry.get("disconnected")) == (1, 1)
+
+    await until(ended, 10, "on_disconnected on the app server")
 
 
 async def _raw_stateful(app: ServerProcess, http: httpx.AsyncClient) -> tuple[RawHub, str, str]:
@@ -179,13 +186,6 @@ async def test_a_stateful_client_sending_a_message_past_the_limit_is_closed(node
         async with httpx.AsyncClient(timeout=5) as http:
             hub, connection_id, _ = await _raw_stateful(app, http)
             await hub.send({"type": 1, "invocationId": "1", "target": "Echo", "arguments": ["x" * 40_000]})
-            close = await hub.expect_close_message()
-            assert close == {"type": 7, "error": "Connection closed with an error.", "allowReconnect": True}
-
-            async def ended() -> bool:
-                entry = (await http.get(f"{app.url}/debug/lifecycle")).json().get(connection_id, {})
-                return (entry.get("connected"), entry.get("disconnected")) == (1, 1)
-
-            await until(ended, 10, "on_disconnected on the app server")
+            await closed_with_error_then_ended(hub, http, app, connection_id)
     finally:
         app.close()
