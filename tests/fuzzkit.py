@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -834,7 +835,12 @@ raw_requests = st.one_of(
 )
 
 
+#: what the app logs, by design, when a hub method raises: its ``fail`` method (in TARGETS) does
+_EXPECTED_FAILURE = re.compile(r"ERROR: +hub method fail failed\nTraceback.*?\nRuntimeError: boom\n", re.S)
+
+
 def assert_clean_log(output: str) -> None:
+    output = _EXPECTED_FAILURE.sub("", output)
     for marker in BAD_LOG_MARKERS:
         assert marker not in output, output[-5000:]
 
