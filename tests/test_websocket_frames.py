@@ -160,3 +160,12 @@ def test_server_frames() -> None:
     assert encode_frame(b"hi", binary=False) == b"\x81\x02hi"
     assert encode_frame(b"x" * 200, binary=True)[:4] == b"\x82\x7e\x00\xc8"
     assert encode_frame(b"x" * 70000, binary=True)[:10] == b"\x82\x7f" + struct.pack("!Q", 70000)
+
+
+def test_client_frames_are_unmasked_by_websockets_c_extension() -> None:
+    """Every client frame is unmasked: the pure-Python fallback costs ~10x per frame."""
+    import websockets.speedups
+
+    from hubwire.protocol import websocket
+
+    assert websocket.apply_mask is websockets.speedups.apply_mask
