@@ -219,3 +219,37 @@ async def test_a_cluster_that_cannot_be_reached_is_retried_not_given_up(
         lines
     )
     assert not any(":pw@" in line for line in lines)
+
+
+async def test_subscribes_of_one_loop_iteration_are_one_command(private_redis: RedisServer) -> None:
+    """200 joins arriving together cost Redis a few SUBSCRIBE commands, not 200 (join bursts);
+    an unsubscribe and a subscribe of the same burst keep their order."""
+    bus = RedisBus(private_redis.url, name=NAME)
+    received: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    await bus.start()
+    try:
+        await bus.subscribe("burst:keep", lambda channel, data: None)
+        with redis.Redis.from_url(private_redis.url) as r:
+            r.config_resetstat()
+        names = [f"burst:{i}" for i in range(200)]
+
+        async def join(name: str) -> None:
+            await bus.subscribe(name, lambda channel, data: received.put_nowait((channel, data)))
+
+        bus.unsubscribe("burst:keep")
+        await asyncio.wait_for(asyncio.gather(*(join(n) for n in names)), 10)
+        await bus.subscribe("burst:keep", lambda channel, data: received.put_nowait((channel, data)))
+        with redis.Redis.from_url(private_redis.url) as r:
+            stats = r.info("commandstats")
+            calls = stats["cmdstat_subscribe"]["calls"]
+            assert calls <= 3, calls  # one for the burst (at most 256 channels each), one for keep
+            assert stats["cmdstat_unsubscribe"]["calls"] == 1
+            numsub = dict(r.pubsub_numsub(*names[:3], names[-1], "burst:keep"))
+        assert set(numsub.values()) == {1}
+        for name in (names[0], names[-1], "burst:keep"):
+            bus.publish(name, b"x")
+        got = {(await asyncio.wait_for(received.get(), 5))[0] for _ in range(3)}
+        assert got == {names[0].encode(), names[-1].encode(), b"burst:keep"}
+        assert not bus._links[next(iter(bus._links))]._unsubscribing  # its reply came
+    finally:
+        await bus.close()

@@ -167,6 +167,10 @@ class NodeLink:
         self._unsubscribing: dict[bytes, int] = {}
         #: channels whose subscribe Redis has not confirmed yet on the current connection
         self._unconfirmed: set[bytes] = set()
+        #: (un)subscribes asked for in this loop iteration, for the connection they were asked on:
+        #: written together at its end (one write for us, one read for Redis; joins come in bursts)
+        self._sub_writes: list[tuple[bytes, bytes]] = []
+        self._sub_writes_conn: RespConnection | None = None
         self._retry_delay = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._restarts = {"publisher": 0, "subscriber": 0}
@@ -264,9 +268,8 @@ class NodeLink:
         self.channels.add(key)
         sub = self.sub
         if sub is not None and sub.is_open:
-            with contextlib.suppress(RespError):
-                sub.write_commands([(self.subscribe_command, key)], expect_replies=False)
-                self._unconfirmed.add(key)
+            self._queue_sub_write(sub, self.subscribe_command, key)
+            self._unconfirmed.add(key)
 
     def drop_channel(self, key: bytes) -> None:
         if key not in self.channels:
@@ -275,8 +278,40 @@ class NodeLink:
         self._unconfirmed.discard(key)
         sub = self.sub
         if sub is not None and sub.is_open:
-            with contextlib.suppress(RespError):
-                sub.write_commands([(self.unsubscribe_command, key)], expect_replies=False)
+            self._queue_sub_write(sub, self.unsubscribe_command, key)
+
+    def _queue_sub_write(self, sub: RespConnection, command: bytes, key: bytes) -> None:
+        if self._sub_writes_conn is not sub:
+            # a new connection: what was queued for the old one is void (the new one was
+            # subscribed to every channel in self.channels when it opened)
+            self._sub_writes = []
+            self._sub_writes_conn = sub
+        if not self._sub_writes:
+            asyncio.get_running_loop().call_soon(self._write_sub_commands)
+        self._sub_writes.append((command, key))
+
+    def _write_sub_commands(self) -> None:
+        """Write the queued (un)subscribes in order, in one write; runs of the same command become
+        one command with many channels (SSUBSCRIBE takes one slot per command: one channel each)."""
+        writes, self._sub_writes = self._sub_writes, []
+        sub = self._sub_writes_conn
+        if not writes or sub is None or sub is not self.sub or not sub.is_open:
+            return
+        commands: list[list[bytes]] = []
+        merge = not self.bus.deployment.sharded
+        for command, key in writes:
+            last = commands[-1] if commands else None
+            if merge and last is not None and last[0] == command and len(last) <= _SUBSCRIBE_CHUNK:
+                last.append(key)
+            else:
+                commands.append([command, key])
+        try:
+            sub.write_commands(commands, expect_replies=False)
+        except RespError:
+            return  # the connection is gone: the next one subscribes to self.channels
+        unsubscribe = self.unsubscribe_command
+        for command, key in writes:
+            if command == unsubscribe:
                 self._unsubscribing[key] = self._unsubscribing.get(key, 0) + 1
 
     def _on_push(self, reply: list[Any]) -> None:
@@ -340,6 +375,7 @@ class NodeLink:
 
     def _resubscribe(self) -> None:
         self._retry = None
+        self._write_sub_commands()
         sub = self.sub
         keys = [key for key in self._unconfirmed if key in self.channels]
         if sub is None or not sub.is_open or not keys:
@@ -357,6 +393,7 @@ class NodeLink:
                 )
                 conn.subscribed = True
                 self.sub = conn
+                self._unsubscribing = {}  # unsubscribes sent on an earlier connection get no reply here
                 count = self._subscribe_all(conn)
                 # the PONG arrives after every subscribe reply: then we are really subscribed
                 self._pong = asyncio.get_running_loop().create_future()
@@ -461,6 +498,7 @@ class NodeLink:
         if sub is None or not sub.is_open or not self.sub_ready.is_set():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._write_sub_commands()  # what was asked before the barrier goes before its PING
         sub.write_commands([(b"PING",)], expect_replies=False)
         self._pings.append(waiter)
         await waiter
