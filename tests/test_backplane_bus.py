@@ -253,3 +253,41 @@ async def test_subscribes_of_one_loop_iteration_are_one_command(private_redis: R
         assert not bus._links[next(iter(bus._links))]._unsubscribing  # its reply came
     finally:
         await bus.close()
+
+
+async def test_subscribes_queued_for_a_connection_that_dies_are_made_on_the_next(
+    private_redis: RedisServer,
+) -> None:
+    """The subscriber connection dies between a burst's queueing and its write: the next connection
+    subscribes to every channel still wanted (not the one dropped), and no unsubscribe is left
+    counted as awaiting its reply (it would be taken for Redis's own slot-move notice later)."""
+    bus = RedisBus(private_redis.url, name=NAME, max_backoff=0.2)
+    received: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+    await bus.start()
+    try:
+        await bus.subscribe("gone:dropped", lambda channel, data: None)
+        (link,) = bus._links.values()
+        first = link.sub
+        assert first is not None
+        names = [f"gone:{i}" for i in range(50)]
+        joins = [
+            asyncio.ensure_future(bus.subscribe(n, lambda c, d: received.put_nowait((c, d)))) for n in names
+        ]
+        await asyncio.sleep(0)  # the subscribes are queued, not written
+        bus.unsubscribe("gone:dropped")
+        assert link._sub_writes and link._unsubscribing == {b"gone:dropped": 1}
+        first.abort()
+        await asyncio.wait_for(asyncio.gather(*joins), 10)
+
+        async def resubscribed() -> bool:
+            return link.sub is not first and bus.subscriber_connected
+
+        await wait_for(resubscribed, 10, "a new subscriber connection")
+        assert link._unsubscribing == {}
+        with redis.Redis.from_url(private_redis.url) as r:
+            numsub = dict(r.pubsub_numsub(*names, "gone:dropped"))
+        assert numsub == {**{n.encode(): 1 for n in names}, b"gone:dropped": 0}
+        bus.publish(names[-1], b"after")
+        assert await asyncio.wait_for(received.get(), 5) == (names[-1].encode(), b"after")
+    finally:
+        await bus.close()

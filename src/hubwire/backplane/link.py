@@ -279,6 +279,11 @@ class NodeLink:
         sub = self.sub
         if sub is not None and sub.is_open:
             self._queue_sub_write(sub, self.unsubscribe_command, key)
+            # counted now, not when written: a slot-move push for this channel read before the
+            # write must find it counted (a node that lost the slot answers our write with MOVED,
+            # which consumes nothing). A write dropped with its connection: the count is reset
+            # when the next connection opens.
+            self._unsubscribing[key] = self._unsubscribing.get(key, 0) + 1
 
     def _queue_sub_write(self, sub: RespConnection, command: bytes, key: bytes) -> None:
         if self._sub_writes_conn is not sub:
@@ -292,7 +297,10 @@ class NodeLink:
 
     def _write_sub_commands(self) -> None:
         """Write the queued (un)subscribes in order, in one write; runs of the same command become
-        one command with many channels (SSUBSCRIBE takes one slot per command: one channel each)."""
+        one command with many channels (SSUBSCRIBE takes one slot per command: one channel each).
+
+        Redis refuses a whole SUBSCRIBE when ACL rules forbid one of its channels: the others are
+        then asked for again one by one after the backoff (``_on_subscribe_error``)."""
         writes, self._sub_writes = self._sub_writes, []
         sub = self._sub_writes_conn
         if not writes or sub is None or sub is not self.sub or not sub.is_open:
@@ -305,14 +313,8 @@ class NodeLink:
                 last.append(key)
             else:
                 commands.append([command, key])
-        try:
+        with contextlib.suppress(RespError):  # the connection is gone: the next one subscribes
             sub.write_commands(commands, expect_replies=False)
-        except RespError:
-            return  # the connection is gone: the next one subscribes to self.channels
-        unsubscribe = self.unsubscribe_command
-        for command, key in writes:
-            if command == unsubscribe:
-                self._unsubscribing[key] = self._unsubscribing.get(key, 0) + 1
 
     def _on_push(self, reply: list[Any]) -> None:
         """A push on the subscriber connection (bytes from Redis: a malformed one is counted, not raised)."""
