@@ -559,6 +559,10 @@ class RoomsResult:
     setup_redis_cpu_s: float = 0.0
     setup_cpu_s: float = 0.0
     setup_commands: dict[str, int] = field(default_factory=dict)
+    #: the joins alone (wall ``join_s``): both servers' and the load generators' CPU seconds, so a
+    #: join time can be read as CPU (the machine is saturated while clients join) or waiting
+    join_cpu_s: float = 0.0
+    join_loadgen_cpu_s: float = 0.0
 
 
 #: ``INFO stats`` counters the rooms phase reports per message: what Redis read and wrote, and how
@@ -775,12 +779,14 @@ class Bench:
             if c["failed"]:
                 raise RuntimeError(f"rooms: {c['failed']} of {n} connections failed: {c['errors']}")
             t0 = time.monotonic()
+            join_cpu0 = cpu_seconds(pids), cpu_seconds(lg.pids)
             joins = lg.all(
                 {"cmd": "join", "rule": rule, "concurrency": max(1, args.rooms_join_concurrency // len(lg)),
                  "timeout": 60.0},
                 600,
             )  # fmt: skip
             join_s = time.monotonic() - t0
+            join_cpu = cpu_seconds(pids) - join_cpu0[0], cpu_seconds(lg.pids) - join_cpu0[1]
             joined = sum(a["joined"] for a in joins)
             join_failed = sum(a["failed"] for a in joins)
             self.log(f"{spec.name}: rooms {rs.label}: {joined} joins ({n_rooms} rooms) in {join_s:.2f}s")
@@ -852,7 +858,7 @@ class Bench:
                 clients=n, rooms=n_rooms, rate=rs.rate, result=r, connect_s=c["seconds"], join_s=join_s,
                 joined=joined, join_failed=join_failed, loadgens=len(lg), redis_commands=commands,
                 setup_redis_cpu_s=setup1[1] - setup0[1], setup_cpu_s=setup1[2] - setup0[2],
-                setup_commands=setup_commands,
+                setup_commands=setup_commands, join_cpu_s=join_cpu[0], join_loadgen_cpu_s=join_cpu[1],
             )  # fmt: skip
             self.log_result(spec.name, f"rooms {rs.label} ({n_rooms} rooms)", r)
             self.log(
@@ -1299,10 +1305,12 @@ def rooms_table(reports: list[ServerReport]) -> str:
     setup = [
         "",
         "Connecting and joining (not in the send window): wall time, both servers' and Redis's CPU "
-        "seconds from the first connection to 1 s after the last join, and Redis's commands meanwhile:",
+        "seconds from the first connection to 1 s after the last join, and Redis's commands meanwhile; "
+        "the joins alone: both servers' and the load generators' CPU per join:",
         "",
-        "| server | clients / rooms | connect s | join s | server CPU s | Redis CPU s | Redis commands |",
-        "|---|---|---|---|---|---|---|",
+        "| server | clients / rooms | connect s | join s | server CPU s | Redis CPU s | Redis commands "
+        "| join: server CPU µs/join | join: load generators' CPU µs/join |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for rep in with_rooms:
         for label, rr in rep.rooms.items():
@@ -1331,7 +1339,8 @@ def rooms_table(reports: list[ServerReport]) -> str:
                 f"| {rep.name} | {rr.clients:,} / {rr.rooms:,} | {rr.connect_s:.2f} | {rr.join_s:.2f} "
                 f"| {rr.setup_cpu_s:.2f} | {rr.setup_redis_cpu_s:.2f} | "
                 + ", ".join(f"{k} {v:,}" for k, v in sorted(rr.setup_commands.items(), key=lambda kv: -kv[1]))
-                + " |"
+                + f" | {fmt(rr.join_cpu_s * 1e6 / rr.joined if rr.joined else None, 1)} "
+                f"| {fmt(rr.join_loadgen_cpu_s * 1e6 / rr.joined if rr.joined else None, 1)} |"
             )
             lines.append(
                 f"| {rep.name} | {rr.clients:,} / {rr.rooms:,} / {rr.rate:g} | {r.sent:,} | {r.rate:,.0f} "
