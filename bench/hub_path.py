@@ -18,13 +18,15 @@ with ``time.process_time()``:
 Lifetime managers: ``memory`` (the default one) and ``redis`` (``RedisBackplane`` on a private
 ``redis-server`` on a free loopback port, never 6379): there a send is also serialized for both
 protocols into an envelope, published, answered, and its echo read back and recognised as this
-instance's own. With Redis the sends are paced (0.5 ms apart, so each is published alone, as at a
+instance's own. With Redis the sends are paced (1 ms apart, so each is published alone, as at a
 low rate) and the CPU of the same pacing without sends is subtracted. Each cell is the best of
 ``--rounds`` rounds of ``--clients``/4 sends x 10.
 
 Why: the rooms bench (``bench/run.py --phases rooms``) measures whole servers, where one client
 message costs an instance ~300 µs of CPU; this tells how much of that is hubwire's hub path, so a
-change to it can be measured alone (deterministic to a few per cent, unlike a whole-server run).
+change to it can be measured alone (the in-memory cell repeats within a few per cent; the Redis
+one, which includes a round trip to redis-server per send, within about 15 %). Receiving a remote
+message is not measured here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import asyncio
 import contextlib
 import gc
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +45,8 @@ from typing import Any
 
 ROOM = 4
 PAYLOAD = "x" * 200
-PACING = 0.0005
+#: uvloop's timers count whole milliseconds: a shorter sleep does not pause at all
+PACING = 0.001
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.clients < ROOM or args.clients % ROOM:
         p.error(f"--clients: a multiple of {ROOM}")
+    kinds = [k for k in args.managers.split(",") if k]
+    if not kinds or set(kinds) - {"memory", "redis"} or len(set(kinds)) != len(kinds):
+        p.error("--managers: memory, redis or memory,redis")
+    args.managers = kinds
     return args
 
 
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(args.hubwire_src.resolve()))
     import uvloop
 
-    kinds = [k for k in args.managers.split(",") if k]
+    kinds: list[str] = args.managers
     results: dict[str, dict[str, float]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="hubwire-hubpath-"))
     redis_proc = None
@@ -184,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
-            redis_proc.wait(10)
+            try:
+                redis_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                redis_proc.kill()
+                redis_proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     import hubwire
 
