@@ -336,3 +336,29 @@ async def test_subscribes_queued_for_a_connection_that_dies_are_made_on_the_next
         assert await asyncio.wait_for(received.get(), 5) == (names[-1].encode(), b"after")
     finally:
         await bus.close()
+
+
+async def test_what_redis_sent_before_taking_an_unsubscribe_still_reaches_the_handler(
+    private_redis: RedisServer,
+) -> None:
+    """A message Redis pushed before it processed our UNSUBSCRIBE reaches the channel's handler
+    (which knows the connection or group is gone here and says so: a relayed request for a
+    connection that just ended gets its 404 at once instead of its sender waiting out a timeout),
+    and once Redis answered the UNSUBSCRIBE nothing of the channel is kept."""
+    bus = RedisBus(private_redis.url, name=NAME)
+    got: list[tuple[bytes, bytes]] = []
+    await bus.start()
+    try:
+        await bus.subscribe("leaving:x", lambda channel, data: got.append((channel, data)))
+        await bus.subscribe("leaving:other", lambda channel, data: None)  # barriers wait on this link
+        bus.unsubscribe("leaving:x")  # queued: written at the end of this loop pass
+        with redis.Redis.from_url(private_redis.url) as r:
+            assert r.publish("leaving:x", b"before") == 1  # (blocking: Redis takes it first)
+        assert not bus.is_subscribed("leaving:x")
+        await bus.barrier(5)  # the push, then the UNSUBSCRIBE's answer, were read
+        assert got == [(b"leaving:x", b"before")]
+        assert bus._leaving == {}
+        with redis.Redis.from_url(private_redis.url) as r:
+            assert r.publish("leaving:x", b"after") == 0
+    finally:
+        await bus.close()

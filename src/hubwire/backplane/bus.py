@@ -133,6 +133,11 @@ class RedisBus:
         #: channel -> the link subscribed to it
         self._channel_links: dict[bytes, NodeLink] = {}
         self._handlers: dict[bytes, Handler] = {}
+        #: channels unsubscribed whose UNSUBSCRIBE Redis has not answered yet, with their handler:
+        #: what Redis sent before it took the UNSUBSCRIBE still reaches the handler (which knows
+        #: the connection or group is gone here: a relayed request gets its 404 at once, instead
+        #: of its sender waiting out a timeout for an answer that was dropped)
+        self._leaving: dict[bytes, Handler] = {}
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
         #: messages published before the layout is known (or for a slot no master serves)
         self._unrouted: deque[Outgoing] = deque()
@@ -194,6 +199,7 @@ class RedisBus:
         for link in list(self._links.values()):
             await link.stop()
             self._unrouted.extend(link.pending())  # kept for a restart of this bus
+        self._leaving.clear()
         unsent = [item for item in self._unrouted if not item.done]
         if unsent:
             # never silent: what the shutdown drain could not publish is named in the log
@@ -350,6 +356,8 @@ class RedisBus:
         for name, link in list(self._links.items()):
             if name not in masters:  # no longer a master: what it carried is on the new owners now
                 del self._links[name]
+                for key in link.unsubscribing():  # no answer comes from a link that stops
+                    self.left(key)
                 for key in list(link.channels):
                     link.channels.discard(key)
                     if self._channel_links.get(key) is link:
@@ -434,6 +442,7 @@ class RedisBus:
         key = channel.encode()
         already = key in self._handlers
         self._handlers[key] = handler
+        self._leaving.pop(key, None)
         if already:
             return
         link = self._target(key) if self._layout_known else None
@@ -460,11 +469,16 @@ class RedisBus:
     def unsubscribe(self, channel: str) -> None:
         """Stop routing ``channel``; tells Redis when connected."""
         key = channel.encode()
-        if self._handlers.pop(key, None) is None:
+        handler = self._handlers.pop(key, None)
+        if handler is None:
             return
         link = self._channel_links.pop(key, None)
-        if link is not None:
-            link.drop_channel(key)
+        if link is not None and link.drop_channel(key):
+            self._leaving[key] = handler
+
+    def left(self, key: bytes) -> None:
+        """Redis answered our UNSUBSCRIBE of ``key`` (or the connection it was sent on is gone)."""
+        self._leaving.pop(key, None)
 
     def is_subscribed(self, channel: str) -> bool:
         return channel.encode() in self._handlers
@@ -477,7 +491,9 @@ class RedisBus:
     def dispatch(self, channel: bytes, data: bytes) -> None:
         handler = self._handlers.get(channel)
         if handler is None:
-            return
+            handler = self._leaving.get(channel)
+            if handler is None:
+                return
         self.stats.received += 1
         try:
             handler(channel, data)

@@ -271,19 +271,26 @@ class NodeLink:
             self._queue_sub_write(sub, self.subscribe_command, key)
             self._unconfirmed.add(key)
 
-    def drop_channel(self, key: bytes) -> None:
+    def drop_channel(self, key: bytes) -> bool:
+        """Unsubscribe ``key`` here; True when an UNSUBSCRIBE goes to Redis (its answer will come)."""
         if key not in self.channels:
-            return
+            return False
         self.channels.discard(key)
         self._unconfirmed.discard(key)
         sub = self.sub
-        if sub is not None and sub.is_open:
-            self._queue_sub_write(sub, self.unsubscribe_command, key)
-            # counted now, not when written: a slot-move push for this channel read before the
-            # write must find it counted (a node that lost the slot answers our write with MOVED,
-            # which consumes nothing). A write dropped with its connection: the count is reset
-            # when the next connection opens.
-            self._unsubscribing[key] = self._unsubscribing.get(key, 0) + 1
+        if sub is None or not sub.is_open:
+            return False
+        self._queue_sub_write(sub, self.unsubscribe_command, key)
+        # counted now, not when written: a slot-move push for this channel read before the write
+        # must find it counted (a node that lost the slot answers our write with MOVED, which
+        # consumes nothing). A write dropped with its connection: the count is reset when the
+        # next connection opens.
+        self._unsubscribing[key] = self._unsubscribing.get(key, 0) + 1
+        return True
+
+    def unsubscribing(self) -> list[bytes]:
+        """Channels whose UNSUBSCRIBE was sent here and not answered yet."""
+        return list(self._unsubscribing)
 
     def _queue_sub_write(self, sub: RespConnection, command: bytes, key: bytes) -> None:
         if self._sub_writes_conn is not sub:
@@ -343,6 +350,7 @@ class NodeLink:
         if pending:  # the reply to our own unsubscribe
             if pending == 1:
                 del self._unsubscribing[key]
+                self.bus.left(key)
             else:
                 self._unsubscribing[key] = pending - 1
         elif key in self.channels:
@@ -395,7 +403,9 @@ class NodeLink:
                 )
                 conn.subscribed = True
                 self.sub = conn
-                self._unsubscribing = {}  # unsubscribes sent on an earlier connection get no reply here
+                for key in self._unsubscribing:  # sent on an earlier connection: no reply comes here
+                    self.bus.left(key)
+                self._unsubscribing = {}
                 count = self._subscribe_all(conn)
                 # the PONG arrives after every subscribe reply: then we are really subscribed
                 self._pong = asyncio.get_running_loop().create_future()
