@@ -360,5 +360,13 @@ async def test_what_redis_sent_before_taking_an_unsubscribe_still_reaches_the_ha
         assert bus._leaving == {}
         with redis.Redis.from_url(private_redis.url) as r:
             assert r.publish("leaving:x", b"after") == 0
+        # a component that is closing asks for nothing after its unsubscribe
+        await bus.subscribe("leaving:y", lambda channel, data: got.append((channel, data)))
+        bus.unsubscribe("leaving:y", linger=False)
+        with redis.Redis.from_url(private_redis.url) as r:
+            assert r.publish("leaving:y", b"before") == 1
+        await bus.barrier(5)
+        assert got == [(b"leaving:x", b"before")]
+        assert bus._leaving == {}
     finally:
         await bus.close()

@@ -137,7 +137,7 @@ class RedisBus:
         #: what Redis sent before it took the UNSUBSCRIBE still reaches the handler (which knows
         #: the connection or group is gone here: a relayed request gets its 404 at once, instead
         #: of its sender waiting out a timeout for an answer that was dropped)
-        self._leaving: dict[bytes, Handler] = {}
+        self._leaving: dict[bytes, tuple[Handler, NodeLink]] = {}
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
         #: messages published before the layout is known (or for a slot no master serves)
         self._unrouted: deque[Outgoing] = deque()
@@ -357,7 +357,7 @@ class RedisBus:
             if name not in masters:  # no longer a master: what it carried is on the new owners now
                 del self._links[name]
                 for key in link.unsubscribing():  # no answer comes from a link that stops
-                    self.left(key)
+                    self.left(key, link)
                 for key in list(link.channels):
                     link.channels.discard(key)
                     if self._channel_links.get(key) is link:
@@ -466,19 +466,26 @@ class RedisBus:
                 if not waiters:
                     del self._confirmations[key]
 
-    def unsubscribe(self, channel: str) -> None:
-        """Stop routing ``channel``; tells Redis when connected."""
+    def unsubscribe(self, channel: str, linger: bool = True) -> None:
+        """Stop routing ``channel``; tells Redis when connected.
+
+        ``linger``: until Redis answers, what it pushed before taking the UNSUBSCRIBE still
+        reaches the handler (False for a component that is closing: nothing reaches it after).
+        """
         key = channel.encode()
         handler = self._handlers.pop(key, None)
         if handler is None:
             return
         link = self._channel_links.pop(key, None)
-        if link is not None and link.drop_channel(key):
-            self._leaving[key] = handler
+        if link is not None and link.drop_channel(key) and linger:
+            self._leaving[key] = (handler, link)
 
-    def left(self, key: bytes) -> None:
-        """Redis answered our UNSUBSCRIBE of ``key`` (or the connection it was sent on is gone)."""
-        self._leaving.pop(key, None)
+    def left(self, key: bytes, link: NodeLink) -> None:
+        """``link``'s UNSUBSCRIBE of ``key`` was answered (or can no longer be: its connection or
+        the link is gone); an entry from a later unsubscribe on another link stays."""
+        leaving = self._leaving.get(key)
+        if leaving is not None and leaving[1] is link:
+            del self._leaving[key]
 
     def is_subscribed(self, channel: str) -> bool:
         return channel.encode() in self._handlers
@@ -491,9 +498,10 @@ class RedisBus:
     def dispatch(self, channel: bytes, data: bytes) -> None:
         handler = self._handlers.get(channel)
         if handler is None:
-            handler = self._leaving.get(channel)
-            if handler is None:
+            leaving = self._leaving.get(channel)
+            if leaving is None:
                 return
+            handler = leaving[0]
         self.stats.received += 1
         try:
             handler(channel, data)

@@ -347,8 +347,8 @@ class Inspector:
         await self.bus.subscribe(self.own_channel, self._on_answer)
 
     async def close(self) -> None:
-        self.bus.unsubscribe(self.requests_channel)
-        self.bus.unsubscribe(self.own_channel)
+        self.bus.unsubscribe(self.requests_channel, linger=False)
+        self.bus.unsubscribe(self.own_channel, linger=False)
         for pending in self._pending.values():
             if not pending.done.done():
                 pending.done.cancel()

@@ -350,7 +350,7 @@ class NodeLink:
         if pending:  # the reply to our own unsubscribe
             if pending == 1:
                 del self._unsubscribing[key]
-                self.bus.left(key)
+                self.bus.left(key, self)
             else:
                 self._unsubscribing[key] = pending - 1
         elif key in self.channels:
@@ -367,6 +367,10 @@ class NodeLink:
                 self.channels.discard(key)
                 self.bus.confirmed(key)  # its subscriber waits no longer: the new owner gets it
                 self.bus.channel_lost(key, f"{self.node.node}: {text}")
+            # this node no longer has the slot: our unsubscribes there get MOVED too, not an answer
+            for key in [k for k in self._unsubscribing if self.bus.slot_of(k) == slot]:
+                del self._unsubscribing[key]
+                self.bus.left(key, self)
             return
         if self._pong is not None and not self._pong.done():  # still connecting: start over
             self._pong.set_exception(RespError(text))
@@ -404,7 +408,7 @@ class NodeLink:
                 conn.subscribed = True
                 self.sub = conn
                 for key in self._unsubscribing:  # sent on an earlier connection: no reply comes here
-                    self.bus.left(key)
+                    self.bus.left(key, self)
                 self._unsubscribing = {}
                 count = self._subscribe_all(conn)
                 # the PONG arrives after every subscribe reply: then we are really subscribed

@@ -429,7 +429,7 @@ class RedisHubLifetimeManager(HubLifetimeManager):
             self._ack_channel,
             self._return_channel,
         ):
-            self.bus.unsubscribe(channel)
+            self.bus.unsubscribe(channel, linger=False)
         for future in self._acks.values():
             if not future.done():
                 future.cancel()

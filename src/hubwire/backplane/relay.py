@@ -253,9 +253,10 @@ class Relay:
         self._handlers[connection_id] = handler
         await self.bus.subscribe(self.prefix + connection_id, self._on_request)
 
-    def stop_serving(self, connection_id: str) -> None:
+    def stop_serving(self, connection_id: str, linger: bool = True) -> None:
+        """Stop answering for ``connection_id`` (a request already on its way gets a 404)."""
         if self._handlers.pop(connection_id, None) is not None:
-            self.bus.unsubscribe(self.prefix + connection_id)
+            self.bus.unsubscribe(self.prefix + connection_id, linger)
 
     def _on_request(self, channel: bytes, data: bytes) -> None:
         connection_id = channel.decode(errors="replace")[len(self.prefix) :]
@@ -487,10 +488,10 @@ class Relay:
         """Stop answering and waiting (server shutdown): every task ended, every waiter cancelled,
         every relay channel unsubscribed."""
         for connection_id in list(self._handlers):
-            self.stop_serving(connection_id)
+            self.stop_serving(connection_id, linger=False)
         if self._started:
             self._started = False
-            self.bus.unsubscribe(self.reply_channel)
+            self.bus.unsubscribe(self.reply_channel, linger=False)
         for waiting in self._waiting.values():
             waiting.reply.cancel()
         for call in self._calls.values():

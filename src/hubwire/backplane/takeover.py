@@ -179,8 +179,8 @@ class Takeovers:
         await self.bus.subscribe(self.own_channel, self._on_own)
 
     async def close(self) -> None:
-        self.bus.unsubscribe(self.requests_channel)
-        self.bus.unsubscribe(self.own_channel)
+        self.bus.unsubscribe(self.requests_channel, linger=False)
+        self.bus.unsubscribe(self.own_channel, linger=False)
         for _, future in self._waiting.values():
             if not future.done():
                 future.cancel()
