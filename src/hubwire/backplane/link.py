@@ -312,6 +312,12 @@ class NodeLink:
         sub = self._sub_writes_conn
         if not writes or sub is None or sub is not self.sub or not sub.is_open:
             return
+        with contextlib.suppress(RespError):  # the connection is gone: the next one subscribes
+            sub.write_commands(self._sub_commands(writes), expect_replies=False)
+
+    def _sub_commands(self, writes: list[tuple[bytes, bytes]]) -> list[list[bytes]]:
+        """(command, channel) pairs as commands, in order: consecutive channels of the same command
+        in one command (at most ``_SUBSCRIBE_CHUNK``), except on a cluster (one slot per command)."""
         commands: list[list[bytes]] = []
         merge = not self.bus.deployment.sharded
         for command, key in writes:
@@ -320,8 +326,7 @@ class NodeLink:
                 last.append(key)
             else:
                 commands.append([command, key])
-        with contextlib.suppress(RespError):  # the connection is gone: the next one subscribes
-            sub.write_commands(commands, expect_replies=False)
+        return commands
 
     def _on_push(self, reply: list[Any]) -> None:
         """A push on the subscriber connection (bytes from Redis: a malformed one is counted, not raised)."""
@@ -449,17 +454,9 @@ class NodeLink:
     def _subscribe_all(self, conn: RespConnection) -> int:
         channels = list(self.channels)
         self._unconfirmed = set(channels)
-        if self.bus.deployment.sharded:  # one slot per SSUBSCRIBE: one channel per command, pipelined
-            for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
-                conn.write_commands(
-                    [(self.subscribe_command, key) for key in channels[i : i + _SUBSCRIBE_CHUNK]],
-                    expect_replies=False,
-                )
-        else:
-            for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
-                conn.write_commands(
-                    [(self.subscribe_command, *channels[i : i + _SUBSCRIBE_CHUNK])], expect_replies=False
-                )
+        commands = self._sub_commands([(self.subscribe_command, key) for key in channels])
+        for i in range(0, len(commands), _SUBSCRIBE_CHUNK):  # pipelined, a write per chunk
+            conn.write_commands(commands[i : i + _SUBSCRIBE_CHUNK], expect_replies=False)
         return len(channels)
 
     async def _watch(self, conn: RespConnection) -> None:
