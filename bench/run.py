@@ -805,6 +805,15 @@ class Bench:
             if profiling:  # bench/servers/hubwire_app.py: SIGUSR2 starts a profile, SIGUSR1 writes it
                 signal_all(instances, signal.SIGUSR2)
             stats0 = redis_commandstats(self.redis)
+            redis_perf = None
+            if args.redis_perf:  # where Redis spends its CPU in the send window (perf report -i FILE)
+                args.redis_perf.mkdir(parents=True, exist_ok=True)
+                out_file = args.redis_perf / f"redis-{spec.name}-{rs.label}.data"
+                redis_perf = subprocess.Popen(
+                    ["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-g", "-o", str(out_file),
+                     "-p", str(self.redis.proc.pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
             others = [lg.pids, [self.redis.proc.pid]]
             cpu0, others0 = cpu_seconds(pids), [cpu_seconds(p) for p in others]
             t0 = time.monotonic()
@@ -825,6 +834,9 @@ class Bench:
             )
             cpu1, others1 = cpu_seconds(pids), [cpu_seconds(p) for p in others]
             seconds = time.monotonic() - t0
+            if redis_perf is not None:
+                redis_perf.send_signal(signal.SIGINT)
+                redis_perf.wait(30)
             stats1 = redis_commandstats(self.redis)
             if profiling:
                 signal_all(instances, signal.SIGUSR1)
@@ -1672,6 +1684,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", type=Path, help="profile the hubwire instances (cProfile of the event-loop thread): "
         "one .prof file per instance in this directory, written when it stops",
+    )  # fmt: skip
+    p.add_argument(
+        "--redis-perf", type=Path, help="record Redis with perf (cpu-clock, call graphs) during each rooms "
+        "row's send window: redis-<server>-<row>.data in this directory, for perf report",
     )  # fmt: skip
     p.add_argument("--keep-logs", action="store_true", help="keep the server logs directory")
     args = p.parse_args(argv)
