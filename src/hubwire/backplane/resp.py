@@ -31,6 +31,29 @@ __all__ = ["RespConnection", "RespError"]
 
 CommandArg = bytes | str | int
 _PUSH_KINDS = {b"message", b"smessage", b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe", b"pong"}
+#: (un)subscribe commands: on RESP3 each channel is confirmed by a push, a refusal is one error reply
+_SUBSCRIBING = {b"SUBSCRIBE", b"SSUBSCRIBE", b"UNSUBSCRIBE", b"SUNSUBSCRIBE"}
+_PushNotification = hiredis.PushNotification
+
+
+class _Confirmations:
+    """On RESP3: the pushes that answer one (un)subscribe command, channel by channel, in order.
+
+    Why: on RESP3 a connection subscribes and publishes at once, and its replies come in the
+    order of its commands, except that an (un)subscribe is answered by pushes when it succeeds
+    and by one error reply when Redis refuses it. Knowing which pushes are still owed tells
+    whose an error reply is, so a publish's reply never goes to another command.
+    """
+
+    __slots__ = ("channels", "kind")
+
+    def __init__(self, kind: bytes, channels: Sequence[CommandArg]) -> None:
+        self.kind = kind
+        self.channels = deque(c.encode() if isinstance(c, str) else c for c in channels)
+
+
+#: on RESP3: a command written without a future (a PING): its reply goes to ``on_push`` as a push
+_AS_PUSH = object()
 
 
 class RespError(Exception):
@@ -43,9 +66,14 @@ class RespConnection(asyncio.Protocol):
     def __init__(self, on_push: Callable[[list[Any]], None] | None = None) -> None:
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
-        self._pending: deque[asyncio.Future[Any]] = deque()
+        #: what answers each command written, in order: a future (a reply), or on RESP3 a
+        #: :class:`_Confirmations` or ``_AS_PUSH`` for commands written without a future
+        self._pending: deque[Any] = deque()
         self._on_push = on_push
         self.subscribed = False
+        #: RESP3 (``HELLO 3`` accepted): pushes are told from replies by their type, so the
+        #: connection may publish while it is subscribed
+        self.resp3 = False
         self.last_read = time.monotonic()
         self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
 
@@ -58,11 +86,14 @@ class RespConnection(asyncio.Protocol):
         timeout: float = 5.0,
         on_push: Callable[[list[Any]], None] | None = None,
         name: str | None = None,
+        resp3: bool = False,
     ) -> RespConnection:
         """Connect, authenticate and select the database, all within ``timeout``.
 
         ``name`` is set with CLIENT SETNAME when the user may run it; a least-privilege ACL user
         that may not is not an error (the name only helps operators reading CLIENT LIST).
+        ``resp3`` asks for RESP3 (``HELLO 3``); a Redis that refuses it (before 6.0, or HELLO
+        renamed away) leaves the connection on RESP2: :attr:`resp3` tells which one it got.
         """
         loop = asyncio.get_running_loop()
         if node.path:
@@ -80,6 +111,13 @@ class RespConnection(asyncio.Protocol):
                 setup.append(("SELECT", node.db))
             if setup:
                 await asyncio.wait_for(asyncio.gather(*proto.write_commands(setup)), timeout)
+            if resp3:
+                (hello,) = proto.write_commands([("HELLO", "3")])
+                try:
+                    await asyncio.wait_for(hello, timeout)
+                    proto.resp3 = True
+                except RespError:
+                    pass  # stays on RESP2
             if name:
                 (named,) = proto.write_commands([("CLIENT", "SETNAME", name)])
                 with contextlib.suppress(RespError):
@@ -104,6 +142,9 @@ class RespConnection(asyncio.Protocol):
         self.last_read = time.monotonic()
         reader = self._reader
         reader.feed(data)
+        if self.resp3:
+            self._received_resp3(reader)
+            return
         push = self._on_push
         while True:
             reply = reader.gets()
@@ -134,12 +175,50 @@ class RespConnection(asyncio.Protocol):
                     else:
                         future.set_result(reply)
 
+    def _received_resp3(self, reader: hiredis.Reader) -> None:
+        """Pushes to ``on_push`` (counted off the (un)subscribe they confirm), replies in order."""
+        push = self._on_push
+        pending = self._pending
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if type(reply) is _PushNotification:
+                if pending and reply and type(pending[0]) is _Confirmations:
+                    self._confirmed(pending[0], reply)
+                if push is not None:
+                    push(reply)
+                continue
+            if not pending:
+                continue  # nothing was asked: not a reply of ours
+            waiting = pending.popleft()
+            if type(waiting) is _Confirmations or waiting is _AS_PUSH:
+                if push is None:
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    push([b"error", str(reply).encode()])  # e.g. NOPERM for a SUBSCRIBE
+                elif waiting is _AS_PUSH and reply == b"PONG":
+                    push([b"pong", b""])
+            elif not waiting.done():
+                if isinstance(reply, hiredis.ReplyError):
+                    waiting.set_exception(RespError(str(reply)))
+                else:
+                    waiting.set_result(reply)
+
+    def _confirmed(self, confirmations: _Confirmations, reply: list[Any]) -> None:
+        """A push that confirms the next channel of the (un)subscribe awaiting its pushes."""
+        channels = confirmations.channels
+        if len(reply) > 1 and reply[0] == confirmations.kind and channels and reply[1] == channels[0]:
+            channels.popleft()
+            if not channels:
+                self._pending.popleft()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         error = RespError(f"connection lost: {exc}" if exc else "connection closed")
         while self._pending:
             future = self._pending.popleft()
-            if not future.done():
+            if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(error)
         if not self.lost.done():
             self.lost.set_result(exc)
@@ -153,18 +232,35 @@ class RespConnection(asyncio.Protocol):
     def write_commands(
         self, commands: Sequence[Sequence[CommandArg]], expect_replies: bool = True
     ) -> list[asyncio.Future[Any]]:
-        """Pipeline several commands in one write; one future per reply (unless pushes answer them)."""
+        """Pipeline several commands in one write, with one future per reply.
+
+        Without replies expected (a subscriber's commands): on RESP2 a subscribed connection's
+        pushes answer them; on RESP3 their pushes go to ``on_push`` too, and a reply of theirs
+        goes there as a push (``[b"pong", b""]``, or ``[b"error", text]`` for a refused one).
+        """
         transport = self._transport
         if transport is None or transport.is_closing():
             raise RespError("not connected")
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
+        answers: list[Any] = []
+        if not expect_replies and self.resp3:
+            for cmd in commands:
+                name = cmd[0].encode() if isinstance(cmd[0], str) else cmd[0]
+                if isinstance(name, bytes) and name.upper() in _SUBSCRIBING:
+                    if len(cmd) < 2:  # its pushes could not be told apart: always name the channels
+                        raise ValueError(f"{name!r} without channels")
+                    answers.append(_Confirmations(name.lower(), cmd[1:]))
+                else:
+                    answers.append(_AS_PUSH)
         transport.write(b"".join(hiredis.pack_command(tuple(cmd)) for cmd in commands))  # type: ignore[arg-type]
         if expect_replies:
             for _ in commands:
                 future = loop.create_future()
                 self._pending.append(future)
                 futures.append(future)
+        else:
+            self._pending.extend(answers)
         return futures
 
     async def command(self, *args: CommandArg) -> Any:

@@ -1,0 +1,225 @@
+"""One Redis connection that subscribes and publishes at once (RESP3), against real redis-servers.
+
+On a single Redis (and Sentinel) each instance's backplane link publishes on its subscriber's
+connection, so Redis writes a publish's reply and the instance's own copy of the message in one
+write. That connection's replies come in the order of its commands, except that an (un)subscribe
+is answered by pushes, or by one error reply when Redis refuses it: each test here fails when a
+refusal, a PONG or a push is taken for the answer to a publish. A Redis without RESP3 keeps a
+publisher connection of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hubwire.backplane.bus import RedisBus
+from hubwire.backplane.deployment import NodeSettings
+from hubwire.backplane.resp import RespConnection
+
+from .conftest import RedisServer
+
+NAME = "resp3-bus"
+
+
+def _ours(url: str) -> dict[str, list[dict[str, Any]]]:
+    """Our connections on Redis, by role (CLIENT LIST: name, resp)."""
+    with redis.Redis.from_url(url, protocol=2) as r:  # RESP2: also where HELLO is refused
+        clients = r.client_list()
+    return {role: [c for c in clients if c.get("name") == f"{NAME}-{role}"] for role in ("sub", "pub")}
+
+
+async def test_the_subscriber_connection_publishes(private_redis: RedisServer) -> None:
+    """One connection per instance (RESP3, no publisher of its own); a message published reaches
+    this instance's handler and another subscriber, and its receiver count comes back."""
+    bus = RedisBus(private_redis.url, name=NAME, max_backoff=0.2)
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    await bus.start()
+    try:
+        await bus.subscribe("room:1", lambda channel, data: got.put_nowait(data))
+        with redis.Redis.from_url(private_redis.url) as other:
+            listener = other.pubsub()
+            listener.subscribe("room:1")
+            assert listener.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+            receivers = bus.publish("room:1", b"hello", want_receivers=True)
+            assert receivers is not None
+            assert await asyncio.wait_for(receivers, 5) == 2
+            assert await asyncio.wait_for(got.get(), 5) == b"hello"
+            message = listener.get_message(timeout=5)
+            assert message is not None and message["data"] == b"hello"
+            listener.close()
+        assert bus.healthy
+        roles = _ours(private_redis.url)
+        assert len(roles["sub"]) == 1 and roles["sub"][0]["resp"] == "3", roles
+        assert roles["pub"] == [], roles
+        # a burst: every publish answered once, in order, and delivered once here
+        futures = [bus.publish("room:1", f"m{i}".encode(), want_receivers=True) for i in range(500)]
+        assert await asyncio.wait_for(asyncio.gather(*futures), 10) == [1] * 500  # type: ignore[arg-type]
+        seen = [await asyncio.wait_for(got.get(), 5) for _ in range(500)]
+        assert seen == [f"m{i}".encode() for i in range(500)]
+    finally:
+        await bus.close()
+
+
+async def test_a_redis_without_resp3_gets_a_publisher_connection() -> None:
+    """HELLO renamed away (as on a Redis before 6.0): the link stays on RESP2 with a publisher
+    connection of its own, and publishing and delivery work the same."""
+    server = RedisServer(options=("--rename-command", "HELLO", ""))
+    bus = RedisBus(server.url, name=NAME, max_backoff=0.2)
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    await bus.start()
+    try:
+        await bus.subscribe("room:1", lambda channel, data: got.put_nowait(data))
+        receivers = bus.publish("room:1", b"hello", want_receivers=True)
+        assert receivers is not None
+        assert await asyncio.wait_for(receivers, 5) == 1
+        assert await asyncio.wait_for(got.get(), 5) == b"hello"
+        roles = _ours(server.url)
+        assert [c["resp"] for c in roles["sub"]] == ["2"], roles
+        assert [c["resp"] for c in roles["pub"]] == ["2"], roles
+    finally:
+        await bus.close()
+        server.close()
+
+
+ACL_USER = "hw"
+ACL_PASSWORD = "secret"
+
+
+async def test_a_refused_subscribe_between_publishes_takes_no_publish_reply() -> None:
+    """An ACL user may use ``ok:*`` only. On one connection, pipelined: a subscribe, publishes, a
+    subscribe Redis refuses (NOPERM: one error reply), a PING, an unsubscribe of a channel never
+    subscribed (a push all the same), a publish Redis refuses. Each publish gets its own reply,
+    the refusal and the PONG go to the pushes, in order."""
+    server = RedisServer()
+    try:
+        with redis.Redis.from_url(server.url) as admin:
+            admin.execute_command(
+                "ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "resetchannels", "&ok:*",
+                "-@all", "+publish", "+subscribe", "+unsubscribe", "+ping",
+            )  # fmt: skip
+        pushes: list[list[Any]] = []
+        node = NodeSettings(port=server.port, username=ACL_USER, password=ACL_PASSWORD)
+        conn = await RespConnection.open(node, on_push=pushes.append, resp3=True)
+        try:
+            assert conn.resp3
+            conn.write_commands([(b"SUBSCRIBE", b"ok:a", b"ok:b")], expect_replies=False)
+            first = conn.write_commands([(b"PUBLISH", b"ok:a", b"1")])
+            conn.write_commands([(b"SUBSCRIBE", b"no:x")], expect_replies=False)
+            second = conn.write_commands([(b"PUBLISH", b"ok:b", b"2")])
+            conn.write_commands([(b"PING",), (b"UNSUBSCRIBE", b"ok:never")], expect_replies=False)
+            third = conn.write_commands([(b"PUBLISH", b"ok:a", b"3"), (b"PUBLISH", b"no:y", b"4")])
+            results = await asyncio.wait_for(
+                asyncio.gather(*first, *second, *third, return_exceptions=True), 5
+            )
+            assert results[:3] == [1, 1, 1], results
+            assert "NOPERM" in str(results[3]), results
+            assert [p[0] for p in pushes] == [
+                b"subscribe", b"subscribe", b"message", b"error", b"message", b"pong", b"unsubscribe",
+                b"message",
+            ], pushes  # fmt: skip
+            assert b"NOPERM" in pushes[3][1]
+            assert [p[2] for p in pushes if p[0] == b"message"] == [b"1", b"2", b"3"]
+            # and the connection goes on answering in order
+            assert await asyncio.wait_for(conn.command(b"PUBLISH", b"ok:b", b"5"), 5) == 1
+        finally:
+            conn.abort()
+    finally:
+        server.close()
+
+
+# -- the same routing on any byte stream: arbitrary commands, answers, stray pushes and read splits --
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _push(*items: bytes) -> bytes:
+    return b">%d\r\n" % len(items) + b"".join(_bulk(i) for i in items)
+
+
+_command = st.one_of(
+    st.tuples(st.just("publish"), st.integers(0, 9), st.booleans()),  # receivers, refused
+    st.tuples(st.just("subscribe"), st.integers(1, 3), st.booleans()),  # channels, refused
+    st.tuples(st.just("unsubscribe"), st.integers(1, 3), st.booleans()),
+    st.tuples(st.just("ping"), st.just(0), st.just(False)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    commands=st.lists(_command, min_size=1, max_size=12),
+    strays=st.lists(st.integers(0, 30), max_size=6),
+    cuts=st.lists(st.integers(1, 400), max_size=8),
+)
+def test_replies_and_pushes_are_routed_on_any_stream(
+    commands: list[tuple[str, int, bool]], strays: list[int], cuts: list[int]
+) -> None:
+    """Redis's answers to a pipeline of publishes, (un)subscribes and PINGs, with messages pushed
+    in between and the stream cut anywhere: each publish's future gets its own answer; pushes,
+    refusals of (un)subscribes and PONGs reach ``on_push`` in order."""
+    asyncio.run(_route(commands, strays, cuts))
+
+
+async def _route(commands: list[tuple[str, int, bool]], strays: list[int], cuts: list[int]) -> None:
+    pushes: list[list[Any]] = []
+    conn = RespConnection(on_push=pushes.append)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    conn.resp3 = True
+    futures: list[tuple[asyncio.Future[Any], int, bool]] = []
+    stream: list[bytes] = []
+    want_pushes: list[list[bytes]] = []
+    for index, (kind, number, refused) in enumerate(commands):
+        if index in strays:  # a message pushed between two answers
+            stream.append(_push(b"message", b"elsewhere", b"%d" % index))
+            want_pushes.append([b"message", b"elsewhere", b"%d" % index])
+        if kind == "publish":
+            (future,) = conn.write_commands([(b"PUBLISH", b"c", b"x")])
+            futures.append((future, number, refused))
+            stream.append(b"-NOPERM no\r\n" if refused else b":%d\r\n" % number)
+        elif kind == "ping":
+            conn.write_commands([(b"PING",)], expect_replies=False)
+            stream.append(b"+PONG\r\n")
+            want_pushes.append([b"pong", b""])
+        else:
+            channels = [b"ch%d" % i for i in range(number)]
+            conn.write_commands([(kind.upper().encode(), *channels)], expect_replies=False)
+            if refused:
+                stream.append(b"-NOPERM no\r\n")
+                want_pushes.append([b"error", b"NOPERM no"])
+            else:
+                for count, channel in enumerate(channels):
+                    stream.append(b">3\r\n" + _bulk(kind.encode()) + _bulk(channel) + b":%d\r\n" % count)
+                    want_pushes.append([kind.encode(), channel, count])  # type: ignore[list-item]
+    data = b"".join(stream)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for start, end in itertools.pairwise(points):
+        conn.data_received(data[start:end])
+    assert [list(p) for p in pushes] == want_pushes
+    for future, number, refused in futures:
+        assert future.done()
+        if refused:
+            assert "NOPERM" in str(future.exception())
+        else:
+            assert future.result() == number
+    assert not conn._pending  # every answer was consumed by its own command
