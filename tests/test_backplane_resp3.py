@@ -223,3 +223,71 @@ async def _route(commands: list[tuple[str, int, bool]], strays: list[int], cuts:
         else:
             assert future.result() == number
     assert not conn._pending  # every answer was consumed by its own command
+
+
+async def test_a_refused_channel_does_not_stop_the_link_after_a_reconnect() -> None:
+    """An ACL user may use ``ok:*`` only and a hub asked for ``no:x`` too. After the connection is
+    killed, the re-subscription asks for both in one SUBSCRIBE, which Redis refuses as a whole: the
+    link must not start over forever. It asks again channel by channel, ``ok:a`` is subscribed
+    again, and publishing (on that connection) goes on."""
+    server = RedisServer()
+    try:
+        with redis.Redis.from_url(server.url) as admin:
+            admin.execute_command(
+                "ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "resetchannels", "&ok:*",
+                "-@all", "+publish", "+subscribe", "+unsubscribe", "+ping", "+client|setname",
+            )  # fmt: skip
+        url = f"redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{server.port}/0"
+        bus = RedisBus(url, name=NAME, max_backoff=0.2)
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+        await bus.start()
+        try:
+            await bus.subscribe("ok:a", lambda channel, data: got.put_nowait(data))
+            await bus.subscribe("no:x", lambda channel, data: None, wait=0)
+            first = bus.publish("ok:a", b"before", want_receivers=True)
+            assert first is not None and await asyncio.wait_for(first, 5) == 1
+            assert await asyncio.wait_for(got.get(), 5) == b"before"
+            (link,) = bus._links.values()
+            old = link.sub
+            with redis.Redis.from_url(server.url) as admin:
+                assert admin.client_kill_filter(_type="pubsub") == 1
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not (link.sub is not old and bus.subscriber_connected and bus.publisher_connected):
+                assert loop.time() < deadline, "the link did not come back"
+                await asyncio.sleep(0.05)
+            after = bus.publish("ok:a", b"after", want_receivers=True)
+            assert after is not None and await asyncio.wait_for(after, 5) == 1
+            assert await asyncio.wait_for(got.get(), 5) == b"after"
+            assert bus.stats.subscriber_reconnects == 1
+        finally:
+            await bus.close()
+    finally:
+        server.close()
+
+
+async def test_writes_held_by_redis_keep_the_connection() -> None:
+    """``CLIENT PAUSE 4500 WRITE`` (what FAILOVER and managed services' maintenance do): Redis holds
+    a publish, and the PINGs behind it on the same connection, while it answers a PING elsewhere.
+    The watchdog notices the silence, but its probe publishes too and is held too: the
+    connection and its subscriptions are kept, the publish arrives after the pause."""
+    server = RedisServer()
+    bus = RedisBus(server.url, name=NAME, max_backoff=0.2)
+    got: list[bytes] = []
+    await bus.start()
+    try:
+        await bus.subscribe("room:1", lambda channel, data: got.append(data))
+        with redis.Redis.from_url(server.url) as admin:
+            admin.execute_command("CLIENT", "PAUSE", "4500", "WRITE")
+        loop = asyncio.get_running_loop()
+        paused = loop.time()
+        held = bus.publish("room:1", b"held", want_receivers=True)
+        assert held is not None and await asyncio.wait_for(held, 10) == 1
+        assert loop.time() - paused > 4.0  # answered once the pause ended
+        await asyncio.sleep(0.5)
+        assert bus.stats.stalls_detected >= 1  # the silence was noticed
+        assert bus.stats.subscriber_reconnects == 0 and bus.stats.publisher_reconnects == 0
+        assert got == [b"held"] and bus.healthy  # once: the probe published nothing to it
+    finally:
+        await bus.close()
+        server.close()

@@ -49,6 +49,8 @@ _BATCH = 1000
 _RETRY_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN", "BUSY")
 #: how long a silent connection may lag behind the probe that Redis answered, and still be kept
 _BEHIND_PROBE = 0.1
+#: the watchdog's probe publishes to the channel of a waiting publish + this (no one subscribes there)
+_PROBE_SUFFIX = b"\x00hubwire-probe"
 #: the longest pause between two restarts of a task that keeps failing
 _RESTART_BACKOFF_MAX = 5.0
 
@@ -167,7 +169,6 @@ class NodeLink:
         self.retired = False
         #: no publishing before this (monotonic) time: see :meth:`hold`
         self.held_until = 0.0
-        self._pong: asyncio.Future[None] | None = None
         #: one entry per PING written on the subscriber connection, in order: the waiter its PONG
         #: resolves (None for the watchdog's): PONGs come back in the order of the PINGs
         self._pings: deque[asyncio.Future[None] | None] = deque()
@@ -391,11 +392,10 @@ class NodeLink:
                 del self._unsubscribing[key]
                 self.bus.left(key, self)
             return
-        if self._pong is not None and not self._pong.done():  # still connecting: start over
-            self._pong.set_exception(RespError(text))
-            return
-        # anything else (BUSY, LOADING, TRYAGAIN, NOPERM...): the channels not confirmed yet are
-        # asked for again after a backoff; the connection and every confirmed channel stay as they are
+        # anything else (BUSY, LOADING, TRYAGAIN, NOPERM...), also while connecting: the channels
+        # not confirmed yet are asked for again (one per command) after a backoff; the connection
+        # and every confirmed channel stay as they are. (Starting over would refuse the same
+        # re-subscription again: one channel the ACL forbids refuses the whole SUBSCRIBE.)
         if self._retry is None:
             self._retry_delay = min(self.bus.max_backoff, max(0.05, self._retry_delay * 2))
             log.warning(
@@ -436,10 +436,10 @@ class NodeLink:
                 self._unsubscribing = {}
                 count = self._subscribe_all(conn)
                 # the PONG arrives after every subscribe reply: then we are really subscribed
-                self._pong = asyncio.get_running_loop().create_future()
-                self._pings = deque([self._pong])
+                pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._pings = deque([pong])
                 conn.write_commands([(b"PING",)], expect_replies=False)
-                await asyncio.wait_for(self._pong, self.bus.command_timeout + count / 10_000)
+                await asyncio.wait_for(pong, self.bus.command_timeout + count / 10_000)
                 if attempt:
                     self.bus.stats.subscriber_reconnects += 1
                     log.warning("backplane subscriber reconnected to %s (%d channels)", self.node.node, count)
@@ -508,7 +508,16 @@ class NodeLink:
         if not self._stall_logged:
             self.bus.stats.stalls_detected += 1
         asked = time.monotonic()
-        answered = await self.probe()
+        # publishes wait on it: Redis may be holding writes (CLIENT PAUSE WRITE, as FAILOVER and
+        # managed services' maintenance do) while it answers a PING. The probe then publishes too,
+        # nothing to nobody (beside the oldest waiting publish's channel: an ACL that lets us
+        # publish there lets us publish here), and is held like ours. Not on a Cluster, where
+        # that channel could be another node's slot (a MOVED answers at once).
+        beside = None
+        if conn is self.pub and not self.bus.deployment.sharded:
+            waiting = next((item for item in self.queue if item.inflight and not item.done), None)
+            beside = None if waiting is None else waiting.channel + _PROBE_SUFFIX
+        answered = await self.probe(beside)
         if answered and conn.last_read < asked:
             # Redis may write the probe's answer a moment before ours (read in the same pass or next)
             await asyncio.sleep(_BEHIND_PROBE)
@@ -521,12 +530,12 @@ class NodeLink:
             )
             self._stall_logged = False
             return True
-        if not self._stall_logged:
+        if answered:  # ours answered too: Redis was slow; a later silence is a new stall
+            log.warning("Redis at %s was silent for %.1fs: slow, now answering", self.node.node, idle)
+            self._stall_logged = False
+        elif not self._stall_logged:
             self._stall_logged = True
-            if answered:
-                log.warning("Redis at %s was silent for %.1fs: slow, now answering", self.node.node, idle)
-            else:
-                log.error("Redis at %s does not answer (%.1fs): waiting for it", self.node.node, idle)
+            log.error("Redis at %s does not answer (%.1fs): waiting for it", self.node.node, idle)
         return False
 
     async def barrier(self) -> None:
@@ -544,17 +553,24 @@ class NodeLink:
         self._pings.append(waiter)
         await waiter
 
-    async def probe(self) -> bool:
-        """Does the node answer a PING on a fresh connection, within the health timeout?"""
+    async def probe(self, publish_to: bytes | None = None) -> bool:
+        """Does the node answer a PING (or an empty publish to ``publish_to``) on a fresh
+        connection, within the health timeout? (A refused publish is an answer too.)"""
         bus = self.bus
         try:
             conn = await RespConnection.open(self.node, bus.health_timeout)
         except (OSError, RespError, TimeoutError):
             return False
         try:
-            await asyncio.wait_for(conn.command(b"PING"), bus.health_timeout)
+            if publish_to is None:
+                await asyncio.wait_for(conn.command(b"PING"), bus.health_timeout)
+            else:
+                published = conn.command(self.publish_command, publish_to, b"")
+                await asyncio.wait_for(published, bus.health_timeout)
             return True
-        except (OSError, RespError, TimeoutError):
+        except RespError as exc:
+            return publish_to is not None and conn.is_open and not str(exc).startswith("connection")
+        except (OSError, TimeoutError):
             return False
         finally:
             conn.abort()
@@ -568,8 +584,15 @@ class NodeLink:
         """
         if self.bus.deployment.sharded or self._resp3 is False:
             return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.bus.connect_timeout
         while True:
-            await self.sub_ready.wait()
+            try:
+                await asyncio.wait_for(self.sub_ready.wait(), deadline - loop.time())
+            except TimeoutError:
+                # the subscriber is not ready (Redis unreachable, a slow re-subscription): the
+                # publisher does not wait on it, it connects on its own until that connection ends
+                return None
             sub = self.sub
             if sub is not None and sub.is_open and self.sub_ready.is_set():
                 return sub if sub.resp3 else None

@@ -49,11 +49,13 @@ class _Confirmations:
 
     def __init__(self, kind: bytes, channels: Sequence[CommandArg]) -> None:
         self.kind = kind
-        self.channels = deque(c.encode() if isinstance(c, str) else c for c in channels)
+        self.channels = deque(c if isinstance(c, bytes) else str(c).encode() for c in channels)
 
 
 #: on RESP3: a command written without a future (a PING): its reply goes to ``on_push`` as a push
 _AS_PUSH = object()
+#: what the reader returns when no complete reply is buffered (not ``False``: RESP3's ``#f`` is)
+_INCOMPLETE = object()
 
 
 class RespError(Exception):
@@ -64,7 +66,7 @@ class RespConnection(asyncio.Protocol):
     """One Redis connection. ``on_push`` receives pub/sub pushes (message, subscribe, pong, ...)."""
 
     def __init__(self, on_push: Callable[[list[Any]], None] | None = None) -> None:
-        self._reader = hiredis.Reader()
+        self._reader = hiredis.Reader(notEnoughData=_INCOMPLETE)
         self._transport: asyncio.Transport | None = None
         #: what answers each command written, in order: a future (a reply), or on RESP3 a
         #: :class:`_Confirmations` or ``_AS_PUSH`` for commands written without a future
@@ -114,10 +116,11 @@ class RespConnection(asyncio.Protocol):
             if resp3:
                 (hello,) = proto.write_commands([("HELLO", "3")])
                 try:
-                    await asyncio.wait_for(hello, timeout)
-                    proto.resp3 = True
+                    greeting = await asyncio.wait_for(hello, timeout)
                 except RespError:
-                    pass  # stays on RESP2
+                    greeting = None  # stays on RESP2
+                # a server that accepts HELLO but answers in RESP2 would not push (told by type)
+                proto.resp3 = isinstance(greeting, dict) and greeting.get(b"proto") == 3
             if name:
                 (named,) = proto.write_commands([("CLIENT", "SETNAME", name)])
                 with contextlib.suppress(RespError):
@@ -148,7 +151,7 @@ class RespConnection(asyncio.Protocol):
         push = self._on_push
         while True:
             reply = reader.gets()
-            if reply is False:
+            if reply is _INCOMPLETE:
                 return
             if (
                 push is not None
@@ -181,7 +184,7 @@ class RespConnection(asyncio.Protocol):
         pending = self._pending
         while True:
             reply = reader.gets()
-            if reply is False:
+            if reply is _INCOMPLETE:
                 return
             if type(reply) is _PushNotification:
                 if pending and reply and type(pending[0]) is _Confirmations:
