@@ -162,7 +162,7 @@ _command = st.one_of(
     st.tuples(st.just("publish"), st.integers(0, 9), st.booleans()),  # receivers, refused
     st.tuples(st.just("subscribe"), st.integers(1, 3), st.booleans()),  # channels, refused
     st.tuples(st.just("unsubscribe"), st.integers(1, 3), st.booleans()),
-    st.tuples(st.just("ping"), st.just(0), st.just(False)),
+    st.tuples(st.just("ping"), st.just(0), st.booleans()),  # refused: LOADING, still its answer
 )
 
 
@@ -199,7 +199,7 @@ async def _route(commands: list[tuple[str, int, bool]], strays: list[int], cuts:
             stream.append(b"-NOPERM no\r\n" if refused else b":%d\r\n" % number)
         elif kind == "ping":
             conn.write_commands([(b"PING",)], expect_replies=False)
-            stream.append(b"+PONG\r\n")
+            stream.append(b"-LOADING x\r\n" if refused else b"+PONG\r\n")
             want_pushes.append([b"pong", b""])
         else:
             channels = [b"ch%d" % i for i in range(number)]
@@ -291,3 +291,49 @@ async def test_writes_held_by_redis_keep_the_connection() -> None:
     finally:
         await bus.close()
         server.close()
+
+
+async def test_the_publisher_connects_on_its_own_while_the_subscriber_is_not_ready_then_shares_again(
+    private_redis: RedisServer,
+) -> None:
+    """The subscriber connection is killed and re-subscribing 60,000 channels takes longer than
+    the connect timeout: the publisher does not wait for it, it publishes on a connection of its
+    own, and goes back to the subscriber's connection once that is ready (not counted as a
+    reconnect: nothing was lost). Every publish is answered and delivered once."""
+    bus = RedisBus(private_redis.url, name=NAME, max_backoff=0.2, connect_timeout=0.2)
+    got: list[bytes] = []
+    await bus.start()
+    try:
+        await bus.subscribe("room:1", lambda channel, data: got.append(data))
+        for i in range(60_000):
+            await bus.subscribe(f"many:{i}", lambda channel, data: None, wait=0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not bus.healthy:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        (link,) = bus._links.values()
+        assert link.pub is link.sub
+        reconnects = bus.stats.publisher_reconnects
+        with redis.Redis.from_url(private_redis.url) as admin:
+            assert admin.client_kill_filter(_type="pubsub") == 1
+        own = False
+        sent: list[asyncio.Future[int]] = []
+        deadline = loop.time() + 30
+        while not (own and link.pub is link.sub and bus.healthy):  # own connection, then shared again
+            assert loop.time() < deadline, (own, link.pub, link.sub)
+            own = own or (link.pub is not None and link.pub is not link.sub)
+            future = bus.publish("room:1", b"%d" % len(sent), want_receivers=True)
+            assert future is not None
+            sent.append(future)
+            await asyncio.sleep(0.01)
+        answers = await asyncio.wait_for(asyncio.gather(*sent), 10)
+        assert all(isinstance(n, int) for n in answers)
+        assert await bus.barrier(5)
+        assert sorted(got, key=int) == [b"%d" % i for i in range(len(sent)) if answers[i] == 1]
+        assert len(set(got)) == len(got)
+        # the kill was one reconnect (the own connection); going back to share was not another
+        assert bus.stats.publisher_reconnects == reconnects + 1
+        assert _ours(private_redis.url)["pub"] == []
+    finally:
+        await bus.close()

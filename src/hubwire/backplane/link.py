@@ -187,6 +187,7 @@ class NodeLink:
         self._retry: asyncio.TimerHandle | None = None
         self._restarts = {"publisher": 0, "subscriber": 0}
         self._last_refusal_log = 0.0
+        self._last_sub_refusal_log = 0.0
         #: did the subscriber's last connection get RESP3 (None: not connected yet)? Without it
         #: the publisher connects on its own without waiting for the subscriber
         self._resp3: bool | None = None
@@ -398,12 +399,15 @@ class NodeLink:
         # re-subscription again: one channel the ACL forbids refuses the whole SUBSCRIBE.)
         if self._retry is None:
             self._retry_delay = min(self.bus.max_backoff, max(0.05, self._retry_delay * 2))
-            log.warning(
-                "backplane subscription refused by %s: %s; asking again in %.2fs",
-                self.node.node,
-                text,
-                self._retry_delay,
-            )
+            now = time.monotonic()
+            if now - self._last_sub_refusal_log > 5.0:  # a channel refused for good: not every second
+                self._last_sub_refusal_log = now
+                log.warning(
+                    "backplane subscription refused by %s: %s; asking again in %.2fs",
+                    self.node.node,
+                    text,
+                    self._retry_delay,
+                )
             self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._resubscribe)
 
     def _resubscribe(self) -> None:
@@ -601,6 +605,8 @@ class NodeLink:
     async def _publisher(self) -> None:
         attempt = 0
         bus = self.bus
+        #: the last connection was left for the subscriber's (not lost): no reconnect to count
+        moving = False
         while bus.running and not self.retired:
             try:
                 conn = await self._shared_connection()
@@ -619,7 +625,9 @@ class NodeLink:
                 await asyncio.sleep(bus.backoff(attempt))
                 continue
             self.pub = conn
-            if attempt or self._ever_published:
+            if moving:
+                moving = False
+            elif attempt or self._ever_published:
                 bus.stats.publisher_reconnects += 1
                 log.warning(
                     "backplane publisher reconnected to %s; %d buffered messages to flush",
@@ -632,7 +640,7 @@ class NodeLink:
             attempt = 0
             self._ever_published = True
             try:
-                await self._publish_while_open(conn)
+                moving = await self._publish_while_open(conn)
             except asyncio.CancelledError:
                 raise
             except (OSError, RespError, TimeoutError) as exc:
@@ -644,13 +652,35 @@ class NodeLink:
                     str(exc) or type(exc).__name__,
                 )
             finally:
-                conn.abort()  # shared: the subscriber sees it lost and reconnects
+                if moving:
+                    conn.close()  # its own, left between two batches: nothing in flight
+                else:
+                    conn.abort()  # shared: the subscriber sees it lost and reconnects
                 if self.pub is conn:
                     self.pub = None
-            attempt = 1
+            attempt = 0 if moving else 1
 
-    async def _publish_while_open(self, conn: RespConnection) -> None:
+    def _may_share(self, conn: RespConnection) -> bool:
+        """Publishing on a connection of its own while the subscriber's could take it (RESP3)?"""
+        sub = self.sub
+        return (
+            conn is not sub
+            and sub is not None
+            and sub.resp3
+            and sub.is_open
+            and self.sub_ready.is_set()
+            and not self.bus.deployment.sharded
+        )
+
+    async def _publish_while_open(self, conn: RespConnection) -> bool:
+        """Publish on ``conn`` until it ends; True when it is left for the subscriber's connection.
+
+        A publisher that connected on its own (the subscriber was not ready in time) goes back
+        to the shared connection as soon as it is ready, between two batches (nothing in flight).
+        """
         while self.bus.running and conn.is_open and not self.retired:
+            if self._may_share(conn):
+                return True
             self.trim()
             if not self.queue:
                 self.queue_event.clear()
@@ -663,6 +693,7 @@ class NodeLink:
             if not await self.flush_once(conn):
                 # Redis said "not here" (a slot moved, a failover): wait for the new layout
                 await self.bus.refreshed(self.bus.backoff(1))
+        return False
 
     async def _wait_subscriber(self, grace: float) -> None:
         start = time.monotonic()

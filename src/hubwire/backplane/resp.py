@@ -52,7 +52,7 @@ class _Confirmations:
         self.channels = deque(c if isinstance(c, bytes) else str(c).encode() for c in channels)
 
 
-#: on RESP3: a command written without a future (a PING): its reply goes to ``on_push`` as a push
+#: on RESP3: a PING written without a future: its answer goes to ``on_push`` as a PONG push
 _AS_PUSH = object()
 #: what the reader returns when no complete reply is buffered (not ``False``: RESP3's ``#f`` is)
 _INCOMPLETE = object()
@@ -119,8 +119,8 @@ class RespConnection(asyncio.Protocol):
                     greeting = await asyncio.wait_for(hello, timeout)
                 except RespError:
                     greeting = None  # stays on RESP2
-                # a server that accepts HELLO but answers in RESP2 would not push (told by type)
-                proto.resp3 = isinstance(greeting, dict) and greeting.get(b"proto") == 3
+                # RESP3 answers HELLO with a map (RESP2 would give a flat array)
+                proto.resp3 = isinstance(greeting, dict)
             if name:
                 (named,) = proto.write_commands([("CLIENT", "SETNAME", name)])
                 with contextlib.suppress(RespError):
@@ -156,7 +156,7 @@ class RespConnection(asyncio.Protocol):
             if (
                 push is not None
                 and self.subscribed
-                and type(reply) is list
+                and isinstance(reply, list)
                 and reply
                 and reply[0] in _PUSH_KINDS
             ):
@@ -195,13 +195,14 @@ class RespConnection(asyncio.Protocol):
             if not pending:
                 continue  # nothing was asked: not a reply of ours
             waiting = pending.popleft()
-            if type(waiting) is _Confirmations or waiting is _AS_PUSH:
-                if push is None:
-                    continue
-                if isinstance(reply, hiredis.ReplyError):
-                    push([b"error", str(reply).encode()])  # e.g. NOPERM for a SUBSCRIBE
-                elif waiting is _AS_PUSH and reply == b"PONG":
+            if waiting is _AS_PUSH:
+                # a PING's answer, even an error (LOADING, BUSY): everything before it is answered,
+                # which is what the PING is for (the PONG that confirms a (re)subscription, a barrier)
+                if push is not None:
                     push([b"pong", b""])
+            elif type(waiting) is _Confirmations:
+                if push is not None and isinstance(reply, hiredis.ReplyError):
+                    push([b"error", str(reply).encode()])  # e.g. NOPERM for a SUBSCRIBE
             elif not waiting.done():
                 if isinstance(reply, hiredis.ReplyError):
                     waiting.set_exception(RespError(str(reply)))
@@ -238,8 +239,10 @@ class RespConnection(asyncio.Protocol):
         """Pipeline several commands in one write, with one future per reply.
 
         Without replies expected (a subscriber's commands): on RESP2 a subscribed connection's
-        pushes answer them; on RESP3 their pushes go to ``on_push`` too, and a reply of theirs
-        goes there as a push (``[b"pong", b""]``, or ``[b"error", text]`` for a refused one).
+        pushes answer them; on RESP3 (only (un)subscribes and PINGs then) their pushes go to
+        ``on_push`` too, a refused (un)subscribe as ``[b"error", text]``, a PING's answer as
+        ``[b"pong", b""]`` even when it is an error (LOADING): it still comes after everything
+        written before it.
         """
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -254,8 +257,10 @@ class RespConnection(asyncio.Protocol):
                     if len(cmd) < 2:  # its pushes could not be told apart: always name the channels
                         raise ValueError(f"{name!r} without channels")
                     answers.append(_Confirmations(name.lower(), cmd[1:]))
-                else:
+                elif isinstance(name, bytes) and name.upper() == b"PING":
                     answers.append(_AS_PUSH)
+                else:  # its answer would be taken for a PONG
+                    raise ValueError(f"{name!r} needs a future on RESP3")
         transport.write(b"".join(hiredis.pack_command(tuple(cmd)) for cmd in commands))  # type: ignore[arg-type]
         if expect_replies:
             for _ in commands:
