@@ -376,3 +376,33 @@ async def test_the_shared_connection_killed_under_a_burst_loses_nothing(private_
         assert bus.stats.publisher_reconnects >= 1
     finally:
         await bus.close()
+
+
+async def test_what_is_queued_goes_out_in_one_batch(private_redis: RedisServer) -> None:
+    """5,000 messages queued in one event-loop pass are published in one pipelined write.
+
+    Why it matters: one batch is in flight at a time, so on a loaded instance (slow answers)
+    a small batch cap was the publishing rate: at 1,000 per batch an overloaded bench machine fell
+    behind its own sends, filled the buffer and dropped messages (bench/RESULTS.md)."""
+    bus = RedisBus(private_redis.url, name=NAME, max_backoff=0.2)
+    await bus.start()
+    try:
+        await bus.subscribe("room:1", lambda channel, data: None)
+        (link,) = bus._links.values()
+        conn = link.pub
+        assert conn is not None
+        batches: list[int] = []
+        write = conn.write_commands
+
+        def counting(commands: Any, expect_replies: bool = True) -> Any:
+            if expect_replies:
+                batches.append(len(commands))
+            return write(commands, expect_replies)
+
+        conn.write_commands = counting  # type: ignore[method-assign]
+        sent = [bus.publish("room:1", b"x" * 100, want_receivers=True) for _ in range(5_000)]
+        answers = await asyncio.wait_for(asyncio.gather(*sent), 10)  # type: ignore[arg-type]
+        assert answers == [1] * 5_000
+        assert batches == [5_000], batches
+    finally:
+        await bus.close()

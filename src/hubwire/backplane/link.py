@@ -43,7 +43,12 @@ log = logging.getLogger("hubwire.backplane")
 _SUBSCRIBE_CHUNK = 256
 #: commands written before a publish that keeps a history (``RedisBus.history_commands``)
 _HISTORY_COMMANDS = 2
-_BATCH = 1000
+#: one pipelined write publishes what is queued, up to this many messages and bytes. Why this
+#: large: one batch is in flight at a time, so a loaded instance (a slow event-loop pass, so a
+#: slow answer) publishes at most a batch per answer. At 1,000 an overloaded machine fell behind
+#: its own sends, filled the buffer and dropped messages (bench/RESULTS.md, many small rooms)
+_BATCH = 10_000
+_BATCH_BYTES = 8 * 1024 * 1024
 #: replies that mean "this node is not (or not yet) the one for that channel": retry after a refresh
 #: (or "not now": BUSY with a long script, LOADING after a restart)
 _RETRY_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN", "BUSY")
@@ -704,12 +709,15 @@ class NodeLink:
             await asyncio.sleep(remaining)
 
     async def flush_once(self, conn: RespConnection) -> bool:
-        """Publish up to 1,000 queued messages pipelined; False when some must wait for a refresh."""
+        """Publish what is queued (up to ``_BATCH`` messages and ``_BATCH_BYTES``) pipelined, in
+        one write; False when some must wait for a refresh."""
         batch: list[Outgoing] = []
+        size = 0
         for item in self.queue:
             if not item.done:
                 batch.append(item)
-                if len(batch) >= _BATCH:
+                size += len(item.payload)
+                if len(batch) >= _BATCH or size >= _BATCH_BYTES:
                     break
         if not batch:
             return True
