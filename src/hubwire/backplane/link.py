@@ -716,7 +716,7 @@ class NodeLink:
         for item in self.queue:
             if not item.done:
                 batch.append(item)
-                size += len(item.payload)
+                size += item.size  # what the buffer counts it for (channel and payload)
                 if len(batch) >= _BATCH or size >= _BATCH_BYTES:
                     break
         if not batch:
