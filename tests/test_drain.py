@@ -257,16 +257,20 @@ async def test_workers_serve_one_port_as_instances_over_redis(private_redis: Red
     args = ["--redis", private_redis.url, "--channel-prefix", new_prefix("workers"), "--workers", "2"]
     server = ServerProcess(APP, args=args)
     try:
-        pids: set[int] = set()
         limits = httpx.Limits(max_keepalive_connections=0)  # a new TCP connection each time
         async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=limits) as c:
             # the port listens once the supervisor bound it; a worker still importing the app (a
             # loaded machine) accepts nothing yet, so ask until both answered (bounded)
             deadline = time.monotonic() + 30
-            while len(pids) < 2 and time.monotonic() < deadline:
-                pids.add((await c.get("/debug/pid")).json()["pid"])
+            thresholds: dict[int, list[int]] = {}
+            while len(thresholds) < 2 and time.monotonic() < deadline:
+                stats = (await c.get("/debug/stats")).json()
+                thresholds[stats["pid"]] = stats["gc"]["threshold"]
                 await asyncio.sleep(0.02)
+            pids = set(thresholds)
             assert len(pids) == 2, pids  # two processes accept on the one port
+            # hubwire run's --gc-threshold (its default here) reached each worker process
+            assert list(thresholds.values()) == [[700, 10, 100]] * 2, thresholds
             assert server.proc.pid not in pids  # the supervisor serves nothing itself
             # a broadcast made by one worker reaches the clients of both (the backplane)
             kinds = kinds_of("ws", "json", False, 4) + kinds_of("sse", "json", False, 2)

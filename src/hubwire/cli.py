@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .server.gctune import DEFAULT_GC_THRESHOLD, parse_gc_threshold
+
 __all__ = ["load_app", "main"]
 
 
@@ -52,6 +54,11 @@ def _run(args: argparse.Namespace) -> None:
         if args.drain_timeout < 0:
             raise SystemExit("hubwire: --drain-timeout must not be negative")
         os.environ["HUBWIRE_DRAIN_TIMEOUT"] = str(args.drain_timeout)
+    try:
+        parse_gc_threshold(args.gc_threshold)
+    except ValueError as exc:
+        raise SystemExit(f"hubwire: --gc-threshold: {exc}") from None
+    os.environ["HUBWIRE_GC_THRESHOLD"] = args.gc_threshold
     source = "--redis" if args.redis else "HUBWIRE_REDIS_URL"
     _check_redis_url(os.environ.get("HUBWIRE_REDIS_URL"), source)
     if args.require_redis and not os.environ.get("HUBWIRE_REDIS_URL"):
@@ -628,6 +635,13 @@ def _serve_options(run: Any) -> None:
         "--forwarded-allow-ips",
         help="proxies trusted for --proxy-headers: comma-separated IPs or networks, '*' for all "
         "(default: $FORWARDED_ALLOW_IPS or 127.0.0.1)",
+    )
+    run.add_argument(
+        "--gc-threshold",
+        default=os.environ.get("HUBWIRE_GC_THRESHOLD", DEFAULT_GC_THRESHOLD),
+        help="the garbage collector's thresholds G0,G1,G2 in each serving process, or 'python' for "
+        f"Python's own (default {DEFAULT_GC_THRESHOLD}: fewer full collections of a large connection "
+        "graph; sets HUBWIRE_GC_THRESHOLD)",
     )
     run.add_argument("--root-path", default="", help="the path prefix a proxy strips (ASGI root_path)")
     run.add_argument("--ssl-keyfile", help="TLS private key file (serve https / wss)")

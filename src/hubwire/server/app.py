@@ -37,6 +37,7 @@ from .cors import CorsPolicy, OriginPredicate
 from .dashboard import Dashboard, DashboardAuth
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
 from .drain import Drainer
+from .gctune import apply_env_gc_threshold
 from .inspection import ServerInspection
 from .keys import KeyAgreement
 from .lifespan import heartbeat, serve_lifespan
@@ -219,6 +220,7 @@ class HubServer:
         async with self._start_lock:
             if self._started:
                 return
+            apply_env_gc_threshold()  # hubwire run's --gc-threshold, in every worker process
             # which backplane this instance uses: a typo'd or forgotten Redis setting shows here
             log.info("backplane: %s", self.backplane.describe())
             await self.backplane.start()  # a service node with no hub yet joins the cluster too

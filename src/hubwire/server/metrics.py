@@ -52,6 +52,7 @@ Metrics (all prefixed ``hubwire_``):
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -153,6 +154,11 @@ def server_stats(server: HubServer) -> dict[str, Any]:
         "backplane": backplane,
         # the dashboard's viewers are not in "hubs" (nor in hub_connections and messages_sent)
         "dashboard": None if server.dashboard is None else {"viewers": server.dashboard.viewers},
+        # the cyclic collector: its thresholds (hubwire run --gc-threshold) and collections so far
+        "gc": {
+            "threshold": list(gc.get_threshold()),
+            "collections": [generation["collections"] for generation in gc.get_stats()],
+        },
     }
 
 
