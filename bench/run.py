@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -638,6 +638,9 @@ class Bench:
         spec = SERVERS[name]
         report = ServerReport(name)
         args = self.args
+        if name == "hubwire" and args.hubwire_python:
+            # another interpreter (a venv with hubwire installed) serves hubwire; the rest is unchanged
+            spec = replace(spec, argv=(str(args.hubwire_python), *spec.argv[1:]))
         prefix = f"bench-{name}:"
         self.log(f"{name}: starting 2 instances")
         src = str(args.hubwire_src.resolve()) if name == "hubwire" and args.hubwire_src else None
@@ -1532,7 +1535,8 @@ def report_text(reports: list[ServerReport], args: argparse.Namespace, elapsed: 
     parts = [
         f"## hubwire bench — {', '.join(map(str, args.clients))} clients, {args.duration:g}s phases, "
         f"window {args.window}, {args.loadgens} load generator(s), {os.cpu_count()} cores, {elapsed:.0f}s"
-        + (f", hubwire from {args.hubwire_src}" if args.hubwire_src else ""),
+        + (f", hubwire from {args.hubwire_src}" if args.hubwire_src else "")
+        + (f", hubwire on {args.hubwire_python}" if args.hubwire_python else ""),
         "",
         "CPU = user+sys of both server processes per delivery (fan-out to all, and to a group of half "
         "the clients); p99 = delivery latency at a fixed "
@@ -1662,6 +1666,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hubwire-src", type=Path, help="serve hubwire from this source directory (the one holding the "
         "hubwire package, e.g. an exported commit's src/) instead of the project's install"
+    )  # fmt: skip
+    p.add_argument(
+        "--hubwire-python", type=Path, help="serve hubwire with this Python (e.g. another venv's "
+        "bin/python, which has hubwire and its bench app's packages installed)"
     )  # fmt: skip
     p.add_argument(
         "--rooms", type=room_specs, default=room_specs("20000x1,2000x1,4000x2"),
