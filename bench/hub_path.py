@@ -13,7 +13,10 @@ with ``time.process_time()``:
 * **join**: every client invokes ``JoinGroup("r<i // 4>")`` (acknowledged; rooms of 4);
 * **group send**: one member of each room invokes ``GroupBroadcast(room, 200 characters)``
   (no invocation id, as the rooms bench sends), one message per event-loop pass; a room's 4 members
-  each get the message (checked).
+  each get the message (checked);
+* **subscribe** (Redis only): 5,000 channels subscribed at once through the backplane's bus, each
+  call waiting for Redis's confirmation, as a burst of connections (each subscribes its own
+  channel) or of joins to new rooms does.
 
 Lifetime managers: ``memory`` (the default one) and ``redis`` (``RedisBackplane`` on a private
 ``redis-server`` on a free loopback port, never 6379): there a send is also serialized for both
@@ -45,6 +48,8 @@ from typing import Any
 
 ROOM = 4
 PAYLOAD = "x" * 200
+#: subscriptions made at once in the subscribe cell (Redis only)
+SUBSCRIBE_BURST = 5_000
 #: uvloop's timers count whole milliseconds: a shorter sleep does not pause at all
 PACING = 0.001
 
@@ -63,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--managers: memory, redis or memory,redis")
     args.managers = kinds
     return args
+
+
+def _ignore(channel: bytes, data: bytes) -> None:
+    pass
 
 
 class _Sink:
@@ -160,7 +169,17 @@ async def measure(kind: str, clients: int, rounds: int, redis_url: str | None) -
             if delivered != sends * ROOM:
                 raise SystemExit(f"{kind}: {delivered} records delivered, expected {sends * ROOM}")
             best = min(best, (spent - idle) / sends * 1e6)
-        return {"join": join_us, "send": best}
+        subscribe = float("inf") if backplane is not None else float("nan")
+        if backplane is not None:
+            # what every connection (its own channel) and each room's first member here pays:
+            # a burst of subscriptions, each waiting for Redis's confirmation
+            for r in range(rounds):
+                gc.collect()
+                t = time.process_time()
+                channels = (f"hubpath:burst:{r}:{i}" for i in range(SUBSCRIBE_BURST))
+                await asyncio.gather(*(backplane.bus.subscribe(c, _ignore) for c in channels))
+                subscribe = min(subscribe, (time.process_time() - t) / SUBSCRIBE_BURST * 1e6)
+        return {"join": join_us, "send": best, "subscribe": subscribe}
     finally:
         for conn in conns:
             with contextlib.suppress(Exception):
@@ -205,10 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         f"best of {args.rounds} rounds; CPU µs of this process"
     )
     print()
-    print("| lifetime manager | join (acknowledged) | group send to 4 local members |")
-    print("|---|---:|---:|")
+    print(
+        f"| lifetime manager | join (acknowledged) | group send to 4 local members "
+        f"| subscribe, {SUBSCRIBE_BURST:,} at once |"
+    )
+    print("|---|---:|---:|---:|")
     for kind, r in results.items():
-        print(f"| {kind} | {r['join']:.1f} | {r['send']:.1f} |")
+        sub = "-" if r["subscribe"] != r["subscribe"] else f"{r['subscribe']:.1f}"  # NaN: in memory
+        print(f"| {kind} | {r['join']:.1f} | {r['send']:.1f} | {sub} |")
     return 0
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from typing import Any
 
+import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -406,3 +408,48 @@ async def test_what_is_queued_goes_out_in_one_batch(private_redis: RedisServer) 
         assert batches == [5_000], batches
     finally:
         await bus.close()
+
+
+async def test_subscriptions_wait_for_their_confirmation_or_their_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A burst of subscriptions (a room's members joining at once) shares one timeout timer: each
+    returns when Redis confirms its channel; one Redis refuses (the ACL allows ``ok:*`` only) ends
+    at the timeout with a warning; one whose caller is cancelled meanwhile is simply gone."""
+    server = RedisServer()
+    try:
+        with redis.Redis.from_url(server.url) as admin:
+            admin.execute_command(
+                "ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "resetchannels", "&ok:*",
+                "-@all", "+publish", "+subscribe", "+unsubscribe", "+ping", "+client|setname",
+            )  # fmt: skip
+        url = f"redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{server.port}/0"
+        bus = RedisBus(url, name=NAME, max_backoff=0.2)
+        await bus.start()
+        try:
+            loop = asyncio.get_running_loop()
+            with caplog.at_level(logging.WARNING, logger="hubwire.backplane"):
+                allowed = [
+                    loop.create_task(bus.subscribe(f"ok:{i}", lambda channel, data: None, wait=1.0))
+                    for i in range(200)
+                ]
+                refused = loop.create_task(bus.subscribe("no:x", lambda channel, data: None, wait=1.0))
+                cancelled = loop.create_task(bus.subscribe("no:y", lambda channel, data: None, wait=1.0))
+                started = loop.time()
+                await asyncio.wait_for(asyncio.gather(*allowed), 5)
+                assert not refused.done()  # the allowed ones did not wait for the timer
+                cancelled.cancel()
+                await asyncio.wait_for(refused, 5)
+                assert loop.time() - started >= 0.9
+                with pytest.raises(asyncio.CancelledError):
+                    await cancelled
+            warned = [r.getMessage() for r in caplog.records if "not confirmed yet" in r.getMessage()]
+            assert warned == ["subscription to no:x not confirmed yet; it is asked again until it is"]
+            assert not bus._confirmations.get(b"no:x") and not bus._confirmations.get(b"no:y")
+            assert not bus._expiring  # each batch closed after its loop pass
+            first = bus.publish("ok:7", b"x", want_receivers=True)
+            assert first is not None and await asyncio.wait_for(first, 5) == 1  # subscribed indeed
+        finally:
+            await bus.close()
+    finally:
+        server.close()

@@ -75,6 +75,14 @@ class BusStats:
     last_publish_lag: float = 0.0
 
 
+def _expire(waiters: list[asyncio.Future[bool]]) -> None:
+    """A batch's timeout: each waiter not confirmed (nor cancelled) by now gets False."""
+    for future in waiters:
+        if not future.done():
+            future.set_result(False)
+    waiters.clear()
+
+
 def history_key(channel: bytes) -> bytes:
     """The stream of a channel's recent messages (durable resume), in the channel's own hash slot.
 
@@ -138,7 +146,10 @@ class RedisBus:
         #: the connection or group is gone here: a relayed request gets its 404 at once, instead
         #: of its sender waiting out a timeout for an answer that was dropped)
         self._leaving: dict[bytes, tuple[Handler, NodeLink]] = {}
-        self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
+        #: subscribers waiting for Redis to confirm a channel: True when it did, False at the timeout
+        self._confirmations: dict[bytes, list[asyncio.Future[bool]]] = {}
+        #: waiters that started in this loop pass, by timeout: one timer ends them all
+        self._expiring: dict[float, list[asyncio.Future[bool]]] = {}
         #: messages published before the layout is known (or for a slot no master serves)
         self._unrouted: deque[Outgoing] = deque()
         self._buffered = 0
@@ -452,19 +463,34 @@ class RedisBus:
         if not link.subscriber_connected:
             link.add_channel(key)
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._confirmations.setdefault(key, []).append(future)
+        self._expire_later(future, wait if wait is not None else self.command_timeout)
         try:
             link.add_channel(key)
-            await asyncio.wait_for(future, wait if wait is not None else self.command_timeout)
-        except TimeoutError:
-            log.warning("subscription to %s not confirmed yet; it is asked again until it is", channel)
+            if not await future:
+                log.warning("subscription to %s not confirmed yet; it is asked again until it is", channel)
         finally:
             waiters = self._confirmations.get(key)
             if waiters and future in waiters:
                 waiters.remove(future)
                 if not waiters:
                     del self._confirmations[key]
+
+    def _expire_later(self, future: asyncio.Future[bool], timeout: float) -> None:
+        """End ``future`` with False after ``timeout`` unless confirmed before.
+
+        Why not ``asyncio.wait_for``: every joined group and every connection waits here, and a
+        timer, a waiter future and a callback each cost ~9 µs per subscription on Python 3.11.
+        Waiters that start in the same loop pass (a burst of joins) share one timer instead.
+        """
+        batch = self._expiring.get(timeout)
+        if batch is None:
+            batch = self._expiring[timeout] = []
+            loop = asyncio.get_running_loop()
+            loop.call_later(max(timeout, 0.0), _expire, batch)
+            loop.call_soon(self._expiring.pop, timeout, None)  # the next pass starts another batch
+        batch.append(future)
 
     def unsubscribe(self, channel: str, linger: bool = True) -> None:
         """Stop routing ``channel``; tells Redis when connected.
@@ -493,7 +519,7 @@ class RedisBus:
     def confirmed(self, key: bytes) -> None:
         for future in self._confirmations.pop(key, ()):
             if not future.done():
-                future.set_result(None)
+                future.set_result(True)
 
     def dispatch(self, channel: bytes, data: bytes) -> None:
         handler = self._handlers.get(channel)
