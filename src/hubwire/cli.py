@@ -54,11 +54,13 @@ def _run(args: argparse.Namespace) -> None:
         if args.drain_timeout < 0:
             raise SystemExit("hubwire: --drain-timeout must not be negative")
         os.environ["HUBWIRE_DRAIN_TIMEOUT"] = str(args.drain_timeout)
+    gc_threshold = args.gc_threshold or os.environ.get("HUBWIRE_GC_THRESHOLD") or DEFAULT_GC_THRESHOLD
     try:
-        parse_gc_threshold(args.gc_threshold)
+        parse_gc_threshold(gc_threshold)
     except ValueError as exc:
-        raise SystemExit(f"hubwire: --gc-threshold: {exc}") from None
-    os.environ["HUBWIRE_GC_THRESHOLD"] = args.gc_threshold
+        source = "--gc-threshold" if args.gc_threshold else "HUBWIRE_GC_THRESHOLD"
+        raise SystemExit(f"hubwire: {source}: {exc}") from None
+    os.environ["HUBWIRE_GC_THRESHOLD"] = gc_threshold
     source = "--redis" if args.redis else "HUBWIRE_REDIS_URL"
     _check_redis_url(os.environ.get("HUBWIRE_REDIS_URL"), source)
     if args.require_redis and not os.environ.get("HUBWIRE_REDIS_URL"):
@@ -638,10 +640,9 @@ def _serve_options(run: Any) -> None:
     )
     run.add_argument(
         "--gc-threshold",
-        default=os.environ.get("HUBWIRE_GC_THRESHOLD", DEFAULT_GC_THRESHOLD),
         help="the garbage collector's thresholds G0,G1,G2 in each serving process, or 'python' for "
-        f"Python's own (default {DEFAULT_GC_THRESHOLD}: fewer full collections of a large connection "
-        "graph; sets HUBWIRE_GC_THRESHOLD)",
+        f"Python's own (default: $HUBWIRE_GC_THRESHOLD, else {DEFAULT_GC_THRESHOLD}: fewer full "
+        "collections of a large connection graph; sets HUBWIRE_GC_THRESHOLD)",
     )
     run.add_argument("--root-path", default="", help="the path prefix a proxy strips (ASGI root_path)")
     run.add_argument("--ssl-keyfile", help="TLS private key file (serve https / wss)")

@@ -75,14 +75,6 @@ class BusStats:
     last_publish_lag: float = 0.0
 
 
-def _expire(waiters: list[asyncio.Future[bool]]) -> None:
-    """A batch's timeout: each waiter not confirmed (nor cancelled) by now gets False."""
-    for future in waiters:
-        if not future.done():
-            future.set_result(False)
-    waiters.clear()
-
-
 def history_key(channel: bytes) -> bytes:
     """The stream of a channel's recent messages (durable resume), in the channel's own hash slot.
 
@@ -465,8 +457,8 @@ class RedisBus:
             return
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._confirmations.setdefault(key, []).append(future)
-        self._expire_later(future, wait if wait is not None else self.command_timeout)
         try:
+            self._expire_later(future, wait if wait is not None else self.command_timeout)
             link.add_channel(key)
             if not await future:
                 log.warning("subscription to %s not confirmed yet; it is asked again until it is", channel)
@@ -482,15 +474,33 @@ class RedisBus:
 
         Why not ``asyncio.wait_for``: every joined group and every connection waits here, and a
         timer, a waiter future and a callback each cost ~9 µs per subscription on Python 3.11.
-        Waiters that start in the same loop pass (a burst of joins) share one timer instead.
+        Waiters that start in the same loop pass (a burst of joins) share one timer instead, so
+        a later one of the pass may wait up to that pass's length less than ``timeout``.
         """
         batch = self._expiring.get(timeout)
         if batch is None:
             batch = self._expiring[timeout] = []
             loop = asyncio.get_running_loop()
-            loop.call_later(max(timeout, 0.0), _expire, batch)
-            loop.call_soon(self._expiring.pop, timeout, None)  # the next pass starts another batch
+            loop.call_later(max(timeout, 0.0), self._expire, timeout, batch)
+            loop.call_soon(self._close_batch, timeout, batch)  # the next pass starts another batch
         batch.append(future)
+
+    def _close_batch(self, timeout: float, batch: list[asyncio.Future[bool]]) -> None:
+        if self._expiring.get(timeout) is batch:
+            del self._expiring[timeout]
+
+    def _expire(self, timeout: float, batch: list[asyncio.Future[bool]]) -> None:
+        """A batch's timeout: each waiter not confirmed (nor cancelled) by now gets False.
+
+        The batch is closed first: uvloop runs due timers before the callbacks already queued,
+        so after a pass longer than ``timeout`` a subscriber queued before the batch's own close
+        would otherwise join a batch whose timer has fired, and wait without a bound.
+        """
+        self._close_batch(timeout, batch)
+        for future in batch:
+            if not future.done():
+                future.set_result(False)
+        batch.clear()
 
     def unsubscribe(self, channel: str, linger: bool = True) -> None:
         """Stop routing ``channel``; tells Redis when connected.

@@ -15,7 +15,9 @@ cycles are freed as soon as before; garbage that reached the oldest generation w
 
 ``hubwire run`` sets the variable (``--gc-threshold``, default ``700,10,100``); any process
 serving a :class:`~hubwire.HubServer` applies it when the server starts, so a plain ``uvicorn``
-run can opt in by setting it. Unset, or ``python``, leaves Python's own thresholds.
+run can opt in by setting it. Unset, or ``python``, leaves Python's own thresholds; so does an
+app that set its own after importing hubwire (its choice wins), and so does Python 3.14 and
+later, whose collector is incremental and ignores the third threshold.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 
 __all__ = ["DEFAULT_GC_THRESHOLD", "apply_env_gc_threshold", "parse_gc_threshold"]
 
@@ -30,6 +33,12 @@ log = logging.getLogger("hubwire.server")
 
 DEFAULT_GC_THRESHOLD = "700,10,100"
 _KEEP = "python"
+#: what gc.set_threshold takes (a C int)
+_MAX = 2**31 - 1
+#: the thresholds before the app was imported: different ones at startup are the app's own
+_BEFORE_APP = gc.get_threshold()
+#: 3.14's incremental collector ignores the third threshold, the one this is about
+_APPLIES = sys.version_info < (3, 14)
 
 
 def parse_gc_threshold(raw: str) -> tuple[int, int, int] | None:
@@ -46,10 +55,10 @@ def parse_gc_threshold(raw: str) -> tuple[int, int, int] | None:
         values = tuple(int(part) for part in parts)
     except ValueError:
         values = ()
-    if len(values) != 3 or min(values) < 1:
+    if len(values) != 3 or min(values) < 1 or max(values) > _MAX:
         raise ValueError(
-            f"a GC threshold is three positive integers G0,G1,G2 (e.g. {DEFAULT_GC_THRESHOLD}) "
-            f"or {_KEEP!r}, got {raw!r}"
+            f"a GC threshold is three positive integers G0,G1,G2 up to {_MAX} (e.g. "
+            f"{DEFAULT_GC_THRESHOLD}) or {_KEEP!r}, got {raw!r}"
         )
     return values[0], values[1], values[2]
 
@@ -64,7 +73,14 @@ def apply_env_gc_threshold() -> tuple[int, int, int] | None:
     except ValueError as exc:
         log.warning("HUBWIRE_GC_THRESHOLD ignored: %s", exc)
         return None
-    if threshold is not None and gc.get_threshold() != threshold:
-        gc.set_threshold(*threshold)
-        log.debug("GC thresholds %s", threshold)
+    if threshold is None or not _APPLIES:
+        return None
+    current = gc.get_threshold()
+    if current == threshold:
+        return threshold
+    if current != _BEFORE_APP:
+        log.info("GC thresholds %s set by the app kept (HUBWIRE_GC_THRESHOLD %s not applied)", current, raw)
+        return None
+    gc.set_threshold(*threshold)
+    log.info("GC thresholds %s,%s,%s (hubwire run --gc-threshold, HUBWIRE_GC_THRESHOLD)", *threshold)
     return threshold
