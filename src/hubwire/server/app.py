@@ -26,7 +26,6 @@ from ..http import ASGIApp, Receive, Scope, Send, respond
 from ..hubs.handler import HubConnectionHandler
 from ..hubs.hub import Hub, HubContext
 from ..hubs.lifetime import HubLifetimeManager
-from ..logs import install_redaction
 from ..options import HubOptions
 from ..protocol.base import EncHook, HubProtocol, TransferFormat
 from ..protocol.json_protocol import JsonHubProtocol
@@ -37,10 +36,9 @@ from .cors import CorsPolicy, OriginPredicate
 from .dashboard import Dashboard, DashboardAuth
 from .dispatcher import Authenticator, HttpConnectionDispatcher, NegotiateRedirect
 from .drain import Drainer
-from .gctune import apply_env_gc_threshold
 from .inspection import ServerInspection
 from .keys import KeyAgreement
-from .lifespan import heartbeat, serve_lifespan
+from .lifespan import heartbeat, process_settings, serve_lifespan
 from .metrics import internal_apps, server_stats
 from .routes import Router, check_transports
 
@@ -220,7 +218,6 @@ class HubServer:
         async with self._start_lock:
             if self._started:
                 return
-            apply_env_gc_threshold()  # hubwire run's --gc-threshold, in every worker process
             # which backplane this instance uses: a typo'd or forgotten Redis setting shows here
             log.info("backplane: %s", self.backplane.describe())
             await self.backplane.start()  # a service node with no hub yet joins the cluster too
@@ -229,7 +226,7 @@ class HubServer:
             if not await self.keys.agree():  # not ready (503) until the instances agree on the key
                 self.keys.retry_in_background()
             self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(self.router, self.connections))
-            install_redaction()
+            process_settings()  # log redaction, hubwire run's --gc-threshold (in every worker)
             self._drainer.watch_server(self)
             self._started = True
 

@@ -15,11 +15,21 @@ from collections.abc import Awaitable, Callable
 
 from ..connections.manager import ConnectionManager
 from ..http import ASGIApp, Message, Receive, Scope, Send
+from ..logs import install_redaction
+from .gctune import apply_env_gc_threshold
 from .routes import Router
 
-__all__ = ["heartbeat", "serve_lifespan"]
+__all__ = ["heartbeat", "process_settings", "serve_lifespan"]
 
 log = logging.getLogger("hubwire.server")
+
+
+def process_settings() -> None:
+    """What a serving process sets for itself once its server starts (each ``--workers`` process
+    starts its own): secrets redacted from every log record, and the garbage collector's
+    thresholds ``hubwire run --gc-threshold`` asked for (:mod:`hubwire.server.gctune`)."""
+    install_redaction()
+    apply_env_gc_threshold()
 
 
 async def heartbeat(router: Router, connections: ConnectionManager) -> None:
