@@ -121,6 +121,33 @@ async def test_a_first_poll_relayed_when_the_drain_ends_is_not_answered_as_start
         assert response.headers.get("connection") == "close"
 
 
+async def test_a_relayed_poll_of_a_connection_just_started_still_gets_its_handshake_response(
+    request: pytest.FixtureRequest, private_redis: RedisServer
+) -> None:
+    """A connection started a moment ago (its first poll answered) whose next poll is relayed by an
+    instance that then stops: that instance does not end the poll empty at once, it waits a grace
+    for the holder's answer, so the handshake the client sends meanwhile gets its response through
+    it. Why: the official JS client parses an empty binary poll body as the handshake response
+    and fails ("Message is incomplete"), as a MessagePack client did in a rolling restart."""
+    holder, relaying = _instances(request, private_redis, 2)
+    handshake = json.dumps({"protocol": "messagepack", "version": 1}) + RS
+    async with httpx.AsyncClient(timeout=15) as client:
+        token = await _negotiate(client, holder.url)
+        first = await client.get(f"{holder.url}{HUB}?id={token}")  # starts it on the holder
+        assert first.status_code == 200 and first.content == b""
+        poll = asyncio.create_task(client.get(f"{relaying.url}{HUB}?id={token}"))
+        await asyncio.sleep(0.5)  # relayed: waiting at the holder
+        assert not poll.done()
+        os.killpg(relaying.proc.pid, signal.SIGTERM)  # nothing to drain: it is about to exit at once
+        await asyncio.sleep(0.5)
+        assert not poll.done(), poll.result()  # not ended empty
+        sent = await client.post(f"{holder.url}{HUB}?id={token}", content=handshake.encode())
+        assert sent.status_code == 200, sent.text
+        response = await asyncio.wait_for(poll, 10)
+    assert response.status_code == 200, (response.status_code, response.text)
+    assert response.content == b"{}" + RS.encode()
+
+
 async def _unpause(url: str) -> None:
     control = aioredis.Redis.from_url(url)
     try:

@@ -128,6 +128,12 @@ LOCAL_ONLY = "hubwire.local_only"
 RELAYED_USER = "hubwire.relayed_user"
 #: extra time a relayed poll may take beyond the poll timeout
 _SLACK = 10.0
+#: how long a relayed poll still waits for its holder's answer once this instance is about to exit.
+#: Why: its empty answer must not reach a client that connected a moment ago and is waiting for
+#: its handshake response (the JS client parses an empty *binary* poll body as the handshake
+#: response, and fails); the handshake is sent right after the first poll, so within this grace
+#: the holder's answer, the handshake response, comes through instead
+_STOP_GRACE = 2.0
 
 
 async def forward(
@@ -149,7 +155,8 @@ async def forward(
     Called when the token's connection was not started here (unknown here, or
     negotiated here but taken over elsewhere). A relayed request is answered
     with the owner's status, body and content type. A relayed poll still waiting
-    when ``stopping`` is set (this instance drained and is about to exit) ends empty,
+    :data:`_STOP_GRACE` after ``stopping`` was set (this instance drained and is about to
+    exit) ends empty,
     as a poll that timed out, with ``Connection: close``, when its connection is started
     somewhere (else it is a first poll: 503); what the owner had for it stays queued there.
     A poll arriving after that gets 503 (it may be a first poll).
@@ -241,16 +248,22 @@ async def _pass_on(answer: Answer, send: Send, cors: list[tuple[str, str]]) -> N
 
 
 async def _poll_ends(receive: Receive, stopping: asyncio.Event | None) -> str:
-    """``"gone"`` when the client leaves, ``"stopping"`` when this instance is about to exit."""
+    """``"gone"`` when the client leaves, ``"stopping"`` when this instance is about to exit (and
+    the holder did not answer within :data:`_STOP_GRACE` after that)."""
     waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(wait_disconnect(receive))]
     if stopping is not None:
-        waits.append(asyncio.ensure_future(stopping.wait()))
+        waits.append(asyncio.ensure_future(_stopped_for(stopping, _STOP_GRACE)))
     try:
         done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for wait in waits:
             wait.cancel()
     return "gone" if waits[0] in done else "stopping"
+
+
+async def _stopped_for(stopping: asyncio.Event, grace: float) -> None:
+    await stopping.wait()
+    await asyncio.sleep(grace)
 
 
 def _encode_request(method: str, request: RequestInfo, principal: Principal | None, body: bytes) -> bytes:
